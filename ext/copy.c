@@ -1,0 +1,861 @@
+/* The copy loop.
+ *
+ * The source is cut into work ranges handed out under one small mutex; that
+ * is the only lock on the data path.  Each worker thread owns one or more
+ * "lanes" (a source connection and a destination connection) and drives all
+ * of them from one poll loop, so a 2-core machine is not asked to schedule
+ * a thread per connection.  For each range the worker asks the source for
+ * extents, then keeps up to `requests` commands in flight per lane: data is
+ * read into a buffer and written from that same buffer (split into data and
+ * zero requests where zero detection finds zero blocks, never copied), zero
+ * extents become zero requests, clean or known-zero extents are skipped.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define MAX_RANGE       (128ULL * 1024 * 1024)
+#define MIN_RANGE       (1ULL * 1024 * 1024)
+#define ZERO_MAX        (256ULL * 1024 * 1024)
+#define ZERO_BLOCK      (64 * 1024)     /* granularity of zero detection */
+#define DRAIN_TIMEOUT_MS 10000
+
+enum { RUNNING = 0, STOP_ERROR = 1, STOP_CANCEL = 2 };
+
+struct buffer {
+  char *data;
+  unsigned refs;
+  struct buffer *next_free;
+};
+
+struct lane {
+  struct worker *w;
+  struct rw *src, *dst;
+  unsigned in_flight, max_in_flight;
+  struct buffer *free_bufs;
+  unsigned nbufs, max_bufs;
+  struct command *free_cmds;
+  /* Written only by the owning worker; read by anyone with atomics. */
+  uint64_t read, written, zeroed, skipped;
+};
+
+struct worker {
+  struct vf_copy *c;
+  pthread_t tid;
+  struct lane **lanes;
+  unsigned nlanes;
+  struct extent_list ext;
+  size_t ext_i;
+  uint64_t ext_done;          /* bytes of ext.v[ext_i] already issued */
+  bool out_of_work;
+  struct pollfd *pfds;
+  struct rw **pfd_rw;
+};
+
+struct vf_copy {
+  struct vf_copy_config cfg;
+  char *src, *dst, *bitmap;
+  uint64_t size;
+  uint32_t request_size;
+  unsigned nlanes, nworkers;
+  struct lane *lanes;
+  struct worker *workers;
+  pthread_mutex_t lock;       /* guards next_offset and err */
+  uint64_t next_offset, range_size;
+  int stop;                   /* RUNNING / STOP_*; atomic */
+  int wakefd;
+  bool ran;
+  char *created_path;         /* destination file this copy created */
+  struct vf_error err;
+};
+
+static inline void
+add(uint64_t *counter, uint64_t n)
+{
+  __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
+}
+
+static inline int
+stopping(struct vf_copy *c)
+{
+  return __atomic_load_n(&c->stop, __ATOMIC_ACQUIRE);
+}
+
+/* Records the first error and stops every worker. */
+static void
+fail(struct vf_copy *c, int kind, int errnum, const char *fmt, ...)
+{
+  va_list ap;
+
+  pthread_mutex_lock(&c->lock);
+  if (c->err.kind == VF_ERR_NONE) {
+    c->err.kind = kind;
+    c->err.errnum = errnum;
+    va_start(ap, fmt);
+    vsnprintf(c->err.msg, sizeof c->err.msg, fmt, ap);
+    va_end(ap);
+  }
+  pthread_mutex_unlock(&c->lock);
+  int expected = RUNNING;
+  __atomic_compare_exchange_n(&c->stop, &expected, STOP_ERROR, false,
+                              __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+static void
+fail_with(struct vf_copy *c, const struct vf_error *e)
+{
+  fail(c, e->kind ? e->kind : VF_ERR_IO, e->errnum, "%s", e->msg);
+}
+
+/* ---- buffers and commands ------------------------------------------- */
+
+static struct buffer *
+buffer_get(struct lane *l)
+{
+  struct buffer *b = l->free_bufs;
+
+  if (b) {
+    l->free_bufs = b->next_free;
+  } else {
+    b = calloc(1, sizeof *b);
+    if (b == NULL)
+      return NULL;
+    if (posix_memalign((void **)&b->data, 4096, l->w->c->request_size) != 0) {
+      free(b);
+      return NULL;
+    }
+    l->nbufs++;
+  }
+  b->refs = 1;
+  return b;
+}
+
+static void
+buffer_put(struct lane *l, struct buffer *b)
+{
+  if (b && --b->refs == 0) {
+    b->next_free = l->free_bufs;
+    l->free_bufs = b;
+  }
+}
+
+static bool
+lane_has_buffer(struct lane *l)
+{
+  return l->free_bufs != NULL || l->nbufs < l->max_bufs;
+}
+
+static struct command *
+command_get(struct lane *l, enum command_type type, uint64_t offset,
+            uint64_t length, struct buffer *buf, char *data,
+            void (*done)(struct command *, int))
+{
+  struct command *cmd = l->free_cmds;
+
+  if (cmd)
+    l->free_cmds = cmd->next_free;
+  else if ((cmd = malloc(sizeof *cmd)) == NULL)
+    return NULL;
+  *cmd = (struct command){
+    .type = type, .offset = offset, .length = length, .data = data,
+    .buf = buf, .lane = l, .done = done,
+  };
+  if (buf)
+    buf->refs++;
+  l->in_flight++;
+  return cmd;
+}
+
+static void
+command_put(struct command *cmd)
+{
+  struct lane *l = cmd->lane;
+
+  buffer_put(l, cmd->buf);
+  l->in_flight--;
+  cmd->next_free = l->free_cmds;
+  l->free_cmds = cmd;
+}
+
+/* ---- issuing writes --------------------------------------------------- */
+
+static void write_done(struct command *cmd, int err);
+static void zero_done(struct command *cmd, int err);
+
+static void
+issue_write(struct lane *l, struct buffer *buf, char *data, uint64_t offset,
+            uint64_t length)
+{
+  struct vf_copy *c = l->w->c;
+  struct vf_error e = { 0 };
+  struct command *cmd = command_get(l, CMD_WRITE, offset, length, buf, data,
+                                    write_done);
+  if (cmd == NULL) {
+    fail(c, VF_ERR_IO, ENOMEM, "out of memory");
+    return;
+  }
+  if (l->dst->ops->start_write(l->dst, cmd, &e) == -1) {
+    command_put(cmd);
+    fail_with(c, &e);
+  }
+}
+
+/* Zero a range, or write zeroes from the shared zero buffer when the
+ * destination cannot zero. */
+static void
+issue_zero(struct lane *l, uint64_t offset, uint64_t length)
+{
+  struct vf_copy *c = l->w->c;
+  struct vf_error e = { 0 };
+
+  if (!l->dst->can_zero) {
+    while (length > 0 && !stopping(c)) {
+      uint64_t n = length < ZERO_BUFFER_SIZE ? length : ZERO_BUFFER_SIZE;
+      struct command *cmd = command_get(l, CMD_WRITE, offset, n, NULL,
+                                        (char *)vf_zero_buffer, zero_done);
+      if (cmd == NULL) {
+        fail(c, VF_ERR_IO, ENOMEM, "out of memory");
+        return;
+      }
+      if (l->dst->ops->start_write(l->dst, cmd, &e) == -1) {
+        command_put(cmd);
+        fail_with(c, &e);
+        return;
+      }
+      offset += n;
+      length -= n;
+    }
+    return;
+  }
+  struct command *cmd = command_get(l, CMD_ZERO, offset, length, NULL, NULL,
+                                    zero_done);
+  if (cmd == NULL) {
+    fail(c, VF_ERR_IO, ENOMEM, "out of memory");
+    return;
+  }
+  if (l->dst->ops->start_zero(l->dst, cmd, c->cfg.allocated != 0, &e) == -1) {
+    command_put(cmd);
+    fail_with(c, &e);
+  }
+}
+
+/* ---- completions ------------------------------------------------------ */
+
+static void
+report_io_error(struct command *cmd, int err, const char *what, const char *name)
+{
+  fail(cmd->lane->w->c, VF_ERR_IO, err,
+       "%s %s failed at offset %llu (%llu bytes): %s", what, name,
+       (unsigned long long)cmd->offset, (unsigned long long)cmd->length,
+       strerror(err));
+}
+
+static void
+write_done(struct command *cmd, int err)
+{
+  struct lane *l = cmd->lane;
+
+  if (err)
+    report_io_error(cmd, err, "writing to", l->dst->name);
+  else
+    add(&l->written, cmd->length);
+  command_put(cmd);
+}
+
+static void
+zero_done(struct command *cmd, int err)
+{
+  struct lane *l = cmd->lane;
+
+  if (err)
+    report_io_error(cmd, err, "zeroing", l->dst->name);
+  else
+    add(&l->zeroed, cmd->length);
+  command_put(cmd);
+}
+
+/* The read finished: split the buffer into runs of data and runs of zero
+ * blocks and send each run on from the same memory. */
+static void
+read_done(struct command *cmd, int err)
+{
+  struct lane *l = cmd->lane;
+  struct vf_copy *c = l->w->c;
+  uint64_t pos = 0;
+
+  if (err) {
+    report_io_error(cmd, err, "reading from", l->src->name);
+    command_put(cmd);
+    return;
+  }
+  add(&l->read, cmd->length);
+  if (stopping(c)) {
+    command_put(cmd);
+    return;
+  }
+  if (c->cfg.no_zero_detect) {
+    issue_write(l, cmd->buf, cmd->data, cmd->offset, cmd->length);
+    command_put(cmd);
+    return;
+  }
+  while (pos < cmd->length) {
+    /* Blocks are aligned to the disk offset so that runs line up with
+     * the destination's allocation units. */
+    uint64_t start = pos;
+    bool zero = false;
+    bool first = true;
+    while (pos < cmd->length) {
+      uint64_t off = cmd->offset + pos;
+      uint64_t n = ZERO_BLOCK - off % ZERO_BLOCK;
+      if (n > cmd->length - pos)
+        n = cmd->length - pos;
+      bool z = is_zero(cmd->data + pos, n);
+      if (first) {
+        zero = z;
+        first = false;
+      } else if (z != zero)
+        break;
+      pos += n;
+    }
+    uint64_t len = pos - start;
+    if (!zero)
+      issue_write(l, cmd->buf, cmd->data + start, cmd->offset + start, len);
+    else if (c->cfg.destination_is_zero)
+      add(&l->skipped, len);
+    else
+      issue_zero(l, cmd->offset + start, len);
+  }
+  command_put(cmd);
+}
+
+/* ---- planning --------------------------------------------------------- */
+
+/* Fetch the extents of the next work range into w->ext.  False when the
+ * whole source has been handed out. */
+static bool
+next_range(struct worker *w)
+{
+  struct vf_copy *c = w->c;
+  struct rw *src = w->lanes[0]->src;
+  struct vf_error e = { 0 };
+  uint64_t start, end, pos;
+
+  pthread_mutex_lock(&c->lock);
+  start = c->next_offset;
+  if (start < c->size)
+    c->next_offset = start + c->range_size;
+  pthread_mutex_unlock(&c->lock);
+  if (start >= c->size)
+    return false;
+  end = start + c->range_size < c->size ? start + c->range_size : c->size;
+
+  w->ext.len = 0;
+  w->ext_i = 0;
+  w->ext_done = 0;
+  for (pos = start; pos < end && !stopping(c);) {
+    size_t before = w->ext.len;
+    if (src->ops->extents(src, pos, end - pos, &w->ext, &e) == -1) {
+      fail_with(c, &e);
+      return false;
+    }
+    if (w->ext.len == before) {  /* defensive: never loop forever */
+      if (extent_append(&w->ext, pos, end - pos, EXT_DATA) == -1) {
+        fail(c, VF_ERR_IO, ENOMEM, "out of memory");
+        return false;
+      }
+    }
+    struct extent *last = &w->ext.v[w->ext.len - 1];
+    pos = last->offset + last->length;
+  }
+  return true;
+}
+
+static struct lane *
+pick_lane(struct worker *w, bool need_buffer)
+{
+  struct lane *best = NULL;
+  for (unsigned i = 0; i < w->nlanes; i++) {
+    struct lane *l = w->lanes[i];
+    if (l->in_flight >= l->max_in_flight)
+      continue;
+    if (need_buffer && !lane_has_buffer(l))
+      continue;
+    if (best == NULL || l->in_flight < best->in_flight)
+      best = l;
+  }
+  return best;
+}
+
+/* Issue as many commands as the lanes have room for. */
+static void
+fill(struct worker *w)
+{
+  struct vf_copy *c = w->c;
+
+  while (!stopping(c) && !w->out_of_work) {
+    if (w->ext_i >= w->ext.len) {
+      if (!next_range(w)) {
+        w->out_of_work = true;
+        return;
+      }
+      continue;
+    }
+    struct extent *e = &w->ext.v[w->ext_i];
+    uint64_t off = e->offset + w->ext_done;
+    uint64_t left = e->length - w->ext_done;
+    uint64_t len;
+
+    if (e->type == EXT_SKIP ||
+        (e->type == EXT_ZERO && c->cfg.destination_is_zero)) {
+      add(&w->lanes[0]->skipped, left);
+      len = left;
+    } else {
+      struct lane *l = pick_lane(w, e->type == EXT_DATA);
+      if (l == NULL)
+        return;
+      if (e->type == EXT_ZERO) {
+        len = left < ZERO_MAX ? left : ZERO_MAX;
+        issue_zero(l, off, len);
+      } else {
+        /* End requests on request-size boundaries so every later request
+         * is aligned whatever the extent boundaries were. */
+        len = c->request_size - off % c->request_size;
+        if (len > left)
+          len = left;
+        struct buffer *b = buffer_get(l);
+        if (b == NULL) {
+          fail(c, VF_ERR_IO, ENOMEM, "out of memory for copy buffers");
+          return;
+        }
+        struct vf_error err = { 0 };
+        struct command *cmd = command_get(l, CMD_READ, off, len, b, b->data,
+                                          read_done);
+        buffer_put(l, b);     /* the command holds the buffer now */
+        if (cmd == NULL) {
+          fail(c, VF_ERR_IO, ENOMEM, "out of memory");
+          return;
+        }
+        if (l->src->ops->start_read(l->src, cmd, &err) == -1) {
+          command_put(cmd);
+          fail_with(c, &err);
+          return;
+        }
+      }
+    }
+    w->ext_done += len;
+    if (w->ext_done >= e->length) {
+      w->ext_i++;
+      w->ext_done = 0;
+    }
+  }
+}
+
+static unsigned
+in_flight(struct worker *w)
+{
+  unsigned n = 0;
+  for (unsigned i = 0; i < w->nlanes; i++)
+    n += w->lanes[i]->in_flight;
+  return n;
+}
+
+static long long
+now_ms(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+/* Wait for any connection to be ready and let libnbd handle it (which runs
+ * the completion callbacks above).  False when nothing can progress. */
+static bool
+wait_events(struct worker *w, long long drain_deadline)
+{
+  struct vf_copy *c = w->c;
+  nfds_t n = 0;
+  int timeout = -1;
+
+  if (drain_deadline == 0) {
+    w->pfds[n] = (struct pollfd){ .fd = c->wakefd, .events = POLLIN };
+    w->pfd_rw[n++] = NULL;
+  } else {
+    timeout = (int)(drain_deadline - now_ms());
+    if (timeout <= 0)
+      return false;
+  }
+  nfds_t first_rw = n;
+  for (unsigned i = 0; i < w->nlanes; i++) {
+    struct rw *ends[2] = { w->lanes[i]->src, w->lanes[i]->dst };
+    for (int k = 0; k < 2; k++) {
+      short ev;
+      int fd = ends[k]->ops->poll_fd(ends[k], &ev);
+      if (fd >= 0) {
+        w->pfds[n] = (struct pollfd){ .fd = fd, .events = ev };
+        w->pfd_rw[n++] = ends[k];
+      }
+    }
+  }
+  if (n == first_rw)   /* commands in flight, but no connection alive */
+    return false;
+  if (poll(w->pfds, n, timeout) == -1) {
+    if (errno == EINTR)
+      return true;
+    fail(c, VF_ERR_IO, errno, "poll: %s", strerror(errno));
+    return false;
+  }
+  for (nfds_t i = first_rw; i < n; i++) {
+    if (w->pfds[i].revents) {
+      struct vf_error e = { 0 };
+      if (w->pfd_rw[i]->ops->notify(w->pfd_rw[i], w->pfds[i].revents, &e) == -1)
+        fail_with(c, &e);
+    }
+  }
+  return true;
+}
+
+static void *
+worker_run(void *opaque)
+{
+  struct worker *w = opaque;
+  struct vf_copy *c = w->c;
+  long long deadline = 0;
+
+  for (;;) {
+    if (!stopping(c))
+      fill(w);
+    if (in_flight(w) == 0 && (stopping(c) || w->out_of_work))
+      break;
+    if (stopping(c) && deadline == 0)
+      deadline = now_ms() + DRAIN_TIMEOUT_MS;
+    if (!wait_events(w, deadline)) {
+      /* A server that went away or stopped answering: its commands will
+       * never complete.  Leave them; close() will drop the connections. */
+      if (!stopping(c))
+        fail(c, VF_ERR_IO, EIO, "lost every connection with requests in flight");
+      break;
+    }
+  }
+  return NULL;
+}
+
+/* ---- setup ------------------------------------------------------------ */
+
+static bool
+is_plain_path(const char *s)
+{
+  return strstr(s, "://") == NULL && strcmp(s, "null:") != 0 &&
+         strncmp(s, "nbd:", 4) != 0;
+}
+
+static int
+create_destination(struct vf_copy *c, struct vf_error *err)
+{
+  int fd = open(c->dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd == -1) {
+    if (errno == EEXIST)
+      return 0;
+    return vf_set_error(err, VF_ERR_USAGE, errno, "cannot create %s: %s",
+                        c->dst, strerror(errno));
+  }
+  c->created_path = strdup(c->dst);
+  if (ftruncate(fd, (off_t)c->size) == -1) {
+    int e = errno;
+    close(fd);
+    return vf_set_error(err, VF_ERR_IO, e, "cannot size %s: %s", c->dst,
+                        strerror(e));
+  }
+  close(fd);
+  return 0;
+}
+
+static int
+check_config(const struct vf_copy_config *cfg, struct vf_error *err)
+{
+  if (cfg->connections > 64)
+    return vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                        "--connections must be 1 to 64, not %u", cfg->connections);
+  if (cfg->requests > 1024)
+    return vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                        "--requests must be 1 to 1024, not %u", cfg->requests);
+  if (cfg->request_size &&
+      (cfg->request_size < 512 || cfg->request_size > 32 * 1024 * 1024 ||
+       (cfg->request_size & (cfg->request_size - 1))))
+    return vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                        "--request-size must be a power of two from 512 bytes "
+                        "to 32 MiB, not %u", cfg->request_size);
+  if (cfg->allocated && cfg->destination_is_zero)
+    return vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                        "--allocated and --destination-is-zero contradict each "
+                        "other: choose one");
+  return 0;
+}
+
+static long
+online_cpus(void)
+{
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? n : 1;
+}
+
+struct vf_copy *
+vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
+{
+  struct vf_copy *c;
+  struct rw *src0 = NULL, *dst0 = NULL;
+  unsigned i;
+
+  if (check_config(cfg, err) == -1)
+    return NULL;
+  c = calloc(1, sizeof *c);
+  if (c == NULL) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    return NULL;
+  }
+  c->cfg = *cfg;
+  c->src = strdup(cfg->src ? cfg->src : "");
+  c->dst = strdup(cfg->dst ? cfg->dst : "");
+  c->bitmap = cfg->bitmap ? strdup(cfg->bitmap) : NULL;
+  c->cfg.src = c->src;
+  c->cfg.dst = c->dst;
+  c->cfg.bitmap = c->bitmap;
+  c->wakefd = -1;
+  pthread_mutex_init(&c->lock, NULL);
+
+  src0 = rw_open(c->src, false, c->bitmap, err);
+  if (src0 == NULL)
+    goto fail;
+  c->size = (uint64_t)src0->size;
+  if (*c->dst && is_plain_path(c->dst) && create_destination(c, err) == -1)
+    goto fail;
+  dst0 = rw_open(c->dst, true, NULL, err);
+  if (dst0 == NULL)
+    goto fail;
+  if ((uint64_t)dst0->size < c->size) {
+    vf_set_error(err, VF_ERR_USAGE, ENOSPC,
+                 "destination %s is smaller (%lld bytes) than source %s "
+                 "(%llu bytes): grow the destination first",
+                 c->dst, (long long)dst0->size, c->src,
+                 (unsigned long long)c->size);
+    goto fail;
+  }
+
+  c->request_size = cfg->request_size ? cfg->request_size : VF_DEFAULT_REQUEST_SIZE;
+  /* Never send a data request larger than either server accepts. */
+  if (src0->max_request && c->request_size > src0->max_request)
+    c->request_size = src0->max_request;
+  if (dst0->max_request && c->request_size > dst0->max_request)
+    c->request_size = dst0->max_request;
+
+  /* Several connections are only safe when both servers promise that
+   * they see each other's writes (multi-conn); nbdcopy falls back the
+   * same way. */
+  bool multi = src0->multi_conn && dst0->multi_conn;
+  c->nlanes = cfg->connections ? cfg->connections : VF_DEFAULT_CONNECTIONS;
+  if (!multi)
+    c->nlanes = 1;
+  unsigned threads = cfg->threads ? cfg->threads : (unsigned)online_cpus();
+  c->nworkers = threads < c->nlanes ? threads : c->nlanes;
+
+  c->lanes = calloc(c->nlanes, sizeof *c->lanes);
+  c->workers = calloc(c->nworkers, sizeof *c->workers);
+  if (c->lanes == NULL || c->workers == NULL) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    goto fail;
+  }
+  c->lanes[0].src = src0;
+  c->lanes[0].dst = dst0;
+  src0 = dst0 = NULL;
+  unsigned requests = cfg->requests ? cfg->requests : VF_DEFAULT_REQUESTS;
+  uint64_t budget = cfg->buffer_bytes ? cfg->buffer_bytes : VF_DEFAULT_BUFFER_BYTES;
+  uint64_t bufs = budget / c->request_size / c->nlanes;
+  if (bufs < 2)
+    bufs = 2;
+  for (i = 0; i < c->nlanes; i++) {
+    struct lane *l = &c->lanes[i];
+    if (i > 0) {
+      l->src = c->lanes[0].src->ops->open_again(c->lanes[0].src, err);
+      if (l->src == NULL)
+        goto fail;
+      l->dst = c->lanes[0].dst->ops->open_again(c->lanes[0].dst, err);
+      if (l->dst == NULL)
+        goto fail;
+    }
+    l->max_in_flight = requests;
+    l->max_bufs = bufs < requests ? (unsigned)bufs : requests;
+  }
+
+  /* Enough ranges that every lane has work until near the end. */
+  uint64_t range = c->size / (c->nlanes * 4);
+  if (range > MAX_RANGE)
+    range = MAX_RANGE;
+  if (range < MIN_RANGE)
+    range = MIN_RANGE;
+  c->range_size = (range + c->request_size - 1) / c->request_size * c->request_size;
+
+  for (i = 0; i < c->nworkers; i++) {
+    struct worker *w = &c->workers[i];
+    w->c = c;
+    w->lanes = calloc(c->nlanes, sizeof *w->lanes);
+    w->pfds = calloc(2 * c->nlanes + 1, sizeof *w->pfds);
+    w->pfd_rw = calloc(2 * c->nlanes + 1, sizeof *w->pfd_rw);
+    if (w->lanes == NULL || w->pfds == NULL || w->pfd_rw == NULL) {
+      vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+      goto fail;
+    }
+  }
+  for (i = 0; i < c->nlanes; i++) {
+    struct worker *w = &c->workers[i % c->nworkers];
+    c->lanes[i].w = w;
+    w->lanes[w->nlanes++] = &c->lanes[i];
+  }
+  c->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (c->wakefd == -1) {
+    vf_set_error(err, VF_ERR_IO, errno, "eventfd: %s", strerror(errno));
+    goto fail;
+  }
+  return c;
+
+fail:
+  if (src0)
+    src0->ops->close(src0);
+  if (dst0)
+    dst0->ops->close(dst0);
+  vf_copy_close(c);
+  return NULL;
+}
+
+int
+vf_copy_run(struct vf_copy *c, struct vf_error *err)
+{
+  unsigned i, started = 0;
+
+  if (c->ran)
+    return vf_set_error(err, VF_ERR_USAGE, EINVAL, "a copy can only run once");
+  c->ran = true;
+  for (i = 0; i < c->nworkers; i++) {
+    int r = pthread_create(&c->workers[i].tid, NULL, worker_run, &c->workers[i]);
+    if (r != 0) {
+      fail(c, VF_ERR_IO, r, "cannot start a copy thread: %s", strerror(r));
+      break;
+    }
+    started++;
+  }
+  for (i = 0; i < started; i++)
+    pthread_join(c->workers[i].tid, NULL);
+
+  if (!stopping(c) && c->cfg.flush) {
+    for (i = 0; i < c->nlanes; i++) {
+      struct vf_error e = { 0 };
+      if (c->lanes[i].dst->ops->flush(c->lanes[i].dst, &e) == -1) {
+        fail_with(c, &e);
+        break;
+      }
+    }
+  }
+  if (stopping(c) == STOP_CANCEL && c->err.kind == VF_ERR_NONE)
+    fail(c, VF_ERR_CANCELLED, ECANCELED, "copy cancelled");
+  if (c->err.kind != VF_ERR_NONE) {
+    *err = c->err;
+    return -1;
+  }
+  /* The copy succeeded: the destination file is the user's now. */
+  free(c->created_path);
+  c->created_path = NULL;
+  return 0;
+}
+
+void
+vf_copy_cancel(struct vf_copy *c)
+{
+  uint64_t one = 1;
+  int expected = RUNNING;
+
+  __atomic_compare_exchange_n(&c->stop, &expected, STOP_CANCEL, false,
+                              __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+  if (c->wakefd >= 0)
+    (void)!write(c->wakefd, &one, sizeof one);
+}
+
+void
+vf_copy_counters(struct vf_copy *c, struct vf_counters *out)
+{
+  memset(out, 0, sizeof *out);
+  out->total = c->size;
+  for (unsigned i = 0; i < c->nlanes; i++) {
+    struct lane *l = &c->lanes[i];
+    out->read += __atomic_load_n(&l->read, __ATOMIC_RELAXED);
+    out->written += __atomic_load_n(&l->written, __ATOMIC_RELAXED);
+    out->zeroed += __atomic_load_n(&l->zeroed, __ATOMIC_RELAXED);
+    out->skipped += __atomic_load_n(&l->skipped, __ATOMIC_RELAXED);
+  }
+}
+
+unsigned
+vf_copy_connections(const struct vf_copy *c)
+{
+  return c->nlanes;
+}
+
+void
+vf_copy_close(struct vf_copy *c)
+{
+  unsigned i;
+
+  if (c == NULL)
+    return;
+  /* Connections first: a dead server's callbacks may still fire while
+   * libnbd closes, and they need the lanes intact. */
+  for (i = 0; c->lanes && i < c->nlanes; i++) {
+    if (c->lanes[i].src)
+      c->lanes[i].src->ops->close(c->lanes[i].src);
+    if (c->lanes[i].dst)
+      c->lanes[i].dst->ops->close(c->lanes[i].dst);
+  }
+  for (i = 0; c->lanes && i < c->nlanes; i++) {
+    struct lane *l = &c->lanes[i];
+    while (l->free_bufs) {
+      struct buffer *b = l->free_bufs;
+      l->free_bufs = b->next_free;
+      free(b->data);
+      free(b);
+    }
+    while (l->free_cmds) {
+      struct command *cmd = l->free_cmds;
+      l->free_cmds = cmd->next_free;
+      free(cmd);
+    }
+  }
+  for (i = 0; c->workers && i < c->nworkers; i++) {
+    free(c->workers[i].lanes);
+    free(c->workers[i].pfds);
+    free(c->workers[i].pfd_rw);
+    free(c->workers[i].ext.v);
+  }
+  if (c->created_path) {
+    /* Nothing half-copied is left behind in a file we made. */
+    unlink(c->created_path);
+    free(c->created_path);
+  }
+  if (c->wakefd >= 0)
+    close(c->wakefd);
+  pthread_mutex_destroy(&c->lock);
+  free(c->lanes);
+  free(c->workers);
+  free(c->src);
+  free(c->dst);
+  free(c->bitmap);
+  free(c);
+}

@@ -1,0 +1,115 @@
+/* Internals shared by the engine's C files; not part of the public API.
+ *
+ * An endpoint kind (nbd, file, null) is one struct rw_ops table in one file.
+ * Each connection is a struct rw, embedded as the first member of the kind's
+ * private struct.  Endpoints without asynchronous I/O complete a command
+ * before start_* returns, so the copy loop never needs to know which is which.
+ */
+#ifndef VMFERRY_INTERNAL_H
+#define VMFERRY_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "vmferry.h"
+
+struct rw;
+struct command;
+
+enum extent_type { EXT_DATA, EXT_ZERO, EXT_SKIP };
+
+struct extent {
+  uint64_t offset;
+  uint64_t length;
+  enum extent_type type;
+};
+
+struct extent_list {
+  struct extent *v;
+  size_t len, cap;
+};
+
+int extent_append(struct extent_list *l, uint64_t offset, uint64_t length,
+                  enum extent_type type);
+
+enum command_type { CMD_READ, CMD_WRITE, CMD_ZERO };
+
+/* One request in flight.  data points into a shared buffer (or is NULL for
+ * zero requests); done is called exactly once with 0 or an errno. */
+struct command {
+  enum command_type type;
+  uint64_t offset;
+  uint64_t length;
+  char *data;
+  struct buffer *buf;
+  struct lane *lane;
+  void (*done)(struct command *cmd, int err);
+  struct command *next_free;
+};
+
+struct rw_ops {
+  const char *kind;
+  /* Another connection to the same endpoint, for multi-conn copies. */
+  struct rw *(*open_again)(struct rw *rw, struct vf_error *err);
+  void (*close)(struct rw *rw);
+
+  /* Appends extents covering at least [offset, offset+1) and at most
+   * [offset, offset+count); the caller asks again for the rest. */
+  int (*extents)(struct rw *rw, uint64_t offset, uint64_t count,
+                 struct extent_list *out, struct vf_error *err);
+
+  /* Start a request; cmd->done runs later from notify(), or before return
+   * for synchronous kinds.  -1 means it was not started (err set). */
+  int (*start_read)(struct rw *rw, struct command *cmd, struct vf_error *err);
+  int (*start_write)(struct rw *rw, struct command *cmd, struct vf_error *err);
+  int (*start_zero)(struct rw *rw, struct command *cmd, bool allocate,
+                    struct vf_error *err);
+
+  /* For the poll loop: the fd and events to wait for, or -1 when this
+   * connection has nothing to wait for. */
+  int (*poll_fd)(struct rw *rw, short *events);
+  int (*notify)(struct rw *rw, short revents, struct vf_error *err);
+  bool (*is_dead)(struct rw *rw);
+
+  int (*flush)(struct rw *rw, struct vf_error *err);
+
+  /* Synchronous I/O for vf_endpoint_* callers. */
+  int (*pread)(struct rw *rw, void *buf, size_t count, uint64_t offset,
+               struct vf_error *err);
+  int (*pwrite)(struct rw *rw, const void *buf, size_t count, uint64_t offset,
+                struct vf_error *err);
+  int (*zero)(struct rw *rw, uint64_t count, uint64_t offset, bool allocate,
+              struct vf_error *err);
+};
+
+struct rw {
+  const struct rw_ops *ops;
+  const char *name;          /* what the user typed, for messages */
+  int64_t size;
+  bool multi_conn;           /* safe to open several connections */
+  bool can_zero;             /* start_zero works; else write zero buffers */
+  bool read_only;
+  uint32_t max_request;      /* largest data request the server takes; 0: any */
+};
+
+/* endpoint.c: picks the kind from the URI. bitmap may be NULL. */
+struct rw *rw_open(const char *uri, bool writable, const char *bitmap,
+                   struct vf_error *err);
+
+struct rw *nbd_rw_open(const char *uri, bool writable, const char *bitmap,
+                       struct vf_error *err);
+struct rw *file_rw_open(const char *path, bool writable, struct vf_error *err);
+struct rw *null_rw_open(struct vf_error *err);
+
+/* error.c */
+int vf_set_error(struct vf_error *err, int kind, int errnum, const char *fmt, ...)
+  __attribute__((format(printf, 4, 5)));
+
+/* Size of the all-zero region shared by writers that cannot zero. */
+#define ZERO_BUFFER_SIZE (1024 * 1024)
+extern const char vf_zero_buffer[ZERO_BUFFER_SIZE];
+
+bool is_zero(const char *p, size_t len);
+
+#endif /* VMFERRY_INTERNAL_H */

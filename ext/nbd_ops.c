@@ -1,0 +1,348 @@
+/* NBD endpoints through libnbd's asynchronous API.
+ *
+ * One struct nbd_rw per connection.  A copy worker owns its connections and
+ * is the only thread that touches them, so nothing here takes a lock beyond
+ * libnbd's own per-handle one.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libnbd.h>
+
+#include "internal.h"
+
+struct nbd_rw {
+  struct rw rw;               /* must be first */
+  struct nbd_handle *h;
+  char *uri;
+  char *bitmap;               /* NULL unless copying dirty extents only */
+  char *context;              /* meta context extents are read from, or NULL */
+  bool writable;
+};
+
+static const struct rw_ops nbd_ops;
+
+/* libnbd keeps its last error per thread; copy it out before anything else
+ * can overwrite it. */
+static int
+nbd_error(struct vf_error *err, int kind, const char *what, const char *name)
+{
+  int e = nbd_get_errno();
+  return vf_set_error(err, kind, e ? e : EIO, "%s %s: %s", what, name,
+                      nbd_get_error() ? nbd_get_error() : "unknown error");
+}
+
+static struct rw *
+connect_one(const char *uri, bool writable, const char *bitmap,
+            struct vf_error *err)
+{
+  struct nbd_rw *n = calloc(1, sizeof *n);
+  char ctx[300];
+
+  if (n == NULL) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    return NULL;
+  }
+  n->rw.ops = &nbd_ops;
+  n->writable = writable;
+  n->uri = strdup(uri);
+  n->bitmap = bitmap ? strdup(bitmap) : NULL;
+  n->rw.name = n->uri;
+  n->h = nbd_create();
+  if (n->h == NULL) {
+    nbd_error(err, VF_ERR_CONNECT, "cannot create a handle for", uri);
+    goto fail;
+  }
+  if (bitmap) {
+    snprintf(ctx, sizeof ctx, "qemu:dirty-bitmap:%s", bitmap);
+    if (nbd_add_meta_context(n->h, ctx) == -1) {
+      nbd_error(err, VF_ERR_USAGE, "bad bitmap name for", uri);
+      goto fail;
+    }
+  } else {
+    snprintf(ctx, sizeof ctx, "%s", LIBNBD_CONTEXT_BASE_ALLOCATION);
+    if (nbd_add_meta_context(n->h, ctx) == -1) {
+      nbd_error(err, VF_ERR_CONNECT, "cannot ask for extents of", uri);
+      goto fail;
+    }
+  }
+  if (nbd_connect_uri(n->h, uri) == -1) {
+    /* libnbd reports a URI it cannot parse with EINVAL before connecting. */
+    int e = nbd_get_errno();
+    nbd_error(err, e == EINVAL && nbd_aio_is_created(n->h) ? VF_ERR_USAGE
+                                                            : VF_ERR_CONNECT,
+              "cannot connect to", uri);
+    goto fail;
+  }
+  if (nbd_can_meta_context(n->h, ctx) == 1)
+    n->context = strdup(ctx);
+  else if (bitmap) {
+    vf_set_error(err, VF_ERR_USAGE, ENOENT,
+                 "%s does not publish dirty bitmap '%s' (meta context %s): "
+                 "export it with the bitmap, e.g. block-export-add bitmaps=[%s]",
+                 uri, bitmap, ctx, bitmap);
+    goto fail;
+  }
+  if (writable && nbd_is_read_only(n->h) == 1) {
+    vf_set_error(err, VF_ERR_USAGE, EROFS,
+                 "destination %s is read-only: export it writable", uri);
+    goto fail;
+  }
+  n->rw.size = nbd_get_size(n->h);
+  if (n->rw.size < 0) {
+    nbd_error(err, VF_ERR_CONNECT, "cannot get the size of", uri);
+    goto fail;
+  }
+  n->rw.multi_conn = nbd_can_multi_conn(n->h) == 1;
+  n->rw.can_zero = nbd_can_zero(n->h) == 1;
+  n->rw.read_only = nbd_is_read_only(n->h) == 1;
+  int64_t max = nbd_get_block_size(n->h, LIBNBD_SIZE_MAXIMUM);
+  n->rw.max_request = max > 0 && max < UINT32_MAX ? (uint32_t)max : 0;
+  return &n->rw;
+
+fail:
+  if (n->h)
+    nbd_close(n->h);
+  free(n->uri);
+  free(n->bitmap);
+  free(n);
+  return NULL;
+}
+
+struct rw *
+nbd_rw_open(const char *uri, bool writable, const char *bitmap,
+            struct vf_error *err)
+{
+  return connect_one(uri, writable, bitmap, err);
+}
+
+static struct rw *
+nbd_open_again(struct rw *rw, struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  return connect_one(n->uri, n->writable, n->bitmap, err);
+}
+
+static void
+nbd_rw_close(struct rw *rw)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+
+  /* A polite NBD_CMD_DISC lets the server finish cleanly; on a dead
+   * connection it fails at once and nbd_close just drops the socket. */
+  if (!nbd_aio_is_dead(n->h) && !nbd_aio_is_closed(n->h))
+    nbd_shutdown(n->h, 0);
+  nbd_close(n->h);
+  free(n->uri);
+  free(n->bitmap);
+  free(n->context);
+  free(n);
+}
+
+struct extent_ctx {
+  const char *context;
+  bool bitmap;
+  uint64_t offset, end;
+  struct extent_list *out;
+  int failed;
+};
+
+static int
+extent_cb(void *opaque, const char *metacontext, uint64_t offset,
+          uint32_t *entries, size_t nr_entries, int *error)
+{
+  struct extent_ctx *x = opaque;
+  size_t i;
+
+  if (strcmp(metacontext, x->context) != 0)
+    return 0;
+  for (i = 0; i + 1 < nr_entries && offset < x->end; i += 2) {
+    uint64_t len = entries[i];
+    uint32_t flags = entries[i + 1];
+    enum extent_type t;
+
+    if (offset + len > x->end)
+      len = x->end - offset;
+    if (x->bitmap)
+      t = (flags & 1) ? EXT_DATA : EXT_SKIP;     /* bit 0: dirty */
+    else
+      t = (flags & LIBNBD_STATE_ZERO) ? EXT_ZERO : EXT_DATA;
+    if (extent_append(x->out, offset, len, t) == -1) {
+      x->failed = ENOMEM;
+      return -1;
+    }
+    offset += len;
+  }
+  return 0;
+}
+
+static int
+nbd_extents(struct rw *rw, uint64_t offset, uint64_t count,
+            struct extent_list *out, struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  size_t before = out->len;
+
+  if (n->context == NULL)
+    return extent_append(out, offset, count, EXT_DATA);
+  /* The protocol's length field is 32 bits. */
+  if (count > (1U << 31))
+    count = 1U << 31;
+  struct extent_ctx x = {
+    .context = n->context, .bitmap = n->bitmap != NULL,
+    .offset = offset, .end = offset + count, .out = out,
+  };
+  if (nbd_block_status(n->h, count, offset,
+                       (nbd_extent_callback){ .callback = extent_cb, .user_data = &x },
+                       0) == -1)
+    return nbd_error(err, VF_ERR_IO, "cannot read extents of", rw->name);
+  if (x.failed)
+    return vf_set_error(err, VF_ERR_IO, x.failed, "out of memory");
+  /* A server may legally answer with nothing useful; treat it as data
+   * (never as skippable) so nothing is ever lost. */
+  if (out->len == before)
+    return extent_append(out, offset, count, EXT_DATA);
+  return 0;
+}
+
+static int
+completed(void *opaque, int *error)
+{
+  struct command *cmd = opaque;
+  cmd->done(cmd, *error);
+  return 1;   /* retire the command; we keep no cookie */
+}
+
+#define CB(cmd) ((nbd_completion_callback){ .callback = completed, .user_data = (cmd) })
+
+static int
+nbd_start_read(struct rw *rw, struct command *cmd, struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  if (nbd_aio_pread(n->h, cmd->data, cmd->length, cmd->offset, CB(cmd), 0) == -1)
+    return nbd_error(err, VF_ERR_IO, "cannot read from", rw->name);
+  return 0;
+}
+
+static int
+nbd_start_write(struct rw *rw, struct command *cmd, struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  if (nbd_aio_pwrite(n->h, cmd->data, cmd->length, cmd->offset, CB(cmd), 0) == -1)
+    return nbd_error(err, VF_ERR_IO, "cannot write to", rw->name);
+  return 0;
+}
+
+static int
+nbd_start_zero(struct rw *rw, struct command *cmd, bool allocate,
+               struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  uint32_t flags = allocate ? LIBNBD_CMD_FLAG_NO_HOLE : 0;
+  if (nbd_aio_zero(n->h, cmd->length, cmd->offset, CB(cmd), flags) == -1)
+    return nbd_error(err, VF_ERR_IO, "cannot zero", rw->name);
+  return 0;
+}
+
+static int
+nbd_poll_fd(struct rw *rw, short *events)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  unsigned dir;
+
+  if (nbd_aio_is_dead(n->h) || nbd_aio_is_closed(n->h))
+    return -1;
+  dir = nbd_aio_get_direction(n->h);
+  *events = 0;
+  if (dir & LIBNBD_AIO_DIRECTION_READ)
+    *events |= POLLIN;
+  if (dir & LIBNBD_AIO_DIRECTION_WRITE)
+    *events |= POLLOUT;
+  return *events ? nbd_aio_get_fd(n->h) : -1;
+}
+
+static int
+nbd_notify(struct rw *rw, short revents, struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+
+  /* Hang-ups are read events too: reading is how libnbd learns the
+   * server has gone, and it then fails every command in flight. */
+  if (revents & (POLLIN | POLLHUP | POLLERR)) {
+    if (nbd_aio_notify_read(n->h) == -1)
+      return nbd_error(err, VF_ERR_IO, "lost connection to", rw->name);
+  }
+  if (revents & POLLOUT) {
+    if (nbd_aio_notify_write(n->h) == -1)
+      return nbd_error(err, VF_ERR_IO, "lost connection to", rw->name);
+  }
+  return 0;
+}
+
+static bool
+nbd_is_dead(struct rw *rw)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  return nbd_aio_is_dead(n->h) || nbd_aio_is_closed(n->h);
+}
+
+static int
+nbd_rw_flush(struct rw *rw, struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  if (nbd_can_flush(n->h) != 1)
+    return 0;
+  if (nbd_flush(n->h, 0) == -1)
+    return nbd_error(err, VF_ERR_IO, "cannot flush", rw->name);
+  return 0;
+}
+
+static int
+nbd_sync_pread(struct rw *rw, void *buf, size_t count, uint64_t offset,
+               struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  if (nbd_pread(n->h, buf, count, offset, 0) == -1)
+    return nbd_error(err, VF_ERR_IO, "cannot read from", rw->name);
+  return 0;
+}
+
+static int
+nbd_sync_pwrite(struct rw *rw, const void *buf, size_t count, uint64_t offset,
+                struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  if (nbd_pwrite(n->h, buf, count, offset, 0) == -1)
+    return nbd_error(err, VF_ERR_IO, "cannot write to", rw->name);
+  return 0;
+}
+
+static int
+nbd_sync_zero(struct rw *rw, uint64_t count, uint64_t offset, bool allocate,
+              struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  if (nbd_zero(n->h, count, offset, allocate ? LIBNBD_CMD_FLAG_NO_HOLE : 0) == -1)
+    return nbd_error(err, VF_ERR_IO, "cannot zero", rw->name);
+  return 0;
+}
+
+static const struct rw_ops nbd_ops = {
+  .kind = "nbd",
+  .open_again = nbd_open_again,
+  .close = nbd_rw_close,
+  .extents = nbd_extents,
+  .start_read = nbd_start_read,
+  .start_write = nbd_start_write,
+  .start_zero = nbd_start_zero,
+  .poll_fd = nbd_poll_fd,
+  .notify = nbd_notify,
+  .is_dead = nbd_is_dead,
+  .flush = nbd_rw_flush,
+  .pread = nbd_sync_pread,
+  .pwrite = nbd_sync_pwrite,
+  .zero = nbd_sync_zero,
+};

@@ -1,0 +1,253 @@
+/* C unit tests for the copy engine, run by ctest (under ASan/UBSan by
+ * `make test`).  Without arguments they copy between local files; with
+ * --nbd URI they also copy to and from a real nbdkit server. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "vmferry.h"
+
+static int failures;
+static char dir[] = "/tmp/vmferry-ctest-XXXXXX";
+
+#define CHECK(cond, ...) do {                                   \
+    if (!(cond)) {                                              \
+      fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      fprintf(stderr, __VA_ARGS__);                             \
+      fputc('\n', stderr);                                      \
+      failures++;                                               \
+    }                                                           \
+  } while (0)
+
+static char *
+path(const char *name)
+{
+  static char buf[8][256];
+  static int i;
+  char *p = buf[i++ % 8];
+  snprintf(p, 256, "%s/%s", dir, name);
+  return p;
+}
+
+/* A source with data, a zero-filled block and a hole, of an odd size. */
+static size_t
+make_source(const char *file, size_t size)
+{
+  char *data = malloc(size);
+  for (size_t i = 0; i < size; i++)
+    data[i] = (char)(i * 7 + i / 4096);
+  memset(data + size / 3, 0, size / 5);         /* zero data */
+  int fd = open(file, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+  if (write(fd, data, size) != (ssize_t)size)
+    abort();
+  /* a real hole in the second half */
+  fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size / 2 + 8192, 1 << 20);
+  close(fd);
+  free(data);
+  return size;
+}
+
+static char *
+slurp(const char *file, size_t *len)
+{
+  struct stat st;
+  int fd = open(file, O_RDONLY);
+  if (fd == -1 || fstat(fd, &st) == -1)
+    return NULL;
+  char *p = malloc(st.st_size + 1);
+  if (read(fd, p, st.st_size) != st.st_size)
+    abort();
+  close(fd);
+  *len = st.st_size;
+  return p;
+}
+
+static int
+run_copy(struct vf_copy_config *cfg, struct vf_error *err, struct vf_counters *n)
+{
+  memset(err, 0, sizeof *err);
+  struct vf_copy *c = vf_copy_open(cfg, err);
+  if (c == NULL)
+    return -1;
+  int r = vf_copy_run(c, err);
+  if (n)
+    vf_copy_counters(c, n);
+  vf_copy_close(c);
+  return r;
+}
+
+static void
+expect_same(const char *a, const char *b)
+{
+  size_t la, lb;
+  char *pa = slurp(a, &la), *pb = slurp(b, &lb);
+  CHECK(pa && pb && la == lb && memcmp(pa, pb, la) == 0, "%s and %s differ", a, b);
+  free(pa);
+  free(pb);
+}
+
+static void
+test_file_copies(void)
+{
+  static const struct { unsigned conns, reqs; uint32_t rsize; } settings[] = {
+    { 1, 1, 4096 }, { 4, 64, 256 * 1024 }, { 2, 8, 1 << 20 }, { 3, 5, 512 },
+  };
+  size_t size = make_source(path("src"), (3 << 20) + 123);
+
+  for (size_t i = 0; i < sizeof settings / sizeof settings[0]; i++) {
+    struct vf_copy_config cfg = {
+      .src = path("src"), .dst = path("dst"), .connections = settings[i].conns,
+      .requests = settings[i].reqs, .request_size = settings[i].rsize,
+    };
+    struct vf_error err;
+    struct vf_counters n;
+    unlink(path("dst"));
+    int r = run_copy(&cfg, &err, &n);
+    CHECK(r == 0, "copy %zu failed: %s", i, err.msg);
+    expect_same(path("src"), path("dst"));
+    CHECK(n.total == size, "total %llu", (unsigned long long)n.total);
+    CHECK(n.written + n.zeroed + n.skipped == size, "counters do not add up");
+    CHECK(n.zeroed > 0, "zero data and the hole should become zero requests");
+  }
+}
+
+static void
+test_destination_is_zero_and_allocated(void)
+{
+  struct vf_error err;
+  struct vf_counters n;
+  struct vf_copy_config cfg = { .src = path("src"), .dst = path("dz"),
+                                .destination_is_zero = 1 };
+  unlink(path("dz"));
+  CHECK(run_copy(&cfg, &err, &n) == 0, "%s", err.msg);
+  CHECK(n.zeroed == 0 && n.skipped > 0, "zeroes should be skipped");
+  expect_same(path("src"), path("dz"));
+
+  struct vf_copy_config alloc = { .src = path("src"), .dst = path("da"), .allocated = 1 };
+  unlink(path("da"));
+  CHECK(run_copy(&alloc, &err, &n) == 0, "%s", err.msg);
+  expect_same(path("src"), path("da"));
+  struct stat st;
+  stat(path("da"), &st);
+  CHECK((uint64_t)st.st_blocks * 512 >= (uint64_t)st.st_size,
+        "--allocated left holes: %lld blocks for %lld bytes",
+        (long long)st.st_blocks, (long long)st.st_size);
+}
+
+static void
+test_bad_input(void)
+{
+  struct vf_error err;
+  struct vf_copy_config cfg = { .src = path("src"), .dst = path("x"), .request_size = 1000 };
+  CHECK(run_copy(&cfg, &err, NULL) == -1 && err.kind == VF_ERR_USAGE, "request size");
+
+  struct vf_copy_config both = { .src = path("src"), .dst = path("x"), .allocated = 1,
+                                 .destination_is_zero = 1 };
+  CHECK(run_copy(&both, &err, NULL) == -1 && err.kind == VF_ERR_USAGE, "flags");
+
+  struct vf_copy_config nullsrc = { .src = "null:", .dst = path("x") };
+  CHECK(run_copy(&nullsrc, &err, NULL) == -1 && err.kind == VF_ERR_USAGE, "null source");
+
+  struct vf_copy_config scheme = { .src = "http://example/disk", .dst = path("x") };
+  CHECK(run_copy(&scheme, &err, NULL) == -1 && err.kind == VF_ERR_USAGE &&
+        strstr(err.msg, "unsupported URI"), "scheme: %s", err.msg);
+
+  int fd = open(path("small"), O_CREAT | O_TRUNC | O_WRONLY, 0644);
+  ftruncate(fd, 4096);
+  close(fd);
+  struct vf_copy_config small = { .src = path("src"), .dst = path("small") };
+  CHECK(run_copy(&small, &err, NULL) == -1 && err.kind == VF_ERR_USAGE &&
+        strstr(err.msg, "smaller"), "small destination: %s", err.msg);
+
+  CHECK(access(path("x"), F_OK) == -1, "a failed copy left a destination file behind");
+}
+
+static void
+test_cancel_and_null(void)
+{
+  struct vf_error err = { 0 };
+  struct vf_copy_config cfg = { .src = path("src"), .dst = path("cancelled") };
+  unlink(path("cancelled"));
+  struct vf_copy *c = vf_copy_open(&cfg, &err);
+  CHECK(c != NULL, "%s", err.msg);
+  vf_copy_cancel(c);
+  CHECK(vf_copy_run(c, &err) == -1 && err.kind == VF_ERR_CANCELLED, "cancel: %s", err.msg);
+  vf_copy_close(c);
+  CHECK(access(path("cancelled"), F_OK) == -1, "cancelled copy left its file");
+
+  struct vf_counters n;
+  struct vf_copy_config null = { .src = path("src"), .dst = "null:" };
+  CHECK(run_copy(&null, &err, &n) == 0 && n.written > 0, "null: %s", err.msg);
+}
+
+static void
+test_nbd(const char *uri)
+{
+  struct vf_error err = { 0 };
+  struct vf_counters n;
+  size_t len;
+
+  /* file -> nbd -> file, then the two files must match */
+  struct vf_copy_config up = { .src = path("src"), .dst = uri, .connections = 2 };
+  CHECK(run_copy(&up, &err, &n) == 0, "to nbd: %s", err.msg);
+  unlink(path("back"));
+  struct vf_copy_config down = { .src = uri, .dst = path("back") };
+  CHECK(run_copy(&down, &err, &n) == 0, "from nbd: %s", err.msg);
+  char *src = slurp(path("src"), &len);
+  size_t blen;
+  char *back = slurp(path("back"), &blen);
+  CHECK(back && blen >= len && memcmp(src, back, len) == 0, "nbd round trip differs");
+  free(src);
+  free(back);
+
+  /* the buffer API reads exactly what was written */
+  struct vf_endpoint *ep = vf_endpoint_open(uri, 1, &err);
+  CHECK(ep != NULL, "%s", err.msg);
+  if (ep) {
+    char out[1000], in[1000];
+    for (int i = 0; i < 1000; i++)
+      out[i] = (char)(i ^ 0x5a);
+    CHECK(vf_endpoint_pwrite(ep, out, sizeof out, 12345, &err) == 0, "%s", err.msg);
+    CHECK(vf_endpoint_pread(ep, in, sizeof in, 12345, &err) == 0, "%s", err.msg);
+    CHECK(memcmp(in, out, sizeof in) == 0, "endpoint read back differs");
+    memset(&err, 0, sizeof err);
+    CHECK(vf_endpoint_pread(ep, in, sizeof in, vf_endpoint_size(ep) - 10, &err) == -1 &&
+          err.kind == VF_ERR_USAGE, "read past the end must fail");
+    vf_endpoint_close(ep);
+  }
+
+  struct vf_copy_config bitmap = { .src = uri, .dst = path("b"), .bitmap = "nope" };
+  CHECK(run_copy(&bitmap, &err, NULL) == -1 && strstr(err.msg, "bitmap"),
+        "missing bitmap: %s", err.msg);
+}
+
+int
+main(int argc, char **argv)
+{
+  if (mkdtemp(dir) == NULL) {
+    perror("mkdtemp");
+    return 1;
+  }
+  if (argc == 3 && strcmp(argv[1], "--nbd") == 0) {
+    make_source(path("src"), (3 << 20) + 123);
+    test_nbd(argv[2]);
+  } else {
+    test_file_copies();
+    test_destination_is_zero_and_allocated();
+    test_bad_input();
+    test_cancel_and_null();
+  }
+  char cmd[300];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  if (system(cmd) != 0)
+    fprintf(stderr, "could not remove %s\n", dir);
+  if (failures)
+    fprintf(stderr, "%d check(s) failed\n", failures);
+  return failures ? 1 : 0;
+}

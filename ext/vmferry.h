@@ -1,0 +1,94 @@
+/* vmferry copy engine: the public C API.
+ *
+ * Everything here returns errors through a struct vf_error; nothing in the
+ * engine exits or prints.  The Cython binding (src/vmferry/_engine.pxd)
+ * mirrors this header line for line, so change both together.
+ */
+#ifndef VMFERRY_H
+#define VMFERRY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* What kind of failure, so the binding can raise the right exception. */
+enum vf_error_kind {
+  VF_ERR_NONE = 0,
+  VF_ERR_USAGE,      /* bad input: malformed URI, size mismatch, read-only dst */
+  VF_ERR_CONNECT,    /* could not reach or open an endpoint */
+  VF_ERR_IO,         /* a read, write, zero or flush failed during the copy */
+  VF_ERR_CANCELLED,  /* vf_copy_cancel() was called */
+};
+
+struct vf_error {
+  int kind;          /* enum vf_error_kind */
+  int errnum;        /* errno of the cause, 0 if none */
+  char msg[512];
+};
+
+/* Defaults, chosen from nbdcopy's published measurements (see README). */
+#define VF_DEFAULT_CONNECTIONS   4
+#define VF_DEFAULT_REQUESTS      64
+#define VF_DEFAULT_REQUEST_SIZE  (256 * 1024)
+/* Data buffers of all connections together never exceed this, which is
+ * what keeps peak RSS flat whatever the disk size. */
+#define VF_DEFAULT_BUFFER_BYTES  (32 * 1024 * 1024)
+
+struct vf_copy_config {
+  const char *src;            /* URI or path */
+  const char *dst;            /* URI, path or "null:" */
+  unsigned connections;       /* 0: 4 if both sides allow multi-conn, else 1 */
+  unsigned threads;           /* 0: min(connections, online CPUs) */
+  unsigned requests;          /* in flight per connection; 0: default */
+  uint32_t request_size;      /* bytes; 0: default */
+  uint64_t buffer_bytes;      /* cap on data buffers; 0: default */
+  const char *bitmap;         /* copy only extents dirty in this bitmap */
+  int allocated;              /* write zeroes as allocated blocks */
+  int destination_is_zero;    /* skip zero extents entirely */
+  int flush;                  /* flush the destination at the end */
+  int no_zero_detect;         /* don't scan read data for zeroes */
+};
+
+/* Live counters; readable at any time from another thread. */
+struct vf_counters {
+  uint64_t total;             /* bytes the copy covers (source size) */
+  uint64_t read;              /* bytes read from the source */
+  uint64_t written;           /* bytes written as data */
+  uint64_t zeroed;            /* bytes written as zero requests */
+  uint64_t skipped;           /* bytes left untouched (clean or zero) */
+};
+
+struct vf_copy;
+
+/* Connects every endpoint and checks sizes; nothing is written yet. */
+struct vf_copy *vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err);
+/* Runs the copy to the end; blocks.  0 on success, -1 with *err set. */
+int vf_copy_run(struct vf_copy *c, struct vf_error *err);
+/* Asks a running copy to stop: in-flight requests drain, run returns -1
+ * with VF_ERR_CANCELLED.  Safe from any thread and from signal handlers. */
+void vf_copy_cancel(struct vf_copy *c);
+void vf_copy_counters(struct vf_copy *c, struct vf_counters *out);
+unsigned vf_copy_connections(const struct vf_copy *c);
+void vf_copy_close(struct vf_copy *c);
+
+/* One endpoint for synchronous I/O into and out of caller-owned buffers. */
+struct vf_endpoint;
+
+struct vf_endpoint *vf_endpoint_open(const char *uri, int writable, struct vf_error *err);
+int64_t vf_endpoint_size(struct vf_endpoint *ep);
+int vf_endpoint_pread(struct vf_endpoint *ep, void *buf, size_t count, uint64_t offset,
+                      struct vf_error *err);
+int vf_endpoint_pwrite(struct vf_endpoint *ep, const void *buf, size_t count,
+                       uint64_t offset, struct vf_error *err);
+int vf_endpoint_zero(struct vf_endpoint *ep, uint64_t count, uint64_t offset,
+                     struct vf_error *err);
+int vf_endpoint_flush(struct vf_endpoint *ep, struct vf_error *err);
+void vf_endpoint_close(struct vf_endpoint *ep);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* VMFERRY_H */

@@ -1,0 +1,65 @@
+# Mirrors ext/vmferry.h line for line; change both together.
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+
+cdef extern from "vmferry.h" nogil:
+    enum vf_error_kind:
+        VF_ERR_NONE
+        VF_ERR_USAGE
+        VF_ERR_CONNECT
+        VF_ERR_IO
+        VF_ERR_CANCELLED
+
+    struct vf_error:
+        int kind
+        int errnum
+        char msg[512]
+
+    int VF_DEFAULT_CONNECTIONS
+    int VF_DEFAULT_REQUESTS
+    int VF_DEFAULT_REQUEST_SIZE
+    int VF_DEFAULT_BUFFER_BYTES
+
+    struct vf_copy_config:
+        const char *src
+        const char *dst
+        unsigned connections
+        unsigned threads
+        unsigned requests
+        uint32_t request_size
+        uint64_t buffer_bytes
+        const char *bitmap
+        int allocated
+        int destination_is_zero
+        int flush
+        int no_zero_detect
+
+    struct vf_counters:
+        uint64_t total
+        uint64_t read
+        uint64_t written
+        uint64_t zeroed
+        uint64_t skipped
+
+    struct vf_copy:
+        pass
+
+    vf_copy *vf_copy_open(const vf_copy_config *cfg, vf_error *err)
+    int vf_copy_run(vf_copy *c, vf_error *err)
+    void vf_copy_cancel(vf_copy *c)
+    void vf_copy_counters(vf_copy *c, vf_counters *out)
+    unsigned vf_copy_connections(const vf_copy *c)
+    void vf_copy_close(vf_copy *c)
+
+    struct vf_endpoint:
+        pass
+
+    vf_endpoint *vf_endpoint_open(const char *uri, int writable, vf_error *err)
+    int64_t vf_endpoint_size(vf_endpoint *ep)
+    int vf_endpoint_pread(vf_endpoint *ep, void *buf, size_t count, uint64_t offset,
+                          vf_error *err)
+    int vf_endpoint_pwrite(vf_endpoint *ep, const void *buf, size_t count,
+                           uint64_t offset, vf_error *err)
+    int vf_endpoint_zero(vf_endpoint *ep, uint64_t count, uint64_t offset, vf_error *err)
+    int vf_endpoint_flush(vf_endpoint *ep, vf_error *err)
+    void vf_endpoint_close(vf_endpoint *ep)

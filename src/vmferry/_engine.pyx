@@ -1,0 +1,220 @@
+# cython: language_level=3
+"""The binding to the C copy engine in ext/.
+
+The GIL is released around every call that can block (connecting, copying,
+synchronous I/O), so a copy never stalls the interpreter and its counters
+and cancel() stay usable from other threads.
+"""
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.string cimport memset
+
+from vmferry._engine cimport *
+
+from vmferry import errors
+
+
+cdef object _raise(vf_error *err):
+    msg = err.msg.decode("utf-8", "replace")
+    kind = err.kind
+    if kind == VF_ERR_USAGE:
+        cls = errors.UsageError
+    elif kind == VF_ERR_CONNECT:
+        cls = errors.ConnectError
+    elif kind == VF_ERR_CANCELLED:
+        cls = errors.Cancelled
+    else:
+        cls = errors.CopyError
+    raise cls(msg, errno=err.errnum)
+
+
+DEFAULT_CONNECTIONS = VF_DEFAULT_CONNECTIONS
+DEFAULT_REQUESTS = VF_DEFAULT_REQUESTS
+DEFAULT_REQUEST_SIZE = VF_DEFAULT_REQUEST_SIZE
+DEFAULT_BUFFER_BYTES = VF_DEFAULT_BUFFER_BYTES
+
+
+cdef class Copier:
+    """One copy: open() connects and checks, run() moves the data.
+
+    run() blocks without the GIL; counters() and cancel() may be called
+    from any other thread meanwhile.
+    """
+    cdef vf_copy *_c
+    cdef bytes _src, _dst, _bitmap
+
+    def __cinit__(self, str src, str dst, *, unsigned connections=0,
+                  unsigned threads=0, unsigned requests=0,
+                  unsigned request_size=0, unsigned long long buffer_bytes=0,
+                  str bitmap=None, bint allocated=False,
+                  bint destination_is_zero=False, bint flush=False,
+                  bint zero_detect=True):
+        cdef vf_copy_config cfg
+        cdef vf_error err
+        memset(&cfg, 0, sizeof(cfg))
+        memset(&err, 0, sizeof(err))
+        self._src = src.encode()
+        self._dst = dst.encode()
+        self._bitmap = bitmap.encode() if bitmap is not None else None
+        cfg.src = self._src
+        cfg.dst = self._dst
+        cfg.bitmap = <const char *>self._bitmap if self._bitmap is not None else NULL
+        cfg.connections = connections
+        cfg.threads = threads
+        cfg.requests = requests
+        cfg.request_size = request_size
+        cfg.buffer_bytes = buffer_bytes
+        cfg.allocated = allocated
+        cfg.destination_is_zero = destination_is_zero
+        cfg.flush = flush
+        cfg.no_zero_detect = not zero_detect
+        with nogil:
+            self._c = vf_copy_open(&cfg, &err)
+        if self._c == NULL:
+            _raise(&err)
+
+    def run(self):
+        cdef vf_error err
+        cdef int r
+        memset(&err, 0, sizeof(err))
+        self._check()
+        with nogil:
+            r = vf_copy_run(self._c, &err)
+        if r == -1:
+            _raise(&err)
+
+    def cancel(self):
+        if self._c != NULL:
+            vf_copy_cancel(self._c)
+
+    def counters(self):
+        """(total, read, written, zeroed, skipped) in bytes."""
+        cdef vf_counters n
+        self._check()
+        vf_copy_counters(self._c, &n)
+        return (n.total, n.read, n.written, n.zeroed, n.skipped)
+
+    @property
+    def connections(self):
+        self._check()
+        return vf_copy_connections(self._c)
+
+    def close(self):
+        cdef vf_copy *c = self._c
+        self._c = NULL
+        if c != NULL:
+            with nogil:
+                vf_copy_close(c)
+
+    cdef _check(self):
+        if self._c == NULL:
+            raise errors.UsageError("this copy is closed")
+
+    def __dealloc__(self):
+        if self._c != NULL:
+            vf_copy_close(self._c)
+
+
+cdef class Endpoint:
+    """An NBD server, file or block device for synchronous I/O.
+
+    Reads go straight into the caller's buffer and writes straight from
+    it (any object with the buffer protocol); nothing is copied in between.
+    """
+    cdef vf_endpoint *_ep
+    cdef readonly str uri
+    cdef readonly bint writable
+
+    def __cinit__(self, str uri, bint writable=False):
+        cdef vf_error err
+        cdef bytes u = uri.encode()
+        cdef const char *cu = u
+        memset(&err, 0, sizeof(err))
+        self.uri = uri
+        self.writable = writable
+        with nogil:
+            self._ep = vf_endpoint_open(cu, writable, &err)
+        if self._ep == NULL:
+            _raise(&err)
+
+    cdef _check(self):
+        if self._ep == NULL:
+            raise errors.UsageError(f"endpoint {self.uri} is closed")
+
+    @property
+    def size(self) -> int:
+        self._check()
+        return vf_endpoint_size(self._ep)
+
+    def pread_into(self, buf, unsigned long long offset):
+        """Fill the whole writable buffer buf with bytes from offset."""
+        cdef Py_buffer view
+        cdef vf_error err
+        cdef int r
+        self._check()
+        memset(&err, 0, sizeof(err))
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        try:
+            with nogil:
+                r = vf_endpoint_pread(self._ep, view.buf, view.len, offset, &err)
+        finally:
+            PyBuffer_Release(&view)
+        if r == -1:
+            _raise(&err)
+
+    def pread(self, size_t count, unsigned long long offset) -> bytearray:
+        buf = bytearray(count)
+        self.pread_into(buf, offset)
+        return buf
+
+    def pwrite(self, buf, unsigned long long offset):
+        """Write the whole buffer buf at offset."""
+        cdef Py_buffer view
+        cdef vf_error err
+        cdef int r
+        self._check()
+        memset(&err, 0, sizeof(err))
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        try:
+            with nogil:
+                r = vf_endpoint_pwrite(self._ep, view.buf, view.len, offset, &err)
+        finally:
+            PyBuffer_Release(&view)
+        if r == -1:
+            _raise(&err)
+
+    def zero(self, unsigned long long offset, unsigned long long length):
+        cdef vf_error err
+        cdef int r
+        self._check()
+        memset(&err, 0, sizeof(err))
+        with nogil:
+            r = vf_endpoint_zero(self._ep, length, offset, &err)
+        if r == -1:
+            _raise(&err)
+
+    def flush(self):
+        cdef vf_error err
+        cdef int r
+        self._check()
+        memset(&err, 0, sizeof(err))
+        with nogil:
+            r = vf_endpoint_flush(self._ep, &err)
+        if r == -1:
+            _raise(&err)
+
+    def close(self):
+        cdef vf_endpoint *ep = self._ep
+        self._ep = NULL
+        if ep != NULL:
+            with nogil:
+                vf_endpoint_close(ep)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        if self._ep != NULL:
+            vf_endpoint_close(self._ep)

@@ -1,0 +1,51 @@
+"""The `vmferry` command: argument parsing, and one place that turns
+errors into one line on stderr and an exit status."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn, Optional, Sequence
+
+from vmferry.commands import copy as copy_cmd
+from vmferry.errors import Cancelled, VmferryError
+
+COMMANDS = [copy_cmd]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"vmferry: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vmferry",
+                     description="Live-migrate QEMU VMs and move disk data, fast.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for cmd in COMMANDS:
+        cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("vmferry: cancelled\n")
+        return 130
+    except Cancelled as e:
+        sys.stderr.write(f"vmferry: {e}\n")
+        return e.exit_code
+    except VmferryError as e:
+        sys.stderr.write(f"vmferry: error: {e}\n")
+        return e.exit_code
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

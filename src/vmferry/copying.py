@@ -1,0 +1,180 @@
+"""vmferry.copy(): move disk data between NBD servers, files and null:.
+
+The C engine does the work in its own threads without the GIL; this module
+validates arguments, runs the engine in a helper thread so the caller's
+thread stays free to show progress and react to Ctrl-C or task
+cancellation, and optionally verifies the result.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from typing import Callable, Optional
+
+from vmferry import _engine
+from vmferry.errors import Cancelled, UsageError
+from vmferry.units import parse_size
+
+# How often progress callbacks run while a copy is going.
+PROGRESS_INTERVAL = 0.2
+
+
+@dataclasses.dataclass
+class CopyResult:
+    """What a copy did, in bytes; also the snapshot given to progress callbacks."""
+
+    bytes_total: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    bytes_skipped: int = 0
+    seconds: float = 0.0
+    connections: int = 0
+    verified: Optional[bool] = None
+    checksum: Optional[str] = None
+
+    @property
+    def bytes_done(self) -> int:
+        """Bytes of the source that are finished one way or another."""
+        return self.bytes_written + self.bytes_zeroed + self.bytes_skipped
+
+    @property
+    def throughput(self) -> float:
+        """Source bytes covered per second."""
+        return self.bytes_total / self.seconds if self.seconds > 0 else 0.0
+
+    def as_event(self, event: str) -> dict:
+        d = dataclasses.asdict(self)
+        d["event"] = event
+        d["done"] = self.bytes_done
+        d["total"] = self.bytes_total
+        d["label"] = "copy"
+        d["rate"] = self.bytes_done / self.seconds if self.seconds > 0 else 0
+        return d
+
+
+ProgressFn = Callable[[CopyResult], None]
+
+
+def _snapshot(copier: "_engine.Copier", start: float) -> CopyResult:
+    total, read, written, zeroed, skipped = copier.counters()
+    return CopyResult(total, read, written, zeroed, skipped,
+                      time.monotonic() - start, copier.connections)
+
+
+def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int],
+          request_size: Optional[int | str], bitmap: Optional[str], allocated: bool,
+          destination_is_zero: bool, flush: bool, threads: Optional[int],
+          zero_detect: bool) -> "_engine.Copier":
+    for name, value in (("connections", connections), ("requests", requests),
+                        ("threads", threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be at least 1, not {value}")
+    rsize = parse_size(request_size, "request size") if request_size is not None else 0
+    return _engine.Copier(
+        str(src), str(dst), connections=connections or 0, threads=threads or 0,
+        requests=requests or 0, request_size=rsize, bitmap=bitmap,
+        allocated=allocated, destination_is_zero=destination_is_zero,
+        flush=flush, zero_detect=zero_detect)
+
+
+def _verify(src: str, dst: str, result: CopyResult) -> None:
+    from vmferry.verify import compare
+    result.checksum = compare(src, dst, result.bytes_total)
+    result.verified = True
+
+
+def copy(src: str, dst: str, *, connections: Optional[int] = None,
+         requests: Optional[int] = None, request_size: Optional[int | str] = None,
+         bitmap: Optional[str] = None, allocated: bool = False,
+         destination_is_zero: bool = False, flush: bool = False, verify: bool = False,
+         progress: Optional[ProgressFn] = None, threads: Optional[int] = None,
+         zero_detect: bool = True) -> CopyResult:
+    """Copy src to dst and return what moved.
+
+    src and dst are NBD URIs (nbd://, nbds://, nbd+unix://), paths, or
+    null: (destination only).  A missing destination file is created with
+    the source's size.  Raises a vmferry.VmferryError subclass on failure;
+    KeyboardInterrupt cancels the copy cleanly and is re-raised.
+    """
+    if verify and dst == "null:":
+        raise UsageError("--verify needs a destination that can be read back, not null:")
+    start = time.monotonic()
+    copier = _open(src, dst, connections, requests, request_size, bitmap, allocated,
+                   destination_is_zero, flush, threads, zero_detect)
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            copier.run()
+        except BaseException as e:  # handed to the caller's thread
+            failure.append(e)
+
+    t = threading.Thread(target=body, name="vmferry-copy", daemon=True)
+    try:
+        t.start()
+        try:
+            while t.is_alive():
+                t.join(PROGRESS_INTERVAL)
+                if progress is not None:
+                    progress(_snapshot(copier, start))
+        except BaseException:
+            # Ctrl-C or an exception from the progress callback: stop the
+            # engine, let in-flight requests drain, then pass it on.
+            copier.cancel()
+            t.join()
+            raise
+        if failure:
+            raise failure[0]
+        result = _snapshot(copier, start)
+    finally:
+        copier.close()
+    if verify:
+        _verify(src, dst, result)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
+                     requests: Optional[int] = None,
+                     request_size: Optional[int | str] = None,
+                     bitmap: Optional[str] = None, allocated: bool = False,
+                     destination_is_zero: bool = False, flush: bool = False,
+                     verify: bool = False, progress: Optional[ProgressFn] = None,
+                     threads: Optional[int] = None,
+                     zero_detect: bool = True) -> CopyResult:
+    """copy() for asyncio: never blocks the loop; cancelling the task
+    cancels the copy and waits for in-flight requests to drain."""
+    loop = asyncio.get_running_loop()
+    if verify and dst == "null:":
+        raise UsageError("--verify needs a destination that can be read back, not null:")
+    start = time.monotonic()
+    copier = await loop.run_in_executor(
+        None, _open, src, dst, connections, requests, request_size, bitmap, allocated,
+        destination_is_zero, flush, threads, zero_detect)
+    try:
+        fut = loop.run_in_executor(None, copier.run)
+        try:
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=PROGRESS_INTERVAL)
+                if progress is not None:
+                    progress(_snapshot(copier, start))
+                if done:
+                    break
+        except asyncio.CancelledError:
+            copier.cancel()
+            try:
+                await asyncio.shield(fut)
+            except Cancelled:
+                pass
+            raise
+        fut.result()
+        result = _snapshot(copier, start)
+    finally:
+        copier.close()
+    if verify:
+        await loop.run_in_executor(None, _verify, src, dst, result)
+    result.seconds = time.monotonic() - start
+    return result

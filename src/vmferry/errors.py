@@ -1,0 +1,57 @@
+"""vmferry's exceptions: one tree, rooted in one class.
+
+    VmferryError               anything vmferry raises on purpose
+     +-- UsageError            bad input: malformed URI, wrong sizes, conflicting options
+     +-- ConnectError          an endpoint cannot be reached or opened
+     +-- CopyError             I/O failed during a copy (has .errno)
+     +-- VerifyError           --verify found the two sides differ
+     +-- Cancelled             the user or the program cancelled the operation
+     +-- MigrationError        a migration phase failed (has .phase)
+
+Every error's message is one line saying what failed and what to do.
+The original cause, when there is one, is kept as __cause__.
+"""
+from __future__ import annotations
+
+
+class VmferryError(Exception):
+    """Root of every exception vmferry raises on purpose."""
+
+    #: process exit status the CLI uses for this error
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class UsageError(VmferryError):
+    """The input cannot work: fix the command line, URI or sizes."""
+
+    exit_code = 2
+
+
+class ConnectError(VmferryError):
+    """An endpoint could not be reached or opened."""
+
+
+class CopyError(VmferryError):
+    """A read, write, zero or flush failed while data was moving."""
+
+
+class VerifyError(VmferryError):
+    """After a copy, the source and destination do not hold the same bytes."""
+
+
+class Cancelled(VmferryError):
+    """The operation was cancelled (Ctrl-C, abort, or task cancellation)."""
+
+    exit_code = 130
+
+
+class MigrationError(VmferryError):
+    """A migration phase failed; the source VM was resumed."""
+
+    def __init__(self, message: str, *, phase: str = "", errno: int = 0) -> None:
+        super().__init__(message, errno=errno)
+        self.phase = phase
