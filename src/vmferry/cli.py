@@ -7,9 +7,10 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 from vmferry.commands import copy as copy_cmd
+from vmferry.commands import demo as demo_cmd
 from vmferry.errors import Cancelled, VmferryError
 
-COMMANDS = [copy_cmd]
+COMMANDS = [copy_cmd, demo_cmd]
 
 
 class _Parser(argparse.ArgumentParser):
