@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 from vmferry.commands import copy as copy_cmd
 from vmferry.commands import demo as demo_cmd
+from vmferry.commands import list as list_cmd
+from vmferry.commands import migrate as migrate_cmd
+from vmferry.commands import run as run_cmd
+from vmferry.commands import status as status_cmd
+from vmferry.commands import stop as stop_cmd
 from vmferry.errors import Cancelled, VmferryError
+from vmferry.vm.state import default_state_dir
 
-COMMANDS = [copy_cmd, demo_cmd]
+COMMANDS = [copy_cmd, demo_cmd, run_cmd, list_cmd, status_cmd, stop_cmd, migrate_cmd]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,6 +31,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vmferry",
                      description="Live-migrate QEMU VMs and move disk data, fast.")
+    parser.add_argument("--state-dir", type=Path, default=default_state_dir(), metavar="DIR",
+                        help="where VMs keep their spec, sockets, pid and log (default: "
+                             "$VMFERRY_STATE_DIR, else /var/lib/vmferry for root, else "
+                             "~/.local/state/vmferry; now %(default)s)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for cmd in COMMANDS:

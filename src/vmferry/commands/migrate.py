@@ -1,0 +1,224 @@
+"""`vmferry migrate NAME DEST`, `vmferry jobinfo NAME` and `vmferry abort NAME`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from vmferry.errors import UsageError
+from vmferry.migrate.api import job_file, migrate_vm
+from vmferry.migrate.options import MigrateOptions
+from vmferry.migrate.stats import JobInfo
+from vmferry.progress import BarReporter, JsonReporter, NullReporter
+from vmferry.units import format_size
+from vmferry.vm.state import StateDir, pid_alive
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("migrate", help="live-migrate a running VM with its disks",
+                       description="Move VM NAME to DEST (local:///path/to/state-dir) "
+                                   "while it runs: disks, memory and device state.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("dest", metavar="DEST")
+    st = p.add_mutually_exclusive_group()
+    st.add_argument("--copy-storage-all", dest="copy_storage", action="store_const",
+                    const="all", help="copy every disk in full (the default)")
+    st.add_argument("--copy-storage-inc", dest="copy_storage", action="store_const",
+                    const="inc", help="copy only the top images over a backing file both "
+                                      "hosts share")
+    st.add_argument("--shared-storage", dest="copy_storage", action="store_const",
+                    const="none", help="copy no disks: both hosts see the same images")
+    p.add_argument("--migrate-disks", metavar="LIST",
+                   help="comma-separated disks to copy (disk0,... or paths)")
+    p.add_argument("--disk-map", action="append", default=[], metavar="SRC=DST",
+                   help="destination image path for a source image (repeatable)")
+    p.add_argument("--dest-spec", metavar="FILE", help="a spec file for the destination "
+                   "(its disk and serial paths are used)")
+    p.add_argument("--create-disks", action="store_true",
+                   help="create missing destination images with the right size and format")
+    p.add_argument("--undefinesource", action="store_true",
+                   help="remove the VM's spec from the source state directory afterwards")
+    p.add_argument("--suspend", action="store_true",
+                   help="leave the guest paused on the destination")
+    p.add_argument("--offline", action="store_true",
+                   help="the VM is not running: move its disks and spec")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give memory migration this long, then take the timeout action")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--timeout-suspend", dest="timeout_action", action="store_const",
+                     const="suspend", help="on timeout, pause the guest so migration completes")
+    act.add_argument("--timeout-postcopy", dest="timeout_action", action="store_const",
+                     const="postcopy", help="on timeout, switch to post-copy")
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s",
+                   help="cap memory migration bandwidth (default: unlimited)")
+    p.add_argument("--max-downtime", type=int, metavar="MS",
+                   help="downtime limit in milliseconds (default 300)")
+    p.add_argument("--no-escalate", action="store_true",
+                   help="never raise the downtime limit when migration stalls")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="throttle the guest's CPUs if memory does not converge")
+    p.add_argument("--parallel-connections", type=int, metavar="N",
+                   help="multifd: move memory over N connections")
+    p.add_argument("--postcopy", action="store_true", help="allow post-copy")
+    p.add_argument("--compressed", action="store_true", help="xbzrle page compression")
+    p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
+                   choices=["auto", "bar", "json"], help="show progress")
+    p.set_defaults(func=run, copy_storage="all")
+
+    j = sub.add_parser("jobinfo", help="statistics of a VM's current or last migration")
+    j.add_argument("name", metavar="NAME")
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=jobinfo)
+
+    a = sub.add_parser("abort", help="cancel a running migration; the source resumes")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    a.set_defaults(func=abort)
+
+
+def options_from(args: argparse.Namespace) -> MigrateOptions:
+    dmap = {}
+    for item in args.disk_map:
+        if "=" not in item:
+            raise UsageError(f"--disk-map {item!r}: use SRC=DST")
+        k, v = item.split("=", 1)
+        dmap[os.path.abspath(k) if "/" in k else k] = v
+    return MigrateOptions(
+        copy_storage=args.copy_storage,
+        migrate_disks=[d for d in args.migrate_disks.split(",") if d] if args.migrate_disks
+        else None,
+        disk_map=dmap, dest_spec=args.dest_spec, create_disks=args.create_disks,
+        undefine_source=args.undefinesource, suspend=args.suspend, offline=args.offline,
+        timeout=args.timeout, timeout_action=args.timeout_action, bandwidth=args.bandwidth,
+        max_downtime=args.max_downtime, escalate_downtime=not args.no_escalate,
+        auto_converge=args.auto_converge, parallel_connections=args.parallel_connections,
+        postcopy=args.postcopy, compressed=args.compressed)
+
+
+class MigrationDisplay:
+    """virsh migrate --verbose, but storage and memory shown apart: one bar
+    per part, each of which only moves forward."""
+
+    def __init__(self, mode: str | None) -> None:
+        self.mode = mode
+        self.json = JsonReporter() if mode == "json" else None
+        self.tty = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.bar: Any = NullReporter()
+        self.part = ""
+        self.phase = ""
+
+    def __call__(self, info: JobInfo) -> None:
+        if self.json:
+            d = info.as_dict()
+            d["event"] = "progress"
+            self.json.update(d)
+            return
+        if not self.mode:
+            return
+        if info.phase != self.phase:
+            self.phase = info.phase
+            if not self.tty:
+                sys.stderr.write(f"migrate: {info.phase}\n")
+        if info.phase != "perform":
+            return
+        part = "memory" if info.memory_total else "storage"
+        if part != self.part:
+            self.bar.close()
+            self.part = part
+            self.bar = BarReporter() if self.tty else NullReporter()
+        if part == "storage":
+            done, total = info.disk_processed, info.disk_total
+        else:
+            done = info.memory_processed
+            total = info.memory_processed + info.memory_remaining
+        self.bar.update({"label": f"{part:7}", "done": done, "total": total,
+                         "rate": info.memory_bandwidth if part == "memory" else None})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def summary(info: JobInfo) -> str:
+    down = f"{info.downtime_ms} ms downtime" if info.downtime_ms is not None else "offline"
+    return (f"migrated {info.name} in {info.elapsed_ms / 1000:.2f} s: "
+            f"{format_size(info.disk_processed)} of disk, "
+            f"{format_size(info.memory_processed)} of memory, {down}"
+            + (f" ({info.action})" if info.action else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    state = StateDir(args.state_dir)
+    display = MigrationDisplay(args.progress)
+    try:
+        info = migrate_vm(state, args.name, args.dest, options_from(args), progress=display)
+    finally:
+        display.close()
+    if args.progress == "json":
+        d = info.as_dict()
+        d["event"] = "done"
+        JsonReporter().update(d)
+    else:
+        print(summary(info), flush=True)
+    return 0
+
+
+def jobinfo(args: argparse.Namespace) -> int:
+    state = StateDir(args.state_dir)
+    path = job_file(state, args.name)
+    if not path.exists():
+        raise UsageError(f"{args.name} has no migration job to show")
+    info = JobInfo.load(path)
+    if info.status == "running" and not pid_alive(info.pid):
+        info.status = "failed"
+        info.error = info.error or "the vmferry process running it died"
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=1))
+        return 0
+    rows = [
+        ("Job type", "migration"), ("Status", info.status), ("Phase", info.phase),
+        ("Time elapsed", f"{info.elapsed_ms} ms"),
+        ("Data processed", format_size(info.data_processed)),
+        ("Data remaining", format_size(info.data_remaining)),
+        ("Data total", format_size(info.data_total)),
+        ("Memory processed", format_size(info.memory_processed)),
+        ("Memory remaining", format_size(info.memory_remaining)),
+        ("Memory total", format_size(info.memory_total)),
+        ("Memory bandwidth", f"{format_size(info.memory_bandwidth)}/s"),
+        ("Dirty rate", f"{info.dirty_rate} pages/s"),
+        ("Iteration", str(info.iteration)),
+        ("File processed", format_size(info.disk_processed)),
+        ("File remaining", format_size(info.disk_remaining)),
+        ("File total", format_size(info.disk_total)),
+        ("Expected downtime", f"{info.expected_downtime_ms} ms"),
+        ("Downtime limit", f"{info.downtime_limit_ms} ms"),
+    ]
+    if info.downtime_ms is not None:
+        rows.append(("Total downtime", f"{info.downtime_ms} ms"))
+    if info.action:
+        rows.append(("Action", info.action))
+    if info.error:
+        rows.append(("Error", info.error))
+    for k, v in rows:
+        print(f"{k + ':':20}{v}")
+    return 0
+
+
+def abort(args: argparse.Namespace) -> int:
+    state = StateDir(args.state_dir)
+    path = job_file(state, args.name)
+    info = JobInfo.load(path) if path.exists() else None
+    if info is None or info.status != "running" or not pid_alive(info.pid):
+        raise UsageError(f"{args.name} has no migration running")
+    os.kill(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while pid_alive(info.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(info.pid):
+        raise UsageError(f"the migration of {args.name} (pid {info.pid}) did not stop "
+                         f"within {args.timeout:g} s")
+    print(f"aborted the migration of {args.name}; it runs on the source")
+    return 0

@@ -1,0 +1,34 @@
+"""`vmferry status NAME`: one VM's state as QEMU reports it."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from vmferry.units import format_size
+from vmferry.vm.process import vm_status
+from vmferry.vm.state import StateDir
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show one VM's state",
+                       description="Show VM NAME's state (QMP query-status), pid, "
+                                   "accelerator, sockets and log.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    st = vm_status(StateDir(args.state_dir), args.name)
+    if args.json:
+        print(json.dumps(st.to_dict()), flush=True)
+        return 0
+    spec = st.spec
+    rows = [("name", st.name), ("state", st.state), ("pid", st.pid or "-"),
+            ("accel", st.accel or "-"), ("machine", spec.machine), ("cpus", spec.cpus),
+            ("memory", format_size(spec.memory))]
+    rows += [(f"disk{i}", f"{d.path} ({d.format}, {d.bus})") for i, d in enumerate(spec.disks)]
+    rows += [("qmp", st.qmp_socket), ("log", st.log)]
+    for key, value in rows:
+        print(f"{key + ':':9} {value}")
+    return 0

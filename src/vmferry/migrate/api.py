@@ -1,0 +1,90 @@
+"""vmferry.migrate_vm(): the Python entry point behind `vmferry migrate`."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Callable, Optional
+
+from vmferry.errors import UsageError
+from vmferry.migrate.destination import Destination
+from vmferry.migrate.flow import Migration
+from vmferry.migrate.local import LocalDestination
+from vmferry.migrate.options import MigrateOptions
+from vmferry.migrate.stats import JobInfo
+from vmferry.vm.process import stop_vm_async
+from vmferry.vm.state import StateDir
+
+JOB_FILE = "job.json"
+
+
+def parse_destination(uri: str) -> Destination:
+    """local:///path/to/state-dir -> LocalDestination."""
+    if uri.startswith("local://"):
+        path = uri[len("local://"):]
+        if not path.startswith("/"):
+            raise UsageError(f"destination {uri!r}: use local:///absolute/state/dir")
+        return LocalDestination(StateDir(path))
+    raise UsageError(f"unsupported destination {uri!r}: use local:///path/to/state-dir")
+
+
+def job_file(state: StateDir, name: str) -> Path:
+    return state.vm_dir(name) / JOB_FILE
+
+
+async def migrate_vm_async(state: StateDir, name: str, dest: str | Destination,
+                           opts: Optional[MigrateOptions] = None, *,
+                           progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
+    """Live-migrate VM `name` of `state` to `dest`; returns the job statistics.
+
+    On failure the source VM is running again and a MigrationError (or
+    Cancelled) says what happened."""
+    opts = opts or MigrateOptions()
+    opts.validate()
+    destination = parse_destination(dest) if isinstance(dest, str) else dest
+    rec = state.load(name)
+    if opts.offline:
+        from vmferry.migrate.offline import migrate_offline
+        return await migrate_offline(state, rec, destination, opts, progress=progress)
+    if rec.pid is None:
+        raise UsageError(f"{name} is not running: start it with 'vmferry run', or "
+                         f"move it with --offline")
+
+    async def retire_source() -> None:
+        await stop_vm_async(state, name, force=True, timeout=5)
+        if opts.undefine_source:
+            state.spec_path(name).unlink(missing_ok=True)
+
+    m = Migration(name, rec.qmp_socket, rec.spec, destination, opts,
+                  job_file=job_file(state, name), progress=progress,
+                  stop_source=retire_source)
+    return await m.run()
+
+
+def migrate_vm(state: StateDir | str, name: str, dest: str | Destination,
+               opts: Optional[MigrateOptions] = None, *,
+               progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
+    """Blocking migrate_vm_async; SIGINT and SIGTERM cancel it cleanly
+    (the source VM resumes) and raise Cancelled."""
+    if not isinstance(state, StateDir):
+        state = StateDir(state)
+
+    async def main() -> JobInfo:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        handled = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, task.cancel)
+                handled.append(sig)
+            except (ValueError, RuntimeError):   # not the main thread
+                pass
+        try:
+            return await migrate_vm_async(state, name, dest, opts, progress=progress)
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(main())

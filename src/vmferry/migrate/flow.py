@@ -1,0 +1,304 @@
+"""The migration state machine: Begin -> Prepare -> Perform -> Finish -> Confirm.
+
+Each phase is one method; the rollback of everything a phase set up is
+registered as soon as it exists, so a failure (or Ctrl-C, or `vmferry
+abort`) at any point unwinds exactly what was done, in reverse, and leaves
+the source running.  Once the destination guest has been resumed in
+Finish, the migration has succeeded and nothing is rolled back.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
+from vmferry.migrate import source
+from vmferry.migrate.destination import Destination
+from vmferry.migrate.monitor import Monitor
+from vmferry.migrate.options import MigrateOptions
+from vmferry.migrate.source import PREFIX, DiskPlan
+from vmferry.migrate.stats import JobInfo
+
+# Raise the downtime limit after this many iterations without progress,
+# doubling each time, up to ESCALATE_MAX times the starting limit.
+STALL_ITERATIONS = 3
+ESCALATE_MAX = 16
+
+
+class Phase(enum.Enum):
+    BEGIN = "begin"
+    PREPARE = "prepare"
+    PERFORM = "perform"
+    FINISH = "finish"
+    CONFIRM = "confirm"
+    DONE = "done"
+
+
+Progress = Callable[[JobInfo], None]
+
+
+class Migration:
+    def __init__(self, name: str, qmp_socket: Path, spec: Any, dest: Destination,
+                 opts: MigrateOptions, *, job_file: Optional[Path] = None,
+                 progress: Optional[Progress] = None,
+                 stop_source: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+        opts.validate()
+        self.name = name
+        self.qmp_socket = qmp_socket
+        self.spec = spec
+        self.dest = dest
+        self.opts = opts
+        self.job_file = job_file
+        self.progress = progress
+        self.stop_source = stop_source
+        self.phase = Phase.BEGIN
+        self.info = JobInfo(name=name, pid=os.getpid(), started=time.time(),
+                            status="running")
+        self.mon: Optional[Monitor] = None
+        self.disks: list[DiskPlan] = []
+        self.was_running = True
+        self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self._deadline: Optional[float] = None
+        self._last_save = 0.0
+
+    # -- bookkeeping ---------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        self.phase = phase
+        self.info.phase = phase.value
+        self._publish(force=True)
+
+    def _publish(self, force: bool = False) -> None:
+        self.info.tick()
+        if self.progress:
+            self.progress(self.info)
+        now = time.monotonic()
+        if self.job_file and (force or now - self._last_save > 0.5):
+            self._last_save = now
+            try:
+                self.info.save(self.job_file)
+            except OSError:
+                pass
+
+    def _on_undo(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        self._undo.append((what, fn))
+
+    async def _rollback(self) -> None:
+        # Shielded from further cancellation: a second Ctrl-C must not leave
+        # half the cleanup undone.
+        while self._undo:
+            what, fn = self._undo.pop()
+            try:
+                await asyncio.shield(fn())
+            except (VmferryError, OSError, asyncio.CancelledError):
+                pass
+
+    async def _fail(self, why: str) -> None:
+        self.info.status = "failed"
+        self.info.error = why
+        await self._rollback()
+        self._publish(force=True)
+
+    # -- the phases ----------------------------------------------------
+
+    async def run(self) -> JobInfo:
+        if self.opts.timeout:
+            self._deadline = time.monotonic() + self.opts.timeout
+        try:
+            await self.begin()
+            await self.prepare()
+            await self.perform()
+            await self.finish()
+        except asyncio.CancelledError:
+            self.info.status = "cancelled"
+            self.info.error = "cancelled"
+            await self._rollback()
+            self._publish(force=True)
+            raise Cancelled(f"migration of {self.name} cancelled in {self.phase.value}; "
+                            f"the source VM is running")
+        except VmferryError as e:
+            await self._fail(str(e))
+            if isinstance(e, (UsageError, MigrationError)):
+                if isinstance(e, MigrationError) and not e.phase:
+                    e.phase = self.phase.value
+                raise
+            raise MigrationError(f"{e} (in {self.phase.value}; the source VM is running)",
+                                 phase=self.phase.value) from e
+        except Exception as e:
+            # A bug must not leave a half-migrated VM behind either.
+            await self._fail(f"internal error: {e!r}")
+            raise MigrationError(f"internal error in {self.phase.value}: {e!r}; the source "
+                                 f"VM is running", phase=self.phase.value) from e
+        await self.confirm()
+        return self.info
+
+    async def begin(self) -> None:
+        self._enter(Phase.BEGIN)
+        self.mon = await Monitor(self.qmp_socket, "source", "begin").connect()
+        self._on_undo("close source monitor", self.mon.close)
+        status = await source.describe(self.mon)
+        self.was_running = status["status"] == "running"
+        self.disks = await self._plan_disks()
+
+    async def _plan_disks(self) -> list[DiskPlan]:
+        nodes = await source.node_sizes(self.mon)
+        wanted = self.opts.migrate_disks
+        plans = []
+        for i, d in enumerate(self.spec.disks):
+            node = f"disk{i}"
+            info = nodes.get(node)
+            if info is None:
+                raise MigrationError(f"the source QEMU has no block node {node} for "
+                                     f"{d.path}: was it started by vmferry?", phase="begin")
+            chosen = (wanted is None and not getattr(d, "readonly", False)
+                      and not getattr(d, "shared", False)) or \
+                     (wanted is not None and (node in wanted or d.path in wanted))
+            if not chosen or self.opts.copy_storage == "none":
+                continue
+            image = info.get("image", {})
+            backing = info.get("backing_file") or image.get("backing-filename")
+            plans.append(DiskPlan(node=node, path=d.path, fmt=d.format,
+                                  size=image.get("virtual-size", 0), export=node,
+                                  backing=backing))
+        if wanted is not None:
+            known = {p.node for p in plans} | {p.path for p in plans}
+            missing = [w for w in wanted if w not in known]
+            if missing:
+                raise UsageError(f"--migrate-disks names unknown disks: {', '.join(missing)} "
+                                 f"(use node names disk0, disk1... or image paths)")
+        if self.opts.copy_storage == "inc" and any(p.backing is None for p in plans):
+            bad = [p.path for p in plans if p.backing is None]
+            raise UsageError(f"--copy-storage-inc needs images with a backing file both hosts "
+                             f"share; {', '.join(bad)} has none: use --copy-storage-all")
+        return plans
+
+    async def prepare(self) -> None:
+        self._enter(Phase.PREPARE)
+        self._on_undo("destroy destination", self.dest.abort)
+        self.prepared = await self.dest.prepare(self.spec, self.disks, self.opts)
+
+    async def perform(self) -> None:
+        self._enter(Phase.PERFORM)
+        mon = self.mon
+        mon.phase = "perform"
+        self._on_undo("roll back source", lambda: source.rollback(mon, self.was_running))
+        if self.disks:
+            sync = "top" if self.opts.copy_storage == "inc" else "full"
+            undo: list = []
+            await source.start_mirrors(mon, self.disks, self.prepared.nbd_server, sync, undo)
+            await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
+                                            self._deadline_for_storage())
+        await mon.cmd("migrate-set-capabilities", capabilities=source.capabilities(self.opts))
+        await mon.cmd("migrate-set-parameters", **source.parameters(self.opts))
+        self.info.downtime_limit_ms = self.opts.max_downtime or source.DEFAULT_DOWNTIME_MS
+        with mon.listener("MIGRATION") as events:
+            await mon.cmd("migrate", uri=self.prepared.migrate_uri)
+            await self._drive_memory(events)
+
+    def _deadline_for_storage(self) -> Optional[float]:
+        # A timeout's action applies to memory; storage that cannot even reach
+        # 'ready' in time fails the migration.
+        return self._deadline if self.opts.timeout_action is None else None
+
+    def _disk_progress(self, jobs: list[dict[str, Any]]) -> None:
+        self.info.update_disks(jobs, PREFIX)
+        self._publish()
+
+    async def _drive_memory(self, events: Any) -> None:
+        """Watch memory migration until it completes, reacting to
+        pre-switchover, stalls and the timeout."""
+        mon = self.mon
+        best_remaining: Optional[int] = None
+        stalled = 0
+        last_iter = -1
+        limit = self.info.downtime_limit_ms
+        ceiling = limit * ESCALATE_MAX
+        timeout_done = False
+        while True:
+            try:
+                ev = await asyncio.wait_for(events.get(), 0.1)
+                status = ev["data"]["status"]
+            except asyncio.TimeoutError:
+                status = None
+            if status is None or status not in ("pre-switchover", "completed", "failed",
+                                                  "cancelled"):
+                info = await mon.cmd("query-migrate")
+                status = info.get("status", status)
+                self.info.update_memory(info)
+                if self.disks:
+                    self.info.update_disks(await source.block_jobs(mon), PREFIX)
+                self._publish()
+                # Escalate the downtime limit when remaining stops shrinking.
+                ram = info.get("ram") or {}
+                it = ram.get("dirty-sync-count", 0)
+                if (self.opts.escalate_downtime and status == "active" and it != last_iter
+                        and it > 1):
+                    last_iter = it
+                    rem = ram.get("remaining", 0)
+                    if best_remaining is None or rem < best_remaining * 0.9:
+                        best_remaining = rem
+                        stalled = 0
+                    else:
+                        stalled += 1
+                    if stalled >= STALL_ITERATIONS and limit < ceiling:
+                        limit = min(limit * 2, ceiling)
+                        await mon.cmd("migrate-set-parameters", **{"downtime-limit": limit})
+                        self.info.downtime_limit_ms = limit
+                        self.info.action = f"downtime limit raised to {limit} ms"
+                        stalled = 0
+            if status == "pre-switchover":
+                # Source paused, guest I/O drained: finish the disks, then let
+                # QEMU send the device state.
+                if self.disks:
+                    await source.settle_mirrors(mon, self.disks)
+                await mon.cmd("migrate-continue", state="pre-switchover")
+            elif status == "completed":
+                info = await mon.cmd("query-migrate")
+                self.info.update_memory(info)
+                self.info.memory_remaining = 0
+                self._publish(force=True)
+                return
+            elif status in ("failed", "cancelled"):
+                info = await mon.try_cmd("query-migrate") or {}
+                why = info.get("error-desc", status)
+                raise MigrationError(f"memory migration {status}: {why}", phase="perform")
+            if (self._deadline and not timeout_done and time.monotonic() > self._deadline):
+                timeout_done = True
+                await self._on_timeout()
+
+    async def _on_timeout(self) -> None:
+        action = self.opts.timeout_action
+        if action == "suspend":
+            await self.mon.cmd("stop")
+            self.info.action = "source suspended on timeout"
+        elif action == "postcopy":
+            await self.mon.cmd("migrate-start-postcopy")
+            self.info.postcopy = True
+            self.info.action = "switched to post-copy on timeout"
+        else:
+            raise MigrationError(f"migration did not finish within --timeout "
+                                 f"{self.opts.timeout:g} s", phase="perform")
+        self._publish(force=True)
+
+    async def finish(self) -> None:
+        self._enter(Phase.FINISH)
+        state = await self.dest.finish(self.opts, resume=self.was_running and
+                                       not self.opts.suspend)
+        self.info.action = self.info.action or f"destination {state}"
+
+    async def confirm(self) -> None:
+        """The destination runs the guest now: retire the source."""
+        self._enter(Phase.CONFIRM)
+        self._undo.clear()
+        try:
+            await self.mon.try_cmd("quit")
+        finally:
+            await self.mon.close()
+        if self.stop_source:
+            await self.stop_source()
+        self.info.status = "completed"
+        self._enter(Phase.DONE)

@@ -1,0 +1,76 @@
+"""--offline: the VM is not running, so its disks move through vmferry's
+own copy engine and its spec moves with them."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from vmferry.copying import copy_async
+from vmferry.errors import UsageError
+from vmferry.migrate.destination import Destination
+from vmferry.migrate.local import LocalDestination, create_image, image_size
+from vmferry.migrate.options import MigrateOptions
+from vmferry.migrate.stats import JobInfo
+from vmferry.vm.state import StateDir
+
+
+async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
+                          opts: MigrateOptions, *,
+                          progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
+    if rec.pid is not None:
+        raise UsageError(f"{rec.name} is running: stop it first, or migrate it live "
+                         f"without --offline")
+    if not isinstance(dest, LocalDestination):
+        raise UsageError("--offline needs a local:// destination for now")
+    info = JobInfo(name=rec.name, phase="perform", status="running")
+    spec = rec.spec
+    dspec = dest._dest_spec(spec, opts)
+    created = []
+    try:
+        if opts.copy_storage != "none":
+            for i, (d, t) in enumerate(zip(spec.disks, dspec.disks)):
+                if d.readonly or d.shared:
+                    continue
+                if t.path == d.path:
+                    raise UsageError(f"the destination image of disk{i} is the source's own "
+                                     f"file: map it elsewhere with --disk-map")
+                size = image_size(d.path) or 0
+                info.disk_total += size
+                have = image_size(t.path)
+                if have is None:
+                    if not opts.create_disks:
+                        raise UsageError(f"destination image {t.path} does not exist: "
+                                         f"create it or pass --create-disks")
+                    create_image(t.path, "raw", size, None, "raw")
+                    created.append(t.path)
+                elif have < size:
+                    raise UsageError(f"destination image {t.path} is smaller than {d.path}")
+            for d, t in zip(spec.disks, dspec.disks):
+                if d.readonly or d.shared:
+                    continue
+                if d.format != "raw" or t.format != "raw":
+                    raise UsageError("--offline moves raw images only for now: convert "
+                                     "qcow2 with qemu-img, or migrate live")
+                done_before = info.disk_processed
+
+                def on_progress(snap: Any, base: int = done_before) -> None:
+                    info.disk_processed = base + snap.bytes_done
+                    info.disk_remaining = info.disk_total - info.disk_processed
+                    if progress:
+                        progress(info)
+                r = await copy_async(d.path, t.path, progress=on_progress, flush=True)
+                info.disk_processed = done_before + r.bytes_total
+        dest.state.save_spec(dspec)
+        if opts.undefine_source:
+            state.spec_path(rec.name).unlink(missing_ok=True)
+    except BaseException:
+        import os
+        for p in created:
+            if os.path.exists(p):
+                os.unlink(p)
+        raise
+    info.status = "completed"
+    info.phase = "done"
+    info.disk_remaining = 0
+    if progress:
+        progress(info)
+    return info

@@ -1,0 +1,62 @@
+"""Every knob of a migration, with virsh's names in the comments."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from vmferry.errors import UsageError
+
+
+@dataclasses.dataclass
+class MigrateOptions:
+    # --copy-storage-all / --copy-storage-inc: "all", "inc" or "none" (shared storage)
+    copy_storage: str = "all"
+    # --migrate-disks: node or device names (disk0, vd0) or paths; None = every writable, non-shared disk
+    migrate_disks: Optional[list[str]] = None
+    # --disk-map SRC=DST: destination image paths
+    disk_map: dict[str, str] = dataclasses.field(default_factory=dict)
+    # a destination spec file (virsh --xml)
+    dest_spec: Optional[Path] = None
+    create_disks: bool = False
+    # --persistent / --undefinesource: where the spec lives afterwards
+    persistent: bool = True
+    undefine_source: bool = False
+    # --suspend: leave the guest paused on the destination
+    suspend: bool = False
+    # --offline: the VM is not running; only disks and spec move
+    offline: bool = False
+    # --timeout N with an action: "suspend" or "postcopy"
+    timeout: Optional[float] = None
+    timeout_action: Optional[str] = None
+    # --bandwidth MiB/s (0 or None: unlimited, unlike QEMU's 128 MiB/s default)
+    bandwidth: Optional[int] = None
+    # --max-downtime ms
+    max_downtime: Optional[int] = None
+    # raise the downtime limit when the remaining data stops shrinking
+    escalate_downtime: bool = True
+    auto_converge: bool = False
+    # --parallel-connections N: multifd channels
+    parallel_connections: Optional[int] = None
+    postcopy: bool = False
+    # xbzrle page delta compression
+    compressed: bool = False
+
+    def validate(self) -> None:
+        if self.copy_storage not in ("all", "inc", "none"):
+            raise UsageError(f"copy_storage must be all, inc or none, not {self.copy_storage!r}")
+        if self.timeout_action not in (None, "suspend", "postcopy"):
+            raise UsageError("the timeout action must be suspend or postcopy")
+        if self.timeout_action and not self.timeout:
+            raise UsageError(f"--timeout-{self.timeout_action} needs --timeout N")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError("--timeout must be a positive number of seconds")
+        if self.timeout_action == "postcopy" and not self.postcopy:
+            # libvirt requires --postcopy for --timeout-postcopy too; do the same
+            raise UsageError("--timeout-postcopy needs --postcopy")
+        if self.parallel_connections is not None and not 1 <= self.parallel_connections <= 64:
+            raise UsageError("--parallel-connections must be 1 to 64")
+        if self.max_downtime is not None and self.max_downtime <= 0:
+            raise UsageError("--max-downtime must be a positive number of milliseconds")
+        if self.bandwidth is not None and self.bandwidth < 0:
+            raise UsageError("--bandwidth must not be negative")

@@ -1,0 +1,188 @@
+"""What Begin, Perform and Confirm do to the source QEMU, over QMP.
+
+Every object this module creates in the source QEMU carries the
+"vmferry-" prefix (NBD client nodes, mirror jobs), so rollback can find
+and remove exactly what a failed migration left, and nothing else.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+from vmferry.errors import MigrationError
+from vmferry.migrate.monitor import Monitor
+from vmferry.migrate.options import MigrateOptions
+
+PREFIX = "vmferry-mirror-"
+# "unlimited" for QEMU's max-bandwidth, whose own default is 128 MiB/s
+UNLIMITED_BANDWIDTH = 1 << 40
+DEFAULT_DOWNTIME_MS = 300
+
+
+@dataclasses.dataclass
+class DiskPlan:
+    """One disk to move: the source's node and where its data goes."""
+
+    node: str                 # format node name in both QEMUs, e.g. disk0
+    path: str                 # source image path
+    fmt: str
+    size: int                 # virtual size in bytes
+    dest_path: str = ""
+    export: str = ""          # NBD export name on the destination
+    backing: Optional[str] = None
+
+
+async def describe(mon: Monitor) -> dict[str, Any]:
+    """Begin: the VM must be running (or paused) with no migration under way."""
+    status = await mon.cmd("query-status")
+    if status["status"] not in ("running", "paused"):
+        raise MigrationError(f"the VM is {status['status']}, not running: start it, or "
+                             f"use --offline", phase="begin")
+    mig = await mon.cmd("query-migrate")
+    if mig.get("status") in ("setup", "active", "pre-switchover", "device",
+                             "postcopy-active", "cancelling"):
+        raise MigrationError(f"a migration is already {mig['status']}: wait for it or "
+                             f"run 'vmferry abort'", phase="begin")
+    jobs = await mon.cmd("query-block-jobs")
+    if any(j["device"].startswith(PREFIX) for j in jobs):
+        raise MigrationError("mirror jobs of an earlier migration are still running: "
+                             "run 'vmferry abort' first", phase="begin")
+    return status
+
+
+async def node_sizes(mon: Monitor) -> dict[str, dict[str, Any]]:
+    """node-name -> image info (virtual-size, backing) for every named node."""
+    nodes = await mon.cmd("query-named-block-nodes", flat=True)
+    return {n["node-name"]: n for n in nodes}
+
+
+async def start_mirrors(mon: Monitor, disks: list[DiskPlan], server: dict[str, Any],
+                        sync: str, undo: list) -> None:
+    """Perform, step 1: an NBD client node per disk and a mirror into it."""
+    for d in disks:
+        node = PREFIX + d.node
+        await mon.cmd("blockdev-add", **{"driver": "nbd", "node-name": node,
+                                          "server": server, "export": d.export})
+        undo.append(("blockdev-del", node))
+        # auto-dismiss off: a failed job stays visible with its error text.
+        await mon.cmd("blockdev-mirror", **{
+            "job-id": node, "device": d.node, "target": node, "sync": sync,
+            "auto-dismiss": False})
+        undo.append(("job", node))
+
+
+async def job_states(mon: Monitor) -> dict[str, dict[str, Any]]:
+    jobs = await mon.cmd("query-jobs")
+    return {j["id"]: j for j in jobs if j["id"].startswith(PREFIX)}
+
+
+async def block_jobs(mon: Monitor) -> list[dict[str, Any]]:
+    return await mon.cmd("query-block-jobs")
+
+
+def _check_jobs(jobs: dict[str, dict[str, Any]], expected: list[str], phase: str) -> None:
+    for jid in expected:
+        j = jobs.get(jid)
+        if j is None:
+            raise MigrationError(f"storage mirror {jid} vanished", phase=phase)
+        if j.get("error"):
+            raise MigrationError(f"storage mirror of {jid[len(PREFIX):]} failed: {j['error']} "
+                                 f"(is the destination still there?)", phase=phase)
+        if j["status"] in ("aborting", "concluded", "null") and not j.get("error"):
+            if j["status"] != "concluded":
+                raise MigrationError(f"storage mirror {jid} stopped ({j['status']})",
+                                     phase=phase)
+
+
+async def wait_mirrors_ready(mon: Monitor, disks: list[DiskPlan],
+                             on_progress: Callable[[list[dict[str, Any]]], None],
+                             deadline: Optional[float]) -> None:
+    """Perform, step 2: every mirror has copied the whole disk once and is
+    now mirroring each new write (the job is 'ready')."""
+    ids = [PREFIX + d.node for d in disks]
+    while True:
+        jobs = await job_states(mon)
+        _check_jobs(jobs, ids, "perform")
+        on_progress(await block_jobs(mon))
+        if all(jobs[i]["status"] == "ready" for i in ids):
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise MigrationError("storage copy did not finish before --timeout", phase="perform")
+        await asyncio.sleep(0.1)
+
+
+async def settle_mirrors(mon: Monitor, disks: list[DiskPlan]) -> None:
+    """At pre-switchover the guest is paused and its I/O drained: cancelling a
+    ready mirror completes it without pivoting, leaving the target an exact
+    copy of the source as of now."""
+    ids = [PREFIX + d.node for d in disks]
+    for jid in ids:
+        await mon.cmd("block-job-cancel", device=jid)
+    while True:
+        jobs = await job_states(mon)
+        for jid in ids:
+            j = jobs.get(jid)
+            if j is None:
+                raise MigrationError(f"storage mirror {jid} vanished", phase="perform")
+            if j.get("error"):
+                raise MigrationError(f"storage mirror of {jid[len(PREFIX):]} failed while "
+                                     f"finishing: {j['error']}", phase="perform")
+        if all(jobs[j]["status"] == "concluded" for j in ids):
+            break
+        await asyncio.sleep(0.005)
+    for jid in ids:
+        await mon.cmd("job-dismiss", id=jid)
+    for d in disks:
+        await mon.cmd("blockdev-del", **{"node-name": PREFIX + d.node})
+
+
+def capabilities(opts: MigrateOptions) -> list[dict[str, Any]]:
+    caps = {"events": True, "pause-before-switchover": True,
+            "postcopy-ram": opts.postcopy, "multifd": bool(opts.parallel_connections),
+            "xbzrle": opts.compressed, "auto-converge": opts.auto_converge}
+    return [{"capability": k, "state": v} for k, v in caps.items()]
+
+
+def parameters(opts: MigrateOptions) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "max-bandwidth": opts.bandwidth * (1 << 20) if opts.bandwidth else UNLIMITED_BANDWIDTH,
+        "downtime-limit": opts.max_downtime or DEFAULT_DOWNTIME_MS,
+    }
+    if opts.parallel_connections:
+        p["multifd-channels"] = opts.parallel_connections
+    return p
+
+
+async def rollback(mon: Monitor, resume: bool) -> None:
+    """Confirm after a failure: cancel whatever is running, remove every
+    vmferry node and job, and resume the guest if it was running."""
+    await mon.try_cmd("migrate_cancel")
+    # migrate_cancel is asynchronous; wait for the state to settle.
+    for _ in range(200):
+        mig = await mon.try_cmd("query-migrate") or {}
+        if mig.get("status") not in ("cancelling", "active", "setup", "pre-switchover",
+                                     "device"):
+            break
+        await asyncio.sleep(0.05)
+    jobs = await mon.try_cmd("query-jobs") or []
+    for j in jobs:
+        if j["id"].startswith(PREFIX) and j["status"] not in ("concluded", "null"):
+            await mon.try_cmd("job-cancel", id=j["id"])
+    for _ in range(200):
+        jobs = [j for j in (await mon.try_cmd("query-jobs") or [])
+                if j["id"].startswith(PREFIX)]
+        for j in jobs:
+            if j["status"] == "concluded":
+                await mon.try_cmd("job-dismiss", id=j["id"])
+        if not jobs:
+            break
+        await asyncio.sleep(0.05)
+    nodes = await mon.try_cmd("query-named-block-nodes", flat=True) or []
+    for n in nodes:
+        if n["node-name"].startswith(PREFIX):
+            await mon.try_cmd("blockdev-del", **{"node-name": n["node-name"]})
+    status = await mon.try_cmd("query-status") or {}
+    if resume and status.get("status") in ("paused", "postmigrate", "finish-migrate"):
+        await mon.try_cmd("cont")

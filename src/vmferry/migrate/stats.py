@@ -1,0 +1,101 @@
+"""What `vmferry jobinfo` shows: the fields of `virsh domjobinfo`, built from
+QMP's query-migrate and query-block-jobs, and kept in the source VM's state
+directory (job.json) while a migration runs and after it ends."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclasses.dataclass
+class JobInfo:
+    name: str = ""
+    phase: str = "begin"
+    status: str = "none"            # running, completed, failed, cancelled
+    pid: int = 0                    # the vmferry process running the job
+    started: float = 0.0            # wall clock
+    elapsed_ms: int = 0
+    # storage part (mirror jobs)
+    disk_total: int = 0
+    disk_processed: int = 0
+    disk_remaining: int = 0
+    # memory part (query-migrate ram)
+    memory_total: int = 0
+    memory_processed: int = 0
+    memory_remaining: int = 0
+    memory_bandwidth: float = 0.0   # bytes/s
+    dirty_rate: int = 0             # pages/s
+    iteration: int = 0
+    expected_downtime_ms: int = 0
+    downtime_ms: Optional[int] = None
+    downtime_limit_ms: int = 0
+    setup_ms: Optional[int] = None
+    postcopy: bool = False
+    action: str = ""                # e.g. "downtime raised to 600 ms", "suspended on timeout"
+    error: str = ""
+
+    @property
+    def data_total(self) -> int:
+        return self.disk_total + self.memory_total
+
+    @property
+    def data_processed(self) -> int:
+        return self.disk_processed + self.memory_processed
+
+    @property
+    def data_remaining(self) -> int:
+        return self.disk_remaining + self.memory_remaining
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(data_total=self.data_total, data_processed=self.data_processed,
+                 data_remaining=self.data_remaining)
+        return d
+
+    def save(self, path: Path) -> None:
+        """Written atomically so a concurrent jobinfo never reads half a file."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.as_dict(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "JobInfo":
+        raw = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in fields})
+
+    def update_memory(self, info: dict[str, Any]) -> None:
+        """From a query-migrate reply."""
+        ram = info.get("ram") or {}
+        if ram:
+            self.memory_total = ram.get("total", self.memory_total)
+            self.memory_processed = ram.get("transferred", self.memory_processed)
+            self.memory_remaining = ram.get("remaining", self.memory_remaining)
+            self.memory_bandwidth = ram.get("mbps", 0.0) * 1e6 / 8
+            self.dirty_rate = ram.get("dirty-pages-rate", self.dirty_rate)
+            self.iteration = ram.get("dirty-sync-count", self.iteration)
+        if "expected-downtime" in info:
+            self.expected_downtime_ms = info["expected-downtime"]
+        if "downtime" in info:
+            self.downtime_ms = info["downtime"]
+        if "setup-time" in info:
+            self.setup_ms = info["setup-time"]
+
+    def update_disks(self, jobs: list[dict[str, Any]], prefix: str) -> None:
+        """From a query-block-jobs reply; only our own mirror jobs count."""
+        mine = [j for j in jobs if str(j.get("device", "")).startswith(prefix)]
+        if not mine:
+            return
+        total = sum(j.get("len", 0) for j in mine)
+        done = sum(j.get("offset", 0) for j in mine)
+        self.disk_total = max(self.disk_total, total)
+        self.disk_processed = max(self.disk_processed, done)
+        self.disk_remaining = max(0, total - done)
+
+    def tick(self) -> None:
+        if self.started:
+            self.elapsed_ms = int((time.time() - self.started) * 1000)
