@@ -567,7 +567,7 @@ create_destination(struct vf_copy *c, struct vf_error *err)
   if (fd == -1) {
     if (errno == EEXIST)
       return 0;
-    return vf_set_error(err, VF_ERR_USAGE, errno, "cannot create %s: %s",
+    return vf_set_error(err, VF_ERR_CONNECT, errno, "cannot create %s: %s",
                         c->dst, strerror(errno));
   }
   c->created_path = strdup(c->dst);
@@ -644,7 +644,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   if (dst0 == NULL)
     goto fail;
   if ((uint64_t)dst0->size < c->size) {
-    vf_set_error(err, VF_ERR_USAGE, ENOSPC,
+    vf_set_error(err, VF_ERR_ENDPOINT, ENOSPC,
                  "destination %s is smaller (%lld bytes) than source %s "
                  "(%llu bytes): grow the destination first",
                  c->dst, (long long)dst0->size, c->src,

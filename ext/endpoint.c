@@ -27,9 +27,21 @@ rw_open(const char *uri, bool writable, const char *bitmap, struct vf_error *err
     vf_set_error(err, VF_ERR_USAGE, EINVAL, "empty endpoint: give an NBD URI, a path or null:");
     return NULL;
   }
-  for (s = nbd_schemes; *s; s++)
-    if (has_prefix(uri, *s))
-      return nbd_rw_open(uri, writable, bitmap, err);
+  for (s = nbd_schemes; *s; s++) {
+    if (!has_prefix(uri, *s))
+      continue;
+    /* libnbd would try to connect to "" and say "connection refused";
+     * an empty socket path is a typo, so say that instead. */
+    if (strstr(*s, "+unix") != NULL) {
+      const char *q = strstr(uri, "socket=");
+      if (q == NULL || q[7] == '\0' || q[7] == '&') {
+        vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                     "%s has no socket path: use %s/EXPORT?socket=PATH", uri, *s);
+        return NULL;
+      }
+    }
+    return nbd_rw_open(uri, writable, bitmap, err);
+  }
   if (bitmap) {
     vf_set_error(err, VF_ERR_USAGE, EINVAL,
                  "--bitmap needs an NBD source that publishes the bitmap, not %s", uri);
@@ -53,6 +65,7 @@ rw_open(const char *uri, bool writable, const char *bitmap, struct vf_error *err
 
 struct vf_endpoint {
   struct rw *rw;
+  bool writable;
 };
 
 struct vf_endpoint *
@@ -68,6 +81,7 @@ vf_endpoint_open(const char *uri, int writable, struct vf_error *err)
     free(ep);
     return NULL;
   }
+  ep->writable = writable != 0;
   return ep;
 }
 
@@ -75,6 +89,18 @@ int64_t
 vf_endpoint_size(struct vf_endpoint *ep)
 {
   return ep->rw->size;
+}
+
+/* libnbd connections are always opened read-write; the promise not to
+ * write is kept here. */
+static int
+check_writable(struct vf_endpoint *ep, struct vf_error *err)
+{
+  if (!ep->writable)
+    return vf_set_error(err, VF_ERR_USAGE, EBADF,
+                        "%s was opened read-only: open it with writable=True",
+                        ep->rw->name);
+  return 0;
 }
 
 static int
@@ -105,7 +131,7 @@ int
 vf_endpoint_pwrite(struct vf_endpoint *ep, const void *buf, size_t count,
                    uint64_t offset, struct vf_error *err)
 {
-  if (check_range(ep, count, offset, err) == -1)
+  if (check_writable(ep, err) == -1 || check_range(ep, count, offset, err) == -1)
     return -1;
   return ep->rw->ops->pwrite(ep->rw, buf, count, offset, err);
 }
@@ -114,7 +140,7 @@ int
 vf_endpoint_zero(struct vf_endpoint *ep, uint64_t count, uint64_t offset,
                  struct vf_error *err)
 {
-  if (check_range(ep, count, offset, err) == -1)
+  if (check_writable(ep, err) == -1 || check_range(ep, count, offset, err) == -1)
     return -1;
   return ep->rw->ops->zero(ep->rw, count, offset, false, err);
 }

@@ -47,9 +47,7 @@ file_rw_open(const char *path, bool writable, struct vf_error *err)
   f->fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (f->fd == -1) {
     int e = errno;
-    vf_set_error(err, e == ENOENT || e == EACCES || e == EROFS || e == EISDIR
-                        ? VF_ERR_USAGE : VF_ERR_CONNECT,
-                 e, "cannot open %s: %s", path, strerror(e));
+    vf_set_error(err, VF_ERR_CONNECT, e, "cannot open %s: %s", path, strerror(e));
     free(f);
     return NULL;
   }
@@ -68,7 +66,7 @@ file_rw_open(const char *path, bool writable, struct vf_error *err)
   } else if (S_ISREG(st.st_mode)) {
     f->rw.size = st.st_size;
   } else {
-    vf_set_error(err, VF_ERR_USAGE, EINVAL,
+    vf_set_error(err, VF_ERR_ENDPOINT, EINVAL,
                  "%s is neither a regular file nor a block device", path);
     goto fail;
   }

@@ -80,14 +80,14 @@ connect_one(const char *uri, bool writable, const char *bitmap,
   if (nbd_can_meta_context(n->h, ctx) == 1)
     n->context = strdup(ctx);
   else if (bitmap) {
-    vf_set_error(err, VF_ERR_USAGE, ENOENT,
+    vf_set_error(err, VF_ERR_ENDPOINT, ENOENT,
                  "%s does not publish dirty bitmap '%s' (meta context %s): "
                  "export it with the bitmap, e.g. block-export-add bitmaps=[%s]",
                  uri, bitmap, ctx, bitmap);
     goto fail;
   }
   if (writable && nbd_is_read_only(n->h) == 1) {
-    vf_set_error(err, VF_ERR_USAGE, EROFS,
+    vf_set_error(err, VF_ERR_ENDPOINT, EROFS,
                  "destination %s is read-only: export it writable", uri);
     goto fail;
   }

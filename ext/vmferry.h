@@ -17,8 +17,10 @@ extern "C" {
 /* What kind of failure, so the binding can raise the right exception. */
 enum vf_error_kind {
   VF_ERR_NONE = 0,
-  VF_ERR_USAGE,      /* bad input: malformed URI, size mismatch, read-only dst */
-  VF_ERR_CONNECT,    /* could not reach or open an endpoint */
+  VF_ERR_USAGE,      /* the request itself is wrong: malformed URI, bad options */
+  VF_ERR_CONNECT,    /* could not reach, open or create an endpoint */
+  VF_ERR_ENDPOINT,   /* an endpoint cannot serve this copy: too small,
+                        read-only, or without the requested bitmap */
   VF_ERR_IO,         /* a read, write, zero or flush failed during the copy */
   VF_ERR_CANCELLED,  /* vf_copy_cancel() was called */
 };

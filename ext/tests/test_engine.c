@@ -162,7 +162,7 @@ test_bad_input(void)
   ftruncate(fd, 4096);
   close(fd);
   struct vf_copy_config small = { .src = path("src"), .dst = path("small") };
-  CHECK(run_copy(&small, &err, NULL) == -1 && err.kind == VF_ERR_USAGE &&
+  CHECK(run_copy(&small, &err, NULL) == -1 && err.kind == VF_ERR_ENDPOINT &&
         strstr(err.msg, "smaller"), "small destination: %s", err.msg);
 
   CHECK(access(path("x"), F_OK) == -1, "a failed copy left a destination file behind");

@@ -5,13 +5,13 @@
     >>> r.bytes_written
 """
 from vmferry.copying import CopyResult, copy, copy_async
-from vmferry.errors import (Cancelled, ConnectError, CopyError, MigrationError, UsageError,
-                            VerifyError, VmferryError)
+from vmferry.errors import (Cancelled, ConnectError, CopyError, EndpointError, MigrationError,
+                            UsageError, VerifyError, VmferryError)
 from vmferry._engine import Endpoint
 
 __all__ = [
     "copy", "copy_async", "CopyResult", "Endpoint",
-    "VmferryError", "UsageError", "ConnectError", "CopyError", "VerifyError",
+    "VmferryError", "UsageError", "ConnectError", "EndpointError", "CopyError", "VerifyError",
     "Cancelled", "MigrationError",
 ]
 __version__ = "0.1.0"

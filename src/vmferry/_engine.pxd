@@ -7,6 +7,7 @@ cdef extern from "vmferry.h" nogil:
         VF_ERR_NONE
         VF_ERR_USAGE
         VF_ERR_CONNECT
+        VF_ERR_ENDPOINT
         VF_ERR_IO
         VF_ERR_CANCELLED
 

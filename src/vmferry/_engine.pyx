@@ -20,6 +20,8 @@ cdef object _raise(vf_error *err):
         cls = errors.UsageError
     elif kind == VF_ERR_CONNECT:
         cls = errors.ConnectError
+    elif kind == VF_ERR_ENDPOINT:
+        cls = errors.EndpointError
     elif kind == VF_ERR_CANCELLED:
         cls = errors.Cancelled
     else:

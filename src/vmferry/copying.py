@@ -80,6 +80,16 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
         flush=flush, zero_detect=zero_detect)
 
 
+def _wait_uninterrupted(event: threading.Event) -> None:
+    """Wait for the engine to drain even through further Ctrl-Cs."""
+    while True:
+        try:
+            if event.wait(0.1):
+                return
+        except KeyboardInterrupt:
+            continue
+
+
 def _verify(src: str, dst: str, result: CopyResult) -> None:
     from vmferry.verify import compare
     result.checksum = compare(src, dst, result.bytes_total)
@@ -105,26 +115,33 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
     copier = _open(src, dst, connections, requests, request_size, bitmap, allocated,
                    destination_is_zero, flush, threads, zero_detect)
     failure: list[BaseException] = []
+    # An Event, not Thread.join(): a join interrupted by Ctrl-C may later
+    # return while the thread still runs, and the engine must never be
+    # closed under a running copy.
+    finished = threading.Event()
 
     def body() -> None:
         try:
             copier.run()
         except BaseException as e:  # handed to the caller's thread
             failure.append(e)
+        finally:
+            finished.set()
 
     t = threading.Thread(target=body, name="vmferry-copy", daemon=True)
     try:
         t.start()
         try:
-            while t.is_alive():
-                t.join(PROGRESS_INTERVAL)
+            while not finished.wait(PROGRESS_INTERVAL):
                 if progress is not None:
                     progress(_snapshot(copier, start))
+            if progress is not None:
+                progress(_snapshot(copier, start))
         except BaseException:
             # Ctrl-C or an exception from the progress callback: stop the
             # engine, let in-flight requests drain, then pass it on.
             copier.cancel()
-            t.join()
+            _wait_uninterrupted(finished)
             raise
         if failure:
             raise failure[0]

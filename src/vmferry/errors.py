@@ -2,7 +2,9 @@
 
     VmferryError               anything vmferry raises on purpose
      +-- UsageError            bad input: malformed URI, wrong sizes, conflicting options
-     +-- ConnectError          an endpoint cannot be reached or opened
+     +-- ConnectError          an endpoint cannot be reached, opened or created
+     +-- EndpointError         an endpoint cannot serve the request: too small,
+     |                         read-only, or without the requested dirty bitmap
      +-- CopyError             I/O failed during a copy (has .errno)
      +-- VerifyError           --verify found the two sides differ
      +-- Cancelled             the user or the program cancelled the operation
@@ -33,6 +35,10 @@ class UsageError(VmferryError):
 
 class ConnectError(VmferryError):
     """An endpoint could not be reached or opened."""
+
+
+class EndpointError(VmferryError):
+    """An endpoint was reached but cannot serve the request as asked."""
 
 
 class CopyError(VmferryError):

@@ -67,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary(result), flush=True)
         if result.verified:
-            print(f"verified: both sides hold the same {format_size(result.bytes_total)} "
+            print(f"verified {format_size(result.bytes_total)}: both sides hold the same bytes "
                   f"(blake2b {result.checksum[:16]})", flush=True)
     return 0

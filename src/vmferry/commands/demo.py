@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 reporter.close()
             print(summary(result))
-            print(f"verified: both servers hold the same {format_size(result.bytes_total)}")
+            print(f"verified {format_size(result.bytes_total)}: both servers hold the same bytes")
         finally:
             for p in procs:
                 p.terminate()

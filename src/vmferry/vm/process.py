@@ -1,9 +1,11 @@
 """Starting, stopping and asking after QEMU processes of a state directory.
 
-QEMU runs as a child in its own session (start_new_session), not with -daemonize:
-it outlives the `vmferry run` that started it and ignores that terminal's Ctrl-C, yet
-keeps writing stderr to qemu.log (-daemonize would point it at /dev/null, and
-incoming-migration failures are only ever reported there).
+QEMU runs with -daemonize: the `qemu-system-x86_64` we spawn forks, its child
+detaches (own session, parent init) and the parent exits once the VM is built, 0 or
+with the error.  So QEMU outlives the `vmferry run` or orchestrator that started it,
+is never our zombie, and a start's success is known without guessing.  With -D its
+messages, including those after daemonizing (a failed incoming migration says why
+only there), go to qemu.log; its pid comes from -pidfile.
 
 Each function has an async form for callers that already run an event loop (the
 migration orchestrator) and a blocking form for the CLI; the blocking forms also work
@@ -15,7 +17,6 @@ import asyncio
 import dataclasses
 import os
 import re
-import shlex
 import signal
 import subprocess
 import time
@@ -33,10 +34,6 @@ START_TIMEOUT = 30.0        # QEMU up and answering QMP; TCG on a loaded host is
 QMP_TIMEOUT = 3.0           # one status query; QEMU answers in milliseconds when healthy
 QUIT_GRACE = 5.0            # after "quit" / SIGTERM, before the next, harder step
 
-# Children started by this process, kept referenced so that a Popen garbage-collected
-# while QEMU runs does not warn; pid_alive() reaps them when they exit.
-_CHILDREN: dict[int, subprocess.Popen] = {}
-
 
 class VMStartError(VmferryError):
     """QEMU did not start, or did not answer QMP in time; nothing was left running."""
@@ -52,7 +49,7 @@ class VMProcess:
     dir: Path
     qmp_socket: Path            # for programs (the orchestrator): QMP, free for you
     cli_socket: Path            # used by vmferry status/list/stop
-    log: Path                   # QEMU's stderr
+    log: Path                   # QEMU's messages
     incoming: Optional[str] = None
     argv: tuple[str, ...] = ()
 
@@ -117,45 +114,86 @@ async def start_vm_async(state: StateDir, spec: VMSpec, *, incoming: Optional[st
     _preflight(spec)
     spec = dataclasses.replace(spec, machine=resolve_machine(spec.machine, binary))
     name = spec.name
+    deadline = time.monotonic() + timeout
+    # Held until QEMU has daemonized and written its pidfile, so that a concurrent
+    # start of the same name sees it running.
     with state.lock():
         pid = state.read_pid(name)
         if pid is not None:
             raise UsageError(f"{name} is already running (pid {pid}): stop it first with "
                              f"'vmferry stop {name}'")
         new = not state.exists(name)
-        state.clear_runtime(name)       # a QEMU that died leaves its pidfile behind
+        state.clear_runtime(name)       # a QEMU that was SIGKILLed leaves files behind
         vm_dir = state.make_vm_dir(name)
         qmp_sock, cli_sock = state.qmp_socket(name), state.cli_socket(name)
-        pidfile, log_path = state.pidfile(name), state.log_path(name)
+        pidfile, log = state.pidfile(name), state.log_path(name)
+        if log.exists():
+            os.replace(log, log.with_name(log.name + ".1"))    # -D truncates it
         argv = qemu_argv(spec, qmp_socket=qmp_sock, extra_qmp_sockets=[cli_sock],
                          incoming=incoming, accel=accel, pidfile=pidfile, paused=paused,
-                         binary=binary)
-        with open(log_path, "ab") as log:
-            log.write(f"---- vmferry: starting {name} at "
-                      f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {shlex.join(argv)}\n"
-                      .encode())
-            log_offset = log.tell()
-            try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=log, cwd=vm_dir, close_fds=True,
-                                        start_new_session=True)
-            except OSError as e:
-                _discard(state, name, new)
-                raise VMStartError(f"cannot run {argv[0]}: {e.strerror or e}") from e
-        _CHILDREN[proc.pid] = proc
-        # Our own pidfile now, so that a concurrent `run` sees this VM as running;
-        # QEMU rewrites it (with the same pid) and holds a lock on it.
-        _write_pidfile(pidfile, proc.pid)
+                         daemonize=True, logfile=log, binary=binary)
+        try:
+            pid = await _daemonize(argv, name, pidfile, log, deadline, timeout)
+        except BaseException:
+            _discard(state, name, new)
+            raise
     try:
-        await _wait_for_qmp(proc, cli_sock, name, log_path, log_offset, timeout)
+        await _wait_for_qmp(pid, pidfile, cli_sock, name, log, deadline, timeout)
     except BaseException:
-        _kill(proc)
+        _kill(pid, pidfile)
         _discard(state, name, new)
         raise
     state.save_spec(spec)
-    return VMProcess(name=name, pid=proc.pid, accel=accel, spec=spec, dir=vm_dir,
-                     qmp_socket=qmp_sock, cli_socket=cli_sock, log=log_path,
+    return VMProcess(name=name, pid=pid, accel=accel, spec=spec, dir=vm_dir,
+                     qmp_socket=qmp_sock, cli_socket=cli_sock, log=log,
                      incoming=incoming, argv=tuple(argv))
+
+
+async def _daemonize(argv: list[str], name: str, pidfile: Path, log: Path,
+                     deadline: float, timeout: float) -> int:
+    """Run QEMU until its first process exits (VM built, or failed); the daemon's pid."""
+    try:
+        # stderr: what QEMU says before -D takes over (bad options); later all in log
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, close_fds=True,
+                                start_new_session=True)
+    except OSError as e:
+        raise VMStartError(f"cannot run {argv[0]}: {e.strerror or e}") from e
+    assert proc.stderr is not None
+    # Should the daemon ever inherit the pipe, reading must still not wait for it.
+    os.set_blocking(proc.stderr.fileno(), False)
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise VMStartError(f"QEMU for {name} did not start within {timeout:g} s: "
+                                   f"{_log_tail(log)}")
+            await asyncio.sleep(0.02)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        _kill_from_pidfile(pidfile)
+        raise
+    finally:
+        try:
+            early = (proc.stderr.read() or b"").decode(errors="replace")
+        except BlockingIOError:
+            early = ""
+        proc.stderr.close()
+    if proc.returncode != 0:
+        raise VMStartError(f"QEMU for {name} exited with status {proc.returncode}: "
+                           f"{_log_tail(log, early)}")
+    pid = _read_pid(pidfile)
+    if pid is None:
+        raise VMStartError(f"QEMU for {name} started but wrote no pid to {pidfile}: "
+                           f"{_log_tail(log, early)}")
+    return pid
+
+
+def _read_pid(pidfile: Path) -> Optional[int]:
+    try:
+        return int(pidfile.read_text().strip()) or None
+    except (OSError, ValueError):
+        return None
 
 
 def _check_accel(accel: Optional[str]) -> str:
@@ -189,59 +227,59 @@ def _preflight(spec: VMSpec) -> None:
                          f"{os.path.dirname(spec.serial)} does not exist")
 
 
-async def _wait_for_qmp(proc: subprocess.Popen, sock: Path, name: str, log: Path,
-                        log_offset: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for_qmp(pid: int, pidfile: Path, sock: Path, name: str, log: Path,
+                        deadline: float, timeout: float) -> None:
+    # QEMU listens before it daemonizes: this normally succeeds at the first try
     while True:
-        status = proc.poll()
-        if status is not None:
-            raise VMStartError(f"QEMU for {name} exited with status {status}: "
-                               f"{_log_tail(log, log_offset)}")
+        if not pid_alive(pid, pidfile):
+            raise VMStartError(f"QEMU for {name} exited right after starting: "
+                               f"{_log_tail(log)}")
         left = deadline - time.monotonic()
         if left <= 0:
             raise VMStartError(f"QEMU for {name} did not answer QMP within {timeout:g} s: "
-                               f"{_log_tail(log, log_offset)}")
-        if sock.exists():
-            try:
-                async with qmp_session(sock, timeout=left) as qmp:
-                    await qmp.execute("query-status", timeout=left)
-                return
-            except ConnectError:
-                pass            # not listening yet, or exited: the next round tells
-        await asyncio.sleep(0.02)
+                               f"{_log_tail(log)}")
+        try:
+            async with qmp_session(sock, timeout=left) as qmp:
+                await qmp.execute("query-status", timeout=left)
+            return
+        except ConnectError:
+            await asyncio.sleep(0.02)
 
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z ")
 
 
-def _log_tail(log: Path, offset: int, lines: int = 3) -> str:
-    """The end of what QEMU wrote since OFFSET, as one line; errors before warnings."""
+def _log_tail(log: Path, early: str = "", lines: int = 3) -> str:
+    """The end of QEMU's messages (EARLY: its stderr) as one line; errors before
+    warnings, so the reason is not crowded out by "host doesn't support" noise."""
     try:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
+        text = log.read_text(errors="replace")
     except OSError:
-        return "(no qemu.log)"
-    got = [_TIMESTAMP.sub("", l).strip() for l in text.splitlines() if l.strip()]
+        text = ""
+    got = [_TIMESTAMP.sub("", l).strip() for l in (early + "\n" + text).splitlines()
+           if l.strip()]
     errors = [l for l in got if "warning:" not in l]
-    tail = " / ".join((errors or got)[-lines:]) or "(nothing in qemu.log)"
+    tail = " / ".join((errors or got)[-lines:]) or "(QEMU printed nothing)"
     return tail if len(tail) <= 600 else "..." + tail[-597:]
 
 
-def _write_pidfile(path: Path, pid: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{pid}\n")
-    os.replace(tmp, path)
+def _kill_from_pidfile(pidfile: Path) -> None:
+    pid = _read_pid(pidfile)
+    if pid is not None:
+        _kill(pid, pidfile)
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    _CHILDREN.pop(proc.pid, None)
+def _kill(pid: int, pidfile: Path) -> None:
+    """SIGKILL our QEMU PID (if it still is ours) and wait until it is gone."""
+    if not pid_alive(pid, pidfile):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while pid_alive(pid, pidfile) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _discard(state: StateDir, name: str, new: bool) -> None:
@@ -302,7 +340,6 @@ async def stop_vm_async(state: StateDir, name: str, *, timeout: float = 10.0,
     if not how:
         raise VmferryError(f"{name}'s QEMU (pid {pid}) is still there after SIGKILL "
                            f"(stuck in the kernel?); its pidfile was kept")
-    _CHILDREN.pop(pid, None)
     with state.lock():
         if state.read_pid(name) is None:    # not a QEMU someone started meanwhile
             state.clear_runtime(name)

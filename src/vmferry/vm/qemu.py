@@ -163,12 +163,15 @@ def _json(obj: dict[str, Any]) -> str:
 def qemu_argv(spec: VMSpec, *, qmp_socket: Path, incoming: Optional[str] = None,
               accel: Optional[str] = None, pidfile: Optional[Path] = None,
               extra_qmp_sockets: Sequence[Path] = (), paused: bool = False,
+              daemonize: bool = False, logfile: Optional[Path] = None,
               binary: Optional[str] = None) -> list[str]:
     """The full QEMU command line for SPEC (argv[0] is the QEMU binary).
 
     INCOMING adds "-incoming INCOMING" ("defer" for migrate-incoming later); PAUSED
-    adds -S (the VM waits for "cont"); ACCEL defaults to detect_accel().  The machine
-    type is passed as written: start_vm pins aliases with resolve_machine first.
+    adds -S (the VM waits for "cont"); ACCEL defaults to detect_accel().  DAEMONIZE
+    adds -daemonize, LOGFILE -D LOGFILE (QEMU truncates it, then sends all its
+    messages there, also after daemonizing).  The machine type is passed as written:
+    start_vm pins aliases with resolve_machine first.
     """
     accel = accel or detect_accel()
     if accel not in ACCELS:
@@ -185,6 +188,10 @@ def qemu_argv(spec: VMSpec, *, qmp_socket: Path, incoming: Optional[str] = None,
         argv += ["-qmp", f"unix:{_opt(os.fspath(sock))},server=on,wait=off"]
     if pidfile is not None:
         argv += ["-pidfile", os.fspath(pidfile)]
+    if logfile is not None:
+        argv += ["-D", os.fspath(logfile)]
+    if daemonize:
+        argv.append("-daemonize")
     if spec.kernel:
         argv += ["-kernel", spec.kernel]
     if spec.initrd:
@@ -208,7 +215,8 @@ def qemu_argv(spec: VMSpec, *, qmp_socket: Path, incoming: Optional[str] = None,
                  "-blockdev", _json({"driver": d.format, "node-name": n.node,
                                      "file": n.file_node, "cache": cache,
                                      "read-only": d.readonly, "discard": "unmap"})]
-        dev = f"{_DEVICE[d.bus][0]},drive={n.node},id={n.device},bootindex={n.index}"
+        # bootindex 0 belongs to -kernel's option ROM when there is one
+        dev = f"{_DEVICE[d.bus][0]},drive={n.node},id={n.device},bootindex={n.index + 1}"
         if d.bus == "scsi":
             dev += f",bus=scsi0.0,scsi-id={n.index},lun=0"
         if not write_cache:

@@ -116,7 +116,11 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
+        in_loop = False
+    else:
+        in_loop = True
+    if not in_loop:
+        return asyncio.run(coro)     # outside the except: no "during handling" noise
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vmferry-qmp") as ex:
         return ex.submit(asyncio.run, coro).result()
 

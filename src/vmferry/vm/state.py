@@ -5,7 +5,8 @@
       web1/
         spec.toml         the spec it was last started with (machine type pinned)
         qemu.pid          QEMU's pid, present while it runs
-        qemu.log          QEMU's stdout and stderr, appended on every start
+        qemu.log          QEMU's messages (-D): errors, warnings, migration failures
+        qemu.log.1        the previous start's qemu.log
         qmp.sock          QMP for programs (the migration orchestrator)
         qmp-cli.sock      QMP for vmferry's own CLI (status, list, stop)
 
@@ -53,12 +54,6 @@ def default_state_dir() -> Path:
 def pid_alive(pid: int, marker: Optional[str | os.PathLike] = None) -> bool:
     """Whether PID is a live process (not a zombie) and, with MARKER, one whose
     arguments include MARKER verbatim: a recycled pid is not our QEMU."""
-    try:
-        # our own child (start_vm in this process) lingers as a zombie until reaped
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
