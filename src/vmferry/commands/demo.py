@@ -1,9 +1,13 @@
 """`vmferry demo`: vmferry's main job on a built-in default.
 
-Starts two real NBD servers on Unix sockets in a temporary folder (nbdkit's
-sparse-random plugin as the source disk, nbdkit's memory plugin as the
-destination), copies one into the other with a progress bar, verifies the
-result, and stops both servers whatever happens.
+`vmferry demo` (or `demo migrate`) builds the test guest, boots it with a
+disk full of data, live-migrates it with its disk to a second state
+directory with the progress display, and checks that the guest's memory
+pattern went on without a gap and that both disks hold the same bytes.
+
+`vmferry demo copy` starts two real NBD servers (nbdkit sparse-random and
+memory), copies one into the other with a progress bar and verifies it.
+Everything the demo starts is stopped and removed whatever happens.
 """
 from __future__ import annotations
 
@@ -23,8 +27,11 @@ from vmferry.units import format_size, parse_size
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a built-in demonstration",
-                       description="Copy a sparse-random disk between two real NBD servers.")
-    p.add_argument("--size", default="4G", help="disk size (default 4G)")
+                       description="Live-migrate a built-in VM with its disk (migrate, the "
+                                   "default), or copy a disk between two NBD servers (copy).")
+    p.add_argument("what", nargs="?", default="migrate", choices=["migrate", "copy"])
+    p.add_argument("--size", default=None,
+                   help="disk size (default: 512M for migrate, 4G for copy)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "json"])
     p.set_defaults(func=run)
 
@@ -45,7 +52,10 @@ def _start_nbdkit(sock: Path, *args: str) -> subprocess.Popen:
 
 
 def run(args: argparse.Namespace) -> int:
-    size = parse_size(args.size, "--size")
+    if args.what == "migrate":
+        from vmferry.commands.demo_migrate import run_migrate_demo
+        return run_migrate_demo(parse_size(args.size or "512M", "--size"), args.progress)
+    size = parse_size(args.size or "4G", "--size")
     with tempfile.TemporaryDirectory(prefix="vmferry-demo-") as tmp:
         src_sock, dst_sock = Path(tmp, "src.sock"), Path(tmp, "dst.sock")
         procs = []
