@@ -37,7 +37,7 @@ struct vf_error {
 #define VF_DEFAULT_REQUEST_SIZE  (256 * 1024)
 /* Data buffers of all connections together never exceed this, which is
  * what keeps peak RSS flat whatever the disk size. */
-#define VF_DEFAULT_BUFFER_BYTES  (32 * 1024 * 1024)
+#define VF_DEFAULT_BUFFER_BYTES  (16 * 1024 * 1024)
 
 struct vf_copy_config {
   const char *src;            /* URI or path */
