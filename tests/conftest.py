@@ -54,6 +54,12 @@ def nbdkit(servers):
 
 
 @pytest.fixture
+def nbdkit_tcp(servers):
+    """nbdkit_tcp(plugin, *args, filters=(), ...): the same, on 127.0.0.1:PORT."""
+    return servers.nbdkit_tcp
+
+
+@pytest.fixture
 def qsd_bitmap(servers):
     """qsd_bitmap(image_qcow2, bitmap, export='disk')."""
     return servers.qsd_bitmap

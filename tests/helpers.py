@@ -13,13 +13,12 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
-
-import pytest
 
 from servers import require_tool
 
@@ -444,9 +443,18 @@ def run_vmferry(*args, timeout: float = VMFERRY_TIMEOUT, cwd=None) -> subprocess
                              f"{timeout} s; stderr so far: {e.stderr!r}") from None
 
 
+def _default_sigint() -> None:       # runs in the child between fork and exec
+    # A shell without job control starts background jobs with SIGINT ignored, and an
+    # ignored signal stays ignored across exec: Python would then never raise
+    # KeyboardInterrupt.  Give vmferry the disposition an interactive Ctrl-C finds.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen_vmferry(*args, cwd=None) -> subprocess.Popen:
+    """Start `python -m vmferry ARGS` (SIGINT at its default disposition)."""
     return subprocess.Popen(vmferry_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(), cwd=cwd, stdin=subprocess.DEVNULL)
+                            text=True, env=_env(), cwd=cwd, stdin=subprocess.DEVNULL,
+                            preexec_fn=_default_sigint)
 
 
 def copy_ok(*args, timeout: float = VMFERRY_TIMEOUT) -> subprocess.CompletedProcess:

@@ -80,14 +80,15 @@ def require_nbdkit(plugin: str, filters: Iterable[str] = ()) -> None:
 
 # --------------------------------------------------------------------------- probe
 
-def nbd_probe(sock: str, timeout: float = 2.0) -> None:
+def nbd_probe(sock, timeout: float = 2.0) -> None:
     """One clean NBD handshake on SOCK: read the newstyle greeting, then NBD_OPT_ABORT.
 
     A bare connect()+close() makes both qemu-nbd and nbdkit log a handshake error, so
     the probe speaks just enough protocol to leave politely.  Raises OSError while the
     server is not ready (no socket yet, refused, or not an NBD newstyle greeting).
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET if isinstance(sock, tuple) else socket.AF_UNIX
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(sock)
         greeting = b""
@@ -113,12 +114,17 @@ def nbd_uri(sock: str | os.PathLike, export: str = "") -> str:
 
 # --------------------------------------------------------------------------- server
 
+try:    # looked up once here: the child between fork and exec must not dlopen anything
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
 def _set_pdeathsig() -> None:     # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except Exception:
-        pass
+    """SIGTERM the server if the test process dies without stopping it (qemu-nbd and
+    qemu-storage-daemon have no --exit-with-parent of their own)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 class Server:
@@ -132,14 +138,16 @@ class Server:
         self.sock = str(sock)
         self.export = export
         self.uri = nbd_uri(sock, export)
+        self.tcp: tuple[str, int] | None = None     # (host, port) of a TCP server
         self.stderr_path = rundir / f"{kind}.stderr"
         self.needed_sigkill = False
         self.killed_on_purpose = False
         self._stderr = open(self.stderr_path, "wb")
         try:
+            # cwd: anything a server drops (a core file, say) lands in its own directory
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=self._stderr,
-                                         preexec_fn=_set_pdeathsig)
+                                         cwd=rundir, preexec_fn=_set_pdeathsig)
         except OSError:
             self._stderr.close()
             raise
@@ -170,7 +178,7 @@ class Server:
                                   f"connections\ncommand: {' '.join(self.argv)}\n"
                                   f"stderr:\n{self.stderr()}")
             try:
-                nbd_probe(self.sock)
+                nbd_probe(self.tcp if self.tcp else self.sock)
                 return self
             except OSError as e:
                 last = e
@@ -262,7 +270,7 @@ def qemu_nbd(image: str | os.PathLike, fmt: str = "raw", readonly: bool = False,
             a.append(f"--discard={discard}")
         if bitmap is not None:
             a += ["-B", bitmap]
-        return a + list(extra) + [os.fspath(image)]
+        return a + list(extra) + [os.path.abspath(os.fspath(image))]
 
     return _start("qemu-nbd", argv, name or "", rundir, timeout)
 
@@ -272,7 +280,8 @@ def nbdkit(plugin: str, *args: str, filters: Sequence[str] = (), readonly: bool 
            timeout: float = START_TIMEOUT) -> Server:
     """nbdkit PLUGIN ARGS with FILTERS, foreground, exiting with its parent.
 
-    ARGS are the plugin's and filters' key=value parameters, in nbdkit's order.
+    ARGS are the plugin's and filters' key=value parameters, in nbdkit's order; file
+    names in them must be absolute (the server runs in its own directory).
     EXPORT only sets the name in the returned URI (most plugins serve any name).
     """
     require_nbdkit(plugin, filters)
@@ -292,10 +301,15 @@ def qsd_bitmap(image_qcow2: str | os.PathLike, bitmap: str | Sequence[str], *,
                export: str = "disk", rundir=None, timeout: float = START_TIMEOUT) -> Server:
     """qemu-storage-daemon exporting a qcow2 read-only, publishing its dirty bitmap(s).
 
-    The node is opened read-only, so an enabled persistent bitmap can be exported as is
-    (QEMU refuses to export an enabled bitmap only on a writable node); clients see it
-    as the meta context ``qemu:dirty-bitmap:NAME``.  QEMU 7.2 takes the list as
-    ``bitmaps.0=NAME`` in the --export keyval syntax.
+    Both block nodes are opened read-only, so the enabled persistent bitmap that
+    qemu-img/qemu-io left in the image can be exported as it is; clients see it as the
+    meta context ``qemu:dirty-bitmap:NAME``.  Checked with QEMU 7.2:
+      - a read-only export of a *writable* node refuses an enabled bitmap ("Enabled
+        bitmap 'NAME' incompatible with readonly export"), and opening the image
+        read-write can leave the bitmap marked in-use ("inconsistent") if the daemon
+        dies - so the image is never opened read-write here;
+      - the list is spelled ``bitmaps.0=NAME`` in --export's keyval syntax; the
+        ``bitmap=NAME`` of ``--help`` is rejected ("Parameter 'bitmap' is unexpected").
     """
     exe = require_tool("qemu-storage-daemon")
     names = [bitmap] if isinstance(bitmap, str) else list(bitmap)
@@ -311,6 +325,39 @@ def qsd_bitmap(image_qcow2: str | os.PathLike, bitmap: str | Sequence[str], *,
                 "--export", exp]
 
     return _start("qemu-storage-daemon", argv, export, rundir, timeout)
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def nbdkit_tcp(plugin: str, *args: str, filters: Sequence[str] = (), readonly: bool = False,
+               export: str = "", rundir=None, timeout: float = START_TIMEOUT) -> Server:
+    """nbdkit on 127.0.0.1:PORT instead of a Unix socket; ``uri`` is nbd://127.0.0.1:PORT/."""
+    require_nbdkit(plugin, filters)
+    exe = require_tool("nbdkit")
+    host = "127.0.0.1"
+    last: Exception | None = None
+    for _ in range(5):                       # another process may grab the port first
+        port = free_tcp_port(host)
+        d = _rundir(rundir)
+        argv = [exe, "-i", host, "-p", str(port), "-f", "--exit-with-parent"]
+        if readonly:
+            argv.append("-r")
+        argv += [f"--filter={f}" for f in filters] + [plugin] + [str(x) for x in args]
+        srv = Server("nbdkit", argv, d, d / "unused.sock", export=export)
+        srv.tcp = (host, port)
+        srv.uri = f"nbd://{host}:{port}/{quote(export, safe='')}"
+        try:
+            return srv.wait_ready(timeout)
+        except ServerError as e:
+            last = e
+            if "Address already in use" not in str(e):
+                raise
+    raise ServerError(f"no free TCP port for nbdkit: {last}")
 
 
 class ServerSet:
@@ -331,6 +378,10 @@ class ServerSet:
     def nbdkit(self, plugin, *args, **kw) -> Server:
         kw.setdefault("rundir", self.rundir)
         return self._add(nbdkit(plugin, *args, **kw))
+
+    def nbdkit_tcp(self, plugin, *args, **kw) -> Server:
+        kw.setdefault("rundir", self.rundir)
+        return self._add(nbdkit_tcp(plugin, *args, **kw))
 
     def qsd_bitmap(self, image_qcow2, bitmap, **kw) -> Server:
         kw.setdefault("rundir", self.rundir)

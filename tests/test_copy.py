@@ -10,8 +10,8 @@ import pytest
 
 from helpers import (
     COUNTERS, KiB, MiB, Region, allocated_bytes, assert_cli_error, assert_same,
-    check_counters, copy_ok, make_image, max_concurrent_connections, parse_json_lines, read_all, read_nbdkit_log,
-    run_vmferry, write_layout,
+    check_counters, copy_ok, make_image, max_concurrent_connections, parse_json_lines,
+    read_all, read_nbdkit_log, run_vmferry, write_layout,
 )
 
 GARBAGE = "fill:0x5a"
@@ -377,3 +377,25 @@ def test_size_suffixes_equivalent(workdir, nbdkit):
         _, reqs = read_nbdkit_log(dlog)
         writes = [r.count for r in reqs if r.op == "Write"]
         assert writes and max(writes) == 128 * KiB, (spelling, sorted(set(writes)))
+
+
+def test_nbd_over_tcp(workdir, nbdkit_tcp):
+    """nbd://host:port/export URIs (TCP), both as source and as destination."""
+    size = 5 * MiB + 3
+    src_file = make_image(workdir / "src.raw", size, "sparse", seed=14)
+    src = nbdkit_tcp("file", str(src_file), readonly=True)
+    dst = nbdkit_tcp("memory", f"size={size}")
+    assert src.uri.startswith("nbd://127.0.0.1:")
+    copy_ok(src.uri, dst.uri)
+    assert_same(src_file, dst.uri)
+
+
+@pytest.mark.parametrize("flag", ["--progress", "--progress=bar"])
+def test_progress_bar_forms(workdir, flag):
+    """`--progress` takes an optional value: a bare --progress before SRC DST must not
+    swallow SRC as its value."""
+    size = 2 * MiB + 9
+    src = make_image(workdir / "src.raw", size, "sparse", seed=15)
+    dst = workdir / "dst.raw"
+    copy_ok(flag, src, dst)
+    assert_same(src, dst)

@@ -80,6 +80,8 @@ def test_unreachable_destination_socket(workdir):
 
 
 def test_missing_source_file(workdir):
+    """A file that cannot be opened is a ConnectError in the contract ("can't reach/open
+    endpoint"): a runtime failure, exit 1 - not a usage error."""
     path = workdir / "does-not-exist.raw"
     line = assert_cli_error(run_vmferry("copy", path, workdir / "out.raw"), 1)
     assert str(path) in line or path.name in line, line
@@ -142,6 +144,7 @@ def test_destination_enospc(workdir, nbdkit):
 
 
 def test_destination_file_in_missing_directory(workdir):
+    """Cannot create the destination file: ConnectError (open failed), exit 1."""
     src = make_image(workdir / "src.raw", 4096, "random")
     out = workdir / "no" / "such" / "dir" / "out.raw"
     line = assert_cli_error(run_vmferry("copy", src, out), 1)

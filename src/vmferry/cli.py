@@ -42,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is optional: a bare "--progress" must not swallow the
+# next argument (SRC) as its value, so it becomes "--progress=auto".
+_OPTIONAL_VALUE = {"--progress": "--progress=auto", "--verbose": "--verbose=auto"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [_OPTIONAL_VALUE.get(a, a) for a in argv]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

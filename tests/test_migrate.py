@@ -1,0 +1,329 @@
+"""Live migration end to end: real QEMU, the self-built test guest, the vmferry CLI.
+
+Each test runs a source VM in state directory A and migrates it to local:///B of the
+same short private folder.  The guest rewrites a verifiable pattern over its memory
+and reports every pass on its serial console, so memory lost or torn in a migration
+shows up as an ERROR (or a gap in the pass numbers) in the serial log.  Disks are
+judged with qemu-img compare and sha256, never through vmferry.
+
+KVM when /dev/kvm works, else TCG; VMFERRY_TEST_ACCEL=tcg forces TCG (see
+migrate_helpers).  Every QEMU and vmferry process a test starts is stopped at
+teardown, also when the test fails.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("migrate_helpers")
+from migrate_helpers import (  # noqa: E402
+    ACCEL, MiB, QEMU, Lab, check_serial_log, fill_image, images_identical, make_image,
+    qemu_pids, sha256, write_while_mirroring,
+)
+from vmferry.guest import build_guest, find_qboot  # noqa: E402
+from vmferry.vm import StateDir, load_spec  # noqa: E402
+from vmferry.vm.state import pid_alive  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which(QEMU) is None or shutil.which("qemu-img") is None,
+                       reason="needs qemu-system-x86_64 and qemu-img"),
+    pytest.mark.timeout(180),
+]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> Path:
+    if not (shutil.which("as") and shutil.which("ld")):
+        pytest.skip("GNU binutils (as, ld) not installed: cannot build the test guest")
+    return build_guest(tmp_path_factory.mktemp("guest"))
+
+
+@pytest.fixture(scope="module")
+def qboot() -> Path | None:
+    return find_qboot(QEMU)
+
+
+@pytest.fixture
+def lab(kernel, qboot):
+    # short path: the VMs' QMP and NBD sockets live under it (AF_UNIX: 107 bytes)
+    root = Path(tempfile.mkdtemp(prefix="vmfm-"))
+    lab = Lab(root, kernel, qboot)
+    try:
+        yield lab
+    finally:
+        lab.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def serial_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+# --------------------------------------------------------------------------- success
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_live_migration_guest_runs_on(lab, fmt):
+    """The guest keeps rewriting its memory through the migration and goes on on the
+    destination with intact memory; the source is retired; the disk arrives intact."""
+    src = make_image(lab.root / f"src.{fmt}", fmt, 64)
+    dst = lab.root / f"dst.{fmt}"
+    spec = lab.spec(disk=src, fmt=fmt, memory="128M", mem="64M")
+    src_serial = lab.serial_of(spec)
+    src_pid = lab.run_vm(spec, wait_pass=3)
+    if fmt == "raw":
+        # a destination spec gives the destination its own disk and serial log
+        dst_serial = lab.root / "web1-dst.log"
+        dspec = lab.spec(disk=dst, fmt=fmt, serial=dst_serial, file=lab.root / "dest.toml")
+        args = ["--dest-spec", dspec, "--create-disks"]
+    else:
+        # same serial file: the destination appends where the source stopped
+        dst_serial = src_serial
+        args = ["--disk-map", f"{src}={dst}", "--create-disks"]
+
+    out = lab.ok(lab.migrate(*args))
+    assert out.startswith("migrated web1 in ") and "ms downtime" in out, out
+
+    # the source is retired: process gone, state "stopped", spec kept
+    assert not pid_alive(src_pid), "the source QEMU still runs"
+    assert qemu_pids(lab.A) == []
+    assert lab.status()["state"] == "stopped"
+    # the destination runs the guest from the destination image
+    dst_status = lab.status(state=lab.B)
+    assert dst_status["state"] == "running" and dst_status["accel"] == ACCEL, dst_status
+    assert [d["path"] for d in dst_status["spec"]["disks"]] == [str(dst)]
+    assert load_spec(lab.B / "web1" / "spec.toml").disks[0].path == str(dst)
+
+    info = lab.jobinfo()
+    assert info["status"] == "completed" and info["phase"] == "done", info
+    assert info["downtime_ms"] is not None and 0 <= info["downtime_ms"] < 10_000, info
+    assert info["disk_total"] == 64 * MiB and info["disk_remaining"] == 0, info
+    assert info["memory_processed"] > 0 and info["error"] == "", info
+
+    # the guest's passes continue on the destination, memory intact
+    if dst_serial != src_serial:
+        src_text = serial_text(src_serial)     # final: that QEMU is gone
+        src_last, problems = check_serial_log(src_text)
+        assert problems == [] and src_last >= 3, problems
+        lab.wait_progress(dst_serial, src_last + 3, 30, prefix_text=src_text)
+        dst_text = serial_text(dst_serial)
+        assert "start " not in dst_text, "the guest restarted on the destination"
+        dst_last, problems = check_serial_log(src_text + dst_text)
+        assert problems == [], problems
+        # the destination's own log has passes past the last one of the source
+        assert check_serial_log(dst_text)[0] >= src_last + 3
+    else:
+        at_switch, problems, _ = lab.progress(src_serial)
+        assert problems == [], problems
+        lab.wait_progress(src_serial, at_switch + 3, 30)
+        assert lab.progress(src_serial)[1] == []
+
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    assert images_identical(src, dst, fmt) == ""
+
+
+def test_disk_writes_during_storage_copy_arrive(lab):
+    """Writes made through the source QEMU while its mirror copies the disk all reach
+    the destination: afterwards both images hold exactly the written data."""
+    size = 256
+    src = fill_image(lab.root / "src.raw", size)
+    dst = lab.root / "dst.raw"
+    spec = lab.spec(disk=src, memory="64M", mem="16M", dirty="idle", hb=200)
+    lab.run_vm(spec)
+    model = bytearray(src.read_bytes())
+
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    writes: list[tuple[int, int, int]] = []
+    counts = write_while_mirroring(StateDir(lab.A).cli_socket("web1"), "vd0/virtio-backend",
+                                   writes, lambda: p.poll() is not None, size * MiB)
+    out = lab.ok(lab.finish(p))
+    assert "migrated web1" in out
+    # the writes really overlapped the copy
+    assert counts["bulk"] >= 3, counts
+
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    for off, length, pattern in writes:
+        model[off:off + length] = bytes([pattern]) * length
+    want = hashlib.sha256(model).hexdigest()
+    assert sha256(src) == want, "the source image lacks writes made through its QEMU"
+    assert sha256(dst) == want, (f"destination differs from the source at switchover "
+                                 f"({len(writes)} writes {counts}): "
+                                 f"{images_identical(src, dst, 'raw')}")
+
+
+@pytest.mark.parametrize("action", ["suspend", "postcopy"])
+def test_timeout_action_completes(lab, action):
+    """A guest that dirties memory faster than --bandwidth never converges; after
+    --timeout the source is paused (or post-copy takes over), the migration completes,
+    and the destination runs the guest on with intact memory."""
+    spec = lab.spec(memory="64M", mem="32M", dirty="fast")
+    serial = lab.serial_of(spec)
+    lab.run_vm(spec, wait_pass=2)
+    extra = ["--postcopy"] if action == "postcopy" else []
+    out = lab.ok(lab.migrate("--timeout", "2", f"--timeout-{action}", "--bandwidth", "32",
+                             "--no-escalate", *extra))
+    info = lab.jobinfo()
+    assert info["status"] == "completed", info
+    want = "suspended on timeout" if action == "suspend" else "post-copy on timeout"
+    assert want in info["action"] and want in out, (out, info)
+    assert info["postcopy"] == (action == "postcopy"), info
+    assert info["elapsed_ms"] >= 2000, info
+    assert lab.status(state=lab.B)["state"] == "running"
+    at, problems, _ = lab.progress(serial)
+    assert problems == [], problems
+    lab.wait_progress(serial, at + 3, 30)
+    assert lab.progress(serial)[1] == []
+
+
+def test_downtime_escalation_lets_a_busy_guest_converge(lab):
+    """With a downtime limit too small for the guest's dirty rate, the limit is raised
+    step by step until the migration completes."""
+    spec = lab.spec(memory="64M", mem="32M", dirty="fast")
+    serial = lab.serial_of(spec)
+    lab.run_vm(spec, wait_pass=2)
+    out = lab.ok(lab.migrate("--max-downtime", "100", "--bandwidth", "64"))
+    assert "downtime limit raised" in out, out
+    info = lab.jobinfo()
+    assert info["status"] == "completed", info
+    assert info["action"].startswith("downtime limit raised to "), info
+    assert info["downtime_limit_ms"] > 100, info
+    assert lab.status(state=lab.B)["state"] == "running"
+    at, problems, _ = lab.progress(serial)
+    assert problems == [], problems
+    lab.wait_progress(serial, at + 3, 30)
+    assert lab.progress(serial)[1] == []
+
+
+def test_offline_migration_of_a_stopped_vm(lab):
+    src = fill_image(lab.root / "src.raw", 64)
+    dst = lab.root / "dst.raw"
+    spec = lab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    lab.run_vm(spec)
+    lab.ok(lab.vmferry("stop", "web1", "--force"))
+    out = lab.ok(lab.migrate("--offline", "--disk-map", f"{src}={dst}", "--create-disks"))
+    assert "migrated web1" in out, out
+    assert qemu_pids(lab.root) == [], "--offline started a QEMU"
+    assert images_identical(src, dst, "raw") == ""
+    moved = load_spec(lab.B / "web1" / "spec.toml")
+    assert moved.disks[0].path == str(dst) and moved.name == "web1"
+    assert (lab.A / "web1" / "spec.toml").exists()       # no --undefinesource
+    assert lab.status(state=lab.B)["state"] == "stopped"
+
+
+# --------------------------------------------------------------------------- failures
+
+def _failing_setup(lab: Lab, size_mib: int = 32, **spec_kw):
+    """A source VM whose guest rewrites memory slowly (passes keep coming) with a raw
+    disk of SIZE_MIB MiB; returns (src, src_hash, dst, serial)."""
+    src = fill_image(lab.root / "src.raw", size_mib)
+    dst = lab.root / "dst.raw"
+    kw = dict(memory="64M", mem="4M", dirty="slow")
+    kw.update(spec_kw)
+    spec = lab.spec(disk=src, **kw)
+    lab.run_vm(spec)
+    return src, sha256(src), dst, lab.serial_of(spec)
+
+
+def _memory_migrating(lab: Lab):
+    mig = lab.qmp("query-migrate")
+    return mig.get("status") == "active" and mig.get("ram", {}).get("transferred", 0) > 0
+
+
+def _check_failed_job(lab: Lab, status: str = "failed") -> dict:
+    info = lab.jobinfo()
+    assert info["status"] == status and info["error"], info
+    return info
+
+
+def _mirror_copying(lab: Lab):
+    j = {j["id"]: j for j in lab.qmp("query-jobs")}.get("vmferry-mirror-disk0")
+    return j and j["status"] == "running" and 0 < j["current-progress"] < j["total-progress"]
+
+
+def test_destination_killed_during_storage_copy(lab):
+    src, h, dst, serial = _failing_setup(lab, 256)
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the storage copy", lambda: _mirror_copying(lab), 30, proc=p)
+    signal_pid(lab.dest_pid(), signal.SIGKILL)
+    line = lab.one_error(lab.finish(p))
+    assert "storage mirror of disk0 failed" in line, line
+    _check_failed_job(lab)
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_destination_killed_during_memory_copy(lab):
+    src, h, dst, serial = _failing_setup(lab)
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks", "--bandwidth", "4")
+    lab.wait_for("memory migration", lambda: _memory_migrating(lab), 30, proc=p)
+    signal_pid(lab.dest_pid(), signal.SIGKILL)
+    line = lab.one_error(lab.finish(p))
+    assert "memory" in line or "destination" in line, line
+    _check_failed_job(lab)
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_destination_disk_too_small(lab):
+    src, h, dst, serial = _failing_setup(lab)
+    fill_image(dst, 16, seed=2)
+    dst_hash = sha256(dst)
+    cp = lab.migrate("--disk-map", f"{src}={dst}")
+    line = lab.one_error(cp, code=2)
+    assert "smaller" in line and str(dst) in line, line
+    assert dst.exists() and sha256(dst) == dst_hash, "the user's destination image changed"
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h)
+
+
+def test_abort_command_during_memory_copy(lab):
+    src, h, dst, serial = _failing_setup(lab)
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks", "--bandwidth", "4",
+                          "--no-escalate")
+    lab.wait_for("memory migration", lambda: _memory_migrating(lab), 30, proc=p)
+    out = lab.ok(lab.vmferry("abort", "web1"))
+    assert "aborted" in out, out
+    line = lab.one_error(lab.finish(p), code=130, prefix="vmferry: ")
+    assert "cancelled in perform" in line and "source VM is running" in line, line
+    _check_failed_job(lab, "cancelled")
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_sigint_during_storage_copy(lab):
+    """Ctrl-C while the disk is being copied: the destination QEMU, still waiting for
+    the memory stream, must be stopped and its new image removed."""
+    src, h, dst, serial = _failing_setup(lab, 256)
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the storage copy", lambda: _mirror_copying(lab), 30, proc=p)
+    dest_pid = lab.dest_pid()
+    assert dest_pid is not None
+    p.send_signal(signal.SIGINT)
+    line = lab.one_error(lab.finish(p), code=130, prefix="vmferry: ")
+    assert "cancelled in perform" in line and "source VM is running" in line, line
+    _check_failed_job(lab, "cancelled")
+    assert not pid_alive(dest_pid), "the destination QEMU was left running"
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_timeout_without_escalation_fails_and_source_runs(lab):
+    src, h, dst, serial = _failing_setup(lab, memory="64M", mem="32M", dirty="fast")
+    t0 = time.monotonic()
+    cp = lab.migrate("--disk-map", f"{src}={dst}", "--create-disks", "--timeout", "2",
+                     "--max-downtime", "100", "--bandwidth", "64", "--no-escalate")
+    line = lab.one_error(cp, code=1)
+    assert "--timeout 2" in line, line
+    assert time.monotonic() - t0 < 30
+    info = _check_failed_job(lab)
+    assert info["downtime_limit_ms"] == 100 and info["action"] == "", info
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def signal_pid(pid, sig) -> None:
+    assert pid is not None, "no destination QEMU to kill"
+    os.kill(pid, sig)
