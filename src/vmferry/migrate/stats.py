@@ -34,6 +34,7 @@ class JobInfo:
     downtime_ms: Optional[int] = None
     downtime_limit_ms: int = 0
     setup_ms: Optional[int] = None
+    memory_ms: Optional[int] = None   # QEMU's total-time of the memory migration
     postcopy: bool = False
     action: str = ""                # e.g. "downtime raised to 600 ms", "suspended on timeout"
     error: str = ""
@@ -84,6 +85,8 @@ class JobInfo:
             self.downtime_ms = info["downtime"]
         if "setup-time" in info:
             self.setup_ms = info["setup-time"]
+        if "total-time" in info:
+            self.memory_ms = info["total-time"]
 
     def update_disks(self, jobs: list[dict[str, Any]], prefix: str) -> None:
         """From a query-block-jobs reply; only our own mirror jobs count."""
