@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 from vmferry.migrate.options import MigrateOptions
 from vmferry.migrate.source import DiskPlan
@@ -26,10 +26,10 @@ class Prepared:
 
 class Destination(abc.ABC):
     @abc.abstractmethod
-    async def prepare(self, spec: Any, disks: list[DiskPlan],
-                      opts: MigrateOptions) -> Prepared:
+    async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
+                      accel: Optional[str] = None) -> Prepared:
         """Start QEMU waiting for the incoming migration, with a writable NBD
-        export per disk.  Raises UsageError for what the user must fix (a
+        export per disk, using the source's accelerator (kvm or tcg).  Raises UsageError for what the user must fix (a
         destination disk too small or missing) before anything starts."""
 
     @abc.abstractmethod

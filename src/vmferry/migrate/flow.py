@@ -61,6 +61,7 @@ class Migration:
         self.mon: Optional[Monitor] = None
         self.disks: list[DiskPlan] = []
         self.was_running = True
+        self.accel: Optional[str] = None
         self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._deadline: Optional[float] = None
         self._last_save = 0.0
@@ -92,10 +93,16 @@ class Migration:
         # half the cleanup undone.
         while self._undo:
             what, fn = self._undo.pop()
-            try:
-                await asyncio.shield(fn())
-            except (VmferryError, OSError, asyncio.CancelledError):
-                pass
+            step = asyncio.ensure_future(fn())
+            while not step.done():
+                try:
+                    await asyncio.shield(step)
+                except asyncio.CancelledError:
+                    continue        # finish this undo step before the next one
+                except (VmferryError, OSError):
+                    break
+            if step.done() and not step.cancelled():
+                step.exception()    # retrieved: a failed undo step is not fatal
 
     async def _fail(self, why: str) -> None:
         self.info.status = "failed"
@@ -122,10 +129,12 @@ class Migration:
                             f"the source VM is running")
         except VmferryError as e:
             await self._fail(str(e))
-            if isinstance(e, (UsageError, MigrationError)):
-                if isinstance(e, MigrationError) and not e.phase:
-                    e.phase = self.phase.value
+            if isinstance(e, UsageError):
                 raise
+            if isinstance(e, MigrationError):
+                # Say the one thing a user needs next: their VM is fine.
+                raise MigrationError(f"{e}; the source VM is running",
+                                     phase=e.phase or self.phase.value) from e
             raise MigrationError(f"{e} (in {self.phase.value}; the source VM is running)",
                                  phase=self.phase.value) from e
         except Exception as e:
@@ -142,6 +151,10 @@ class Migration:
         self._on_undo("close source monitor", self.mon.close)
         status = await source.describe(self.mon)
         self.was_running = status["status"] == "running"
+        # The destination runs the guest with the accelerator it has now:
+        # a TCG guest moved onto KVM sees its clock and timing change.
+        kvm = await self.mon.cmd("query-kvm")
+        self.accel = "kvm" if kvm.get("enabled") else "tcg"
         self.disks = await self._plan_disks()
 
     async def _plan_disks(self) -> list[DiskPlan]:
@@ -179,7 +192,8 @@ class Migration:
     async def prepare(self) -> None:
         self._enter(Phase.PREPARE)
         self._on_undo("destroy destination", self.dest.abort)
-        self.prepared = await self.dest.prepare(self.spec, self.disks, self.opts)
+        self.prepared = await self.dest.prepare(self.spec, self.disks, self.opts,
+                                                accel=self.accel)
 
     async def perform(self) -> None:
         self._enter(Phase.PERFORM)
@@ -218,6 +232,9 @@ class Migration:
         limit = self.info.downtime_limit_ms
         ceiling = limit * ESCALATE_MAX
         timeout_done = False
+        # The pre-switchover event can also be seen first through query-migrate; the
+        # event itself then still waits in the queue and must not be handled twice.
+        switched_over = False
         while True:
             try:
                 ev = await asyncio.wait_for(events.get(), 0.1)
@@ -253,9 +270,11 @@ class Migration:
             if status == "pre-switchover":
                 # Source paused, guest I/O drained: finish the disks, then let
                 # QEMU send the device state.
-                if self.disks:
-                    await source.settle_mirrors(mon, self.disks)
-                await mon.cmd("migrate-continue", state="pre-switchover")
+                if not switched_over:
+                    switched_over = True
+                    if self.disks:
+                        await source.settle_mirrors(mon, self.disks)
+                    await mon.cmd("migrate-continue", state="pre-switchover")
             elif status == "completed":
                 info = await mon.cmd("query-migrate")
                 self.info.update_memory(info)

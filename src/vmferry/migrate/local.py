@@ -98,15 +98,16 @@ class LocalDestination(Destination):
                 create_image(plan.dest_path, plan.fmt, plan.size, plan.backing, backing_fmt)
                 self.created.append(plan.dest_path)
 
-    async def prepare(self, spec: Any, disks: list[DiskPlan],
-                      opts: MigrateOptions) -> Prepared:
+    async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
+                      accel: Optional[str] = None) -> Prepared:
         dspec = self._dest_spec(spec, opts)
         self.name = dspec.name
         if self.state.read_pid(dspec.name) is not None:
             raise UsageError(f"a VM named {dspec.name} already runs in {self.state.path}")
         self.new_vm_dir = not self.state.vm_dir(dspec.name).exists()
         self._check_disks(spec, dspec, disks, opts)
-        vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True)
+        vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True,
+                                  accel=accel)
         self.started = True
         self.mon = await Monitor(vm.qmp_socket, "destination", "prepare").connect()
         run = self.state.runtime_dir(dspec.name)

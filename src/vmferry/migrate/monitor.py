@@ -35,7 +35,9 @@ class Monitor:
     async def close(self) -> None:
         try:
             await self.client.disconnect()
-        except (QMPError, OSError):
+        except (QMPError, OSError, EOFError):
+            # EOFError: the peer already hung up (e.g. after "quit"); qemu.qmp
+            # re-raises its reader task's EOFError from disconnect().
             pass
 
     async def __aenter__(self) -> "Monitor":
@@ -49,7 +51,7 @@ class Monitor:
         try:
             return await self.client.execute(name, args or None)
         except ExecuteError as e:
-            raise MigrationError(f"{self.side} QEMU refused {name}: {e.error.desc}",
+            raise MigrationError(f"{self.side} QEMU refused {name}: {e}",
                                  phase=self.phase) from e
         except (QMPError, OSError, EOFError) as e:
             raise MigrationError(f"lost the {self.side} QEMU during {name}: it exited or "
