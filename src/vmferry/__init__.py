@@ -4,13 +4,39 @@
     >>> r = vmferry.copy("nbd+unix:///?socket=/run/src.sock", "/var/tmp/disk.raw")
     >>> r.bytes_written
 """
+import os
+from typing import Callable, Optional
+
 from vmferry.copying import CopyResult, copy, copy_async
 from vmferry.errors import (Cancelled, ConnectError, CopyError, EndpointError, MigrationError,
                             UsageError, VerifyError, VmferryError)
 from vmferry._engine import Endpoint
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.stats import JobInfo
+from vmferry.vm.state import StateDir
+
+
+def migrate(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str,
+            options: Optional[MigrateOptions] = None, *,
+            progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
+    """Live-migrate VM `name` of `state_dir` to `dest` (local:///path/to/state-dir);
+    blocks, returns a JobInfo.  See vmferry.migration.api.migrate_vm."""
+    from vmferry.migration.api import migrate_vm
+    return migrate_vm(state_dir, name, dest, options, progress=progress)
+
+
+async def migrate_async(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str,
+                        options: Optional[MigrateOptions] = None, *,
+                        progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
+    """migrate() for asyncio; cancelling the task rolls the migration back."""
+    from vmferry.migration.api import migrate_vm_async
+    if not isinstance(state_dir, StateDir):
+        state_dir = StateDir(state_dir)
+    return await migrate_vm_async(state_dir, name, dest, options, progress=progress)
 
 __all__ = [
     "copy", "copy_async", "CopyResult", "Endpoint",
+    "migrate", "migrate_async", "MigrateOptions", "JobInfo",
     "VmferryError", "UsageError", "ConnectError", "EndpointError", "CopyError", "VerifyError",
     "Cancelled", "MigrationError",
 ]

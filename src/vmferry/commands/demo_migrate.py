@@ -12,8 +12,8 @@ from pathlib import Path
 from vmferry.commands.migrate import MigrationDisplay, summary
 from vmferry.errors import VmferryError
 from vmferry.guest import build_guest, check_serial_log, guest_cmdline, wait_for_pass
-from vmferry.migrate.api import migrate_vm
-from vmferry.migrate.options import MigrateOptions
+from vmferry.migration.api import migrate_vm
+from vmferry.migration.options import MigrateOptions
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm, stop_vm
 from vmferry.vm.spec import parse_spec

@@ -10,9 +10,9 @@ import time
 from typing import Any
 
 from vmferry.errors import UsageError
-from vmferry.migrate.api import job_file, migrate_vm
-from vmferry.migrate.options import MigrateOptions
-from vmferry.migrate.stats import JobInfo
+from vmferry.migration.api import job_file, migrate_vm
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.stats import JobInfo
 from vmferry.progress import BarReporter, JsonReporter, NullReporter
 from vmferry.units import format_size
 from vmferry.vm.state import StateDir, pid_alive

@@ -8,7 +8,9 @@ beside it; source.py holds what is done to the source QEMU, destination.py
 the interface a destination implements (local.py: another state directory
 on this host).  options.py has every knob, stats.py what jobinfo shows.
 """
-from vmferry.migrate.options import MigrateOptions
-from vmferry.migrate.stats import JobInfo
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.stats import JobInfo
 
 __all__ = ["MigrateOptions", "JobInfo"]
+# api.py (migrate_vm, migrate_vm_async) is imported by vmferry/__init__.py
+# lazily, so that `import vmferry` stays cheap for copy-only users.

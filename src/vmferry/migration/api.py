@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from vmferry.errors import UsageError
-from vmferry.migrate.destination import Destination
-from vmferry.migrate.flow import Migration
-from vmferry.migrate.local import LocalDestination
-from vmferry.migrate.options import MigrateOptions
-from vmferry.migrate.stats import JobInfo
+from vmferry.migration.destination import Destination
+from vmferry.migration.flow import Migration
+from vmferry.migration.local import LocalDestination
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.stats import JobInfo
 from vmferry.vm.process import stop_vm_async
 from vmferry.vm.state import StateDir
 
@@ -46,7 +46,7 @@ async def migrate_vm_async(state: StateDir, name: str, dest: str | Destination,
     destination = parse_destination(dest) if isinstance(dest, str) else dest
     rec = state.load(name)
     if opts.offline:
-        from vmferry.migrate.offline import migrate_offline
+        from vmferry.migration.offline import migrate_offline
         return await migrate_offline(state, rec, destination, opts, progress=progress)
     if rec.pid is None:
         raise UsageError(f"{name} is not running: start it with 'vmferry run', or "

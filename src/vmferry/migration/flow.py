@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
-from vmferry.migrate import source
-from vmferry.migrate.destination import Destination
-from vmferry.migrate.monitor import Monitor
-from vmferry.migrate.options import MigrateOptions
-from vmferry.migrate.source import PREFIX, DiskPlan
-from vmferry.migrate.stats import JobInfo
+from vmferry.migration import source
+from vmferry.migration.destination import Destination
+from vmferry.migration.monitor import Monitor
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.source import PREFIX, DiskPlan
+from vmferry.migration.stats import JobInfo
 
 # Raise the downtime limit after this many iterations without progress,
 # doubling each time, up to ESCALATE_MAX times the starting limit.

@@ -6,10 +6,10 @@ from typing import Any, Callable, Optional
 
 from vmferry.copying import copy_async
 from vmferry.errors import UsageError
-from vmferry.migrate.destination import Destination
-from vmferry.migrate.local import LocalDestination, create_image, image_size
-from vmferry.migrate.options import MigrateOptions
-from vmferry.migrate.stats import JobInfo
+from vmferry.migration.destination import Destination
+from vmferry.migration.local import LocalDestination, create_image, image_size
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.stats import JobInfo
 from vmferry.vm.state import StateDir
 
 

@@ -12,8 +12,8 @@ import time
 from typing import Any, Callable, Optional
 
 from vmferry.errors import MigrationError
-from vmferry.migrate.monitor import Monitor
-from vmferry.migrate.options import MigrateOptions
+from vmferry.migration.monitor import Monitor
+from vmferry.migration.options import MigrateOptions
 
 PREFIX = "vmferry-mirror-"
 # "unlimited" for QEMU's max-bandwidth, whose own default is 128 MiB/s

@@ -10,8 +10,8 @@ import abc
 import dataclasses
 from typing import Any, Optional
 
-from vmferry.migrate.options import MigrateOptions
-from vmferry.migrate.source import DiskPlan
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.source import DiskPlan
 
 
 @dataclasses.dataclass

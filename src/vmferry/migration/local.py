@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vmferry.errors import MigrationError, UsageError
-from vmferry.migrate.destination import Destination, Prepared
-from vmferry.migrate.monitor import Monitor
-from vmferry.migrate.options import MigrateOptions
-from vmferry.migrate.source import DiskPlan
+from vmferry.migration.destination import Destination, Prepared
+from vmferry.migration.monitor import Monitor
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.source import DiskPlan
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm_async, stop_vm_async
 from vmferry.vm.spec import load_spec
@@ -123,7 +123,7 @@ class LocalDestination(Destination):
                     "type": "nbd", "id": f"vmferry-export-{plan.node}",
                     "node-name": plan.node, "name": plan.export, "writable": True})
                 self.exports.append(f"vmferry-export-{plan.node}")
-        from vmferry.migrate.source import capabilities
+        from vmferry.migration.source import capabilities
         # The destination must agree on the capabilities that change the stream.
         caps = [c for c in capabilities(opts)
                 if c["capability"] in ("postcopy-ram", "multifd")]
