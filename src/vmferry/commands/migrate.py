@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(its disk and serial paths are used)")
     p.add_argument("--create-disks", action="store_true",
                    help="create missing destination images with the right size and format")
+    p.add_argument("--persistent", action="store_true",
+                   help="keep the spec on the destination (always done; accepted for "
+                        "virsh compatibility)")
     p.add_argument("--undefinesource", action="store_true",
                    help="remove the VM's spec from the source state directory afterwards")
     p.add_argument("--suspend", action="store_true",
