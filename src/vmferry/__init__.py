@@ -5,20 +5,33 @@
     >>> r.bytes_written
 """
 import os
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from vmferry.copying import CopyResult, copy, copy_async
 from vmferry.errors import (Cancelled, ConnectError, CopyError, EndpointError, MigrationError,
                             UsageError, VerifyError, VmferryError)
 from vmferry._engine import Endpoint
-from vmferry.migration.options import MigrateOptions
-from vmferry.migration.stats import JobInfo
-from vmferry.vm.state import StateDir
+if TYPE_CHECKING:
+    from vmferry.migration.options import MigrateOptions
+    from vmferry.migration.stats import JobInfo
+    from vmferry.vm.state import StateDir
+
+
+def __getattr__(name: str) -> Any:
+    # Migration names load on first use: copy-only programs and the CLI's
+    # start-up never pay for asyncio, qemu.qmp and the VM layer.
+    if name == "MigrateOptions":
+        from vmferry.migration.options import MigrateOptions
+        return MigrateOptions
+    if name == "JobInfo":
+        from vmferry.migration.stats import JobInfo
+        return JobInfo
+    raise AttributeError(f"module 'vmferry' has no attribute {name!r}")
 
 
 def migrate(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str,
-            options: Optional[MigrateOptions] = None, *,
-            progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
+            options: "Optional[MigrateOptions]" = None, *,
+            progress: "Optional[Callable[[JobInfo], None]]" = None) -> "JobInfo":
     """Live-migrate VM `name` of `state_dir` to `dest` (local:///path/to/state-dir);
     blocks, returns a JobInfo.  See vmferry.migration.api.migrate_vm."""
     from vmferry.migration.api import migrate_vm
@@ -26,10 +39,11 @@ def migrate(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str
 
 
 async def migrate_async(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str,
-                        options: Optional[MigrateOptions] = None, *,
-                        progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
+                        options: "Optional[MigrateOptions]" = None, *,
+                        progress: "Optional[Callable[[JobInfo], None]]" = None) -> "JobInfo":
     """migrate() for asyncio; cancelling the task rolls the migration back."""
     from vmferry.migration.api import migrate_vm_async
+    from vmferry.vm.state import StateDir
     if not isinstance(state_dir, StateDir):
         state_dir = StateDir(state_dir)
     return await migrate_vm_async(state_dir, name, dest, options, progress=progress)

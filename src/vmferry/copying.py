@@ -7,7 +7,6 @@ cancellation, and optionally verifies the result.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import threading
 import time
@@ -164,6 +163,7 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      zero_detect: bool = True) -> CopyResult:
     """copy() for asyncio: never blocks the loop; cancelling the task
     cancels the copy and waits for in-flight requests to drain."""
+    import asyncio   # here, not at the top: it costs the CLI 50 ms of start-up
     loop = asyncio.get_running_loop()
     if verify and dst == "null:":
         raise UsageError("--verify needs a destination that can be read back, not null:")

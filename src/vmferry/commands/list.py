@@ -6,7 +6,6 @@ import json
 import os
 
 from vmferry.units import format_size
-from vmferry.vm.process import all_statuses
 from vmferry.vm.state import StateDir
 
 
@@ -19,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmferry.vm.process import all_statuses   # asyncio, qemu.qmp: only here
     statuses = all_statuses(StateDir(args.state_dir))
     if args.json:
         print(json.dumps([s.to_dict() for s in statuses]), flush=True)

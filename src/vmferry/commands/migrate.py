@@ -7,10 +7,10 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from vmferry.errors import UsageError
-from vmferry.migration.api import job_file, migrate_vm
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.stats import JobInfo
 from vmferry.progress import BarReporter, JsonReporter, NullReporter
@@ -81,6 +81,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("name", metavar="NAME")
     a.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     a.set_defaults(func=abort)
+
+
+def job_file(state: StateDir, name: str) -> "Path":
+    from vmferry.migration.api import job_file as path_of
+    return path_of(state, name)
 
 
 def options_from(args: argparse.Namespace) -> MigrateOptions:
@@ -154,6 +159,7 @@ def summary(info: JobInfo) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmferry.migration.api import migrate_vm   # asyncio, qemu.qmp: only here
     state = StateDir(args.state_dir)
     display = MigrationDisplay(args.progress)
     try:

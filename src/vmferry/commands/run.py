@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from vmferry.vm.process import START_TIMEOUT, start_vm
 from vmferry.vm.qemu import ACCELS
 from vmferry.vm.spec import load_spec
 from vmferry.vm.state import StateDir
@@ -21,14 +20,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="start with the guest paused (QEMU -S), waiting for QMP 'cont'")
     p.add_argument("--incoming", metavar="URI",
                    help="wait for an incoming migration (QEMU -incoming URI, e.g. defer)")
-    p.add_argument("--timeout", type=float, default=START_TIMEOUT, metavar="S",
-                   help=f"seconds to wait for QEMU to answer QMP (default {START_TIMEOUT:g})")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="seconds to wait for QEMU to answer QMP (default 30)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmferry.vm.process import START_TIMEOUT, start_vm   # asyncio, qemu.qmp: only here
     spec = load_spec(args.spec)
     vm = start_vm(StateDir(args.state_dir), spec, incoming=args.incoming, accel=args.accel,
-                  paused=args.paused, timeout=args.timeout)
+                  paused=args.paused,
+                  timeout=START_TIMEOUT if args.timeout is None else args.timeout)
     print(f"started {vm.name} (pid {vm.pid}, {vm.accel})", flush=True)
     return 0

@@ -5,7 +5,6 @@ import argparse
 import json
 
 from vmferry.units import format_size
-from vmferry.vm.process import vm_status
 from vmferry.vm.state import StateDir
 
 
@@ -19,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmferry.vm.process import vm_status   # asyncio, qemu.qmp: only here
     st = vm_status(StateDir(args.state_dir), args.name)
     if args.json:
         print(json.dumps(st.to_dict()), flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from vmferry.errors import UsageError, VmferryError
-from vmferry.vm.process import stop_vm
 from vmferry.vm.state import StateDir
 
 _HOW = {"powerdown": "guest powered off", "quit": "QEMU quit",
@@ -25,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmferry.vm.process import stop_vm   # asyncio, qemu.qmp: only here
     if args.timeout < 0:
         raise UsageError(f"--timeout must not be negative, not {args.timeout:g}")
     result = stop_vm(StateDir(args.state_dir), args.name, timeout=args.timeout,
