@@ -13,6 +13,8 @@ teardown, also when the test fails.
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
 import os
 import shutil
 import signal
@@ -328,3 +330,38 @@ def test_timeout_without_escalation_fails_and_source_runs(lab):
     assert info["downtime_limit_ms"] == 100 and info["action"] == "", info
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
 
+
+
+def test_copy_storage_inc_moves_only_the_top_image(lab):
+    """--copy-storage-inc over a backing file both sides share: only the overlay's own
+    clusters cross, and the destination overlay shows the same disk as the source."""
+    base = fill_image(lab.root / "base.raw", 64, seed=7)
+    src = lab.root / "top-src.qcow2"
+    dst = lab.root / "top-dst.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+                    str(src)], check=True)
+    # 2 MiB written into the overlay; the other 62 MiB come from the backing file
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 8M 2M", str(src)],
+                   check=True, capture_output=True)
+    spec = lab.spec(disk=src, fmt="qcow2")
+    lab.run_vm(spec)
+    lab.ok(lab.migrate("--copy-storage-inc", "--disk-map", f"{src}={dst}", "--create-disks"))
+    info = lab.jobinfo()
+    assert info["status"] == "completed", info
+    assert 0 < info["disk_processed"] <= 8 * MiB, info     # not the whole 64 MiB
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    assert images_identical(src, dst, "qcow2") == ""
+    backing = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(dst)],
+                                        capture_output=True, text=True, check=True).stdout)
+    assert backing.get("backing-filename") == str(base), backing
+
+
+def test_copy_storage_inc_without_backing_is_refused(lab):
+    src = make_image(lab.root / "solo.qcow2", "qcow2", 16)
+    spec = lab.spec(disk=src, fmt="qcow2")
+    lab.run_vm(spec)
+    cp = lab.migrate("--copy-storage-inc", "--disk-map", f"{src}={lab.root / 'x.qcow2'}",
+                     "--create-disks")
+    line = lab.one_error(cp)
+    assert "backing file" in line and "--copy-storage-all" in line, line
+    assert lab.status()["state"] == "running"

@@ -174,9 +174,11 @@ class Migration:
                 continue
             image = info.get("image", {})
             backing = info.get("backing_file") or image.get("backing-filename")
+            backing_fmt = (image.get("backing-filename-format")
+                           or (image.get("backing-image") or {}).get("format"))
             plans.append(DiskPlan(node=node, path=d.path, fmt=d.format,
                                   size=image.get("virtual-size", 0), export=node,
-                                  backing=backing))
+                                  backing=backing, backing_fmt=backing_fmt))
         if wanted is not None:
             known = {p.node for p in plans} | {p.path for p in plans}
             missing = [w for w in wanted if w not in known]
@@ -206,7 +208,7 @@ class Migration:
             await source.start_mirrors(mon, self.disks, self.prepared.nbd_server, sync, undo)
             await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
                                             self._deadline_for_storage())
-        await mon.cmd("migrate-set-capabilities", capabilities=source.capabilities(self.opts))
+        await source.set_capabilities(mon, source.capabilities(self.opts))
         await mon.cmd("migrate-set-parameters", **source.parameters(self.opts))
         self.info.downtime_limit_ms = self.opts.max_downtime or source.DEFAULT_DOWNTIME_MS
         with mon.listener("MIGRATION") as events:

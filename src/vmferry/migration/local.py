@@ -94,8 +94,11 @@ class LocalDestination(Destination):
                                  f"pass --create-disks")
         for plan in disks:
             if image_size(plan.dest_path) is None:
-                backing_fmt = "qcow2"
-                create_image(plan.dest_path, plan.fmt, plan.size, plan.backing, backing_fmt)
+                # Only an incremental copy keeps the shared backing file; a full
+                # copy makes the destination image stand alone.
+                inc = opts.copy_storage == "inc"
+                create_image(plan.dest_path, plan.fmt, plan.size,
+                             plan.backing if inc else None, plan.backing_fmt or "raw")
                 self.created.append(plan.dest_path)
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
@@ -123,11 +126,10 @@ class LocalDestination(Destination):
                     "type": "nbd", "id": f"vmferry-export-{plan.node}",
                     "node-name": plan.node, "name": plan.export, "writable": True})
                 self.exports.append(f"vmferry-export-{plan.node}")
-        from vmferry.migration.source import capabilities
+        from vmferry.migration.source import capabilities, set_capabilities
         # The destination must agree on the capabilities that change the stream.
-        caps = [c for c in capabilities(opts)
-                if c["capability"] in ("postcopy-ram", "multifd")]
-        await self.mon.cmd("migrate-set-capabilities", capabilities=caps)
+        await set_capabilities(self.mon, [c for c in capabilities(opts)
+                                          if c["capability"] in ("postcopy-ram", "multifd")])
         if opts.parallel_connections:
             await self.mon.cmd("migrate-set-parameters",
                                **{"multifd-channels": opts.parallel_connections})

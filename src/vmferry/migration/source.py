@@ -32,6 +32,7 @@ class DiskPlan:
     dest_path: str = ""
     export: str = ""          # NBD export name on the destination
     backing: Optional[str] = None
+    backing_fmt: Optional[str] = None
 
 
 async def describe(mon: Monitor) -> dict[str, Any]:
@@ -143,6 +144,16 @@ async def settle_mirrors(mon: Monitor, disks: list[DiskPlan]) -> None:
         await mon.cmd("job-dismiss", id=jid)
     for d in disks:
         await mon.cmd("blockdev-del", **{"node-name": PREFIX + d.node})
+
+
+async def set_capabilities(mon: Monitor, wanted: list[dict[str, Any]]) -> None:
+    """Set only the capabilities whose state differs from what QEMU has:
+    capabilities outlive a migration attempt, so each must be set as
+    wanted, but re-setting unchanged ones is needless churn."""
+    have = {c["capability"]: c["state"] for c in await mon.cmd("query-migrate-capabilities")}
+    change = [c for c in wanted if have.get(c["capability"]) != c["state"]]
+    if change:
+        await mon.cmd("migrate-set-capabilities", capabilities=change)
 
 
 def capabilities(opts: MigrateOptions) -> list[dict[str, Any]]:
