@@ -11,7 +11,8 @@ from pathlib import Path
 
 from vmferry.commands.migrate import MigrationDisplay, summary
 from vmferry.errors import VmferryError
-from vmferry.guest import build_guest, check_serial_log, guest_cmdline, wait_for_pass
+from vmferry.guest import (build_guest, check_serial_log, find_qboot, guest_cmdline,
+                           wait_for_pass)
 from vmferry.migration.api import migrate_vm
 from vmferry.migration.options import MigrateOptions
 from vmferry.units import format_size
@@ -38,6 +39,10 @@ def run_migrate_demo(disk_size: int, progress: str | None) -> int:
         src_disk, dst_disk = tmp / "demo-src.raw", tmp / "demo-dst.raw"
         _fill_disk(src_disk, disk_size)
         log = tmp / "serial.log"
+        # qboot starts a direct-boot kernel in well under a second; SeaBIOS can
+        # take seconds where the host emulates real mode.
+        qboot = find_qboot()
+        bios = f'extra_args = ["-bios", "{qboot}"]' if qboot else ""
         spec = parse_spec(f'''
 name = "demo"
 memory = "512M"
@@ -45,6 +50,7 @@ cpus = 1
 kernel = "{kernel}"
 cmdline = "{guest_cmdline(mem='256M', dirty='slow', rate='128M')}"
 serial = "{log}"
+{bios}
 [[disks]]
 path = "{src_disk}"
 format = "raw"
