@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from vmferry.commands.migrate import MigrationDisplay, summary
@@ -17,6 +16,7 @@ from vmferry.migration.api import migrate_vm
 from vmferry.migration.options import MigrateOptions
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm, stop_vm
+from vmferry.vm.qemu import detect_accel
 from vmferry.vm.spec import parse_spec
 from vmferry.vm.state import StateDir
 
@@ -42,13 +42,16 @@ def run_migrate_demo(disk_size: int, progress: str | None) -> int:
         # qboot starts a direct-boot kernel in well under a second; SeaBIOS can
         # take seconds where the host emulates real mode.
         qboot = find_qboot()
+        # QEMU before 9.0 under TCG can miss pages dirtied through a cached
+        # TLB entry during migration; the guest flushing its TLB avoids it.
+        tcg = detect_accel() == "tcg"
         bios = f'extra_args = ["-bios", "{qboot}"]' if qboot else ""
         spec = parse_spec(f'''
 name = "demo"
 memory = "512M"
 cpus = 1
 kernel = "{kernel}"
-cmdline = "{guest_cmdline(mem='256M', dirty='slow', rate='128M')}"
+cmdline = "{guest_cmdline(mem='256M', dirty='slow', rate='128M', tlbflush=tcg)}"
 serial = "{log}"
 {bios}
 [[disks]]

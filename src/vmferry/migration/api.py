@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 from pathlib import Path
 from typing import Callable, Optional
