@@ -666,7 +666,11 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   c->nlanes = cfg->connections ? cfg->connections : VF_DEFAULT_CONNECTIONS;
   if (!multi)
     c->nlanes = 1;
-  unsigned threads = cfg->threads ? cfg->threads : (unsigned)online_cpus();
+  /* Half the CPUs by default: the servers at both ends usually share the
+   * machine, and one thread drives several connections well (measured on
+   * 2 cores: one thread beat two by 5-15%). */
+  unsigned threads = cfg->threads ? cfg->threads
+                                  : (unsigned)(online_cpus() > 1 ? online_cpus() / 2 : 1);
   c->nworkers = threads < c->nlanes ? threads : c->nlanes;
 
   c->lanes = calloc(c->nlanes, sizeof *c->lanes);

@@ -28,9 +28,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("vmferry")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vmferry",
                      description="Live-migrate QEMU VMs and move disk data, fast.")
+    parser.add_argument("--version", action="version", version=f"vmferry {_version()}")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir(), metavar="DIR",
                         help="where VMs keep their spec, sockets, pid and log (default: "
                              "$VMFERRY_STATE_DIR, else /var/lib/vmferry for root, else "

@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-size", metavar="SIZE",
                    help="bytes per data request, e.g. 256K (default), 1M")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="worker threads (default: one per CPU, at most one per connection)")
+                   help="worker threads, each driving several connections (default: half "
+                        "the CPUs, at most one per connection)")
     p.add_argument("--bitmap", metavar="NAME",
                    help="copy only extents the source's qemu:dirty-bitmap:NAME marks dirty")
     mode = p.add_mutually_exclusive_group()
