@@ -43,7 +43,7 @@ struct vf_copy_config {
   const char *src;            /* URI or path */
   const char *dst;            /* URI, path or "null:" */
   unsigned connections;       /* 0: 4 if both sides allow multi-conn, else 1 */
-  unsigned threads;           /* 0: min(connections, half the online CPUs) */
+  unsigned threads;           /* 0: half the CPUs between two NBD servers, else all */
   unsigned requests;          /* in flight per connection; 0: default */
   uint32_t request_size;      /* bytes; 0: default */
   uint64_t buffer_bytes;      /* cap on data buffers; 0: default */

@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bytes per data request, e.g. 256K (default), 1M")
     p.add_argument("--threads", type=int, metavar="N",
                    help="worker threads, each driving several connections (default: half "
-                        "the CPUs, at most one per connection)")
+                        "the CPUs between two NBD servers, else all; at most one per "
+                        "connection)")
     p.add_argument("--bitmap", metavar="NAME",
                    help="copy only extents the source's qemu:dirty-bitmap:NAME marks dirty")
     mode = p.add_mutually_exclusive_group()
