@@ -662,7 +662,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   /* Several connections are only safe when both servers promise that
    * they see each other's writes (multi-conn); nbdcopy falls back the
    * same way. */
-  bool multi = src0->multi_conn && dst0->multi_conn;
+  bool multi = (src0->multi_conn && dst0->multi_conn) || cfg->force_multi_conn;
   c->nlanes = cfg->connections ? cfg->connections : VF_DEFAULT_CONNECTIONS;
   if (!multi)
     c->nlanes = 1;

@@ -52,6 +52,9 @@ struct vf_copy_config {
   int destination_is_zero;    /* skip zero extents entirely */
   int flush;                  /* flush the destination at the end */
   int no_zero_detect;         /* don't scan read data for zeroes */
+  int force_multi_conn;       /* several connections even without multi-conn:
+                                 for callers that know one server process
+                                 (e.g. one QEMU) serves them all */
 };
 
 /* Live counters; readable at any time from another thread. */

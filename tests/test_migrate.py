@@ -365,3 +365,86 @@ def test_copy_storage_inc_without_backing_is_refused(lab):
     line = lab.one_error(cp)
     assert "backing file" in line and "--copy-storage-all" in line, line
     assert lab.status()["state"] == "running"
+
+
+# --------------------------------------------------------------------------- native engine
+
+def _native_bitmaps(lab: Lab) -> list[str]:
+    nodes = lab.qmp("query-named-block-nodes", {"flat": True})
+    return [b["name"] for n in nodes if n["node-name"] == "disk0"
+            for b in n.get("dirty-bitmaps", []) if b["name"].startswith("vmferry")]
+
+
+def _native_copying(lab: Lab) -> bool:
+    return any(e["id"].startswith("vmferry-src-") for e in lab.qmp("query-block-exports"))
+
+
+async def _write_during_native(sock: Path, size: int, writes: list, stop) -> int:
+    """HMP qemu-io writes through the source QEMU while vmferry's dirty bitmap records
+    (the native copy runs), until memory migration starts; returns how many went in
+    while the bitmap existed."""
+    import asyncio
+    import random
+    from vmferry.vm import qmp_session
+    rnd = random.Random(11)
+    during = 0
+    async with qmp_session(sock, timeout=10) as q:
+        while not stop():
+            if (await q.execute("query-migrate")).get("status") not in (None, "none"):
+                break
+            nodes = await q.execute("query-named-block-nodes", {"flat": True})
+            recording = any(b["name"] == "vmferry-dirty" for n in nodes
+                            if n["node-name"] == "disk0" for b in n.get("dirty-bitmaps", []))
+            length = rnd.choice((4096, 65536, 512 * 1024))
+            offset = rnd.randrange(0, size - length, 4096)
+            pattern = rnd.randrange(1, 256)
+            out = await q.execute("human-monitor-command", {
+                "command-line": f'qemu-io -d vd0/virtio-backend '
+                                f'"write -P {pattern:#x} {offset} {length}"'})
+            assert out == "", out
+            writes.append((offset, length, pattern))
+            during += recording
+            await asyncio.sleep(0.002)
+    return during
+
+
+def test_native_engine_moves_disk_with_writes_during_the_copy(lab):
+    """--storage-engine native: the engine copies the disk, then what the guest wrote
+    meanwhile, then (paused) the rest; the destination equals the source at switchover."""
+    import asyncio
+    size = 256
+    src = fill_image(lab.root / "src.raw", size, holes=True)
+    dst = lab.root / "dst.raw"
+    spec = lab.spec(disk=src, memory="64M", mem="16M", dirty="idle", hb=200)
+    lab.run_vm(spec)
+    model = bytearray(src.read_bytes())
+    p = lab.start_migrate("--storage-engine", "native", "--disk-map", f"{src}={dst}",
+                          "--create-disks")
+    writes: list = []
+    during = asyncio.run(_write_during_native(StateDir(lab.A).cli_socket("web1"),
+                                              size * MiB, writes, lambda: p.poll() is not None))
+    out = lab.ok(lab.finish(p))
+    assert "migrated web1" in out, out
+    assert during >= 3, f"only {during} writes overlapped the native copy"
+    info = lab.jobinfo()
+    assert info["storage_engine"] == "native" and info["storage_passes"] >= 2, info
+    assert info["final_pass_ms"] is not None, info
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    for off, length, pattern in writes:
+        model[off:off + length] = bytes([pattern]) * length
+    want = hashlib.sha256(model).hexdigest()
+    assert sha256(src) == want
+    assert sha256(dst) == want, images_identical(src, dst, "raw")
+
+
+def test_native_engine_destination_killed_leaves_nothing_behind(lab):
+    src, h, dst, serial = _failing_setup(lab, 256)
+    p = lab.start_migrate("--storage-engine", "native", "--disk-map", f"{src}={dst}",
+                          "--create-disks")
+    lab.wait_for("the native copy", lambda: _native_copying(lab), 30, proc=p)
+    signal_pid(lab.dest_pid(), signal.SIGKILL)
+    line = lab.one_error(lab.finish(p))
+    assert "native copy of disk0 failed" in line and "source VM is running" in line, line
+    _check_failed_job(lab)
+    assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)

@@ -34,6 +34,7 @@ cdef extern from "vmferry.h" nogil:
         int destination_is_zero
         int flush
         int no_zero_detect
+        int force_multi_conn
 
     struct vf_counters:
         uint64_t total

@@ -49,7 +49,7 @@ cdef class Copier:
                   unsigned request_size=0, unsigned long long buffer_bytes=0,
                   str bitmap=None, bint allocated=False,
                   bint destination_is_zero=False, bint flush=False,
-                  bint zero_detect=True):
+                  bint zero_detect=True, bint force_multi_conn=False):
         cdef vf_copy_config cfg
         cdef vf_error err
         memset(&cfg, 0, sizeof(cfg))
@@ -69,6 +69,7 @@ cdef class Copier:
         cfg.destination_is_zero = destination_is_zero
         cfg.flush = flush
         cfg.no_zero_detect = not zero_detect
+        cfg.force_multi_conn = force_multi_conn
         with nogil:
             self._c = vf_copy_open(&cfg, &err)
         if self._c == NULL:

@@ -66,7 +66,7 @@ def _snapshot(copier: "_engine.Copier", start: float) -> CopyResult:
 def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int],
           request_size: Optional[int | str], bitmap: Optional[str], allocated: bool,
           destination_is_zero: bool, flush: bool, threads: Optional[int],
-          zero_detect: bool) -> "_engine.Copier":
+          zero_detect: bool, force_multi_conn: bool = False) -> "_engine.Copier":
     for name, value in (("connections", connections), ("requests", requests),
                         ("threads", threads)):
         if value is not None and value < 1:
@@ -76,7 +76,7 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
         str(src), str(dst), connections=connections or 0, threads=threads or 0,
         requests=requests or 0, request_size=rsize, bitmap=bitmap,
         allocated=allocated, destination_is_zero=destination_is_zero,
-        flush=flush, zero_detect=zero_detect)
+        flush=flush, zero_detect=zero_detect, force_multi_conn=force_multi_conn)
 
 
 def _wait_uninterrupted(event: threading.Event) -> None:
@@ -160,9 +160,13 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      destination_is_zero: bool = False, flush: bool = False,
                      verify: bool = False, progress: Optional[ProgressFn] = None,
                      threads: Optional[int] = None,
-                     zero_detect: bool = True) -> CopyResult:
+                     zero_detect: bool = True,
+                     force_multi_conn: bool = False) -> CopyResult:
     """copy() for asyncio: never blocks the loop; cancelling the task
-    cancels the copy and waits for in-flight requests to drain."""
+    cancels the copy and waits for in-flight requests to drain.
+    force_multi_conn: open several connections even where a server does not
+    advertise multi-conn, for callers that know one server process (one
+    QEMU block layer) serves them all."""
     import asyncio   # here, not at the top: it costs the CLI 50 ms of start-up
     loop = asyncio.get_running_loop()
     if verify and dst == "null:":
@@ -170,7 +174,7 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
     start = time.monotonic()
     copier = await loop.run_in_executor(
         None, _open, src, dst, connections, requests, request_size, bitmap, allocated,
-        destination_is_zero, flush, threads, zero_detect)
+        destination_is_zero, flush, threads, zero_detect, force_multi_conn)
     try:
         fut = loop.run_in_executor(None, copier.run)
         try:

@@ -68,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="multifd: move memory over N connections")
     p.add_argument("--postcopy", action="store_true", help="allow post-copy")
     p.add_argument("--compressed", action="store_true", help="xbzrle page compression")
+    p.add_argument("--storage-engine", choices=["mirror", "native"], default="mirror",
+                   help="who copies the disks: QEMU's mirror job (default) or vmferry's "
+                        "multi-connection engine with dirty-bitmap passes")
     p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
                    choices=["auto", "bar", "json"], help="show progress")
     p.set_defaults(func=run, copy_storage="all")
@@ -104,7 +107,8 @@ def options_from(args: argparse.Namespace) -> MigrateOptions:
         timeout=args.timeout, timeout_action=args.timeout_action, bandwidth=args.bandwidth,
         max_downtime=args.max_downtime, escalate_downtime=not args.no_escalate,
         auto_converge=args.auto_converge, parallel_connections=args.parallel_connections,
-        postcopy=args.postcopy, compressed=args.compressed)
+        postcopy=args.postcopy, compressed=args.compressed,
+        storage_engine=args.storage_engine)
 
 
 class MigrationDisplay:

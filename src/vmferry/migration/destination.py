@@ -22,6 +22,8 @@ class Prepared:
     nbd_server: dict[str, Any]         # SocketAddress for the source's NBD client nodes
     exports: dict[str, str]            # node name -> export name
     dest_paths: dict[str, str]         # node name -> destination image path
+    # nodes whose destination image was created empty for this migration
+    fresh: set[str] = dataclasses.field(default_factory=set)
 
 
 class Destination(abc.ABC):

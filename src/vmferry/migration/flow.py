@@ -62,6 +62,7 @@ class Migration:
         self.disks: list[DiskPlan] = []
         self.was_running = True
         self.accel: Optional[str] = None
+        self.native: Any = None        # NativeStorage with --storage-engine native
         self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._deadline: Optional[float] = None
         self._last_save = 0.0
@@ -202,7 +203,10 @@ class Migration:
         mon = self.mon
         mon.phase = "perform"
         self._on_undo("roll back source", lambda: source.rollback(mon, self.was_running))
-        if self.disks:
+        self.info.storage_engine = self.opts.storage_engine
+        if self.disks and self.opts.storage_engine == "native":
+            await self._native_storage()
+        elif self.disks:
             sync = "top" if self.opts.copy_storage == "inc" else "full"
             undo: list = []
             await source.start_mirrors(mon, self.disks, self.prepared.nbd_server, sync, undo)
@@ -214,6 +218,28 @@ class Migration:
         with mon.listener("MIGRATION") as events:
             await mon.cmd("migrate", uri=self.prepared.migrate_uri)
             await self._drive_memory(events)
+
+    async def _native_storage(self) -> None:
+        from vmferry.migration.native import NativeStorage
+        def progress(snap: Any) -> None:
+            moved = self.native.stats.bytes_copied + snap.bytes_written + snap.bytes_zeroed
+            left = snap.bytes_total - snap.bytes_done
+            self.info.disk_processed = moved
+            self.info.disk_remaining = left
+            self.info.disk_total = max(self.info.disk_total, moved + left)
+            self._publish()
+
+        self.info.disk_total = sum(d.size for d in self.disks)
+        sock = self.qmp_socket.parent / "vmferry-nbd.sock"
+        self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress)
+        self._on_undo("remove native exports and bitmaps", self.native.cleanup)
+        await self.native.start()
+        fresh = all(d.node in self.prepared.fresh for d in self.disks)
+        await self.native.pass_all(fresh)
+        await self.native.converge()
+        self.info.storage_passes = self.native.stats.passes
+        self.info.disk_total = self.info.disk_processed = self.native.stats.bytes_copied
+        self.info.disk_remaining = 0
 
     def _deadline_for_storage(self) -> Optional[float]:
         # A timeout's action applies to memory; storage that cannot even reach
@@ -274,11 +300,24 @@ class Migration:
                 # QEMU send the device state.
                 if not switched_over:
                     switched_over = True
-                    if self.disks:
+                    if self.disks and self.native is not None:
+                        await self.native.final_pass()
+                        st = self.native.stats
+                        self.info.storage_passes = st.passes
+                        self.info.final_pass_ms = st.final_ms
+                        self.info.final_pass_bytes = st.final_bytes
+                    elif self.disks:
                         await source.settle_mirrors(mon, self.disks)
                     await mon.cmd("migrate-continue", state="pre-switchover")
             elif status == "completed":
                 info = await mon.cmd("query-migrate")
+                # QEMU sets "completed" a moment before it fills in total-time
+                # and downtime; wait for them rather than report zeroes.
+                for _ in range(100):
+                    if info.get("total-time"):
+                        break
+                    await asyncio.sleep(0.005)
+                    info = await mon.cmd("query-migrate")
                 self.info.update_memory(info)
                 self.info.memory_remaining = 0
                 self._publish(force=True)

@@ -137,7 +137,8 @@ class LocalDestination(Destination):
         return Prepared(migrate_uri=f"unix:{mig_sock}",
                         nbd_server={"type": "unix", "path": str(nbd_sock)},
                         exports={p.node: p.export for p in disks},
-                        dest_paths={p.node: p.dest_path for p in disks})
+                        dest_paths={p.node: p.dest_path for p in disks},
+                        fresh={p.node for p in disks if p.dest_path in self.created})
 
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
         mon = self.mon

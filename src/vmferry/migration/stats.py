@@ -36,6 +36,10 @@ class JobInfo:
     setup_ms: Optional[int] = None
     memory_ms: Optional[int] = None   # QEMU's total-time of the memory migration
     postcopy: bool = False
+    storage_engine: str = "mirror"
+    storage_passes: int = 0         # native engine: copy passes, the final one included
+    final_pass_ms: Optional[int] = None   # native engine: the paused last pass
+    final_pass_bytes: int = 0
     action: str = ""                # e.g. "downtime raised to 600 ms", "suspended on timeout"
     error: str = ""
 
