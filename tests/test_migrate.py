@@ -448,3 +448,56 @@ def test_native_engine_destination_killed_leaves_nothing_behind(lab):
     _check_failed_job(lab)
     assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+# --------------------------------------------------------------------------- presync
+
+def _hmp_write(lab: Lab, offset: int, length: int, pattern: int) -> None:
+    out = lab.qmp("human-monitor-command", {
+        "command-line": f'qemu-io -d vd0/virtio-backend "write -P {pattern:#x} {offset} {length}"'})
+    assert out == "", out
+
+
+def test_presync_then_migrate_moves_only_what_changed(lab):
+    """presync copies the disk while the VM runs; a second presync and the migration
+    itself move only what the guest wrote since (up to the 64 KiB bitmap granularity)."""
+    src = fill_image(lab.root / "src.raw", 64, holes=True)
+    dst = lab.root / "dst.raw"
+    lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="idle", hb=200))
+    dmap = ("--disk-map", f"{src}={dst}")
+    out = lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", *dmap, "--create-disks"))
+    assert out.startswith("presynced web1 (full)"), out
+
+    _hmp_write(lab, 3 * MiB, 2 * MiB, 0x3c)                 # 2 MiB rewritten
+    out = lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", *dmap))
+    assert out.startswith("presynced web1 (incremental): 2.00 MiB moved"), out
+
+    _hmp_write(lab, 40 * MiB + 4096, 512 * 1024, 0x5d)       # crosses 64 KiB blocks
+    out = lab.ok(lab.migrate("--copy-storage-inc", *dmap))
+    assert "migrated web1" in out, out
+    info = lab.jobinfo()
+    assert info["storage_engine"] == "native" and info["warnings"] == [], info
+    assert 512 * 1024 <= info["disk_processed"] <= 512 * 1024 + 128 * 1024, info
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    assert images_identical(src, dst, "raw") == ""
+    assert not Path(str(dst) + ".vmferry-presync.json").exists(), "stale presync record"
+    assert not (lab.A / "web1" / "presync.json").exists()
+
+
+def test_presync_record_that_does_not_hold_falls_back_to_full_copy(lab):
+    src = fill_image(lab.root / "src.raw", 32)
+    dst = lab.root / "dst.raw"
+    lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="idle", hb=200))
+    dmap = ("--disk-map", f"{src}={dst}")
+    lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", *dmap, "--create-disks"))
+    with open(dst, "r+b") as f:                 # someone touches the destination image
+        f.seek(5 * MiB)
+        f.write(b"\xee" * 4096)
+    cp = lab.migrate("--copy-storage-inc", *dmap)
+    lab.ok(cp)
+    assert "vmferry: warning: presync record of disk0 does not hold" in cp.stderr, cp.stderr
+    assert "in full" in cp.stderr, cp.stderr
+    info = lab.jobinfo()
+    assert info["disk_processed"] >= 32 * MiB - 64 * 1024, info     # the whole disk
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    assert images_identical(src, dst, "raw") == ""

@@ -11,13 +11,15 @@ from vmferry.commands import copy as copy_cmd
 from vmferry.commands import demo as demo_cmd
 from vmferry.commands import list as list_cmd
 from vmferry.commands import migrate as migrate_cmd
+from vmferry.commands import presync as presync_cmd
 from vmferry.commands import run as run_cmd
 from vmferry.commands import status as status_cmd
 from vmferry.commands import stop as stop_cmd
 from vmferry.errors import Cancelled, VmferryError
 from vmferry.vm.state import default_state_dir
 
-COMMANDS = [copy_cmd, demo_cmd, run_cmd, list_cmd, status_cmd, stop_cmd, migrate_cmd]
+COMMANDS = [copy_cmd, demo_cmd, run_cmd, list_cmd, status_cmd, stop_cmd, migrate_cmd,
+            presync_cmd]
 
 
 class _Parser(argparse.ArgumentParser):

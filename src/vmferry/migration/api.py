@@ -32,9 +32,16 @@ def job_file(state: StateDir, name: str) -> Path:
     return state.vm_dir(name) / JOB_FILE
 
 
+def _warn_stderr(text: str) -> None:
+    import sys
+    sys.stderr.write(f"vmferry: warning: {text}\n")
+    sys.stderr.flush()
+
+
 async def migrate_vm_async(state: StateDir, name: str, dest: str | Destination,
                            opts: Optional[MigrateOptions] = None, *,
-                           progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
+                           progress: Optional[Callable[[JobInfo], None]] = None,
+                           warn: Callable[[str], None] = _warn_stderr) -> JobInfo:
     """Live-migrate VM `name` of `state` to `dest`; returns the job statistics.
 
     On failure the source VM is running again and a MigrationError (or
@@ -57,7 +64,7 @@ async def migrate_vm_async(state: StateDir, name: str, dest: str | Destination,
 
     m = Migration(name, rec.qmp_socket, rec.spec, destination, opts,
                   job_file=job_file(state, name), progress=progress,
-                  stop_source=retire_source)
+                  stop_source=retire_source, presync_state=state, warn=warn)
     return await m.run()
 
 

@@ -45,7 +45,9 @@ class Migration:
     def __init__(self, name: str, qmp_socket: Path, spec: Any, dest: Destination,
                  opts: MigrateOptions, *, job_file: Optional[Path] = None,
                  progress: Optional[Progress] = None,
-                 stop_source: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+                 stop_source: Optional[Callable[[], Awaitable[None]]] = None,
+                 presync_state: Any = None,
+                 warn: Optional[Callable[[str], None]] = None) -> None:
         opts.validate()
         self.name = name
         self.qmp_socket = qmp_socket
@@ -63,6 +65,9 @@ class Migration:
         self.was_running = True
         self.accel: Optional[str] = None
         self.native: Any = None        # NativeStorage with --storage-engine native
+        self.presync_state = presync_state   # source StateDir holding presync records
+        self.presynced: dict[str, dict] = {}  # node -> valid presync record
+        self.warn = warn
         self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._deadline: Optional[float] = None
         self._last_save = 0.0
@@ -159,38 +164,43 @@ class Migration:
         self.disks = await self._plan_disks()
 
     async def _plan_disks(self) -> list[DiskPlan]:
-        nodes = await source.node_sizes(self.mon)
-        wanted = self.opts.migrate_disks
-        plans = []
-        for i, d in enumerate(self.spec.disks):
-            node = f"disk{i}"
-            info = nodes.get(node)
-            if info is None:
-                raise MigrationError(f"the source QEMU has no block node {node} for "
-                                     f"{d.path}: was it started by vmferry?", phase="begin")
-            chosen = (wanted is None and not getattr(d, "readonly", False)
-                      and not getattr(d, "shared", False)) or \
-                     (wanted is not None and (node in wanted or d.path in wanted))
-            if not chosen or self.opts.copy_storage == "none":
-                continue
-            image = info.get("image", {})
-            backing = info.get("backing_file") or image.get("backing-filename")
-            backing_fmt = (image.get("backing-filename-format")
-                           or (image.get("backing-image") or {}).get("format"))
-            plans.append(DiskPlan(node=node, path=d.path, fmt=d.format,
-                                  size=image.get("virtual-size", 0), export=node,
-                                  backing=backing, backing_fmt=backing_fmt))
-        if wanted is not None:
-            known = {p.node for p in plans} | {p.path for p in plans}
-            missing = [w for w in wanted if w not in known]
-            if missing:
-                raise UsageError(f"--migrate-disks names unknown disks: {', '.join(missing)} "
-                                 f"(use node names disk0, disk1... or image paths)")
-        if self.opts.copy_storage == "inc" and any(p.backing is None for p in plans):
-            bad = [p.path for p in plans if p.backing is None]
-            raise UsageError(f"--copy-storage-inc needs images with a backing file both hosts "
-                             f"share; {', '.join(bad)} has none: use --copy-storage-all")
+        plans = await source.plan_disks(self.mon, self.spec, self.opts)
+        opts = self.opts
+        if plans and (opts.copy_storage == "inc" or opts.storage_engine == "native"):
+            from vmferry.migration import presync
+            self.presynced = await presync.valid_records(
+                self.mon, self.presync_state, self.name, plans, self.dest_spec_paths(plans),
+                self._warn)
+            if len(self.presynced) == len(plans):
+                opts.storage_engine = "native"      # only the bitmaps' extents move
+                return plans
+            self.presynced = {}
+            if opts.copy_storage == "inc":
+                no_backing = [p.path for p in plans if p.backing is None]
+                if no_backing and self.presync_state is not None and \
+                        presync.has_records(self.presync_state, self.name):
+                    # a record that does not hold: never a silent partial copy
+                    self._warn("copying every disk in full instead")
+                    opts.copy_storage = "all"
+                elif no_backing:
+                    raise UsageError(f"--copy-storage-inc needs images with a backing file "
+                                     f"both hosts share, or a destination made by 'vmferry "
+                                     f"presync'; {', '.join(no_backing)} has neither: use "
+                                     f"--copy-storage-all")
+                elif opts.storage_engine == "native":
+                    raise UsageError("--storage-engine native with --copy-storage-inc needs "
+                                     "a destination made by 'vmferry presync'")
         return plans
+
+    def dest_spec_paths(self, plans: list[DiskPlan]) -> dict[str, str]:
+        """node -> destination image path, for destinations that can tell."""
+        paths = getattr(self.dest, "dest_paths", None)
+        return paths(self.spec, plans, self.opts) if paths else {}
+
+    def _warn(self, text: str) -> None:
+        self.info.warnings.append(text)
+        if self.warn:
+            self.warn(text)
 
     async def prepare(self) -> None:
         self._enter(Phase.PREPARE)
@@ -231,11 +241,25 @@ class Migration:
 
         self.info.disk_total = sum(d.size for d in self.disks)
         sock = self.qmp_socket.parent / "vmferry-nbd.sock"
-        self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress)
+        if self.presynced:
+            from vmferry.migration import presync
+            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
+                                        bitmap=presync.BITMAP, existing=True)
+
+            async def forget() -> None:
+                # the destination images changed under the records: next time,
+                # copy in full rather than trust them
+                presync.forget(self.presync_state, self.name)
+            self._on_undo("drop presync records", forget)
+        else:
+            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress)
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
         await self.native.start()
-        fresh = all(d.node in self.prepared.fresh for d in self.disks)
-        await self.native.pass_all(fresh)
+        if self.presynced:
+            await self.native.pass_dirty()       # only what changed since presync
+        else:
+            fresh = all(d.node in self.prepared.fresh for d in self.disks)
+            await self.native.pass_all(fresh)
         await self.native.converge()
         self.info.storage_passes = self.native.stats.passes
         self.info.disk_total = self.info.disk_processed = self.native.stats.bytes_copied
@@ -354,6 +378,15 @@ class Migration:
         """The destination runs the guest now: retire the source."""
         self._enter(Phase.CONFIRM)
         self._undo.clear()
+        if self.native is not None:
+            await self.native.cleanup()
+        if self.presynced:
+            from vmferry.migration import presync
+            # a persistent bitmap would otherwise be saved into the source image
+            for node in self.presynced:
+                await self.mon.try_cmd("block-dirty-bitmap-remove", node=node,
+                                       name=presync.BITMAP)
+            presync.forget(self.presync_state, self.name)
         try:
             await self.mon.try_cmd("quit")
         finally:

@@ -72,6 +72,10 @@ class LocalDestination(Destination):
             return spec.remap(dmap, serial=other.serial if spec.serial else None)
         return spec.remap(opts.disk_map)
 
+    def dest_paths(self, spec: Any, plans: list[DiskPlan], opts: MigrateOptions) -> dict[str, str]:
+        dspec = self._dest_spec(spec, opts)
+        return {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
+
     def _check_disks(self, spec: Any, dspec: Any, disks: list[DiskPlan],
                      opts: MigrateOptions) -> None:
         by_node = {f"disk{i}": d for i, d in enumerate(dspec.disks)}

@@ -47,7 +47,8 @@ class NativeStats:
 
 class NativeStorage:
     def __init__(self, mon: Monitor, disks: list[DiskPlan], prepared: Prepared,
-                 socket: Path, on_progress: Callable[[CopyResult], None]) -> None:
+                 socket: Path, on_progress: Callable[[CopyResult], None], *,
+                 bitmap: str = BITMAP, existing: bool = False) -> None:
         self.mon = mon
         self.disks = disks
         self.prepared = prepared
@@ -55,6 +56,10 @@ class NativeStorage:
         self.on_progress = on_progress     # the engine's counters of the current copy
         self.stats = NativeStats()
         self._server = False
+        # existing: a presync bitmap that already records (and must survive a
+        # failed migration, with every bit it had).
+        self.bitmap = bitmap
+        self.existing = existing
 
     def _src_uri(self, d: DiskPlan) -> str:
         return f"nbd+unix:///{EXPORT}{d.node}?socket={self.socket}"
@@ -103,8 +108,9 @@ class NativeStorage:
         await self.mon.cmd("nbd-server-start",
                            addr={"type": "unix", "data": {"path": str(self.socket)}})
         self._server = True
-        for d in self.disks:
-            await self.mon.cmd("block-dirty-bitmap-add", node=d.node, name=BITMAP)
+        if not self.existing:
+            for d in self.disks:
+                await self.mon.cmd("block-dirty-bitmap-add", node=d.node, name=self.bitmap)
 
     async def _freeze(self) -> None:
         """One transaction per pass: what was dirty so far becomes the frozen
@@ -112,14 +118,17 @@ class NativeStorage:
         actions = []
         for d in self.disks:
             actions += [
-                {"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": BITMAP}},
+                {"type": "block-dirty-bitmap-disable", "data": {"node": d.node,
+                                                                 "name": self.bitmap}},
                 {"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": FROZEN,
                                                              "disabled": True}},
                 {"type": "block-dirty-bitmap-merge", "data": {"node": d.node,
                                                                "target": FROZEN,
-                                                               "bitmaps": [BITMAP]}},
-                {"type": "block-dirty-bitmap-clear", "data": {"node": d.node, "name": BITMAP}},
-                {"type": "block-dirty-bitmap-enable", "data": {"node": d.node, "name": BITMAP}},
+                                                               "bitmaps": [self.bitmap]}},
+                {"type": "block-dirty-bitmap-clear", "data": {"node": d.node,
+                                                               "name": self.bitmap}},
+                {"type": "block-dirty-bitmap-enable", "data": {"node": d.node,
+                                                                "name": self.bitmap}},
             ]
         await self.mon.cmd("transaction", actions=actions)
 
@@ -130,7 +139,7 @@ class NativeStorage:
         for n in nodes:
             if n["node-name"] in wanted:
                 for b in n.get("dirty-bitmaps", []):
-                    if b["name"] == BITMAP:
+                    if b["name"] == self.bitmap:
                         total += b["count"]
         return total
 
@@ -148,6 +157,12 @@ class NativeStorage:
             for d in self.disks:
                 r = await self._copy(d, FROZEN, False)
                 moved += r.bytes_written + r.bytes_zeroed
+        except BaseException:
+            if self.existing:
+                for d in self.disks:
+                    await self.mon.try_cmd("block-dirty-bitmap-merge", node=d.node,
+                                           target=self.bitmap, bitmaps=[FROZEN])
+            raise
         finally:
             for d in self.disks:
                 await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=FROZEN)
@@ -179,8 +194,15 @@ class NativeStorage:
             if e["id"].startswith(EXPORT):
                 await self.mon.try_cmd("block-export-del", id=e["id"], mode="hard")
         for d in self.disks:
-            for name in (FROZEN, BITMAP):
-                await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=name)
+            if self.existing:
+                # Frozen bits not yet copied go back: a later migration needs them.
+                await self.mon.try_cmd("block-dirty-bitmap-merge", node=d.node,
+                                       target=self.bitmap, bitmaps=[FROZEN])
+            await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=FROZEN)
+            if not self.existing:
+                await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
+                                       name=self.bitmap)
         if self._server:
             await self.mon.try_cmd("nbd-server-stop")
             self._server = False
+            self.socket.unlink(missing_ok=True)   # QEMU leaves the socket file

@@ -48,9 +48,6 @@ class MigrateOptions:
         if self.storage_engine not in ("mirror", "native"):
             raise UsageError(f"--storage-engine must be mirror or native, not "
                              f"{self.storage_engine!r}")
-        if self.storage_engine == "native" and self.copy_storage == "inc":
-            raise UsageError("--storage-engine native copies whole disks then their "
-                             "changes; use it with --copy-storage-all")
         if self.copy_storage not in ("all", "inc", "none"):
             raise UsageError(f"copy_storage must be all, inc or none, not {self.copy_storage!r}")
         if self.timeout_action not in (None, "suspend", "postcopy"):

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from typing import Any, Callable, Optional
 
-from vmferry.errors import MigrationError
+from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 
@@ -57,6 +57,39 @@ async def node_sizes(mon: Monitor) -> dict[str, dict[str, Any]]:
     """node-name -> image info (virtual-size, backing) for every named node."""
     nodes = await mon.cmd("query-named-block-nodes", flat=True)
     return {n["node-name"]: n for n in nodes}
+
+
+async def plan_disks(mon: Monitor, spec: Any, opts: MigrateOptions) -> list[DiskPlan]:
+    """Begin: the disks to copy, from the spec and the source QEMU's nodes
+    (default: every writable, non-shared disk; --migrate-disks to choose)."""
+    nodes = await node_sizes(mon)
+    wanted = opts.migrate_disks
+    plans = []
+    for i, d in enumerate(spec.disks):
+        node = f"disk{i}"
+        info = nodes.get(node)
+        if info is None:
+            raise MigrationError(f"the source QEMU has no block node {node} for "
+                                 f"{d.path}: was it started by vmferry?", phase="begin")
+        chosen = (wanted is None and not getattr(d, "readonly", False)
+                  and not getattr(d, "shared", False)) or \
+                 (wanted is not None and (node in wanted or d.path in wanted))
+        if not chosen or opts.copy_storage == "none":
+            continue
+        image = info.get("image", {})
+        backing = info.get("backing_file") or image.get("backing-filename")
+        backing_fmt = (image.get("backing-filename-format")
+                       or (image.get("backing-image") or {}).get("format"))
+        plans.append(DiskPlan(node=node, path=d.path, fmt=d.format,
+                              size=image.get("virtual-size", 0), export=node,
+                              backing=backing, backing_fmt=backing_fmt))
+    if wanted is not None:
+        known = {p.node for p in plans} | {p.path for p in plans}
+        missing = [w for w in wanted if w not in known]
+        if missing:
+            raise UsageError(f"--migrate-disks names unknown disks: {', '.join(missing)} "
+                             f"(use node names disk0, disk1... or image paths)")
+    return plans
 
 
 async def start_mirrors(mon: Monitor, disks: list[DiskPlan], server: dict[str, Any],
