@@ -376,7 +376,10 @@ def _native_bitmaps(lab: Lab) -> list[str]:
 
 
 def _native_copying(lab: Lab) -> bool:
-    return any(e["id"].startswith("vmferry-src-") for e in lab.qmp("query-block-exports"))
+    """The native engine is at work: its bitmap records (from before the first pass,
+    which reads a raw image's file directly) and no memory migration started yet."""
+    return "vmferry-dirty" in _native_bitmaps(lab) and \
+        lab.qmp("query-migrate").get("status") in (None, "none")
 
 
 async def _write_during_native(sock: Path, size: int, writes: list, stop) -> int:
