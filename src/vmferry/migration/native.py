@@ -79,8 +79,10 @@ class NativeStorage:
             args["bitmaps"] = [bitmap]
         await self.mon.cmd("block-export-add", **args)
 
-    async def _unexport(self, d: DiskPlan) -> None:
+    async def _unexport(self, d: DiskPlan, wait: bool = True) -> None:
         await self.mon.cmd("block-export-del", id=EXPORT + d.node, mode="hard")
+        if not wait:
+            return
         # block-export-del returns before the export is gone; wait for it so
         # the next pass can reuse the id.
         for _ in range(500):
@@ -90,7 +92,8 @@ class NativeStorage:
             import asyncio
             await asyncio.sleep(0.002)
 
-    async def _copy(self, d: DiskPlan, bitmap: Optional[str], fresh: bool) -> CopyResult:
+    async def _copy(self, d: DiskPlan, bitmap: Optional[str], fresh: bool,
+                    final: bool = False) -> CopyResult:
         # The first full pass of a raw image reads the image file itself, on
         # this host, instead of through the source QEMU: that saves QEMU a
         # read and a socket copy per byte.  It is safe because the bitmap,
@@ -103,16 +106,20 @@ class NativeStorage:
             # QEMU 7.2 advertises multi-conn only on read-only exports, but each
             # side is one QEMU whose connections share one block layer.
             src = d.path if direct else self._src_uri(d)
+            # The final pass runs with the guest paused and has little to move:
+            # one connection saves three handshakes of downtime.
             return await copy_async(src, self._dst_uri(d), bitmap=bitmap,
                                     destination_is_zero=fresh and bitmap is None,
-                                    force_multi_conn=True,
+                                    force_multi_conn=not final,
+                                    connections=1 if final else None,
                                     progress=self.on_progress)
         except VmferryError as e:
             raise MigrationError(f"native copy of {d.node} failed: {e}",
                                  phase="perform") from e
         finally:
             if not direct:
-                await self._unexport(d)
+                # nothing reuses the export id after the final pass: don't wait
+                await self._unexport(d, wait=not final)
 
     async def start(self) -> None:
         await self.mon.cmd("nbd-server-start",
@@ -160,12 +167,12 @@ class NativeStorage:
             self.stats.bytes_copied += r.bytes_written + r.bytes_zeroed
         self.stats.passes += 1
 
-    async def pass_dirty(self) -> int:
+    async def pass_dirty(self, final: bool = False) -> int:
         await self._freeze()
         moved = 0
         try:
             for d in self.disks:
-                r = await self._copy(d, FROZEN, False)
+                r = await self._copy(d, FROZEN, False, final)
                 moved += r.bytes_written + r.bytes_zeroed
         except BaseException:
             if self.existing:
@@ -193,7 +200,7 @@ class NativeStorage:
     async def final_pass(self) -> None:
         import time
         t0 = time.monotonic()
-        moved = await self.pass_dirty()
+        moved = await self.pass_dirty(final=True)
         self.stats.final_bytes = moved
         self.stats.final_ms = int((time.monotonic() - t0) * 1000)
 
