@@ -87,6 +87,9 @@ connect_one(const char *uri, bool writable, const char *bitmap,
       goto fail;
     }
   }
+  /* The user typed this URI, so its tls-certificates= or tls-psk-file=
+   * may name local files, as nbdcopy allows. */
+  nbd_set_uri_allow_local_file(n->h, true);
   if (nbd_connect_uri(n->h, uri) == -1) {
     /* libnbd reports a URI it cannot parse with EINVAL before connecting. */
     int e = nbd_get_errno();

@@ -6,6 +6,8 @@ byte, so a copy that skips zeroing where the source is zero (or a hole) is caugh
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from helpers import (
@@ -399,3 +401,26 @@ def test_progress_bar_forms(workdir, flag):
     dst = workdir / "dst.raw"
     copy_ok(flag, src, dst)
     assert_same(src, dst)
+
+
+def test_tls_nbds_psk_both_ways(workdir, nbdkit):
+    """nbds+unix:// with a TLS pre-shared key: a copy from and to servers that require
+    TLS, with the key file named in the URI; plain nbd:// to them is refused clearly."""
+    key = workdir / "keys.psk"
+    key.write_text("alice:" + os.urandom(32).hex() + "\n")
+    key.chmod(0o600)
+    tls = ("--tls=require", f"--tls-psk={key}")
+    size = 2 * MiB + 333
+    src = nbdkit("pattern", f"size={size}", extra=tls)
+    dst = nbdkit("memory", f"size={size}", extra=tls)
+
+    def secure(uri: str) -> str:
+        return uri.replace("nbd+unix:///", "nbds+unix://alice@/") + f"&tls-psk-file={key}"
+
+    copy_ok(secure(src.uri), secure(dst.uri), "--verify")
+    plain = workdir / "plain.raw"
+    copy_ok(secure(dst.uri), str(plain))
+    # read back independently (nbdcopy) through TLS as well
+    assert plain.read_bytes() == read_all(secure(src.uri)), "bytes differ after TLS copies"
+    line = assert_cli_error(run_vmferry("copy", src.uri, str(workdir / "x.raw")), codes=1)
+    assert "TLS" in line, line
