@@ -278,6 +278,46 @@ def test_destination_killed_during_memory_copy(lab):
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
 
 
+def test_destination_killed_before_finish(lab):
+    """Memory and disks have all arrived and the source is paused, but the destination
+    dies before Finish resumes it: the source takes the guest back and runs on."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "finish:4"      # a window between Perform and Finish
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the memory migration to complete",
+                 lambda: lab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+    signal_pid(lab.dest_pid(), signal.SIGKILL)
+    line = lab.one_error(lab.finish(p))
+    assert "destination" in line and "source VM is running" in line, line
+    info = _check_failed_job(lab)
+    assert info["phase"] == "finish", info
+    # QEMU keeps reporting the last migration as "completed": it did complete,
+    # only the destination never took the guest over
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst,
+                             migration=("completed",))
+
+
+@pytest.mark.parametrize("before", ["prepare", "finish"])
+def test_sigint_between_phases(lab, before):
+    """Ctrl-C after Begin (nothing started yet on the destination) and after Perform
+    (everything moved, the source paused): either way the source runs on."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = f"{before}:4"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    if before == "prepare":
+        lab.wait_for("Begin to end", lambda: (lab.A / "web1" / "job.json").exists()
+                     and lab.job_file()["phase"] == "begin", 30, proc=p)
+    else:
+        lab.wait_for("Perform to end",
+                     lambda: lab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+    p.send_signal(signal.SIGINT)
+    cp = lab.finish(p)
+    assert cp.returncode == 130, (cp.returncode, cp.stderr)
+    assert "cancelled" in cp.stderr and "source VM is running" in cp.stderr, cp.stderr
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst,
+                             migration=(None, "none", "completed"))
+
+
 def test_destination_disk_too_small(lab):
     src, h, dst, serial = _failing_setup(lab)
     fill_image(dst, 16, seed=2)

@@ -29,6 +29,15 @@ STALL_ITERATIONS = 3
 ESCALATE_MAX = 16
 
 
+async def _test_hold(phase: str) -> None:
+    """Fault-injection point for the tests: VMFERRY_TEST_HOLD=PHASE:SECONDS makes
+    the migration wait that long before PHASE, so a test can kill a process at a
+    moment no signal could hit reliably.  Unset in normal use."""
+    spec = os.environ.get("VMFERRY_TEST_HOLD", "")
+    if spec.partition(":")[0] == phase:
+        await asyncio.sleep(float(spec.partition(":")[2] or 1))
+
+
 class Phase(enum.Enum):
     BEGIN = "begin"
     PREPARE = "prepare"
@@ -123,8 +132,10 @@ class Migration:
             self._deadline = time.monotonic() + self.opts.timeout
         try:
             await self.begin()
+            await _test_hold("prepare")
             await self.prepare()
             await self.perform()
+            await _test_hold("finish")
             await self.finish()
         except asyncio.CancelledError:
             self.info.status = "cancelled"
