@@ -271,7 +271,15 @@ class Migration:
         else:
             fresh = all(d.node in self.prepared.fresh for d in self.disks)
             await self.native.pass_all(fresh)
-        await self.native.converge()
+        from vmferry.vm.qemu import disk_names
+        # virtio-blk-pci's block backend hangs off its virtio-backend child
+        devices = {n.node: n.device + ("/virtio-backend" if n.disk.bus == "virtio" else "")
+                   for n in disk_names(self.spec)}
+        await self.native.converge(devices)
+        if self.native.throttled_at:
+            self.info.action = (f"guest disk writes throttled to "
+                                f"{self.native.throttled_at[-1] / (1 << 20):.1f} MiB/s "
+                                f"so storage could converge")
         self.info.storage_passes = self.native.stats.passes
         self.info.disk_total = self.info.disk_processed = self.native.stats.bytes_copied
         self.info.disk_remaining = 0

@@ -36,6 +36,22 @@ EXPORT = "vmferry-src-"
 # Stop iterating when a pass moved less than this, or stopped shrinking.
 SMALL_ENOUGH = 16 << 20
 MAX_PASSES = 8
+# Throttle steps before giving up on convergence (each halves the write rate),
+# and the floor: a guest is slowed, never stopped.
+THROTTLE_STEPS = 4
+MIN_THROTTLE = 1 << 20
+
+
+def _tuning() -> dict[str, int]:
+    """VMFERRY_NATIVE_TUNING="connections=N,requests=N,request_size=BYTES": limits
+    on the engine's passes, for hosts where storage traffic must stay small (and
+    for the tests, which need a guest that out-writes the engine)."""
+    out: dict[str, int] = {}
+    for item in filter(None, os.environ.get("VMFERRY_NATIVE_TUNING", "").split(",")):
+        key, _, value = item.partition("=")
+        if key in ("connections", "requests", "request_size"):
+            out[key] = int(value)
+    return out
 
 
 @dataclasses.dataclass
@@ -61,6 +77,9 @@ class NativeStorage:
         # failed migration, with every bit it had).
         self.bitmap = bitmap
         self.existing = existing
+        self.throttled_at: list[int] = []     # bps_wr of each throttle step
+        self.devices: dict[str, str] = {}
+        self._pass_s = 0.0
 
     def _src_uri(self, d: DiskPlan) -> str:
         return f"nbd+unix:///{EXPORT}{d.node}?socket={self.socket}"
@@ -108,10 +127,13 @@ class NativeStorage:
             src = d.path if direct else self._src_uri(d)
             # The final pass runs with the guest paused and has little to move:
             # one connection saves three handshakes of downtime.
+            tune = _tuning()
             return await copy_async(src, self._dst_uri(d), bitmap=bitmap,
                                     destination_is_zero=fresh and bitmap is None,
                                     force_multi_conn=not final,
-                                    connections=1 if final else None,
+                                    connections=1 if final else tune.get("connections"),
+                                    requests=tune.get("requests"),
+                                    request_size=tune.get("request_size"),
                                     progress=self.on_progress)
         except VmferryError as e:
             raise MigrationError(f"native copy of {d.node} failed: {e}",
@@ -187,15 +209,41 @@ class NativeStorage:
         self.stats.passes += 1
         return moved
 
-    async def converge(self) -> None:
-        """Dirty passes until little is left or it stops shrinking."""
+    async def converge(self, devices: dict[str, str]) -> None:
+        """Dirty passes until little is left.  When a pass leaves as much dirty
+        as it found, the guest writes faster than the engine copies: its disk
+        writes are throttled (block_set_io_throttle), halving each time, until
+        the passes win; the throttle is lifted in cleanup()."""
+        import time
         last: Optional[int] = None
-        for _ in range(MAX_PASSES):
+        rate: Optional[float] = None
+        for _ in range(MAX_PASSES + THROTTLE_STEPS):
             dirty = await self.dirty_bytes()
-            if dirty <= SMALL_ENOUGH or (last is not None and dirty >= last):
+            if dirty <= SMALL_ENOUGH:
                 return
+            if last is not None and dirty >= last * 0.9:
+                if len(self.throttled_at) >= THROTTLE_STEPS:
+                    return            # the final pass takes what is left
+                # the guest dirtied `dirty` bytes during the last pass
+                rate = max(MIN_THROTTLE, (rate or dirty / max(self._pass_s, 0.01)) / 2)
+                await self._throttle(devices, int(rate))
             last = dirty
+            t0 = time.monotonic()
             await self.pass_dirty()
+            self._pass_s = time.monotonic() - t0
+
+    async def _throttle(self, devices: dict[str, str], bps_wr: int) -> None:
+        for d in self.disks:
+            await self.mon.cmd("block_set_io_throttle", id=devices[d.node], bps=0,
+                               bps_rd=0, bps_wr=bps_wr, iops=0, iops_rd=0, iops_wr=0)
+        self.devices = devices
+        self.throttled_at.append(bps_wr)
+
+    async def unthrottle(self) -> None:
+        if self.throttled_at:
+            for d in self.disks:
+                await self.mon.try_cmd("block_set_io_throttle", id=self.devices[d.node], bps=0,
+                                       bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
 
     async def final_pass(self) -> None:
         import time
@@ -205,7 +253,8 @@ class NativeStorage:
         self.stats.final_ms = int((time.monotonic() - t0) * 1000)
 
     async def cleanup(self) -> None:
-        """Remove every export, bitmap and the NBD server this made."""
+        """Remove every export, bitmap, throttle and the NBD server this made."""
+        await self.unthrottle()
         exports = await self.mon.try_cmd("query-block-exports") or []
         for e in exports:
             if e["id"].startswith(EXPORT):
