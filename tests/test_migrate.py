@@ -282,7 +282,7 @@ def test_destination_killed_before_finish(lab):
     """Memory and disks have all arrived and the source is paused, but the destination
     dies before Finish resumes it: the source takes the guest back and runs on."""
     src, h, dst, serial = _failing_setup(lab)
-    lab.env["VMFERRY_TEST_HOLD"] = "finish:4"      # a window between Perform and Finish
+    lab.env["VMFERRY_TEST_HOLD"] = "finish:5"      # a window between Perform and Finish
     p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
     lab.wait_for("the memory migration to complete",
                  lambda: lab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
@@ -302,7 +302,8 @@ def test_sigint_between_phases(lab, before):
     """Ctrl-C after Begin (nothing started yet on the destination) and after Perform
     (everything moved, the source paused): either way the source runs on."""
     src, h, dst, serial = _failing_setup(lab)
-    lab.env["VMFERRY_TEST_HOLD"] = f"{before}:4"
+    # a wide window (a signal ends it at once), so a loaded machine cannot miss it
+    lab.env["VMFERRY_TEST_HOLD"] = f"{before}:15"
     p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
     if before == "prepare":
         lab.wait_for("Begin to end", lambda: (lab.A / "web1" / "job.json").exists()
