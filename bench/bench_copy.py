@@ -567,7 +567,11 @@ def copy_report() -> rpt.Report:
                  "qemu-nbd": ["qemu-nbd", "--version"],
                  "nbdkit": ["nbdkit", "--version"]}
         if not _VMFERRY_OVERRIDE:
-            tools = {"vmferry": [*VMFERRY_CMD[:-1], "--version"], **tools}
+            # `vmferry --version` may not exist: ask the package metadata
+            tools = {"vmferry": [sys.executable, "-c",
+                                 "import importlib.metadata as m, vmferry; "
+                                 "print('vmferry', m.version('vmferry'), vmferry.__file__)"],
+                     **tools}
         rep.meta["machine"] = rpt.machine_info(tools)
         if _VMFERRY_OVERRIDE:
             rep.meta["machine"]["tools"] = {
