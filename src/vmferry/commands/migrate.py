@@ -91,13 +91,19 @@ def job_file(state: StateDir, name: str) -> "Path":
     return path_of(state, name)
 
 
-def options_from(args: argparse.Namespace) -> MigrateOptions:
+def parse_disk_map(items: list[str]) -> dict[str, str]:
+    """--disk-map SRC=DST options; SRC is a path or a node name (disk0)."""
     dmap = {}
-    for item in args.disk_map:
+    for item in items:
         if "=" not in item:
             raise UsageError(f"--disk-map {item!r}: use SRC=DST")
         k, v = item.split("=", 1)
         dmap[os.path.abspath(k) if "/" in k else k] = v
+    return dmap
+
+
+def options_from(args: argparse.Namespace) -> MigrateOptions:
+    dmap = parse_disk_map(args.disk_map)
     return MigrateOptions(
         copy_storage=args.copy_storage,
         migrate_disks=[d for d in args.migrate_disks.split(",") if d] if args.migrate_disks

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
-from vmferry.errors import UsageError
 from vmferry.progress import make_reporter
 from vmferry.units import format_size
 from vmferry.vm.state import StateDir
@@ -39,12 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from vmferry.migration.api import parse_destination
     from vmferry.migration.options import MigrateOptions
     from vmferry.migration.presync import presync
-    dmap = {}
-    for item in args.disk_map:
-        if "=" not in item:
-            raise UsageError(f"--disk-map {item!r}: use SRC=DST")
-        k, v = item.split("=", 1)
-        dmap[os.path.abspath(k) if "/" in k else k] = v
+    from vmferry.commands.migrate import parse_disk_map
+    dmap = parse_disk_map(args.disk_map)
     opts = MigrateOptions(disk_map=dmap, dest_spec=args.dest_spec,
                           create_disks=args.create_disks,
                           migrate_disks=[d for d in args.migrate_disks.split(",") if d]
