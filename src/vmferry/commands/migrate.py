@@ -145,6 +145,9 @@ class MigrationDisplay:
             return
         part = "memory" if info.memory_total else "storage"
         if part != self.part:
+            if self.part == "storage":
+                # memory only starts once every disk is copied: show it so
+                self.bar.update({"label": "storage", "done": 1, "total": 1, "event": "done"})
             self.bar.close()
             self.part = part
             self.bar = BarReporter() if self.tty else NullReporter()
