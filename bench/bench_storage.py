@@ -179,6 +179,9 @@ def _migrate(lab: Lab, a: StateDir, b: StateDir, dst: Path, *extra: str,
 
 @pytest.fixture(scope="module")
 def lab():
+    for tool in ("qemu-system-x86_64", "qemu-nbd", "qemu-img"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed")
     root = Path(tempfile.mkdtemp(prefix="vmfs-", dir="/dev/shm"))
     try:
         yield Lab(root)
