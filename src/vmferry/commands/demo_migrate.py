@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -31,7 +32,14 @@ def _fill_disk(path: Path, size: int) -> None:
             f.write(os.urandom(min(chunk, size // 2 - off)))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_migrate_demo(disk_size: int, progress: str | None) -> int:
+    # SIGTERM or a closed terminal must still stop the demo's VMs (finally below)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="vmf-demo-", dir="/tmp"))
     a, b = StateDir(tmp / "A"), StateDir(tmp / "B")
     try:

@@ -71,7 +71,7 @@ async def migrate_vm_async(state: StateDir, name: str, dest: str | Destination,
 def migrate_vm(state: StateDir | str, name: str, dest: str | Destination,
                opts: Optional[MigrateOptions] = None, *,
                progress: Optional[Callable[[JobInfo], None]] = None) -> JobInfo:
-    """Blocking migrate_vm_async; SIGINT and SIGTERM cancel it cleanly
+    """Blocking migrate_vm_async; SIGINT, SIGTERM and SIGHUP cancel it cleanly
     (the source VM resumes) and raise Cancelled."""
     if not isinstance(state, StateDir):
         state = StateDir(state)
@@ -80,7 +80,8 @@ def migrate_vm(state: StateDir | str, name: str, dest: str | Destination,
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         handled = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # a closed terminal (SIGHUP) must roll back like Ctrl-C, not kill us
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 loop.add_signal_handler(sig, task.cancel)
                 handled.append(sig)
