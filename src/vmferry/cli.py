@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
+from vmferry.commands import agent as agent_cmd
 from vmferry.commands import copy as copy_cmd
 from vmferry.commands import demo as demo_cmd
 from vmferry.commands import list as list_cmd
@@ -19,7 +20,7 @@ from vmferry.errors import Cancelled, VmferryError
 from vmferry.vm.state import default_state_dir
 
 COMMANDS = [copy_cmd, demo_cmd, run_cmd, list_cmd, status_cmd, stop_cmd, migrate_cmd,
-            presync_cmd]
+            presync_cmd, agent_cmd]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,8 +20,11 @@ from vmferry.vm.state import StateDir, pid_alive
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate", help="live-migrate a running VM with its disks",
-                       description="Move VM NAME to DEST (local:///path/to/state-dir) "
-                                   "while it runs: disks, memory and device state.")
+                       description="Move VM NAME to DEST while it runs: disks, memory and "
+                                   "device state.  DEST is ssh://[USER@]HOST[:PORT][/STATE-DIR] "
+                                   "(runs 'vmferry agent --stdio' there), tls://HOST[:PORT] (a "
+                                   "'vmferry agent --listen' with mutual TLS) or "
+                                   "local:///STATE-DIR (another state directory here).")
     p.add_argument("name", metavar="NAME")
     p.add_argument("dest", metavar="DEST")
     st = p.add_mutually_exclusive_group()
@@ -71,6 +74,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-engine", choices=["mirror", "native"], default="mirror",
                    help="who copies the disks: QEMU's mirror job (default) or vmferry's "
                         "multi-connection engine with dirty-bitmap passes")
+    net = p.add_argument_group("between hosts")
+    net.add_argument("--tls", action="store_true",
+                     help="encrypt and authenticate the disks' NBD and the migration stream "
+                          "with QEMU's x509 credentials (PKI/qemu on both hosts)")
+    net.add_argument("--pki", type=Path, default=Path("/etc/pki"), metavar="DIR",
+                     help="this host's certificates, laid out as libvirt's /etc/pki "
+                          "(default: %(default)s)")
+    net.add_argument("--listen-address", metavar="ADDR",
+                     help="address the destination binds for disks and memory (default: "
+                          "the one this host reached it on)")
+    net.add_argument("--disks-uri", metavar="tcp://HOST[:PORT]",
+                     help="destination address (and port) for the disks' NBD traffic")
+    net.add_argument("--migrate-uri", metavar="tcp://HOST[:PORT]",
+                     help="destination address (and port) for the migration stream")
+    net.add_argument("--overwrite-disks", action="store_true",
+                     help="let a remote destination write into images that already exist")
     p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
                    choices=["auto", "bar", "json"], help="show progress")
     p.set_defaults(func=run, copy_storage="all")
@@ -114,7 +133,9 @@ def options_from(args: argparse.Namespace) -> MigrateOptions:
         max_downtime=args.max_downtime, escalate_downtime=not args.no_escalate,
         auto_converge=args.auto_converge, parallel_connections=args.parallel_connections,
         postcopy=args.postcopy, compressed=args.compressed,
-        storage_engine=args.storage_engine)
+        storage_engine=args.storage_engine, tls=args.tls, pki_dir=args.pki,
+        listen_address=args.listen_address, disks_uri=args.disks_uri,
+        migrate_uri=args.migrate_uri, overwrite_disks=args.overwrite_disks)
 
 
 class MigrationDisplay:

@@ -19,13 +19,18 @@ JOB_FILE = "job.json"
 
 
 def parse_destination(uri: str) -> Destination:
-    """local:///path/to/state-dir -> LocalDestination."""
+    """local:///path/to/state-dir -> LocalDestination; ssh://... and tls://...
+    -> RemoteDestination."""
+    if uri.startswith(("ssh://", "tls://")):
+        from vmferry.migration.remote import RemoteDestination
+        return RemoteDestination(uri)
     if uri.startswith("local://"):
         path = uri[len("local://"):]
         if not path.startswith("/"):
             raise UsageError(f"destination {uri!r}: use local:///absolute/state/dir")
         return LocalDestination(StateDir(path))
-    raise UsageError(f"unsupported destination {uri!r}: use local:///path/to/state-dir")
+    raise UsageError(f"unsupported destination {uri!r}: use ssh://[USER@]HOST[/STATE-DIR], "
+                     f"tls://HOST[:PORT] or local:///path/to/state-dir")
 
 
 def job_file(state: StateDir, name: str) -> Path:

@@ -1,15 +1,19 @@
 """The destination side of a migration, as the source sees it.
 
 Prepare and Finish run on the destination; the source talks to them only
-through this interface, so a remote agent can implement it later exactly as
-LocalDestination (local.py) does for a second state directory on this host.
+through this interface.  LocalDestination (local.py) runs them in this
+process for a second state directory on this host; RemoteDestination
+(remote.py) asks a vmferry agent on another host over ssh or mutual TLS.
+Both end in the same code on the destination host: incoming.Incoming.
 """
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 from typing import Any, Optional
 
+from vmferry.errors import UsageError
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan
 
@@ -18,21 +22,45 @@ from vmferry.migration.source import DiskPlan
 class Prepared:
     """What Prepare tells the source."""
 
-    migrate_uri: str                   # for QMP migrate, e.g. unix:/path
+    migrate_uri: str                   # for QMP migrate, e.g. unix:/path or tcp:host:port
     nbd_server: dict[str, Any]         # SocketAddress for the source's NBD client nodes
     exports: dict[str, str]            # node name -> export name
     dest_paths: dict[str, str]         # node name -> destination image path
     # nodes whose destination image was created empty for this migration
     fresh: set[str] = dataclasses.field(default_factory=set)
+    # QEMU certificates dir (client side) when the data streams use TLS
+    tls_dir: Optional[str] = None
+    tls_hostname: Optional[str] = None
+
+
+def destination_spec(spec: Any, opts: MigrateOptions) -> Any:
+    """The VM's spec as the destination runs it: disk paths and serial log
+    remapped by --disk-map or a destination spec file (virsh's --xml)."""
+    if opts.dest_spec:
+        from vmferry.vm.spec import load_spec
+        other = load_spec(opts.dest_spec)
+        if len(other.disks) != len(spec.disks):
+            raise UsageError(f"destination spec {opts.dest_spec} has {len(other.disks)} "
+                             f"disks, the VM has {len(spec.disks)}: they must match")
+        dmap = {f"disk{i}": d.path for i, d in enumerate(other.disks)}
+        return spec.remap(dmap, serial=other.serial if spec.serial else None)
+    return spec.remap(opts.disk_map)
 
 
 class Destination(abc.ABC):
+    # Whether presync records made for this destination can be trusted
+    # (presync writes to local:// destinations only, for now).
+    presync_ok = False
+
     @abc.abstractmethod
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
-                      accel: Optional[str] = None) -> Prepared:
+                      accel: Optional[str] = None,
+                      presynced: frozenset[str] = frozenset()) -> Prepared:
         """Start QEMU waiting for the incoming migration, with a writable NBD
-        export per disk, using the source's accelerator (kvm or tcg).  Raises UsageError for what the user must fix (a
-        destination disk too small or missing) before anything starts."""
+        export per disk, using the source's accelerator (kvm or tcg).  Raises
+        UsageError for what the user must fix (a destination disk too small or
+        missing) before anything starts.  PRESYNCED: nodes whose destination
+        image is a presync target, written on purpose."""
 
     @abc.abstractmethod
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
@@ -43,3 +71,12 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     async def abort(self) -> None:
         """Undo Prepare: stop the destination QEMU and remove what it created."""
+
+    async def close(self) -> None:
+        """The migration is over, one way or the other: release the channel."""
+
+    def lost(self) -> Optional["asyncio.Future[None]"]:
+        """A future that fails when the destination is gone (its agent died or
+        the network to it went silent), for the source to roll back at once
+        rather than wait on stalled sockets; None when it cannot be lost."""
+        return None

@@ -131,21 +131,27 @@ class Migration:
         if self.opts.timeout:
             self._deadline = time.monotonic() + self.opts.timeout
         try:
-            await self.begin()
-            await _test_hold("prepare")
-            await self.prepare()
-            await self.perform()
-            await _test_hold("finish")
-            await self.finish()
+            try:
+                await self.begin()
+                await _test_hold("prepare")
+                await self._guarded(self.prepare())
+                await self._guarded(self.perform())
+                await _test_hold("finish")
+                await self._guarded(self.finish())
+            except BaseException:
+                await self._failing()
+                raise
         except asyncio.CancelledError:
             self.info.status = "cancelled"
             self.info.error = "cancelled"
             await self._rollback()
             self._publish(force=True)
+            await self.dest.close()
             raise Cancelled(f"migration of {self.name} cancelled in {self.phase.value}; "
                             f"the source VM is running")
         except VmferryError as e:
             await self._fail(str(e))
+            await self.dest.close()
             if isinstance(e, UsageError):
                 raise
             if isinstance(e, MigrationError):
@@ -157,10 +163,43 @@ class Migration:
         except Exception as e:
             # A bug must not leave a half-migrated VM behind either.
             await self._fail(f"internal error: {e!r}")
+            await self.dest.close()
             raise MigrationError(f"internal error in {self.phase.value}: {e!r}; the source "
                                  f"VM is running", phase=self.phase.value) from e
-        await self.confirm()
+        try:
+            await self.confirm()
+        finally:
+            await self.dest.close()
         return self.info
+
+    async def _failing(self) -> None:
+        """Before rolling back, a destination we lost must not be waited on."""
+        lost = self.dest.lost()
+        if lost is not None and lost.done() and self.mon is not None:
+            await source.yank(self.mon)
+
+    async def _guarded(self, phase: Awaitable[None]) -> None:
+        """Run PHASE, but stop it as soon as the destination is lost: a cut
+        link stalls QEMU's sockets for minutes, the agent channel's keepalive
+        notices in seconds."""
+        lost = self.dest.lost()
+        if lost is None:
+            await phase
+            return
+        task = asyncio.ensure_future(phase)
+        try:
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        if task.done():
+            task.result()
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if not lost.cancelled():
+            raise lost.exception()
 
     async def begin(self) -> None:
         self._enter(Phase.BEGIN)
@@ -180,7 +219,8 @@ class Migration:
         if plans and (opts.copy_storage == "inc" or opts.storage_engine == "native"):
             from vmferry.migration import presync
             self.presynced = await presync.valid_records(
-                self.mon, self.presync_state, self.name, plans, self.dest_spec_paths(plans),
+                self.mon, self.presync_state if self.dest.presync_ok else None, self.name,
+                plans, self.dest_spec_paths(plans),
                 self._warn)
             if len(self.presynced) == len(plans):
                 opts.storage_engine = "native"      # only the bitmaps' extents move
@@ -188,7 +228,7 @@ class Migration:
             self.presynced = {}
             if opts.copy_storage == "inc":
                 no_backing = [p.path for p in plans if p.backing is None]
-                if no_backing and self.presync_state is not None and \
+                if no_backing and self.presync_state is not None and self.dest.presync_ok and \
                         presync.has_records(self.presync_state, self.name):
                     # a record that does not hold: never a silent partial copy
                     self._warn("copying every disk in full instead")
@@ -217,7 +257,8 @@ class Migration:
         self._enter(Phase.PREPARE)
         self._on_undo("destroy destination", self.dest.abort)
         self.prepared = await self.dest.prepare(self.spec, self.disks, self.opts,
-                                                accel=self.accel)
+                                                accel=self.accel,
+                                                presynced=frozenset(self.presynced))
 
     async def perform(self) -> None:
         self._enter(Phase.PERFORM)
@@ -225,16 +266,18 @@ class Migration:
         mon.phase = "perform"
         self._on_undo("roll back source", lambda: source.rollback(mon, self.was_running))
         self.info.storage_engine = self.opts.storage_engine
+        if self.prepared.tls_dir:
+            await source.add_tls(mon, self.prepared.tls_dir)
         if self.disks and self.opts.storage_engine == "native":
             await self._native_storage()
         elif self.disks:
             sync = "top" if self.opts.copy_storage == "inc" else "full"
             undo: list = []
-            await source.start_mirrors(mon, self.disks, self.prepared.nbd_server, sync, undo)
+            await source.start_mirrors(mon, self.disks, self.prepared, sync, undo)
             await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
                                             self._deadline_for_storage())
         await source.set_capabilities(mon, source.capabilities(self.opts))
-        await mon.cmd("migrate-set-parameters", **source.parameters(self.opts))
+        await mon.cmd("migrate-set-parameters", **source.parameters(self.opts, self.prepared))
         self.info.downtime_limit_ms = self.opts.max_downtime or source.DEFAULT_DOWNTIME_MS
         with mon.listener("MIGRATION") as events:
             await mon.cmd("migrate", uri=self.prepared.migrate_uri)

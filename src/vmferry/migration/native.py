@@ -85,11 +85,15 @@ class NativeStorage:
         return f"nbd+unix:///{EXPORT}{d.node}?socket={self.socket}"
 
     def _dst_uri(self, d: DiskPlan) -> str:
-        srv = self.prepared.nbd_server
-        if srv.get("type") != "unix":
-            raise MigrationError("the native storage engine needs a Unix-socket "
-                                 "destination for now", phase="perform")
-        return f"nbd+unix:///{self.prepared.exports[d.node]}?socket={srv['path']}"
+        srv, export = self.prepared.nbd_server, self.prepared.exports[d.node]
+        if srv.get("type") == "unix":
+            return f"nbd+unix:///{export}?socket={srv['path']}"
+        host = f"[{srv['host']}]" if ":" in srv["host"] else srv["host"]
+        if self.prepared.tls_dir:
+            # libnbd checks the certificate against the host in the URI
+            return (f"nbds://{host}:{srv['port']}/{export}"
+                    f"?tls-certificates={self.prepared.tls_dir}")
+        return f"nbd://{host}:{srv['port']}/{export}"
 
     async def _export(self, d: DiskPlan, bitmap: Optional[str]) -> None:
         args: dict[str, Any] = {"type": "nbd", "id": EXPORT + d.node, "node-name": d.node,

@@ -7,7 +7,9 @@ from typing import Any, Callable, Optional
 from vmferry.copying import copy_async
 from vmferry.errors import UsageError
 from vmferry.migration.destination import Destination
-from vmferry.migration.local import LocalDestination, create_image, image_size
+from vmferry.migration.destination import destination_spec
+from vmferry.migration.incoming import create_image, image_size
+from vmferry.migration.local import LocalDestination
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.stats import JobInfo
 from vmferry.vm.state import StateDir
@@ -23,7 +25,7 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
         raise UsageError("--offline needs a local:// destination for now")
     info = JobInfo(name=rec.name, phase="perform", status="running")
     spec = rec.spec
-    dspec = dest._dest_spec(spec, opts)
+    dspec = destination_spec(spec, opts)
     created = []
     try:
         if opts.copy_storage != "none":

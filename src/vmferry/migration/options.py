@@ -43,6 +43,20 @@ class MigrateOptions:
     compressed: bool = False
     # who copies the disks: QEMU's blockdev-mirror, or vmferry's engine (native.py)
     storage_engine: str = "mirror"
+    # remote destinations refuse to write into an existing image unless asked
+    overwrite_disks: bool = False
+    # --tls: QEMU's tls-creds-x509 for the disks' NBD and the migration stream
+    tls: bool = False
+    # where the source's TLS files are, laid out as /etc/pki (qemu/ for --tls,
+    # CA/ and libvirt/ for a tls:// agent)
+    pki_dir: Path = Path("/etc/pki")
+    # --listen-address: what the destination binds its NBD server and
+    # migration stream to (default: the address the source connects to)
+    listen_address: Optional[str] = None
+    # --disks-uri / --migrate-uri tcp://HOST[:PORT]: the destination address
+    # (and port) the source connects to, to pick a network
+    disks_uri: Optional[str] = None
+    migrate_uri: Optional[str] = None
 
     def validate(self) -> None:
         if self.storage_engine not in ("mirror", "native"):
@@ -63,5 +77,21 @@ class MigrateOptions:
             raise UsageError("--parallel-connections must be 1 to 64")
         if self.max_downtime is not None and self.max_downtime <= 0:
             raise UsageError("--max-downtime must be a positive number of milliseconds")
+        for flag, uri in (("--disks-uri", self.disks_uri), ("--migrate-uri", self.migrate_uri)):
+            if uri is not None:
+                parse_tcp_uri(flag, uri)
         if self.bandwidth is not None and self.bandwidth < 0:
             raise UsageError("--bandwidth must not be negative")
+
+
+def parse_tcp_uri(flag: str, uri: str) -> tuple[str, Optional[int]]:
+    """tcp://HOST[:PORT] (IPv6 hosts in brackets) -> (host, port or None)."""
+    from urllib.parse import urlsplit
+    u = urlsplit(uri)
+    try:
+        port = u.port
+    except ValueError:
+        port = -1
+    if u.scheme != "tcp" or not u.hostname or port == -1 or u.path not in ("", "/"):
+        raise UsageError(f"{flag} {uri!r}: use tcp://HOST or tcp://HOST:PORT")
+    return u.hostname, port

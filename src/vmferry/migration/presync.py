@@ -154,7 +154,9 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                   warn: Callable[[str], None],
                   progress: Optional[Callable[[Any], None]] = None) -> dict[str, Any]:
     """Copy (or refresh) the destination images of NAME's disks while it runs."""
-    from vmferry.migration.local import LocalDestination, create_image, image_size
+    from vmferry.migration.destination import destination_spec
+    from vmferry.migration.incoming import create_image, image_size
+    from vmferry.migration.local import LocalDestination
     if not isinstance(dest, LocalDestination):
         raise UsageError("presync needs a local:// destination for now")
     rec = state.load(name)
@@ -167,7 +169,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
     server = False
     try:
         plans = await plan_disks(mon, rec.spec, opts)
-        dspec = dest._dest_spec(rec.spec, opts)
+        dspec = destination_spec(rec.spec, opts)
         dpaths = {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
         good = await valid_records(mon, state, name, plans, dpaths, warn)
         old = _load(_source_record(state, name))

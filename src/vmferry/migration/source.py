@@ -19,6 +19,7 @@ PREFIX = "vmferry-mirror-"
 # "unlimited" for QEMU's max-bandwidth, whose own default is 128 MiB/s
 UNLIMITED_BANDWIDTH = 1 << 40
 DEFAULT_DOWNTIME_MS = 300
+TLS_ID = "vmferry-tls"
 
 
 @dataclasses.dataclass
@@ -92,13 +93,24 @@ async def plan_disks(mon: Monitor, spec: Any, opts: MigrateOptions) -> list[Disk
     return plans
 
 
-async def start_mirrors(mon: Monitor, disks: list[DiskPlan], server: dict[str, Any],
+async def add_tls(mon: Monitor, tls_dir: str) -> None:
+    """--tls: the source QEMU's client credentials, for its NBD client nodes and
+    the migration stream (removed again by rollback, or gone with the QEMU)."""
+    await mon.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID,
+                                   "dir": tls_dir, "endpoint": "client"})
+
+
+async def start_mirrors(mon: Monitor, disks: list[DiskPlan], prepared: Any,
                         sync: str, undo: list) -> None:
     """Perform, step 1: an NBD client node per disk and a mirror into it."""
     for d in disks:
         node = PREFIX + d.node
-        await mon.cmd("blockdev-add", **{"driver": "nbd", "node-name": node,
-                                          "server": server, "export": d.export})
+        args: dict[str, Any] = {"driver": "nbd", "node-name": node,
+                                "server": prepared.nbd_server, "export": d.export}
+        if prepared.tls_dir:
+            args["tls-creds"] = TLS_ID
+            args["tls-hostname"] = prepared.tls_hostname
+        await mon.cmd("blockdev-add", **args)
         undo.append(("blockdev-del", node))
         # auto-dismiss off: a failed job stays visible with its error text.
         await mon.cmd("blockdev-mirror", **{
@@ -196,14 +208,30 @@ def capabilities(opts: MigrateOptions) -> list[dict[str, Any]]:
     return [{"capability": k, "state": v} for k, v in caps.items()]
 
 
-def parameters(opts: MigrateOptions) -> dict[str, Any]:
+def parameters(opts: MigrateOptions, prepared: Any = None) -> dict[str, Any]:
+    tls = prepared is not None and prepared.tls_dir
     p: dict[str, Any] = {
         "max-bandwidth": opts.bandwidth * (1 << 20) if opts.bandwidth else UNLIMITED_BANDWIDTH,
         "downtime-limit": opts.max_downtime or DEFAULT_DOWNTIME_MS,
+        # parameters outlive a migration attempt: say "no TLS" explicitly too
+        "tls-creds": TLS_ID if tls else "",
+        "tls-hostname": prepared.tls_hostname if tls else "",
     }
     if opts.parallel_connections:
         p["multifd-channels"] = opts.parallel_connections
     return p
+
+
+async def yank(mon: Monitor) -> None:
+    """The destination is gone: shut down the sockets to it (the migration
+    stream and every vmferry NBD client node), so that cancelling does not
+    wait minutes for TCP to give up on a dead link."""
+    nodes = await mon.try_cmd("query-named-block-nodes", flat=True) or []
+    instances: list[dict[str, Any]] = [{"type": "migration"}]
+    instances += [{"type": "block-node", "node-name": n["node-name"]} for n in nodes
+                  if n["node-name"].startswith(PREFIX) and n.get("drv") == "nbd"]
+    for inst in instances:       # one at a time: yank fails on an unknown instance
+        await mon.try_cmd("yank", instances=[inst])
 
 
 async def rollback(mon: Monitor, resume: bool) -> None:
@@ -234,6 +262,8 @@ async def rollback(mon: Monitor, resume: bool) -> None:
     for n in nodes:
         if n["node-name"].startswith(PREFIX):
             await mon.try_cmd("blockdev-del", **{"node-name": n["node-name"]})
+    await mon.try_cmd("migrate-set-parameters", **{"tls-creds": "", "tls-hostname": ""})
+    await mon.try_cmd("object-del", id=TLS_ID)
     status = await mon.try_cmd("query-status") or {}
     if resume and status.get("status") in ("paused", "postmigrate", "finish-migrate"):
         await mon.try_cmd("cont")

@@ -1,0 +1,43 @@
+"""The agent's reaper: a small process of its own that waits for the agent
+to exit and then undoes every incoming migration the agent left unfinished
+(incoming.json in a VM's folder names what was created).
+
+An agent that is asked to stop cleans up by itself; the reaper is for the
+one that cannot: killed with SIGKILL, or out of memory.  It runs in its own
+session with no descriptor of the agent's, so it neither dies with the
+agent's process group nor keeps an ssh channel open.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import subprocess
+import sys
+
+
+def spawn(state_dir: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vmferry.agent.reaper", str(os.getpid()),
+                             state_dir],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, close_fds=True,
+                            start_new_session=True)
+
+
+def main(argv: list[str]) -> int:
+    pid, state_dir = int(argv[0]), argv[1]
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pass                    # already gone: reap right away
+    else:
+        select.select([fd], [], [])
+        os.close(fd)
+    from vmferry.migration.incoming import reap_orphans
+    from vmferry.vm.state import StateDir
+    asyncio.run(reap_orphans(StateDir(state_dir), owner=pid))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

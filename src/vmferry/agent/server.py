@@ -1,0 +1,333 @@
+"""`vmferry agent`: the destination side of migrations from other hosts.
+
+One Session per controlling connection (ssh's stdio, or one mutual-TLS
+connection).  Requests are validated before anything runs; a malformed or
+unknown one gets an error reply and the session goes on, except for a frame
+that breaks the framing itself, after which the connection is closed.
+Whatever a session prepared and did not finish is torn down when its
+connection drops or falls silent for longer than the client's keepalive
+allows, as libvirt destroys an incoming domain whose client went away.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+from vmferry.agent import protocol
+from vmferry.agent.pki import Pki
+from vmferry.agent.protocol import Args, ProtocolError
+from vmferry.errors import UsageError, VmferryError
+from vmferry.migration.incoming import DEFAULT_PORTS, Incoming, Network, Policy
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.source import DiskPlan
+from vmferry.vm.state import StateDir
+
+DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
+DEFAULT_KEEPALIVE = 5.0             # seconds between the client's pings
+KEEPALIVE_COUNT = 3                 # missed pings before the client is gone
+_NODE_RE = re.compile(r"disk[0-9]{1,3}")
+# MigrateOptions fields a source may set on the destination
+WIRE_OPTIONS = {"copy_storage": str, "create_disks": bool, "overwrite_disks": bool,
+                "postcopy": bool, "parallel_connections": int, "tls": bool}
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    state: StateDir
+    storage_roots: list[str]
+    pki: Pki
+    ports: tuple[int, int] = DEFAULT_PORTS
+
+
+def _log(text: str) -> None:
+    sys.stderr.write(f"vmferry agent: {text}\n")
+    sys.stderr.flush()
+
+
+class Session:
+    """One controlling connection and the (at most one) migration it drives."""
+
+    def __init__(self, cfg: AgentConfig, local_address: Optional[str]) -> None:
+        self.cfg = cfg
+        self.local_address = local_address      # where the source reached us
+        self.incoming: Optional[Incoming] = None
+        self.greeted = False
+        self.finished = False
+        self.closing = False
+        self.keepalive = DEFAULT_KEEPALIVE
+        self._busy = asyncio.Lock()              # one phase at a time
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- the connection --------------------------------------------------
+
+    async def serve(self, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        why = "the source closed the connection"
+        try:
+            while not self.closing:
+                # Before hello, the client's keepalive is not known yet.
+                silence = self.keepalive * KEEPALIVE_COUNT + 2
+                try:
+                    frame = await asyncio.wait_for(protocol.read_frame(reader), silence)
+                except asyncio.TimeoutError:
+                    why = f"no word from the source for {silence:g} s"
+                    break
+                except ProtocolError as e:
+                    await self._send(writer, protocol.error_reply(
+                        None, protocol.PROTOCOL_ERROR, str(e)))
+                    why = f"protocol error: {e}"
+                    break
+                except (ConnectionError, OSError):
+                    why = "the connection to the source broke"
+                    break
+                if frame is None:
+                    break
+                task = asyncio.ensure_future(self._answer(writer, frame))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in list(self._tasks):
+                # let a phase in progress end before undoing it
+                await asyncio.gather(task, return_exceptions=True)
+            if self.incoming is not None and not self.finished:
+                _log(f"{why}: removing the incoming VM {self.incoming.name}")
+                await self._abort()
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, obj: Any) -> None:
+        async with self._send_lock:
+            try:
+                writer.write(protocol.encode(obj))
+                await writer.drain()
+            except (ConnectionError, OSError):
+                pass       # the reader loop sees the same break and cleans up
+
+    async def _answer(self, writer: asyncio.StreamWriter, frame: Any) -> None:
+        rid = frame.get("id") if isinstance(frame, dict) else None
+        try:
+            if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
+                raise ProtocolError("a request is an object with an \"op\" string")
+            if not isinstance(rid, int) or isinstance(rid, bool):
+                raise ProtocolError("a request needs an integer \"id\"")
+            op = frame["op"]
+            handler = self.OPS.get(op)
+            if handler is None:
+                raise ProtocolError(f"unknown request {op!r}")
+            if op != "hello" and not self.greeted:
+                raise ProtocolError("the first request must be hello")
+            result = await handler(self, Args(op, frame.get("args", {})))
+            reply = {"id": rid, "ok": True, "result": result}
+        except VmferryError as e:
+            reply = protocol.error_reply(rid, protocol.kind_of(e), str(e))
+            if getattr(e, "phase", None):
+                reply["error"]["phase"] = e.phase
+        except Exception as e:          # a bug answers with an error, never a crash
+            reply = protocol.error_reply(rid, protocol.MIGRATION, f"internal error: {e!r}")
+        await self._send(writer, reply)
+
+    # -- requests --------------------------------------------------------
+
+    async def op_hello(self, a: Args) -> dict[str, Any]:
+        a.only("protocol", "version", "keepalive")
+        version = a.get("protocol", int)
+        if version != protocol.PROTOCOL:
+            raise ProtocolError(f"protocol {version} is not spoken here (this agent "
+                                f"speaks {protocol.PROTOCOL}): install the same vmferry "
+                                f"version on both hosts")
+        keepalive = a.get("keepalive", (int, float), DEFAULT_KEEPALIVE)
+        if not 0.1 <= keepalive <= 600:
+            raise UsageError("keepalive must be 0.1 to 600 seconds")
+        self.keepalive = float(keepalive)
+        self.greeted = True
+        from vmferry.cli import _version
+        from vmferry.vm.qemu import detect_accel
+        tls = (self.cfg.pki.dir / "qemu" / "server-cert.pem").is_file()
+        return {"protocol": protocol.PROTOCOL, "version": _version(),
+                "host": socket.gethostname(), "accel": detect_accel(), "tls": tls,
+                "storage_roots": self.cfg.storage_roots}
+
+    async def op_ping(self, a: Args) -> dict[str, Any]:
+        a.only()
+        return {}
+
+    async def op_prepare(self, a: Args) -> dict[str, Any]:
+        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate")
+        from vmferry.vm.spec import parse_spec
+        spec = parse_spec(a.get("spec", str), source="the source's VM spec")
+        disks = [_disk_plan(d, spec) for d in a.get("disks", list)]
+        opts = _options(Args("prepare options", a.get("options", dict)))
+        accel = a.get("accel", str, None)
+        if accel not in (None, "kvm", "tcg"):
+            raise ProtocolError("accel must be kvm or tcg")
+        presynced = frozenset(a.get("presynced", list, []))
+        nbd = self._listen(Args("prepare nbd", a.get("nbd", dict, {})))
+        mig = self._listen(Args("prepare migrate", a.get("migrate", dict, {})))
+        async with self._busy:
+            if self.incoming is not None:
+                raise UsageError("this connection has already prepared a migration")
+            tls_dir = self.cfg.pki.qemu_dir("server") if opts.tls else None
+            self.incoming = Incoming(self.cfg.state, network=Network(
+                tcp=True, nbd=nbd, migrate=mig, tls_dir=tls_dir),
+                policy=Policy(storage_roots=self.cfg.storage_roots, protect_existing=True))
+            prepared = await self.incoming.prepare(spec, spec, disks, opts, accel=accel,
+                                                   presynced=presynced)
+        return {"nbd": prepared.nbd_server, "migrate_uri": prepared.migrate_uri,
+                "exports": prepared.exports, "dest_paths": prepared.dest_paths,
+                "fresh": sorted(prepared.fresh)}
+
+    def _listen(self, a: Args) -> tuple[str, tuple[int, int]]:
+        a.only("address", "port")
+        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        port = a.get("port", int, None)
+        if port is not None and not 1 <= port <= 65535:
+            raise UsageError(f"port {port} is not a TCP port")
+        return address, (port, port) if port else self.cfg.ports
+
+    async def op_finish(self, a: Args) -> dict[str, Any]:
+        a.only("resume")
+        resume = a.get("resume", bool)
+        async with self._busy:
+            if self.incoming is None:
+                raise UsageError("finish before prepare")
+            state = await self.incoming.finish(resume=resume)
+            self.finished = True
+        return {"state": state}
+
+    async def op_abort(self, a: Args) -> dict[str, Any]:
+        a.only()
+        await self._abort()
+        return {}
+
+    async def _abort(self) -> None:
+        async with self._busy:
+            if self.incoming is not None and not self.finished:
+                await self.incoming.abort()
+
+    async def op_bye(self, a: Args) -> dict[str, Any]:
+        a.only()
+        self.closing = True
+        return {}
+
+    OPS: dict[str, Callable[["Session", Args], Awaitable[dict[str, Any]]]] = {
+        "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "finish": op_finish,
+        "abort": op_abort, "bye": op_bye}
+
+
+def _disk_plan(d: Any, spec: Any) -> DiskPlan:
+    a = Args("prepare disks", d)
+    a.only("node", "path", "fmt", "size", "export", "backing", "backing_fmt")
+    node = a.get("node", str)
+    if not _NODE_RE.fullmatch(node) or int(node[4:]) >= len(spec.disks):
+        raise ProtocolError(f"prepare: {node!r} is not a disk of the spec")
+    fmt = a.get("fmt", str)
+    if fmt not in ("raw", "qcow2"):
+        raise ProtocolError(f"prepare: format {fmt!r} is not raw or qcow2")
+    size = a.get("size", int)
+    if size < 0:
+        raise ProtocolError("prepare: a disk size is negative")
+    return DiskPlan(node=node, path=a.get("path", str), fmt=fmt, size=size,
+                    export=a.get("export", str), backing=a.get("backing", str, None),
+                    backing_fmt=a.get("backing_fmt", str, None))
+
+
+def _options(a: Args) -> MigrateOptions:
+    a.only(*WIRE_OPTIONS)
+    opts = MigrateOptions(**{k: a.get(k, t) for k, t in WIRE_OPTIONS.items() if k in a.args
+                             and a.args[k] is not None})
+    opts.validate()
+    return opts
+
+
+# -- transports ----------------------------------------------------------
+
+async def serve_stdio(cfg: AgentConfig) -> None:
+    """One session on stdin/stdout (what ssh runs).  The protocol gets
+    private copies of the two descriptors; 0 and 1 themselves are pointed
+    away so that no child (QEMU, qemu-img) can write into the channel or
+    hold it open after we are gone."""
+    rfd, wfd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    os.close(devnull)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 8)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                 os.fdopen(rfd, "rb", buffering=0))
+    wtransport, wproto = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(wfd, "wb", buffering=0))
+    writer = asyncio.StreamWriter(wtransport, wproto, reader, loop)
+    # ssh tells us which of our addresses the source dialled
+    conn = os.environ.get("SSH_CONNECTION", "").split()
+    session = Session(cfg, conn[2] if len(conn) == 4 else None)
+    await _until_signal(session.serve(reader, writer))
+
+
+async def serve_tls(cfg: AgentConfig, host: str, port: int,
+                    ready: Optional[Callable[[], None]] = None) -> None:
+    """A long-running agent: every connection must present a client
+    certificate signed by the CA, or the handshake fails and no request is
+    ever read."""
+    ctx = cfg.pki.server_context()
+    loop = asyncio.get_running_loop()
+
+    def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        peer = context.get("transport") and context["transport"].get_extra_info("peername")
+        _log(f"refused a connection{f' from {peer[0]}' if peer else ''}: "
+             f"{exc or context.get('message')}")
+    loop.set_exception_handler(on_error)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        _log(f"connection from {peer[0] if peer else '?'}")
+        await Session(cfg, local[0] if local else None).serve(reader, writer)
+
+    server = await asyncio.start_server(handle, host, port, ssl=ctx,
+                                        ssl_handshake_timeout=10,
+                                        limit=protocol.MAX_FRAME + 8)
+    _log(f"listening on {host}:{port} (mutual TLS, certificates in {cfg.pki.dir})")
+    if ready:
+        ready()
+    async with server:
+        await _until_signal(server.serve_forever())
+
+
+async def _until_signal(work: Awaitable[None]) -> None:
+    """Run WORK; SIGTERM, SIGINT and SIGHUP cancel it, so that sessions tear
+    down what they prepared before the agent exits."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def load_config(state: StateDir, roots: list[str], pki_dir: Path) -> AgentConfig:
+    """Storage roots: --storage-root, else storage_roots in STATE/agent.toml,
+    else the state directory alone."""
+    if not roots:
+        conf = state.path / "agent.toml"
+        if conf.is_file():
+            import tomllib
+            try:
+                data = tomllib.loads(conf.read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{conf}: {e}") from e
+            roots = data.get("storage_roots", [])
+            if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+                raise UsageError(f"{conf}: storage_roots must be a list of folders")
+    roots = [os.path.abspath(r) for r in roots] or [str(state.path)]
+    return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir))

@@ -1,0 +1,361 @@
+"""Prepare and Finish as the destination host runs them: a QEMU waiting with
+-incoming, an NBD server exporting its disks, and their teardown.
+
+Both destinations use this one class: LocalDestination (local.py) in the
+migrating process itself, and the agent (vmferry.agent) on another host.
+What an incoming migration created is also written down in the VM's folder
+(incoming.json), so that whoever finds it orphaned — the agent's reaper
+after the agent was killed, or the next agent to start — can remove it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+from vmferry.errors import MigrationError, UsageError
+from vmferry.migration.destination import Prepared
+from vmferry.migration.monitor import Monitor
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.source import DiskPlan
+from vmferry.units import format_size
+from vmferry.vm.process import start_vm_async, stop_vm_async
+from vmferry.vm.state import StateDir, pid_alive
+
+INCOMING_TIMEOUT = 120.0
+RECORD = "incoming.json"
+TLS_ID = "vmferry-tls"
+# libvirt's migration_port_min/max
+DEFAULT_PORTS = (49152, 49215)
+
+
+@dataclasses.dataclass
+class Network:
+    """Where the destination QEMU listens for disk data and the memory stream:
+    Unix sockets in the VM's runtime folder (same host), or TCP on an
+    (address, port range) each."""
+
+    tcp: bool = False
+    nbd: tuple[str, tuple[int, int]] = ("0.0.0.0", DEFAULT_PORTS)
+    migrate: tuple[str, tuple[int, int]] = ("0.0.0.0", DEFAULT_PORTS)
+    tls_dir: Optional[str] = None         # QEMU tls-creds-x509 dir (server side) for --tls
+
+
+@dataclasses.dataclass
+class Policy:
+    """What a destination host allows an incoming migration to write."""
+
+    storage_roots: Optional[list[str]] = None   # None: anywhere (same-host moves)
+    protect_existing: bool = False              # existing images need --overwrite-disks
+
+    def check_path(self, what: str, path: str) -> None:
+        if self.storage_roots is None:
+            return
+        real = os.path.realpath(path)
+        for root in self.storage_roots:
+            root = os.path.realpath(root)
+            if real == root or real.startswith(root.rstrip("/") + "/"):
+                return
+        raise UsageError(f"{what} {path} is outside the destination's storage roots "
+                         f"({', '.join(self.storage_roots)}): map it with --disk-map, or "
+                         f"start the agent with --storage-root")
+
+
+def _host(addr: str) -> str:
+    """An address as QEMU's tcp: URIs want it: IPv6 in brackets."""
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+def image_size(path: str) -> Optional[int]:
+    """Virtual size of an existing image, or None if there is none.  -U: the
+    image may be open in a running QEMU."""
+    if not os.path.exists(path):
+        return None
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", path],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UsageError(f"cannot read destination image {path}: "
+                         f"{out.stderr.strip().splitlines()[-1] if out.stderr else 'qemu-img failed'}")
+    return int(json.loads(out.stdout)["virtual-size"])
+
+
+def create_image(path: str, fmt: str, size: int, backing: Optional[str],
+                 backing_fmt: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["qemu-img", "create", "-q", "-f", fmt]
+    if backing and fmt == "qcow2":
+        cmd += ["-b", backing, "-F", backing_fmt]
+    cmd += [path, str(size)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UsageError(f"cannot create destination image {path}: {out.stderr.strip()}")
+
+
+class Incoming:
+    def __init__(self, state: StateDir, *, network: Optional[Network] = None,
+                 policy: Optional[Policy] = None) -> None:
+        self.state = state
+        self.network = network or Network()
+        self.policy = policy or Policy()
+        self.name: Optional[str] = None
+        self.mon: Optional[Monitor] = None
+        self.created: list[str] = []
+        self.new_vm_dir = False
+        self.started = False
+        self.exports: list[str] = []
+
+    # -- the record that lets someone else clean up after us -------------
+
+    def _record_path(self) -> Path:
+        assert self.name
+        return self.state.vm_dir(self.name) / RECORD
+
+    def _save_record(self) -> None:
+        path = self._record_path()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+                                   "new_vm_dir": self.new_vm_dir}))
+        os.replace(tmp, path)
+
+    # -- Prepare ---------------------------------------------------------
+
+    def _check_disks(self, spec: Any, dspec: Any, disks: list[DiskPlan],
+                     opts: MigrateOptions, presynced: set[str]) -> None:
+        by_node = {f"disk{i}": d for i, d in enumerate(dspec.disks)}
+        if dspec.serial:
+            self.policy.check_path("the serial log", dspec.serial)
+        for plan in disks:
+            target = by_node[plan.node].path
+            plan.dest_path = target
+            self.policy.check_path("destination image", target)
+            if os.path.realpath(target) == os.path.realpath(plan.path):
+                raise UsageError(f"the destination image of {plan.node} is the source's own "
+                                 f"file {target}: map it elsewhere with --disk-map "
+                                 f"{plan.path}=NEWPATH")
+            size = image_size(target)
+            if size is None:
+                if not opts.create_disks:
+                    raise UsageError(f"destination image {target} does not exist: create it "
+                                     f"or pass --create-disks")
+            elif size < plan.size:
+                raise UsageError(f"destination image {target} is smaller "
+                                 f"({format_size(size)}) than {plan.path} "
+                                 f"({format_size(plan.size)}): grow it, or remove it and "
+                                 f"pass --create-disks")
+            elif (self.policy.protect_existing and not opts.overwrite_disks
+                  and opts.copy_storage == "all" and plan.node not in presynced):
+                raise UsageError(f"destination image {target} already exists: pass "
+                                 f"--overwrite-disks to replace its contents, or map the "
+                                 f"disk elsewhere with --disk-map")
+
+    def _create_disks(self, disks: list[DiskPlan], opts: MigrateOptions) -> None:
+        for plan in disks:
+            if image_size(plan.dest_path) is None:
+                # Only an incremental copy keeps the shared backing file; a full
+                # copy makes the destination image stand alone.
+                inc = opts.copy_storage == "inc"
+                self.created.append(plan.dest_path)
+                self._save_record()        # before the file exists: never orphaned
+                create_image(plan.dest_path, plan.fmt, plan.size,
+                             plan.backing if inc else None, plan.backing_fmt or "raw")
+
+    async def prepare(self, spec: Any, dspec: Any, disks: list[DiskPlan],
+                      opts: MigrateOptions, *, accel: Optional[str] = None,
+                      presynced: set[str] = frozenset()) -> Prepared:
+        self.name = dspec.name
+        if self.state.read_pid(dspec.name) is not None:
+            raise UsageError(f"a VM named {dspec.name} already runs in {self.state.path}")
+        self.new_vm_dir = not self.state.vm_dir(dspec.name).exists()
+        self._check_disks(spec, dspec, disks, opts, set(presynced))
+        self._save_record()
+        self._create_disks(disks, opts)
+        vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True,
+                                  accel=accel)
+        self.started = True
+        self.mon = await Monitor(vm.qmp_socket, "destination", "prepare").connect()
+        net = self.network
+        tls = bool(opts.tls)
+        if tls:
+            if not net.tls_dir:
+                raise UsageError("--tls: the destination has no QEMU certificates "
+                                 "(PKI/qemu with ca-cert.pem, server-cert.pem, "
+                                 "server-key.pem)")
+            await self.mon.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID,
+                                                "dir": net.tls_dir, "endpoint": "server",
+                                                "verify-peer": True})
+        from vmferry.migration.source import capabilities, set_capabilities
+        # The destination must agree on the capabilities that change the stream.
+        await set_capabilities(self.mon, [c for c in capabilities(opts)
+                                          if c["capability"] in ("postcopy-ram", "multifd")])
+        params: dict[str, Any] = {}
+        if opts.parallel_connections:
+            params["multifd-channels"] = opts.parallel_connections
+        if tls:
+            params["tls-creds"] = TLS_ID
+        if params:
+            await self.mon.cmd("migrate-set-parameters", **params)
+        if net.tcp:
+            nbd_server, migrate_uri = await self._listen_tcp(disks, tls)
+        else:
+            nbd_server, migrate_uri = await self._listen_unix(disks)
+        return Prepared(migrate_uri=migrate_uri, nbd_server=nbd_server,
+                        exports={p.node: p.export for p in disks},
+                        dest_paths={p.node: p.dest_path for p in disks},
+                        fresh={p.node for p in disks if p.dest_path in self.created})
+
+    async def _export_disks(self, disks: list[DiskPlan]) -> None:
+        for plan in disks:
+            await self.mon.cmd("block-export-add", **{
+                "type": "nbd", "id": f"vmferry-export-{plan.node}",
+                "node-name": plan.node, "name": plan.export, "writable": True})
+            self.exports.append(f"vmferry-export-{plan.node}")
+
+    async def _listen_unix(self, disks: list[DiskPlan]) -> tuple[dict[str, Any], str]:
+        run = self.state.runtime_dir(self.name)
+        nbd_sock, mig_sock = run / "nbd.sock", run / "migrate.sock"
+        for p in (nbd_sock, mig_sock):
+            p.unlink(missing_ok=True)
+        if disks:
+            await self.mon.cmd("nbd-server-start",
+                               addr={"type": "unix", "data": {"path": str(nbd_sock)}})
+            await self._export_disks(disks)
+        await self.mon.cmd("migrate-incoming", uri=f"unix:{mig_sock}")
+        return {"type": "unix", "path": str(nbd_sock)}, f"unix:{mig_sock}"
+
+    async def _listen_tcp(self, disks: list[DiskPlan],
+                          tls: bool) -> tuple[dict[str, Any], str]:
+        """Take the first free port of each range: QEMU itself reports a port
+        in use, which no check made beforehand could rule out."""
+        server: dict[str, Any] = {}
+        if disks:
+            addr, port = await self._first_free("the disks' NBD server", self.network.nbd,
+                                                lambda a, p: ("nbd-server-start", {
+                                                    "addr": {"type": "inet", "data": {
+                                                        "host": a, "port": str(p)}},
+                                                    **({"tls-creds": TLS_ID} if tls else {})}))
+            server = {"type": "inet", "host": addr, "port": str(port)}
+            await self._export_disks(disks)
+        taken = int(server.get("port", 0))
+        addr, port = await self._first_free("the migration stream", self.network.migrate,
+                                            lambda a, p: ("migrate-incoming",
+                                                          {"uri": f"tcp:{_host(a)}:{p}"}),
+                                            skip=taken)
+        return server, f"tcp:{_host(addr)}:{port}"
+
+    async def _first_free(self, what: str, where: tuple[str, tuple[int, int]],
+                          command: Any, skip: int = 0) -> tuple[str, int]:
+        addr, (lo, hi) = where
+        for port in range(lo, hi + 1):
+            if port == skip:
+                continue
+            name, args = command(addr, port)
+            if await self._try_listen(name, args):
+                return addr, port
+        raise MigrationError(f"no free port in {lo}-{hi} on {addr} for {what}: widen "
+                             f"the agent's --port-range", phase="prepare")
+
+    async def _try_listen(self, command: str, args: dict[str, Any]) -> bool:
+        try:
+            await self.mon.cmd(command, **args)
+            return True
+        except MigrationError as e:
+            if "in use" in str(e) or "Failed to bind" in str(e) or "listen" in str(e):
+                return False
+            raise
+
+    # -- Finish ----------------------------------------------------------
+
+    async def finish(self, *, resume: bool) -> str:
+        mon = self.mon
+        if mon is None:
+            raise MigrationError("finish without prepare", phase="finish")
+        mon.phase = "finish"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INCOMING_TIMEOUT
+        while True:
+            info = await mon.cmd("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise MigrationError(f"incoming migration {status} on the destination: "
+                                     f"{info.get('error-desc', 'see its qemu.log')}",
+                                     phase="finish")
+            if loop.time() > deadline:
+                raise MigrationError("the destination never saw the migration complete",
+                                     phase="finish")
+            await asyncio.sleep(0.01)
+        for exp in self.exports:
+            await mon.cmd("block-export-del", id=exp)
+        if self.exports:
+            await mon.cmd("nbd-server-stop")
+        self.exports.clear()
+        if resume:
+            await mon.cmd("cont")
+        status = (await mon.cmd("query-status"))["status"]
+        await mon.close()
+        # The guest runs here now: nothing of it is ours to remove any more.
+        self.created.clear()
+        self.started = False
+        self._record_path().unlink(missing_ok=True)
+        return status
+
+    # -- rollback --------------------------------------------------------
+
+    async def abort(self) -> None:
+        if self.mon is not None:
+            await self.mon.close()
+            self.mon = None
+        if self.name is None:
+            return
+        if self.started:
+            await stop_vm_async(self.state, self.name, force=True, timeout=5)
+            self.started = False
+        _remove(self.state, self.name, self.created, self.new_vm_dir)
+        self.created.clear()
+
+
+def _remove(state: StateDir, name: str, created: list[str], new_vm_dir: bool) -> None:
+    for path in created:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    if new_vm_dir:
+        shutil.rmtree(state.vm_dir(name), ignore_errors=True)
+        run = state.runtime_dir(name)
+        if run != state.vm_dir(name):
+            shutil.rmtree(run, ignore_errors=True)
+    else:
+        (state.vm_dir(name) / RECORD).unlink(missing_ok=True)
+
+
+async def reap_orphans(state: StateDir, owner: Optional[int] = None) -> list[str]:
+    """Undo every incoming migration in STATE whose owner is gone (or is OWNER):
+    stop its QEMU, delete the images it created.  Returns the VM names."""
+    done = []
+    if not state.path.is_dir():
+        return done
+    for vm_dir in sorted(state.path.iterdir()):
+        rec_path = vm_dir / RECORD
+        try:
+            rec = json.loads(rec_path.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = rec.get("owner")
+        if owner is not None and pid != owner:
+            continue
+        if owner is None and isinstance(pid, int) and pid_alive(pid):
+            continue
+        name = vm_dir.name
+        if state.read_pid(name) is not None:
+            await stop_vm_async(state, name, force=True, timeout=5)
+        _remove(state, name, [str(p) for p in rec.get("created", [])],
+                bool(rec.get("new_vm_dir")))
+        done.append(name)
+    return done

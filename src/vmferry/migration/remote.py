@@ -1,0 +1,330 @@
+"""RemoteDestination: Prepare and Finish run by a vmferry agent on another
+host, reached over ssh (`ssh://[user@]host[:port][/state-dir]`, which runs
+`vmferry agent --stdio` there, as libvirt's qemu+ssh:// runs its helper) or
+over mutual TLS (`tls://host[:port]`, a long-running `vmferry agent
+--listen`).  Only requests and replies travel on this channel; the disks
+and the memory stream go straight from QEMU to QEMU.
+
+URI options (query string): keyfile, known_hosts, no_verify=1 and agent
+(the remote vmferry command) for ssh; keepalive=SECONDS for both.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import shlex
+from typing import Any, Optional
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from vmferry.agent import protocol
+from vmferry.agent.pki import Pki
+from vmferry.errors import MigrationError, UsageError
+from vmferry.migration.destination import Destination, Prepared, destination_spec
+from vmferry.migration.options import MigrateOptions, parse_tcp_uri
+from vmferry.migration.source import DiskPlan
+
+DEFAULT_KEEPALIVE = 5.0
+KEEPALIVE_COUNT = 3
+CONNECT_TIMEOUT = 30.0
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+_SSH_OPTS = ("keyfile", "known_hosts", "no_verify", "agent", "keepalive")
+_TLS_OPTS = ("keepalive",)
+
+
+class Channel:
+    """Requests to an agent over one byte stream.  A reader task matches
+    replies to requests; a keepalive task pings, so that a peer that went
+    silent (a cut link stalls rather than resets) is noticed within
+    KEEPALIVE_COUNT pings.  Either failure resolves `lost`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 where: str, keepalive: float,
+                 proc: Optional[asyncio.subprocess.Process] = None) -> None:
+        self.reader, self.writer, self.where = reader, writer, where
+        self.keepalive = keepalive
+        self.proc = proc
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._tasks = [asyncio.ensure_future(self._read()),
+                       asyncio.ensure_future(self._ping())]
+        self.stderr_tail: list[str] = []
+        if proc is not None and proc.stderr is not None:
+            self._tasks.append(asyncio.ensure_future(self._read_stderr(proc.stderr)))
+
+    def _lose(self, why: str) -> None:
+        if self.lost.done():
+            return
+        tail = "; ".join(self.stderr_tail[-2:])
+        err = MigrationError(f"lost the destination agent at {self.where}: {why}"
+                             + (f" ({tail})" if tail else ""))
+        self.lost.set_exception(err)
+        self.lost.exception()          # retrieved here: nobody has to wait on it
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frame = await protocol.read_frame(self.reader)
+                if frame is None:
+                    if self.proc is not None:
+                        # ssh's exit is what tells "Permission denied" from a crash
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self.proc.wait(), 2)
+                    self._lose("the connection closed")
+                    return
+                rid = frame.get("id") if isinstance(frame, dict) else None
+                fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+                if fut is None:
+                    if isinstance(frame, dict) and frame.get("ok") is False:
+                        self._lose(f"it refused the connection: "
+                                   f"{frame.get('error', {}).get('message')}")
+                        return
+                    continue
+                if not fut.done():
+                    fut.set_result(frame)
+        except (protocol.ProtocolError, ConnectionError, OSError) as e:
+            self._lose(str(e) or type(e).__name__)
+
+    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            text = line.decode(errors="replace").strip()
+            if text:
+                self.stderr_tail = (self.stderr_tail + [text])[-5:]
+
+    async def _ping(self) -> None:
+        while not self.lost.done():
+            await asyncio.sleep(self.keepalive)
+            try:
+                await asyncio.wait_for(self.call("ping"), self.keepalive * KEEPALIVE_COUNT)
+            except asyncio.TimeoutError:
+                self._lose(f"no answer for {self.keepalive * KEEPALIVE_COUNT:g} s "
+                           f"(network down?)")
+            except MigrationError:
+                return
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        if self.lost.done():
+            raise self.lost.exception()
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self.writer.write(protocol.encode({"id": rid, "op": op, "args": args}))
+            await self.writer.drain()
+        except (ConnectionError, OSError) as e:
+            self._lose(f"cannot send {op}: {e}")
+        try:
+            reply = await fut
+        finally:
+            self._pending.pop(rid, None)
+        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+            raise protocol.ProtocolError(f"the agent sent a malformed reply to {op}")
+        if not reply["ok"]:
+            protocol.raise_error(op, reply.get("error"))
+        result = reply.get("result")
+        return result if isinstance(result, dict) else {}
+
+    async def close(self) -> None:
+        if not self.lost.done():
+            with contextlib.suppress(MigrationError, protocol.ProtocolError,
+                                     asyncio.TimeoutError):
+                await asyncio.wait_for(self.call("bye"), 5)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.close()
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 5)
+        if not self.lost.done():
+            self.lost.cancel()
+
+
+class RemoteDestination(Destination):
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        u = urlsplit(uri)
+        self.scheme = u.scheme
+        if u.scheme not in ("ssh", "tls") or not u.hostname:
+            raise UsageError(f"destination {uri!r}: use ssh://[USER@]HOST[:PORT][/STATE-DIR] "
+                             f"or tls://HOST[:PORT]")
+        try:
+            self.port = u.port
+        except ValueError:
+            raise UsageError(f"destination {uri!r}: the port is not a number") from None
+        self.host = u.hostname
+        self.user = unquote(u.username) if u.username else None
+        self.state_dir = unquote(u.path) if u.path not in ("", "/") else None
+        query = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
+        allowed = _SSH_OPTS if u.scheme == "ssh" else _TLS_OPTS
+        unknown = set(query) - set(allowed)
+        if unknown:
+            raise UsageError(f"destination {uri!r}: unknown option {sorted(unknown)[0]!r} "
+                             f"(known: {', '.join(allowed)})")
+        if u.scheme == "tls" and self.state_dir:
+            raise UsageError(f"destination {uri!r}: a tls:// agent has its own state "
+                             f"directory; drop the path")
+        self.query = query
+        try:
+            self.keepalive = float(query.get("keepalive", DEFAULT_KEEPALIVE))
+        except ValueError:
+            self.keepalive = -1
+        if not 0.1 <= self.keepalive <= 600:
+            raise UsageError(f"destination {uri!r}: keepalive must be 0.1 to 600 seconds")
+        self.channel: Optional[Channel] = None
+        self.info: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return self.uri.split("?")[0]
+
+    # -- the channel -----------------------------------------------------
+
+    def ssh_argv(self) -> list[str]:
+        argv = ["ssh", "-o", "BatchMode=yes", "-T",
+                # ssh's own keepalive ends a session whose link died, so the
+                # agent sees its stdin close even if we are gone too
+                "-o", f"ServerAliveInterval={max(1, int(self.keepalive))}",
+                "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}"]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        if self.user:
+            argv += ["-l", self.user]
+        if "keyfile" in self.query:
+            argv += ["-i", self.query["keyfile"], "-o", "IdentitiesOnly=yes"]
+        if "known_hosts" in self.query:
+            argv += ["-o", f"UserKnownHostsFile={self.query['known_hosts']}"]
+        if self.query.get("no_verify") in ("1", "yes", "true"):
+            argv += ["-o", "StrictHostKeyChecking=no"]
+        remote = [self.query.get("agent") or "vmferry"]
+        if self.state_dir:
+            remote += ["--state-dir", self.state_dir]
+        remote += ["agent", "--stdio"]
+        return argv + [self.host, "--", shlex.join(remote)]
+
+    async def _connect(self, opts: MigrateOptions) -> Channel:
+        if self.channel is not None:
+            return self.channel
+        where = f"{self.host}"
+        if self.scheme == "ssh":
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.ssh_argv(), stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    limit=protocol.MAX_FRAME + 8, start_new_session=True)
+            except OSError as e:
+                raise UsageError(f"cannot run ssh: {e.strerror or e}") from e
+            self.channel = Channel(proc.stdout, proc.stdin, f"ssh://{where}",
+                                   self.keepalive, proc)
+        else:
+            ctx = Pki(opts.pki_dir).client_context()
+            port = self.port or 16514
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    self.host, port, ssl=ctx, server_hostname=self.host,
+                    limit=protocol.MAX_FRAME + 8), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as e:
+                raise MigrationError(f"cannot reach the agent at tls://{self.host}:{port}: "
+                                     f"{e.strerror if isinstance(e, OSError) and e.strerror else e or 'timed out'}",
+                                     phase="prepare") from e
+            self.channel = Channel(reader, writer, f"tls://{where}:{port}", self.keepalive)
+        try:
+            self.info = await asyncio.wait_for(self.channel.call(
+                "hello", protocol=protocol.PROTOCOL, version=_version(),
+                keepalive=self.keepalive), CONNECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            await self.channel.close()
+            raise MigrationError(f"the agent at {self} did not answer within "
+                                 f"{CONNECT_TIMEOUT:g} s", phase="prepare") from None
+        except BaseException:
+            await self.channel.close()
+            raise
+        return self.channel
+
+    def lost(self) -> Optional[asyncio.Future]:
+        return self.channel.lost if self.channel else None
+
+    # -- the phases ------------------------------------------------------
+
+    async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
+                      accel: Optional[str] = None,
+                      presynced: frozenset[str] = frozenset()) -> Prepared:
+        dspec = destination_spec(spec, opts)
+        tls_dir = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
+        ch = await self._connect(opts)
+        if opts.tls and not self.info.get("tls"):
+            raise UsageError(f"--tls: the destination {self} has no QEMU server "
+                             f"certificates (its PKI/qemu/server-cert.pem)")
+        dhost, dport = _uri_host(opts.disks_uri, "--disks-uri")
+        mhost, mport = _uri_host(opts.migrate_uri, "--migrate-uri")
+        listen = opts.listen_address
+        r = await ch.call(
+            "prepare", spec=dspec.to_toml(),
+            disks=[{"node": d.node, "path": d.path, "fmt": d.fmt, "size": d.size,
+                    "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt}
+                   for d in disks],
+            options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
+                     "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
+                     "parallel_connections": opts.parallel_connections, "tls": opts.tls},
+            accel=accel, presynced=sorted(presynced),
+            nbd={"address": listen or dhost, "port": dport},
+            migrate={"address": listen or mhost, "port": mport})
+        for d in disks:
+            d.dest_path = r.get("dest_paths", {}).get(d.node, "")
+        nbd = dict(r.get("nbd") or {})
+        if nbd:
+            nbd["host"] = self._connect_host(dhost, nbd.get("host"))
+        mig_host, _, mig_port = str(r.get("migrate_uri", "")).removeprefix("tcp:").rpartition(":")
+        mig_host = self._connect_host(mhost, mig_host.strip("[]"))
+        tls_host = nbd.get("host") if nbd else mig_host
+        return Prepared(migrate_uri=f"tcp:{_bracket(mig_host)}:{mig_port}", nbd_server=nbd,
+                        exports=dict(r.get("exports", {})),
+                        dest_paths=dict(r.get("dest_paths", {})),
+                        fresh=set(r.get("fresh", [])), tls_dir=tls_dir,
+                        tls_hostname=tls_host if opts.tls else None)
+
+    def _connect_host(self, asked: Optional[str], listening: Optional[str]) -> str:
+        """Where the source dials: the host the user named for this stream,
+        else the address the agent listens on, else the destination's host."""
+        if asked:
+            return asked
+        if listening and listening not in WILDCARDS:
+            return listening
+        return self.host
+
+    async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
+        assert self.channel is not None
+        r = await self.channel.call("finish", resume=resume)
+        return str(r.get("state", "unknown"))
+
+    async def abort(self) -> None:
+        if self.channel is None or self.channel.lost.done():
+            return      # the agent tears down by itself once we are gone
+        with contextlib.suppress(MigrationError, UsageError, protocol.ProtocolError,
+                                 asyncio.TimeoutError):
+            await asyncio.wait_for(self.channel.call("abort"), 60)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+
+def _uri_host(uri: Optional[str], flag: str) -> tuple[Optional[str], Optional[int]]:
+    return parse_tcp_uri(flag, uri) if uri else (None, None)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _version() -> str:
+    from vmferry.cli import _version as v
+    return v()
