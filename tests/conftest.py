@@ -72,3 +72,43 @@ def vmferry():
         return importlib.import_module("vmferry")
     except Exception as e:          # a broken build must show up red, never as a skip
         pytest.fail(f"cannot import vmferry: {type(e).__name__}: {e}", pytrace=False)
+
+
+# --------------------------------------------------------------------------- two hosts
+# The destination host in a network namespace, real certificates and a real sshd
+# (tests/netlab.py).  Module-scoped: building them takes a second or two.
+
+from netlab import NetLab, Pki, Sshd, make_pki, netlab_unavailable, start_sshd
+
+
+@pytest.fixture(scope="module")
+def netlab():
+    """A NetLab: this namespace is the source host, netlab.ns the destination."""
+    reason = netlab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with NetLab() as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def pki(netlab, tmp_path_factory) -> Pki:
+    """CA, server and client certificates valid for both hosts and for localhost."""
+    return make_pki(tmp_path_factory.mktemp("pki"),
+                    [netlab.dest_ip, netlab.host_ip, "localhost", "127.0.0.1"])
+
+
+@pytest.fixture(scope="module")
+def rogue_pki(netlab, tmp_path_factory) -> Pki:
+    """An unrelated CA with certificates for the same names: every peer must refuse it."""
+    return make_pki(tmp_path_factory.mktemp("rogue"),
+                    [netlab.dest_ip, netlab.host_ip, "localhost", "127.0.0.1"],
+                    ca_name="rogue CA")
+
+
+@pytest.fixture(scope="module")
+def sshd(netlab, tmp_path_factory):
+    """sshd on the destination host: ``sshd.ssh_argv() + [command]`` runs as root there."""
+    s: Sshd = start_sshd(netlab, tmp_path_factory.mktemp("sshd"))
+    yield s
+    s.stop()

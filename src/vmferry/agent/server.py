@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
@@ -279,27 +280,46 @@ async def serve_tls(cfg: AgentConfig, host: str, port: int,
     ctx = cfg.pki.server_context()
     loop = asyncio.get_running_loop()
 
-    def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        peer = context.get("transport") and context["transport"].get_extra_info("peername")
-        _log(f"refused a connection{f' from {peer[0]}' if peer else ''}: "
-             f"{exc or context.get('message')}")
-    loop.set_exception_handler(on_error)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        local = writer.get_extra_info("sockname")
-        _log(f"connection from {peer[0] if peer else '?'}")
+    async def handshake(raw: asyncio.Transport) -> None:
+        # The handshake is ours rather than asyncio's, so that a refused peer
+        # (no certificate, a stranger's, plain TCP) is logged, not ignored.
+        peer = raw.get_extra_info("peername")
+        who = peer[0] if peer else "?"
+        reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 8)
+        proto = asyncio.StreamReaderProtocol(reader)
+        try:
+            tls = await loop.start_tls(raw, proto, ctx, server_side=True,
+                                       ssl_handshake_timeout=10)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
+            _log(f"refused a connection from {who}: {_tls_reason(e)}")
+            raw.abort()
+            return
+        proto.connection_made(tls)
+        writer = asyncio.StreamWriter(tls, proto, reader, loop)
+        local = tls.get_extra_info("sockname")
+        cert = tls.get_extra_info("peercert") or {}
+        subject = dict(x[0] for x in cert.get("subject", ()) if x)
+        _log(f"connection from {who} ({subject.get('commonName', 'no name')})")
         await Session(cfg, local[0] if local else None).serve(reader, writer)
 
-    server = await asyncio.start_server(handle, host, port, ssl=ctx,
-                                        ssl_handshake_timeout=10,
-                                        limit=protocol.MAX_FRAME + 8)
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            # Not one byte may be read before the TLS layer is in place.
+            transport.pause_reading()
+            loop.create_task(handshake(transport))
+
+    server = await loop.create_server(Accept, host, port)
     _log(f"listening on {host}:{port} (mutual TLS, certificates in {cfg.pki.dir})")
     if ready:
         ready()
     async with server:
         await _until_signal(server.serve_forever())
+
+
+def _tls_reason(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "no TLS handshake within 10 s"
+    return getattr(e, "reason", None) or str(e) or type(e).__name__
 
 
 async def _until_signal(work: Awaitable[None]) -> None:
@@ -315,19 +335,36 @@ async def _until_signal(work: Awaitable[None]) -> None:
         pass
 
 
-def load_config(state: StateDir, roots: list[str], pki_dir: Path) -> AgentConfig:
-    """Storage roots: --storage-root, else storage_roots in STATE/agent.toml,
-    else the state directory alone."""
+def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
+                ports: Optional[tuple[int, int]] = None) -> AgentConfig:
+    """Settings from the command line, else from STATE/agent.toml (what an
+    ssh:// source gets, as it cannot pass options to the agent):
+        storage_roots = ["/srv/images"]     # default: the state directory alone
+        pki = "/etc/pki"                    # default: /etc/pki
+        port_range = [49152, 49215]
+    """
+    conf = state.path / "agent.toml"
+    data: dict[str, Any] = {}
+    if conf.is_file():
+        import tomllib
+        try:
+            data = tomllib.loads(conf.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{conf}: {e}") from e
     if not roots:
-        conf = state.path / "agent.toml"
-        if conf.is_file():
-            import tomllib
-            try:
-                data = tomllib.loads(conf.read_text())
-            except (OSError, ValueError) as e:
-                raise UsageError(f"{conf}: {e}") from e
-            roots = data.get("storage_roots", [])
-            if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
-                raise UsageError(f"{conf}: storage_roots must be a list of folders")
+        roots = data.get("storage_roots", [])
+        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+            raise UsageError(f"{conf}: storage_roots must be a list of folders")
+    if pki_dir is None:
+        pki = data.get("pki", "/etc/pki")
+        if not isinstance(pki, str):
+            raise UsageError(f"{conf}: pki must be a folder")
+        pki_dir = Path(pki)
+    if ports is None:
+        r = data.get("port_range", list(DEFAULT_PORTS))
+        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) for x in r)
+                or not 1 <= r[0] <= r[1] <= 65535):
+            raise UsageError(f"{conf}: port_range must be [LOW, HIGH]")
+        ports = (r[0], r[1])
     roots = [os.path.abspath(r) for r in roots] or [str(state.path)]
-    return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir))
+    return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir), ports=ports)

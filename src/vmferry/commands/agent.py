@@ -21,13 +21,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="one session on stdin/stdout")
     mode.add_argument("--listen", metavar="HOST[:PORT]",
                       help="accept mutual-TLS connections (default port 16514)")
-    p.add_argument("--pki", type=Path, default=Path("/etc/pki"), metavar="DIR",
-                   help="certificates laid out as libvirt's /etc/pki (default: %(default)s)")
+    p.add_argument("--pki", type=Path, metavar="DIR",
+                   help="certificates laid out as libvirt's /etc/pki (default: pki of "
+                        "STATE-DIR/agent.toml, else /etc/pki)")
     p.add_argument("--storage-root", action="append", default=[], metavar="DIR",
                    help="a folder incoming disk images may be written under (repeatable; "
                         "default: storage_roots of STATE-DIR/agent.toml, else STATE-DIR)")
-    p.add_argument("--port-range", default="49152-49215", metavar="LO-HI",
-                   help="TCP ports for disk and migration data (default: %(default)s)")
+    p.add_argument("--port-range", metavar="LO-HI",
+                   help="TCP ports for disk and migration data (default: port_range of "
+                        "STATE-DIR/agent.toml, else 49152-49215)")
     p.set_defaults(func=run)
 
 
@@ -62,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from vmferry.migration.incoming import reap_orphans
     from vmferry.vm.state import StateDir
     state = StateDir(args.state_dir)
-    cfg = server.load_config(state, args.storage_root, args.pki)
-    cfg.ports = _port_range(args.port_range)
+    cfg = server.load_config(state, args.storage_root, args.pki,
+                             _port_range(args.port_range) if args.port_range else None)
     listen = _host_port(args.listen) if args.listen else None
     if listen:
         cfg.pki.server_context()          # missing certificates: say so before listening

@@ -232,8 +232,7 @@ class RemoteDestination(Destination):
                     limit=protocol.MAX_FRAME + 8), CONNECT_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as e:
                 raise MigrationError(f"cannot reach the agent at tls://{self.host}:{port}: "
-                                     f"{e.strerror if isinstance(e, OSError) and e.strerror else e or 'timed out'}",
-                                     phase="prepare") from e
+                                     f"{_why(e)}", phase="prepare") from e
             self.channel = Channel(reader, writer, f"tls://{where}:{port}", self.keepalive)
         try:
             self.info = await asyncio.wait_for(self.channel.call(
@@ -315,6 +314,12 @@ class RemoteDestination(Destination):
         if self.channel is not None:
             await self.channel.close()
             self.channel = None
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or repr(e)
 
 
 def _uri_host(uri: Optional[str], flag: str) -> tuple[Optional[str], Optional[int]]:

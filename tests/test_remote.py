@@ -1,0 +1,276 @@
+"""Migrations between two hosts: the destination is a network namespace with
+its own address (tests/netlab.py), reached over a real sshd or a mutual-TLS
+`vmferry agent --listen` running inside it.  Disk and memory data cross the
+veth link from the source QEMU to the destination QEMU, with and without
+--tls.  Failures (the link cut, the agent killed) must leave the source
+running and the destination empty; strangers (a wrong certificate, an
+unknown ssh key, plain TCP) are refused.
+
+Skipped, with the reason, where network namespaces cannot be made.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+pytest.register_assert_rewrite("migrate_helpers")
+from migrate_helpers import (  # noqa: E402
+    QEMU, SLOW, Lab, images_identical, make_image, qemu_pids,
+)
+from vmferry.guest import build_guest, find_qboot  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which(QEMU) is None or shutil.which("qemu-img") is None,
+                       reason="needs qemu-system-x86_64 and qemu-img"),
+    pytest.mark.timeout(240),
+]
+
+AGENT = str(Path(sys.executable).parent / "vmferry")
+TLS_PORT = 16599
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> Path:
+    if not (shutil.which("as") and shutil.which("ld")):
+        pytest.skip("GNU binutils (as, ld) not installed: cannot build the test guest")
+    return build_guest(tmp_path_factory.mktemp("guest"))
+
+
+class RemoteLab(Lab):
+    """Lab's A is this host; B is the destination host's state directory (the
+    same file system, as a shared /home would be; its QEMU runs in the
+    namespace).  Images and logs may be written anywhere under the lab."""
+
+    def __init__(self, root: Path, kernel: Path, netlab, sshd, pki) -> None:
+        super().__init__(root, kernel, find_qboot(QEMU))
+        self.net, self.sshd, self.pki = netlab, sshd, pki
+        self.B.mkdir()
+        (self.B / "agent.toml").write_text(f'storage_roots = ["{root}"]\n'
+                                           f'pki = "{pki.dir}"\n')
+
+    def ssh_uri(self, key: Path | None = None, keepalive: float = 5) -> str:
+        s = self.sshd
+        q = (f"keyfile={quote(str(key or s.key))}&known_hosts={quote(str(s.known_hosts))}"
+             f"&agent={quote(AGENT)}&keepalive={keepalive:g}")
+        return f"ssh://{s.user}@{s.host}:{s.port}{self.B}?{q}"
+
+    def tls_uri(self, keepalive: float = 5) -> str:
+        return f"tls://{self.net.dest_ip}:{TLS_PORT}?keepalive={keepalive:g}"
+
+    def start_tls_agent(self) -> subprocess.Popen:
+        log = open(self.root / "agent.log", "wb")
+        p = self.net.popen([AGENT, "--state-dir", str(self.B), "agent", "--listen",
+                            f"{self.net.dest_ip}:{TLS_PORT}", "--pki", str(self.pki.dir)],
+                           stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.procs.append(p)
+        self.wait_for("the tls agent to listen",
+                      lambda: b"listening on" in (self.root / "agent.log").read_bytes(), 20,
+                      proc=p)
+        return p
+
+    def remote(self, dest: str, *args, name: str = "web1", timeout: float = 180):
+        return self.vmferry("migrate", name, dest, "--pki", self.pki.dir, *args,
+                            timeout=timeout)
+
+    def assert_destination_empty(self, timeout: float = 30) -> None:
+        """Nothing of the incoming VM is left on the destination host."""
+        self.wait_for("the destination to be cleaned up",
+                      lambda: not qemu_pids(self.B) and not (self.B / "web1").exists(),
+                      timeout)
+
+
+@pytest.fixture
+def rlab(kernel, netlab, sshd, pki):
+    root = Path(tempfile.mkdtemp(prefix="vmfr-"))
+    lab = RemoteLab(root, kernel, netlab, sshd, pki)
+    try:
+        yield lab
+    finally:
+        netlab.link_up()
+        netlab.unshape()
+        lab.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _migrate_and_check(lab: RemoteLab, dest: str, *extra: str) -> dict:
+    src = make_image(lab.root / "src.qcow2", "qcow2", 64)
+    dst = lab.root / "dst.qcow2"
+    spec = lab.spec(disk=src, fmt="qcow2", memory="128M", mem="64M")
+    serial = lab.serial_of(spec)
+    lab.run_vm(spec, wait_pass=2)
+    out = lab.ok(lab.remote(dest, "--disk-map", f"{src}={dst}", "--create-disks", *extra))
+    assert out.startswith("migrated web1 in "), out
+    # the guest runs on in the destination host's QEMU, memory intact
+    st = lab.status(state=lab.B)
+    assert st["state"] == "running", st
+    assert _in_namespace(st["pid"], lab.net.ns), "the destination QEMU runs on this host"
+    at, problems, _ = lab.progress(serial)
+    assert problems == [], problems
+    lab.wait_progress(serial, at + 2, 30)
+    assert lab.progress(serial)[1] == []
+    assert qemu_pids(lab.A) == []
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    assert images_identical(src, dst, "qcow2") == ""
+    return lab.jobinfo()
+
+
+def _in_namespace(pid: int, ns: str) -> bool:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{ns}").st_ino
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_migration_over_ssh(rlab, tls):
+    """ssh://: the agent runs through the system ssh client; the disks and memory
+    cross the link between the hosts, encrypted with --tls."""
+    extra = ["--tls"] if tls else []
+    info = _migrate_and_check(rlab, rlab.ssh_uri(), *extra)
+    assert info["status"] == "completed" and info["disk_remaining"] == 0, info
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_migration_to_tls_agent(rlab, tls):
+    agent = rlab.start_tls_agent()
+    extra = ["--tls", "--storage-engine", "native"] if tls else []
+    info = _migrate_and_check(rlab, rlab.tls_uri(), *extra)
+    assert info["status"] == "completed", info
+    assert agent.poll() is None, "the long-running agent exited after one migration"
+
+
+def _slow_migration(lab: RemoteLab, dest: str) -> tuple[subprocess.Popen, Path, str]:
+    """A migration stuck in its disk copy long enough to break something: a
+    256 MiB disk over a link shaped to 40 Mbit/s."""
+    from migrate_helpers import sha256
+    src = make_image(lab.root / "src.raw", "raw", 256)
+    spec = lab.spec(disk=src, memory="64M", mem="16M", dirty="fast")
+    lab.run_vm(spec, wait_pass=2)
+    digest = sha256(src)
+    lab.net.shape("40mbit")
+    p = lab.start("migrate", "web1", dest, "--pki", lab.pki.dir, "--disk-map",
+                  f"{src}={lab.root / 'dst.raw'}", "--create-disks")
+    lab.wait_for("the disk copy to start",
+                 lambda: lab.job_file().get("disk_processed", 0) > 4 << 20, 60, proc=p)
+    return p, src, digest
+
+
+@pytest.mark.parametrize("transport", ["ssh", "tls"])
+def test_link_cut_mid_migration(rlab, transport):
+    """The cable is pulled during the disk copy: within a few keepalives the
+    source gives up, resumes the guest with its disk untouched, and the agent,
+    hearing nothing, removes the incoming VM."""
+    if transport == "tls":
+        rlab.start_tls_agent()
+        dest = rlab.tls_uri(keepalive=1)
+    else:
+        dest = rlab.ssh_uri(keepalive=1)
+    p, src, digest = _slow_migration(rlab, dest)
+    t0 = time.monotonic()
+    rlab.net.link_down()
+    cp = rlab.finish(p, timeout=60)
+    took = time.monotonic() - t0
+    line = rlab.one_error(cp)
+    assert "lost the destination agent" in line and "the source VM is running" in line, line
+    assert took < 30, f"noticed the cut link only after {took:.0f} s"
+    rlab.net.link_up()
+    rlab.net.unshape()
+    rlab.assert_destination_empty()
+    rlab.assert_source_intact(serial=rlab.serial_of(rlab.root / "web1.toml"), disk=src,
+                              disk_hash=digest, dest_disk=rlab.root / "dst.raw")
+
+
+def _agent_pids(state: Path) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path("/proc", entry, "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"agent" in cmd and os.fsencode(state) in cmd and b"--stdio" in cmd:
+                out.append(int(entry))
+    return out
+
+
+def test_agent_killed_mid_migration(rlab):
+    """SIGKILL for the agent during the disk copy: the source says so and resumes;
+    the agent's reaper removes the destination QEMU and the image it created."""
+    p, src, digest = _slow_migration(rlab, rlab.ssh_uri())
+    pids = _agent_pids(rlab.B)
+    assert pids, "no agent process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    line = rlab.one_error(rlab.finish(p, timeout=60))
+    assert "the source VM is running" in line, line
+    rlab.net.unshape()
+    rlab.assert_destination_empty()
+    rlab.assert_source_intact(serial=rlab.serial_of(rlab.root / "web1.toml"), disk=src,
+                              disk_hash=digest, dest_disk=rlab.root / "dst.raw")
+
+
+# --------------------------------------------------------------------------- strangers
+
+def _idle_vm(lab: RemoteLab) -> Path:
+    src = make_image(lab.root / "src.raw", "raw", 8)
+    lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="idle"))
+    return src
+
+
+def test_unknown_ssh_key_is_refused(rlab):
+    src = _idle_vm(rlab)
+    cp = rlab.remote(rlab.ssh_uri(key=rlab.sshd.stranger_key), "--disk-map",
+                     f"{src}={rlab.root / 'dst.raw'}", "--create-disks")
+    line = rlab.one_error(cp)
+    assert "Permission denied" in line and "the source VM is running" in line, line
+    rlab.assert_destination_empty(5)
+    assert rlab.status()["state"] == "running"
+
+
+def test_wrong_client_certificate_is_refused(rlab, rogue_pki):
+    agent = rlab.start_tls_agent()
+    src = _idle_vm(rlab)
+    cp = rlab.vmferry("migrate", "web1", rlab.tls_uri(), "--pki", rogue_pki.dir,
+                      "--disk-map", f"{src}={rlab.root / 'dst.raw'}", "--create-disks")
+    line = rlab.one_error(cp)
+    assert "tls://" in line and "the source VM is running" in line, line
+    assert "certificate" in line.lower() or "closed" in line, line
+    rlab.wait_for("the agent to log the refusal",
+                  lambda: b"refused a connection" in (rlab.root / "agent.log").read_bytes(), 10)
+    assert agent.poll() is None
+    rlab.assert_destination_empty(5)
+    assert rlab.status()["state"] == "running"
+
+
+def test_plain_tcp_to_the_agent_is_refused(rlab):
+    agent = rlab.start_tls_agent()
+    hello = json.dumps({"id": 1, "op": "hello", "args": {"protocol": 1}}).encode()
+    with socket.create_connection((rlab.net.dest_ip, TLS_PORT), timeout=15) as s:
+        s.sendall(struct.pack(">I", len(hello)) + hello)
+        got = b""
+        try:
+            while chunk := s.recv(4096):
+                got += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    # a TLS alert at most, never a protocol reply
+    assert b'"ok"' not in got
+    rlab.wait_for("the agent to log the refusal",
+                  lambda: b"refused a connection" in (rlab.root / "agent.log").read_bytes(), 15)
+    assert agent.poll() is None
+
+
+def test_tls_flag_needs_a_remote_destination(rlab):
+    src = _idle_vm(rlab)
+    cp = rlab.vmferry("migrate", "web1", f"local://{rlab.B}", "--tls", "--disk-map",
+                      f"{src}={rlab.root / 'dst.raw'}", "--create-disks")
+    assert "--tls" in rlab.one_error(cp) and cp.returncode == 2
