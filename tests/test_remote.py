@@ -27,7 +27,7 @@ import pytest
 
 pytest.register_assert_rewrite("migrate_helpers")
 from migrate_helpers import (  # noqa: E402
-    QEMU, SLOW, Lab, images_identical, make_image, qemu_pids,
+    QEMU, Lab, images_identical, make_image, qemu_pids,
 )
 from vmferry.guest import build_guest, find_qboot  # noqa: E402
 
