@@ -274,3 +274,31 @@ def test_tls_flag_needs_a_remote_destination(rlab):
     cp = rlab.vmferry("migrate", "web1", f"local://{rlab.B}", "--tls", "--disk-map",
                       f"{src}={rlab.root / 'dst.raw'}", "--create-disks")
     assert "--tls" in rlab.one_error(cp) and cp.returncode == 2
+
+
+def test_network_and_ports_are_chosen_by_the_user(rlab):
+    """--disks-uri picks the NBD port, the agent's port_range the migration port,
+    --listen-address what the destination binds; jobinfo says where data went."""
+    (rlab.B / "agent.toml").write_text(f'storage_roots = ["{rlab.root}"]\n'
+                                       f'port_range = [50100, 50110]\n')
+    src = _idle_vm(rlab)
+    ip = rlab.net.dest_ip
+    rlab.ok(rlab.remote(rlab.ssh_uri(), "--disk-map", f"{src}={rlab.root / 'dst.raw'}",
+                        "--create-disks", "--listen-address", "0.0.0.0",
+                        "--disks-uri", f"tcp://{ip}:50120", "--migrate-uri", f"tcp://{ip}"))
+    info = rlab.jobinfo()
+    assert info["disks_address"] == f"{ip}:50120", info
+    assert info["migrate_uri"] == f"tcp:{ip}:50100", info
+    assert info["destination"].startswith(f"ssh://root@{ip}"), info
+    text = rlab.ok(rlab.vmferry("jobinfo", "web1"))
+    assert f"Memory to:          tcp:{ip}:50100" in text, text
+    assert images_identical(src, rlab.root / "dst.raw", "raw") == ""
+
+
+def test_bad_network_options_are_one_line_errors(rlab):
+    src = _idle_vm(rlab)
+    cp = rlab.remote(rlab.ssh_uri(), "--disk-map", f"{src}={rlab.root / 'dst.raw'}",
+                     "--disks-uri", "http://host")
+    assert "--disks-uri 'http://host': use tcp://HOST" in rlab.one_error(cp, 2)
+    cp = rlab.remote(f"ssh://{rlab.net.dest_ip}/x?colour=blue")
+    assert "unknown option 'colour'" in rlab.one_error(cp, 2)

@@ -241,6 +241,10 @@ def jobinfo(args: argparse.Namespace) -> int:
     ]
     if info.downtime_ms is not None:
         rows.append(("Total downtime", f"{info.downtime_ms} ms"))
+    if info.destination:
+        rows.append(("Destination", info.destination))
+        rows.append(("Disks to", (info.disks_address or "-") + (" (TLS)" if info.tls else "")))
+        rows.append(("Memory to", info.migrate_uri + (" (TLS)" if info.tls else "")))
     if info.action:
         rows.append(("Action", info.action))
     if info.error:

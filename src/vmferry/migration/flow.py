@@ -259,6 +259,13 @@ class Migration:
         self.prepared = await self.dest.prepare(self.spec, self.disks, self.opts,
                                                 accel=self.accel,
                                                 presynced=frozenset(self.presynced))
+        p = self.prepared
+        self.info.destination = repr(self.dest)
+        srv = p.nbd_server
+        self.info.disks_address = (f"{srv.get('host')}:{srv.get('port')}" if srv.get("host")
+                                   else srv.get("path", ""))
+        self.info.migrate_uri = p.migrate_uri
+        self.info.tls = bool(p.tls_dir)
 
     async def perform(self) -> None:
         self._enter(Phase.PERFORM)

@@ -40,6 +40,11 @@ class JobInfo:
     storage_passes: int = 0         # native engine: copy passes, the final one included
     final_pass_ms: Optional[int] = None   # native engine: the paused last pass
     final_pass_bytes: int = 0
+    # where the data went: the destination's NBD server and migration stream
+    destination: str = ""
+    disks_address: str = ""
+    migrate_uri: str = ""
+    tls: bool = False
     warnings: list = dataclasses.field(default_factory=list)
     action: str = ""                # e.g. "downtime raised to 600 ms", "suspended on timeout"
     error: str = ""
