@@ -1,17 +1,14 @@
-"""A QMP connection for the migration phases: qemu.qmp's QMPClient with
-failures turned into one-line MigrationErrors that name the side and the
-command, and event waits that always have a deadline."""
+"""The QMP connection the migration phases use: vm.qmp's session, with its
+errors turned into one-line MigrationErrors that name the side (source or
+destination) and the phase, so a user reads which QEMU failed and when."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from qemu.qmp import ConnectError as QmpConnectError
-from qemu.qmp import ExecuteError, QMPClient, QMPError
-
-from vmferry.errors import MigrationError
+from vmferry.errors import ConnectError, MigrationError
+from vmferry.vm.qmp import QMPCommandError, QMPSession, qmp_connect
 
 # qemu.qmp logs every disconnect at WARNING; our errors already say it once.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -22,23 +19,20 @@ class Monitor:
         self.sock = str(sock)
         self.side = side            # "source" or "destination", for messages
         self.phase = phase
-        self.client = QMPClient(f"vmferry-{side}")
+        self.session: Optional[QMPSession] = None
 
     async def connect(self, timeout: float = 10.0) -> "Monitor":
         try:
-            await asyncio.wait_for(self.client.connect(self.sock), timeout)
-        except (QmpConnectError, OSError, asyncio.TimeoutError) as e:
-            raise MigrationError(f"cannot reach the {self.side} QEMU's monitor at "
-                                 f"{self.sock}: {e}", phase=self.phase) from e
+            self.session = await qmp_connect(self.sock, timeout=timeout,
+                                             name=f"vmferry-{self.side}")
+        except ConnectError as e:
+            raise MigrationError(f"cannot reach the {self.side} QEMU's monitor: {e}",
+                                 phase=self.phase) from e
         return self
 
     async def close(self) -> None:
-        try:
-            await self.client.disconnect()
-        except (QMPError, OSError, EOFError):
-            # EOFError: the peer already hung up (e.g. after "quit"); qemu.qmp
-            # re-raises its reader task's EOFError from disconnect().
-            pass
+        if self.session is not None:
+            await self.session.close()
 
     async def __aenter__(self) -> "Monitor":
         return await self.connect()
@@ -47,14 +41,16 @@ class Monitor:
         await self.close()
 
     async def cmd(self, command: str, /, **args: Any) -> Any:
-        name = command
+        if self.session is None:
+            raise MigrationError(f"no connection to the {self.side} QEMU for {command}",
+                                 phase=self.phase)
         try:
-            return await self.client.execute(name, args or None)
-        except ExecuteError as e:
-            raise MigrationError(f"{self.side} QEMU refused {name}: {e}",
+            return await self.session.execute(command, args or None)
+        except QMPCommandError as e:
+            raise MigrationError(f"{self.side} QEMU refused {command}: {e.desc}",
                                  phase=self.phase) from e
-        except (QMPError, OSError, EOFError) as e:
-            raise MigrationError(f"lost the {self.side} QEMU during {name}: it exited or "
+        except ConnectError as e:
+            raise MigrationError(f"lost the {self.side} QEMU during {command}: it exited or "
                                  f"closed its monitor", phase=self.phase) from e
 
     async def try_cmd(self, command: str, /, **args: Any) -> Any:
@@ -66,9 +62,10 @@ class Monitor:
 
     def listener(self, names: Iterable[str] | str,
                  event_filter: Optional[Callable[[Any], bool]] = None):
-        return self.client.listener(names, event_filter)
+        assert self.session is not None
+        return self.session.client.listener(names, event_filter)
 
     @property
     def alive(self) -> bool:
         from qemu.qmp.protocol import Runstate
-        return self.client.runstate == Runstate.RUNNING
+        return self.session is not None and self.session.client.runstate == Runstate.RUNNING

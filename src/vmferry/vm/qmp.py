@@ -30,12 +30,15 @@ T = TypeVar("T")
 
 
 class QMPCommandError(VmferryError):
-    """QEMU refused a QMP command; .error_class is QEMU's class, e.g. "GenericError"."""
+    """QEMU refused a QMP command; .error_class is QEMU's class, e.g. "GenericError",
+    .desc QEMU's own words."""
 
-    def __init__(self, message: str, *, command: str, error_class: str) -> None:
+    def __init__(self, message: str, *, command: str, error_class: str,
+                 desc: str = "") -> None:
         super().__init__(message)
         self.command = command
         self.error_class = error_class
+        self.desc = desc
 
 
 def _one_line(text: object) -> str:
@@ -66,7 +69,7 @@ class QMPSession:
             return await asyncio.wait_for(self.client.execute(cmd, args), timeout)
         except ExecuteError as e:
             raise QMPCommandError(f"QMP {cmd} failed: {_one_line(e)}", command=cmd,
-                                  error_class=e.error_class) from e
+                                  error_class=e.error_class, desc=_one_line(e)) from e
         except (ExecInterruptedError, StateError, EOFError, OSError) as e:
             raise ConnectError(f"QMP {cmd} on {self.socket}: QEMU went away "
                                f"({_reason(e)})") from e
@@ -77,11 +80,14 @@ class QMPSession:
             raise ConnectError(f"QMP {cmd} on {self.socket}: {_one_line(e)}") from e
 
 
-@contextlib.asynccontextmanager
-async def qmp_session(sock: str | os.PathLike, *, timeout: Optional[float] = 5.0,
-                      name: Optional[str] = None) -> AsyncIterator[QMPSession]:
-    """Connect to the QMP socket SOCK (greeting and capabilities within TIMEOUT s) and
-    disconnect on exit, even when the body raised."""
+    async def close(self) -> None:
+        await _quiet_disconnect(self.client)
+
+
+async def qmp_connect(sock: str | os.PathLike, *, timeout: Optional[float] = 5.0,
+                      name: Optional[str] = None) -> QMPSession:
+    """Connect to the QMP socket SOCK (greeting and capabilities within TIMEOUT s);
+    the caller closes the session."""
     path = os.fspath(sock)
     client = QMPClient(name)
     try:
@@ -97,10 +103,18 @@ async def qmp_session(sock: str | os.PathLike, *, timeout: Optional[float] = 5.0
     except QMPError as e:
         await _quiet_disconnect(client)
         raise ConnectError(f"cannot connect to QMP socket {path}: {_one_line(e)}") from e
+    return QMPSession(client, path)
+
+
+@contextlib.asynccontextmanager
+async def qmp_session(sock: str | os.PathLike, *, timeout: Optional[float] = 5.0,
+                      name: Optional[str] = None) -> AsyncIterator[QMPSession]:
+    """qmp_connect, and disconnect on exit, even when the body raised."""
+    session = await qmp_connect(sock, timeout=timeout, name=name)
     try:
-        yield QMPSession(client, path)
+        yield session
     finally:
-        await _quiet_disconnect(client)
+        await session.close()
 
 
 async def _quiet_disconnect(client: QMPClient) -> None:
@@ -134,4 +148,5 @@ def qmp_call(sock: str | os.PathLike, cmd: str, args: Optional[Mapping[str, obje
     return run_sync(call())
 
 
-__all__ = ["QMPSession", "QMPCommandError", "qmp_session", "qmp_call", "run_sync"]
+__all__ = ["QMPSession", "QMPCommandError", "qmp_connect", "qmp_session", "qmp_call",
+           "run_sync"]
