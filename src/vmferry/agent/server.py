@@ -59,6 +59,7 @@ class Session:
         self.cfg = cfg
         self.local_address = local_address      # where the source reached us
         self.incoming: Optional[Incoming] = None
+        self.presync: Any = None                 # a PresyncTarget while one is served
         self.greeted = False
         self.finished = False
         self.closing = False
@@ -101,6 +102,10 @@ class Session:
             if self.incoming is not None and not self.finished:
                 _log(f"{why}: removing the incoming VM {self.incoming.name}")
                 await self._abort()
+            if self.presync is not None:
+                _log(f"{why}: stopping an unfinished presync")
+                self.presync.abort()
+                self.presync = None
             writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, obj: Any) -> None:
@@ -212,6 +217,65 @@ class Session:
             if self.incoming is not None and not self.finished:
                 await self.incoming.abort()
 
+    # -- presync: the images served by qemu-nbd on this host's address
+
+    async def op_presync_open(self, a: Args) -> dict[str, Any]:
+        a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
+        disks = [_presync_disk(d) for d in a.get("disks", list)]
+        tls = a.get("tls", bool, False)
+        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        async with self._busy:
+            if self.presync is not None:
+                raise UsageError("this connection already serves a presync")
+            from vmferry.migration.presync_target import PresyncTarget
+            self.presync = PresyncTarget(
+                Policy(storage_roots=self.cfg.storage_roots, protect_existing=True),
+                tcp=(address, self.cfg.ports),
+                tls_dir=self.cfg.pki.qemu_dir("server") if tls else None)
+            try:
+                return {"disks": await self.presync.open(
+                    disks, create=a.get("create_disks", bool, False),
+                    overwrite=a.get("overwrite_disks", bool, False))}
+            except BaseException:
+                self.presync.abort()
+                self.presync = None
+                raise
+
+    async def op_presync_close(self, a: Args) -> dict[str, Any]:
+        a.only("records", "source")
+        records = a.get("records", dict)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in records.values()):
+            raise ProtocolError("presync_close: records map nodes to generations")
+        async with self._busy:
+            if self.presync is None:
+                raise UsageError("presync_close without presync_open")
+            await self.presync.close(records, a.get("source", str))
+            self.presync = None
+        return {}
+
+    async def op_presync_check(self, a: Args) -> dict[str, Any]:
+        a.only("disks")
+        from vmferry.migration import presync_target
+        out = {}
+        for node, item in a.get("disks", dict).items():
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+                raise ProtocolError("presync_check: disks map nodes to [path, generation]")
+            Policy(storage_roots=self.cfg.storage_roots).check_path("image", item[0])
+            out[node] = presync_target.check(item[0], item[1])
+        return {"disks": out}
+
+    async def op_presync_forget(self, a: Args) -> dict[str, Any]:
+        a.only("paths")
+        from vmferry.migration import presync_target
+        paths = a.get("paths", list)
+        for path in paths:
+            if not isinstance(path, str):
+                raise ProtocolError("presync_forget: paths are strings")
+            Policy(storage_roots=self.cfg.storage_roots).check_path("image", path)
+        for path in paths:
+            presync_target.forget(path)
+        return {}
+
     async def op_bye(self, a: Args) -> dict[str, Any]:
         a.only()
         self.closing = True
@@ -219,12 +283,14 @@ class Session:
 
     OPS: dict[str, Callable[["Session", Args], Awaitable[dict[str, Any]]]] = {
         "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "finish": op_finish,
-        "abort": op_abort, "bye": op_bye}
+        "abort": op_abort, "bye": op_bye, "presync_open": op_presync_open,
+        "presync_close": op_presync_close, "presync_check": op_presync_check,
+        "presync_forget": op_presync_forget}
 
 
 def _disk_plan(d: Any, spec: Any) -> DiskPlan:
     a = Args("prepare disks", d)
-    a.only("node", "path", "fmt", "size", "export", "backing", "backing_fmt")
+    a.only("node", "path", "fmt", "size", "export", "backing", "backing_fmt", "source_id")
     node = a.get("node", str)
     if not _NODE_RE.fullmatch(node) or int(node[4:]) >= len(spec.disks):
         raise ProtocolError(f"prepare: {node!r} is not a disk of the spec")
@@ -236,7 +302,25 @@ def _disk_plan(d: Any, spec: Any) -> DiskPlan:
         raise ProtocolError("prepare: a disk size is negative")
     return DiskPlan(node=node, path=a.get("path", str), fmt=fmt, size=size,
                     export=a.get("export", str), backing=a.get("backing", str, None),
-                    backing_fmt=a.get("backing_fmt", str, None))
+                    backing_fmt=a.get("backing_fmt", str, None),
+                    source_id=a.get("source_id", str, None))
+
+
+def _presync_disk(d: Any) -> dict[str, Any]:
+    a = Args("presync_open disks", d)
+    a.only("node", "dest_path", "fmt", "size", "generation", "source_id")
+    fmt = a.get("fmt", str)
+    if fmt not in ("raw", "qcow2"):
+        raise ProtocolError(f"presync_open: format {fmt!r} is not raw or qcow2")
+    node = a.get("node", str)
+    if not _NODE_RE.fullmatch(node):
+        raise ProtocolError(f"presync_open: {node!r} is not a disk node")
+    size = a.get("size", int)
+    if size < 0:
+        raise ProtocolError("presync_open: a disk size is negative")
+    return {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
+            "generation": a.get("generation", int, None),
+            "source_id": a.get("source_id", str, None)}
 
 
 def _options(a: Args) -> MigrateOptions:

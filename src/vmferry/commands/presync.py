@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from vmferry.progress import make_reporter
 from vmferry.units import format_size
@@ -14,7 +15,8 @@ from vmferry.vm.state import StateDir
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "presync", help="pre-seed a migration's destination disks while the VM runs",
-        description="Copy the disks of running VM NAME to DEST (local:///state-dir) and "
+        description="Copy the disks of running VM NAME to DEST (ssh://, tls:// or "
+                    "local:///state-dir, as for migrate) and "
                     "leave a dirty bitmap on the source; a later 'vmferry migrate "
                     "--copy-storage-inc' moves only what the guest wrote since. Run it "
                     "again to refresh the destination with just the new delta.")
@@ -28,6 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="create missing destination images")
     p.add_argument("--migrate-disks", metavar="LIST",
                    help="comma-separated disks to presync (disk0,... or paths)")
+    p.add_argument("--overwrite-disks", action="store_true",
+                   help="let a remote destination write into images not made by presync")
+    p.add_argument("--tls", action="store_true",
+                   help="encrypt the copy to a remote destination (PKI/qemu on both hosts)")
+    p.add_argument("--pki", type=Path, default=Path("/etc/pki"), metavar="DIR",
+                   help="this host's certificates, laid out as libvirt's /etc/pki")
+    p.add_argument("--listen-address", metavar="ADDR",
+                   help="address the destination serves the images on")
+    p.add_argument("--disks-uri", metavar="tcp://HOST",
+                   help="destination address to send the disks to")
     p.add_argument("--progress", nargs="?", const="auto", default=None,
                    choices=["auto", "bar", "json"], help="show progress")
     p.set_defaults(func=run)
@@ -42,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
     opts = MigrateOptions(disk_map=dmap, dest_spec=args.dest_spec,
                           create_disks=args.create_disks,
                           migrate_disks=[d for d in args.migrate_disks.split(",") if d]
-                          if args.migrate_disks else None)
+                          if args.migrate_disks else None,
+                          overwrite_disks=args.overwrite_disks, tls=args.tls,
+                          pki_dir=args.pki, listen_address=args.listen_address,
+                          disks_uri=args.disks_uri)
+    opts.validate()
     reporter = make_reporter(args.progress)
 
     def warn(text: str) -> None:

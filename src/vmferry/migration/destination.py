@@ -11,6 +11,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 from vmferry.errors import UsageError
@@ -47,9 +49,20 @@ def destination_spec(spec: Any, opts: MigrateOptions) -> Any:
     return spec.remap(opts.disk_map)
 
 
+def file_id(path: str) -> Optional[str]:
+    """Which file PATH is, on which running host: two hosts never share a boot
+    id, so equal ids mean the very same file (a destination image that is the
+    source image itself, which a copy would destroy)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{boot}:{st.st_dev}:{st.st_ino}"
+
+
 class Destination(abc.ABC):
-    # Whether presync records made for this destination can be trusted
-    # (presync writes to local:// destinations only, for now).
+    # Whether this destination can be pre-seeded by `vmferry presync`.
     presync_ok = False
 
     @abc.abstractmethod
@@ -80,3 +93,27 @@ class Destination(abc.ABC):
         the network to it went silent), for the source to roll back at once
         rather than wait on stalled sockets; None when it cannot be lost."""
         return None
+
+    # -- presync (see presync.py); destinations that cannot be pre-seeded
+    #    keep presync_ok False and never get these calls.
+
+    async def presync_open(self, disks: list[dict[str, Any]],
+                           opts: MigrateOptions) -> dict[str, dict[str, Any]]:
+        """Serve the destination images of DISKS for a presync (see
+        presync_target.PresyncTarget.open)."""
+        raise UsageError(f"presync cannot write to {self!r}")
+
+    def presync_uri(self, server: dict[str, Any]) -> str:
+        """The engine's URI for a server presync_open returned."""
+        raise UsageError(f"presync cannot write to {self!r}")
+
+    async def presync_close(self, records: dict[str, int], source: str) -> None:
+        """Stop serving; record GENERATION beside each image in RECORDS."""
+
+    async def presync_check(self, items: dict[str, tuple[str, Any]],
+                            opts: MigrateOptions) -> dict[str, str]:
+        """node -> '' if the image at PATH still holds presync GENERATION, else why."""
+        return {node: "the destination cannot tell" for node in items}
+
+    async def presync_forget(self, paths: list[str]) -> None:
+        """Drop the records beside these images."""

@@ -220,8 +220,8 @@ class Migration:
             from vmferry.migration import presync
             self.presynced = await presync.valid_records(
                 self.mon, self.presync_state if self.dest.presync_ok else None, self.name,
-                plans, self.dest_spec_paths(plans),
-                self._warn)
+                plans, self.dest_spec_paths(plans), self._warn, dest=self.dest,
+                opts=self.opts)
             if len(self.presynced) == len(plans):
                 opts.storage_engine = "native"      # only the bitmaps' extents move
                 return plans
@@ -244,9 +244,10 @@ class Migration:
         return plans
 
     def dest_spec_paths(self, plans: list[DiskPlan]) -> dict[str, str]:
-        """node -> destination image path, for destinations that can tell."""
-        paths = getattr(self.dest, "dest_paths", None)
-        return paths(self.spec, plans, self.opts) if paths else {}
+        """node -> destination image path (after --disk-map or --dest-spec)."""
+        from vmferry.migration.destination import destination_spec
+        dspec = destination_spec(self.spec, self.opts)
+        return {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
 
     def _warn(self, text: str) -> None:
         self.info.warnings.append(text)
@@ -310,7 +311,7 @@ class Migration:
             async def forget() -> None:
                 # the destination images changed under the records: next time,
                 # copy in full rather than trust them
-                presync.forget(self.presync_state, self.name)
+                await presync.forget(self.presync_state, self.name, self.dest)
             self._on_undo("drop presync records", forget)
         else:
             self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress)
@@ -455,7 +456,7 @@ class Migration:
             for node in self.presynced:
                 await self.mon.try_cmd("block-dirty-bitmap-remove", node=node,
                                        name=presync.BITMAP)
-            presync.forget(self.presync_state, self.name)
+            await presync.forget(self.presync_state, self.name, self.dest)
         try:
             await self.mon.try_cmd("quit")
         finally:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.destination import Prepared
+from vmferry.migration.destination import Prepared, file_id
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan
@@ -135,7 +135,8 @@ class Incoming:
             target = by_node[plan.node].path
             plan.dest_path = target
             self.policy.check_path("destination image", target)
-            if os.path.realpath(target) == os.path.realpath(plan.path):
+            if (file_id(target) or os.path.realpath(target)) == \
+                    (plan.source_id or os.path.realpath(plan.path)):
                 raise UsageError(f"the destination image of {plan.node} is the source's own "
                                  f"file {target}: map it elsewhere with --disk-map "
                                  f"{plan.path}=NEWPATH")
@@ -150,7 +151,8 @@ class Incoming:
                                  f"({format_size(plan.size)}): grow it, or remove it and "
                                  f"pass --create-disks")
             elif (self.policy.protect_existing and not opts.overwrite_disks
-                  and opts.copy_storage == "all" and plan.node not in presynced):
+                  and opts.copy_storage == "all" and plan.node not in presynced
+                  and not _made_by_presync(target)):
                 raise UsageError(f"destination image {target} already exists: pass "
                                  f"--overwrite-disks to replace its contents, or map the "
                                  f"disk elsewhere with --disk-map")
@@ -320,6 +322,13 @@ class Incoming:
             self.started = False
         _remove(self.state, self.name, self.created, self.new_vm_dir)
         self.created.clear()
+
+
+def _made_by_presync(image: str) -> bool:
+    """An image presync made (even one whose record no longer holds) is vmferry's
+    to write; anything else on the destination is not, unless asked."""
+    from vmferry.migration.presync_target import sidecar
+    return sidecar(image).exists()
 
 
 def _remove(state: StateDir, name: str, created: list[str], new_vm_dir: bool) -> None:

@@ -4,12 +4,17 @@ also how a same-host storage move is done.  Prepare and Finish run right here,
 over Unix sockets, with no agent in between."""
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 from vmferry.errors import UsageError
 from vmferry.migration.destination import Destination, Prepared, destination_spec
 from vmferry.migration.incoming import Incoming, create_image, image_size  # noqa: F401
+from vmferry.migration import presync_target
 from vmferry.migration.options import MigrateOptions
+from vmferry.migration.presync_target import PresyncTarget
 from vmferry.migration.source import DiskPlan
 from vmferry.vm.state import StateDir
 
@@ -23,10 +28,6 @@ class LocalDestination(Destination):
 
     def __repr__(self) -> str:
         return f"local://{self.state.path}"
-
-    def dest_paths(self, spec: Any, plans: list[DiskPlan], opts: MigrateOptions) -> dict[str, str]:
-        dspec = destination_spec(spec, opts)
-        return {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                       accel: Optional[str] = None,
@@ -42,3 +43,31 @@ class LocalDestination(Destination):
 
     async def abort(self) -> None:
         await self.incoming.abort()
+
+    # -- presync: qemu-nbd on Unix sockets in a private folder
+
+    async def presync_open(self, disks: list[dict[str, Any]],
+                           opts: MigrateOptions) -> dict[str, dict[str, Any]]:
+        self._presync_dir = Path(tempfile.mkdtemp(prefix="vmferry-presync-"))
+        self.presync = PresyncTarget(run_dir=self._presync_dir)
+        try:
+            return await self.presync.open(disks, create=opts.create_disks, overwrite=True)
+        except BaseException:
+            self.presync.abort()
+            shutil.rmtree(self._presync_dir, ignore_errors=True)
+            raise
+
+    def presync_uri(self, server: dict[str, Any]) -> str:
+        return f"nbd+unix:///?socket={server['path']}"
+
+    async def presync_close(self, records: dict[str, int], source: str) -> None:
+        await self.presync.close(records, source)
+        shutil.rmtree(self._presync_dir, ignore_errors=True)
+
+    async def presync_check(self, items: dict[str, tuple[str, Any]],
+                            opts: MigrateOptions) -> dict[str, str]:
+        return {node: presync_target.check(path, gen) for node, (path, gen) in items.items()}
+
+    async def presync_forget(self, paths: list[str]) -> None:
+        for path in paths:
+            presync_target.forget(path)

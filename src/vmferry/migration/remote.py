@@ -181,6 +181,7 @@ class RemoteDestination(Destination):
             raise UsageError(f"destination {uri!r}: keepalive must be 0.1 to 600 seconds")
         self.channel: Optional[Channel] = None
         self.info: dict[str, Any] = {}
+        self._presync_tls: Optional[str] = None
 
     def __repr__(self) -> str:
         return self.uri.split("?")[0]
@@ -267,7 +268,8 @@ class RemoteDestination(Destination):
         r = await ch.call(
             "prepare", spec=dspec.to_toml(),
             disks=[{"node": d.node, "path": d.path, "fmt": d.fmt, "size": d.size,
-                    "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt}
+                    "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt,
+                    "source_id": d.source_id}
                    for d in disks],
             options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
                      "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
@@ -314,6 +316,43 @@ class RemoteDestination(Destination):
         if self.channel is not None:
             await self.channel.close()
             self.channel = None
+
+    # -- presync: the agent serves the images with qemu-nbd on its address
+
+    presync_ok = True
+
+    async def presync_open(self, disks: list[dict[str, Any]],
+                           opts: MigrateOptions) -> dict[str, dict[str, Any]]:
+        ch = await self._connect(opts)
+        self._presync_tls = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
+        host, _ = _uri_host(opts.disks_uri, "--disks-uri")
+        r = await ch.call("presync_open", disks=disks, create_disks=opts.create_disks,
+                          overwrite_disks=opts.overwrite_disks, tls=opts.tls,
+                          address=opts.listen_address or host)
+        out = dict(r.get("disks", {}))
+        for t in out.values():
+            t["server"]["host"] = self._connect_host(host, t["server"].get("host"))
+        return out
+
+    def presync_uri(self, server: dict[str, Any]) -> str:
+        host = _bracket(server["host"])
+        if self._presync_tls:
+            return f"nbds://{host}:{server['port']}/?tls-certificates={self._presync_tls}"
+        return f"nbd://{host}:{server['port']}/"
+
+    async def presync_close(self, records: dict[str, int], source: str) -> None:
+        if self.channel is not None:
+            await self.channel.call("presync_close", records=records, source=source)
+
+    async def presync_check(self, items: dict[str, tuple[str, Any]],
+                            opts: MigrateOptions) -> dict[str, str]:
+        ch = await self._connect(opts)
+        r = await ch.call("presync_check", disks={n: list(v) for n, v in items.items()})
+        return {n: str(v) for n, v in r.get("disks", {}).items()}
+
+    async def presync_forget(self, paths: list[str]) -> None:
+        if self.channel is not None:
+            await self.channel.call("presync_forget", paths=paths)
 
 
 def _why(e: BaseException) -> str:

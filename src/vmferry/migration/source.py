@@ -34,6 +34,7 @@ class DiskPlan:
     export: str = ""          # NBD export name on the destination
     backing: Optional[str] = None
     backing_fmt: Optional[str] = None
+    source_id: Optional[str] = None   # destination.file_id of the source image
 
 
 async def describe(mon: Monitor) -> dict[str, Any]:
@@ -81,9 +82,11 @@ async def plan_disks(mon: Monitor, spec: Any, opts: MigrateOptions) -> list[Disk
         backing = info.get("backing_file") or image.get("backing-filename")
         backing_fmt = (image.get("backing-filename-format")
                        or (image.get("backing-image") or {}).get("format"))
+        from vmferry.migration.destination import file_id
         plans.append(DiskPlan(node=node, path=d.path, fmt=d.format,
                               size=image.get("virtual-size", 0), export=node,
-                              backing=backing, backing_fmt=backing_fmt))
+                              backing=backing, backing_fmt=backing_fmt,
+                              source_id=file_id(d.path)))
     if wanted is not None:
         known = {p.node for p in plans} | {p.path for p in plans}
         missing = [w for w in wanted if w not in known]

@@ -1,0 +1,238 @@
+"""The destination side of a presync: the images, qemu-nbd serving them for
+the duration, and the record beside each image (IMAGE.vmferry-presync.json)
+that a later migration checks before trusting the image.
+
+One class, PresyncTarget, used in this process for a local:// destination
+and by the agent for ssh:// and tls:// ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from vmferry.errors import MigrationError, UsageError
+from vmferry.migration.destination import file_id
+from vmferry.migration.incoming import DEFAULT_PORTS, Policy, create_image, image_size
+
+START_TIMEOUT = 10.0
+TLS_ID = "vmferry-tls"
+
+
+def sidecar(image: str) -> Path:
+    return Path(image + ".vmferry-presync.json")
+
+
+def identity(path: str) -> dict[str, int]:
+    st = os.stat(path)
+    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check(image: str, generation: Any) -> str:
+    """'' when IMAGE is still what presync GENERATION left, else why not."""
+    try:
+        side = json.loads(sidecar(image).read_text())
+    except (OSError, ValueError):
+        side = {}
+    try:
+        ident = identity(image)
+    except OSError:
+        ident = None
+    if side.get("generation") != generation or side.get("identity") != ident:
+        return f"destination image {image} was changed or replaced"
+    return ""
+
+
+def write_record(image: str, source: str, node: str, generation: int) -> None:
+    sidecar(image).write_text(json.dumps({
+        "source": source, "node": node, "generation": generation,
+        "identity": identity(image), "time": time.time()}))
+
+
+def forget(image: str) -> None:
+    sidecar(image).unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    # qemu-nbd must not outlive whoever started it (a killed agent or presync)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)      # PR_SET_PDEATHSIG
+
+
+class _Server:
+    """qemu-nbd serving one image (through its format, so qcow2 is written as
+    qcow2) on a Unix socket or a TCP address, with TLS when asked."""
+
+    def __init__(self, image: str, fmt: str) -> None:
+        self.image, self.fmt = image, fmt
+        self.proc: Optional[subprocess.Popen] = None
+        self.sock: Optional[Path] = None
+
+    def _argv(self, tls_dir: Optional[str]) -> list[str]:
+        argv = ["qemu-nbd", "-t", "-f", self.fmt, "-e", "4", "--cache=writeback"]
+        if tls_dir:
+            argv += ["--object", f"tls-creds-x509,id={TLS_ID},dir={tls_dir},endpoint=server,"
+                                 f"verify-peer=on", "--tls-creds", TLS_ID]
+        return argv
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(argv + [self.image], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=_die_with_parent)
+
+    async def _wait(self, ready: Any) -> str:
+        """'' once READY() holds, or qemu-nbd's complaint if it exited."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return self.proc.stderr.read().decode(errors="replace").strip() or \
+                    f"qemu-nbd exited with status {self.proc.returncode}"
+            if ready():
+                return ""
+            await asyncio.sleep(0.01)
+        self.stop()
+        raise MigrationError(f"qemu-nbd did not serve {self.image} within "
+                             f"{START_TIMEOUT:g} s", phase="presync")
+
+    async def start_unix(self, sock: Path) -> dict[str, Any]:
+        self.sock = sock
+        sock.unlink(missing_ok=True)
+        self.proc = self._spawn(self._argv(None) + ["-k", str(sock)])
+        err = await self._wait(sock.exists)
+        if err:
+            raise MigrationError(f"qemu-nbd could not serve {self.image}: {err}",
+                                 phase="presync")
+        return {"type": "unix", "path": str(sock)}
+
+    async def start_tcp(self, address: str, ports: tuple[int, int],
+                        tls_dir: Optional[str]) -> dict[str, Any]:
+        for port in range(ports[0], ports[1] + 1):
+            self.proc = self._spawn(self._argv(tls_dir) + ["-b", address, "-p", str(port)])
+            err = await self._wait(lambda: _listening(address, port))
+            if not err:
+                return {"type": "inet", "host": address, "port": str(port)}
+            if "in use" not in err:
+                raise MigrationError(f"qemu-nbd could not serve {self.image}: {err}",
+                                     phase="presync")
+        raise MigrationError(f"no free port in {ports[0]}-{ports[1]} on {address} to serve "
+                             f"{self.image}", phase="presync")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        if self.sock is not None:
+            self.sock.unlink(missing_ok=True)
+
+
+def _listening(address: str, port: int) -> bool:
+    """Whether something accepts on ADDRESS:PORT (qemu-nbd, once it is ready)."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "") else "::1" if address == "::" else address
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+class PresyncTarget:
+    """One presync's destination images: checked against the host's policy,
+    created when missing and asked for, served until close()."""
+
+    def __init__(self, policy: Optional[Policy] = None, *, run_dir: Optional[Path] = None,
+                 tcp: Optional[tuple[str, tuple[int, int]]] = None,
+                 tls_dir: Optional[str] = None) -> None:
+        self.policy = policy or Policy()
+        self.run_dir = run_dir           # Unix sockets here, for local:// destinations
+        self.tcp = tcp                   # or (address, ports) for remote ones
+        self.tls_dir = tls_dir
+        self.servers: dict[str, _Server] = {}
+        self.created: list[str] = []
+
+    async def open(self, disks: list[dict[str, Any]], *, create: bool,
+                   overwrite: bool) -> dict[str, dict[str, Any]]:
+        """DISKS: node, dest_path, fmt, size and the presync generation the
+        source believes the image holds (None for a first presync).  Returns,
+        per node, where the image is served, whether it was created, and why
+        its record does not hold ('' when it does)."""
+        out: dict[str, dict[str, Any]] = {}
+        for d in disks:
+            path = d["dest_path"]
+            self.policy.check_path("destination image", path)
+            if d.get("source_id") and file_id(path) == d["source_id"]:
+                raise UsageError(f"the destination image of {d['node']} is the source's own "
+                                 f"file {path}: map it elsewhere with --disk-map")
+            stale = check(path, d.get("generation")) if d.get("generation") else "first"
+            have = image_size(path)
+            if have is None:
+                if not create:
+                    raise UsageError(f"destination image {path} does not exist: create it "
+                                     f"or pass --create-disks")
+            elif have < d["size"]:
+                raise UsageError(f"destination image {path} is smaller than the source's "
+                                 f"disk: grow it or remove it and pass --create-disks")
+            elif (self.policy.protect_existing and not overwrite
+                  and not sidecar(path).exists()):
+                raise UsageError(f"destination image {path} already exists and was not made "
+                                 f"by presync: pass --overwrite-disks to replace its contents")
+            out[d["node"]] = {"created": have is None, "stale": stale}
+        for d in disks:
+            path = d["dest_path"]
+            if out[d["node"]]["created"]:
+                self.created.append(path)
+                create_image(path, d["fmt"], d["size"], None, "raw")
+            # A copy starts now: until close() writes a new record, the old one
+            # must not vouch for a half-written image.
+            forget(path)
+            srv = _Server(path, d["fmt"])
+            self.servers[d["node"]] = srv
+            if self.tcp is not None:
+                out[d["node"]]["server"] = await srv.start_tcp(*self.tcp, self.tls_dir)
+            else:
+                assert self.run_dir is not None
+                out[d["node"]]["server"] = await srv.start_unix(
+                    self.run_dir / f"vmferry-presync-dst-{d['node']}.sock")
+        return out
+
+    async def close(self, records: dict[str, dict[str, Any]], source: str) -> None:
+        """Stop serving.  RECORDS: node -> generation, for the images copied in
+        full or in part successfully; every other image this presync created
+        is removed."""
+        paths = {}
+        for node, srv in self.servers.items():
+            srv.stop()
+            paths[node] = srv.image
+        self.servers.clear()
+        for node, gen in records.items():
+            if node in paths:
+                write_record(paths[node], source, node, int(gen))
+        done = {paths[n] for n in records if n in paths}
+        for path in self.created:
+            if path not in done:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self.created.clear()
+
+    def abort(self) -> None:
+        for srv in self.servers.values():
+            srv.stop()
+        self.servers.clear()
+        for path in self.created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.created.clear()
+
+
+__all__ = ["PresyncTarget", "check", "forget", "sidecar", "DEFAULT_PORTS"]
