@@ -63,6 +63,7 @@ class Session:
         self.greeted = False
         self.finished = False
         self.closing = False
+        self._bye = asyncio.Event()
         self.keepalive = DEFAULT_KEEPALIVE
         self._busy = asyncio.Lock()              # one phase at a time
         self._send_lock = asyncio.Lock()
@@ -78,7 +79,7 @@ class Session:
                 # Before hello, the client's keepalive is not known yet.
                 silence = self.keepalive * KEEPALIVE_COUNT + 2
                 try:
-                    frame = await asyncio.wait_for(protocol.read_frame(reader), silence)
+                    frame = await asyncio.wait_for(self._next(reader), silence)
                 except asyncio.TimeoutError:
                     why = f"no word from the source for {silence:g} s"
                     break
@@ -108,6 +109,19 @@ class Session:
                 self.presync = None
             writer.close()
 
+    async def _next(self, reader: asyncio.StreamReader) -> Any:
+        """The next frame, or None at the end of the stream or once "bye" is
+        answered (the source may keep its end open a moment longer)."""
+        read = asyncio.ensure_future(protocol.read_frame(reader))
+        bye = asyncio.ensure_future(self._bye.wait())
+        try:
+            await asyncio.wait({read, bye}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            bye.cancel()
+            if not read.done():
+                read.cancel()
+        return read.result() if read.done() and not read.cancelled() else None
+
     async def _send(self, writer: asyncio.StreamWriter, obj: Any) -> None:
         async with self._send_lock:
             try:
@@ -131,6 +145,10 @@ class Session:
                 raise ProtocolError("the first request must be hello")
             result = await handler(self, Args(op, frame.get("args", {})))
             reply = {"id": rid, "ok": True, "result": result}
+            if op == "bye":
+                await self._send(writer, reply)
+                self._bye.set()
+                return
         except VmferryError as e:
             reply = protocol.error_reply(rid, protocol.kind_of(e), str(e))
             if getattr(e, "phase", None):
