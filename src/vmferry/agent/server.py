@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from vmferry.agent import protocol
+from vmferry.agent import protocol, transport
 from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
+from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
 from vmferry.errors import UsageError, VmferryError
 from vmferry.migration.incoming import DEFAULT_PORTS, Incoming, Network, Policy
 from vmferry.migration.options import MigrateOptions
@@ -31,8 +32,6 @@ from vmferry.migration.source import DiskPlan
 from vmferry.vm.state import StateDir
 
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
-DEFAULT_KEEPALIVE = 5.0             # seconds between the client's pings
-KEEPALIVE_COUNT = 3                 # missed pings before the client is gone
 _NODE_RE = re.compile(r"disk[0-9]{1,3}")
 # MigrateOptions fields a source may set on the destination
 WIRE_OPTIONS = {"copy_storage": str, "create_disks": bool, "overwrite_disks": bool,
@@ -361,13 +360,9 @@ async def serve_stdio(cfg: AgentConfig) -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     os.close(devnull)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 8)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                 os.fdopen(rfd, "rb", buffering=0))
-    wtransport, wproto = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(wfd, "wb", buffering=0))
-    writer = asyncio.StreamWriter(wtransport, wproto, reader, loop)
+    reader, writer = await transport.pipe_streams(os.fdopen(rfd, "rb", buffering=0),
+                                                  os.fdopen(wfd, "wb", buffering=0),
+                                                  protocol.MAX_FRAME + 8)
     # ssh tells us which of our addresses the source dialled
     conn = os.environ.get("SSH_CONNECTION", "").split()
     session = Session(cfg, conn[2] if len(conn) == 4 else None)

@@ -193,11 +193,23 @@ def summary(info: JobInfo) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    opts = options_from(args)
+    opts.validate()
+    ssh = None
+    if args.dest.startswith("ssh://"):
+        # ssh's handshake and the remote agent's start-up take longer than
+        # loading the rest of vmferry here: let them overlap.
+        from vmferry.agent import transport
+        ssh = transport.spawn_ssh(transport.parse(args.dest))
     from vmferry.migration.api import migrate_vm   # asyncio, qemu.qmp: only here
+    dest: Any = args.dest
+    if ssh is not None:
+        from vmferry.migration.remote import RemoteDestination
+        dest = RemoteDestination(args.dest, ssh=ssh)
     state = StateDir(args.state_dir)
     display = MigrationDisplay(args.progress)
     try:
-        info = migrate_vm(state, args.name, args.dest, options_from(args), progress=display)
+        info = migrate_vm(state, args.name, dest, opts, progress=display)
     finally:
         display.close()
     if args.progress == "json":

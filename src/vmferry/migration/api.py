@@ -51,9 +51,18 @@ async def migrate_vm_async(state: StateDir, name: str, dest: str | Destination,
 
     On failure the source VM is running again and a MigrationError (or
     Cancelled) says what happened."""
-    opts = opts or MigrateOptions()
-    opts.validate()
     destination = parse_destination(dest) if isinstance(dest, str) else dest
+    try:
+        return await _migrate(state, name, destination, opts or MigrateOptions(),
+                              progress, warn)
+    finally:
+        await destination.close()     # also when it failed before the flow began
+
+
+async def _migrate(state: StateDir, name: str, destination: Destination,
+                   opts: MigrateOptions, progress: Optional[Callable[[JobInfo], None]],
+                   warn: Callable[[str], None]) -> JobInfo:
+    opts.validate()
     rec = state.load(name)
     if opts.offline:
         from vmferry.migration.offline import migrate_offline

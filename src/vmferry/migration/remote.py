@@ -13,23 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import shlex
+import subprocess
 from typing import Any, Optional
-from urllib.parse import parse_qs, unquote, urlsplit
 
-from vmferry.agent import protocol
+from vmferry.agent import protocol, transport
 from vmferry.agent.pki import Pki
+from vmferry.agent.transport import KEEPALIVE_COUNT, Target
 from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import Destination, Prepared, destination_spec
 from vmferry.migration.options import MigrateOptions, parse_tcp_uri
 from vmferry.migration.source import DiskPlan
 
-DEFAULT_KEEPALIVE = 5.0
-KEEPALIVE_COUNT = 3
 CONNECT_TIMEOUT = 30.0
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
-_SSH_OPTS = ("keyfile", "known_hosts", "no_verify", "agent", "keepalive")
-_TLS_OPTS = ("keepalive",)
 
 
 class Channel:
@@ -40,7 +36,8 @@ class Channel:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  where: str, keepalive: float,
-                 proc: Optional[asyncio.subprocess.Process] = None) -> None:
+                 proc: Optional[subprocess.Popen] = None,
+                 stderr: Optional[asyncio.StreamReader] = None) -> None:
         self.reader, self.writer, self.where = reader, writer, where
         self.keepalive = keepalive
         self.proc = proc
@@ -50,8 +47,8 @@ class Channel:
         self._tasks = [asyncio.ensure_future(self._read()),
                        asyncio.ensure_future(self._ping())]
         self.stderr_tail: list[str] = []
-        if proc is not None and proc.stderr is not None:
-            self._tasks.append(asyncio.ensure_future(self._read_stderr(proc.stderr)))
+        if stderr is not None:
+            self._tasks.append(asyncio.ensure_future(self._read_stderr(stderr)))
 
     def _lose(self, why: str) -> None:
         if self.lost.done():
@@ -72,9 +69,8 @@ class Channel:
                 frame = await protocol.read_frame(self.reader)
                 if frame is None:
                     if self.proc is not None:
-                        # ssh's exit is what tells "Permission denied" from a crash
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(self.proc.wait(), 2)
+                        # ssh's last words tell "Permission denied" from a crash
+                        await self._proc_exit(2)
                     self._lose("the connection closed")
                     return
                 rid = frame.get("id") if isinstance(frame, dict) else None
@@ -129,6 +125,13 @@ class Channel:
         result = reply.get("result")
         return result if isinstance(result, dict) else {}
 
+    async def _proc_exit(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.proc.poll() is None and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)       # and its stderr read to the end
+
     async def close(self) -> None:
         if not self.lost.done():
             with contextlib.suppress(MigrationError, protocol.ProtocolError,
@@ -139,94 +142,45 @@ class Channel:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(OSError, RuntimeError):
             self.writer.close()
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), 5)
+        if self.proc is not None:
+            _end(self.proc)
         if not self.lost.done():
             self.lost.cancel()
 
 
 class RemoteDestination(Destination):
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, ssh: Optional[subprocess.Popen] = None) -> None:
+        """SSH: an ssh process already started for URI (see transport.spawn_ssh),
+        which this destination then owns."""
+        self.target: Target = transport.parse(uri)
         self.uri = uri
-        u = urlsplit(uri)
-        self.scheme = u.scheme
-        if u.scheme not in ("ssh", "tls") or not u.hostname:
-            raise UsageError(f"destination {uri!r}: use ssh://[USER@]HOST[:PORT][/STATE-DIR] "
-                             f"or tls://HOST[:PORT]")
-        try:
-            self.port = u.port
-        except ValueError:
-            raise UsageError(f"destination {uri!r}: the port is not a number") from None
-        self.host = u.hostname
-        self.user = unquote(u.username) if u.username else None
-        self.state_dir = unquote(u.path) if u.path not in ("", "/") else None
-        query = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
-        allowed = _SSH_OPTS if u.scheme == "ssh" else _TLS_OPTS
-        unknown = set(query) - set(allowed)
-        if unknown:
-            raise UsageError(f"destination {uri!r}: unknown option {sorted(unknown)[0]!r} "
-                             f"(known: {', '.join(allowed)})")
-        if u.scheme == "tls" and self.state_dir:
-            raise UsageError(f"destination {uri!r}: a tls:// agent has its own state "
-                             f"directory; drop the path")
-        self.query = query
-        try:
-            self.keepalive = float(query.get("keepalive", DEFAULT_KEEPALIVE))
-        except ValueError:
-            self.keepalive = -1
-        if not 0.1 <= self.keepalive <= 600:
-            raise UsageError(f"destination {uri!r}: keepalive must be 0.1 to 600 seconds")
+        self.host = self.target.host
+        self.keepalive = self.target.keepalive
+        self._ssh = ssh
         self.channel: Optional[Channel] = None
         self.info: dict[str, Any] = {}
         self._presync_tls: Optional[str] = None
 
     def __repr__(self) -> str:
-        return self.uri.split("?")[0]
+        return str(self.target)
 
     # -- the channel -----------------------------------------------------
-
-    def ssh_argv(self) -> list[str]:
-        argv = ["ssh", "-o", "BatchMode=yes", "-T",
-                # ssh's own keepalive ends a session whose link died, so the
-                # agent sees its stdin close even if we are gone too
-                "-o", f"ServerAliveInterval={max(1, int(self.keepalive))}",
-                "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}"]
-        if self.port:
-            argv += ["-p", str(self.port)]
-        if self.user:
-            argv += ["-l", self.user]
-        if "keyfile" in self.query:
-            argv += ["-i", self.query["keyfile"], "-o", "IdentitiesOnly=yes"]
-        if "known_hosts" in self.query:
-            argv += ["-o", f"UserKnownHostsFile={self.query['known_hosts']}"]
-        if self.query.get("no_verify") in ("1", "yes", "true"):
-            argv += ["-o", "StrictHostKeyChecking=no"]
-        remote = [self.query.get("agent") or "vmferry"]
-        if self.state_dir:
-            remote += ["--state-dir", self.state_dir]
-        remote += ["agent", "--stdio"]
-        return argv + [self.host, "--", shlex.join(remote)]
 
     async def _connect(self, opts: MigrateOptions) -> Channel:
         if self.channel is not None:
             return self.channel
         where = f"{self.host}"
-        if self.scheme == "ssh":
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *self.ssh_argv(), stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                    limit=protocol.MAX_FRAME + 8, start_new_session=True)
-            except OSError as e:
-                raise UsageError(f"cannot run ssh: {e.strerror or e}") from e
-            self.channel = Channel(proc.stdout, proc.stdin, f"ssh://{where}",
-                                   self.keepalive, proc)
+        if self.target.scheme == "ssh":
+            proc, self._ssh = self._ssh or transport.spawn_ssh(self.target), None
+            reader, writer = await transport.pipe_streams(proc.stdout, proc.stdin,
+                                                          protocol.MAX_FRAME + 8)
+            err = asyncio.StreamReader()
+            await asyncio.get_running_loop().connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(err), proc.stderr)
+            self.channel = Channel(reader, writer, f"ssh://{where}", self.keepalive, proc, err)
         else:
             ctx = Pki(opts.pki_dir).client_context()
-            port = self.port or 16514
+            port = self.target.port or 16514
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     self.host, port, ssl=ctx, server_hostname=self.host,
@@ -316,6 +270,9 @@ class RemoteDestination(Destination):
         if self.channel is not None:
             await self.channel.close()
             self.channel = None
+        if self._ssh is not None:          # started early, never used
+            _end(self._ssh)
+            self._ssh = None
 
     # -- presync: the agent serves the images with qemu-nbd on its address
 
@@ -353,6 +310,21 @@ class RemoteDestination(Destination):
     async def presync_forget(self, paths: list[str]) -> None:
         if self.channel is not None:
             await self.channel.call("presync_forget", paths=paths)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 def _why(e: BaseException) -> str:
