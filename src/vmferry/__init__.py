@@ -7,19 +7,25 @@
 import os
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from vmferry.copying import CopyResult, copy, copy_async
 from vmferry.errors import (Cancelled, ConnectError, CopyError, EndpointError, MigrationError,
                             UsageError, VerifyError, VmferryError)
-from vmferry._engine import Endpoint
 if TYPE_CHECKING:
+    from vmferry._engine import Endpoint
+    from vmferry.copying import CopyResult, copy, copy_async
     from vmferry.migration.options import MigrateOptions
     from vmferry.migration.stats import JobInfo
     from vmferry.vm.state import StateDir
 
 
 def __getattr__(name: str) -> Any:
-    # Migration names load on first use: copy-only programs and the CLI's
-    # start-up never pay for asyncio, qemu.qmp and the VM layer.
+    # Names load on first use: a CLI command or an agent pays only for what
+    # it runs (the engine, asyncio, qemu.qmp and the VM layer are not free).
+    if name in ("copy", "copy_async", "CopyResult"):
+        from vmferry import copying
+        return getattr(copying, name)
+    if name == "Endpoint":
+        from vmferry._engine import Endpoint
+        return Endpoint
     if name == "MigrateOptions":
         from vmferry.migration.options import MigrateOptions
         return MigrateOptions

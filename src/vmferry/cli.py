@@ -32,11 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("vmferry")
-    except PackageNotFoundError:
-        return "unknown"
+    from vmferry import __version__    # one place; pyproject reads it too
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
 from vmferry.errors import UsageError
@@ -60,6 +59,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
     from vmferry.agent import reaper, server
     from vmferry.migration.incoming import reap_orphans
     from vmferry.vm.state import StateDir
