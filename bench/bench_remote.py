@@ -336,10 +336,10 @@ class RemoteBench(Bench):
         ssh alone, ssh + the agent's hello (vmferry's exact ssh command), the
         agent's hello without ssh, each side's Python imports.  Also warms the
         agent's bytecode cache before the measured runs."""
-        from vmferry.agent import protocol
-        from vmferry.migration.remote import RemoteDestination, _version
+        from vmferry.agent import protocol, transport
+        from vmferry.migration.remote import _version
         b = self.state_b(StateDir(self.root / "Bprobe"))
-        ssh = RemoteDestination(self.ssh_uri(b)).ssh_argv()
+        ssh = transport.ssh_argv(transport.parse(self.ssh_uri(b)))
         frames = (protocol.encode({"id": 1, "op": "hello", "args": {
             "protocol": protocol.PROTOCOL, "version": _version(), "keepalive": 5}})
             + protocol.encode({"id": 2, "op": "bye", "args": {}}))
