@@ -33,6 +33,8 @@ class Prepared:
     # QEMU certificates dir (client side) when the data streams use TLS
     tls_dir: Optional[str] = None
     tls_hostname: Optional[str] = None
+    # the destination images are files of this host (local:// destinations)
+    same_host: bool = False
 
 
 def destination_spec(spec: Any, opts: MigrateOptions) -> Any:

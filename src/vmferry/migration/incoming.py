@@ -210,7 +210,8 @@ class Incoming:
         return Prepared(migrate_uri=migrate_uri, nbd_server=nbd_server,
                         exports={p.node: p.export for p in disks},
                         dest_paths={p.node: p.dest_path for p in disks},
-                        fresh={p.node for p in disks if p.dest_path in self.created})
+                        fresh={p.node for p in disks if p.dest_path in self.created},
+                        same_host=not net.tcp)
 
     async def _export_disks(self, disks: list[DiskPlan]) -> None:
         for plan in disks:

@@ -4,12 +4,13 @@ also how a same-host storage move is done.  Prepare and Finish run right here,
 over Unix sockets, with no agent in between."""
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from vmferry.errors import UsageError
+from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import Destination, Prepared, destination_spec
 from vmferry.migration.incoming import Incoming, create_image, image_size  # noqa: F401
 from vmferry.migration import presync_target
@@ -25,6 +26,8 @@ class LocalDestination(Destination):
     def __init__(self, state: StateDir) -> None:
         self.state = state
         self.incoming = Incoming(state)
+        self._lost: Optional[asyncio.Future] = None
+        self._watch: Optional[asyncio.Task] = None
 
     def __repr__(self) -> str:
         return f"local://{self.state.path}"
@@ -42,7 +45,36 @@ class LocalDestination(Destination):
         return await self.incoming.finish(resume=resume)
 
     async def abort(self) -> None:
+        await self._stop_watch()
         await self.incoming.abort()
+
+    def lost(self) -> Optional["asyncio.Future[None]"]:
+        """Fails when the destination QEMU dies before Finish: with the native
+        engine writing its raw images directly, nothing else would notice
+        until the memory stream could not connect."""
+        if self._lost is None and self.incoming.started:
+            self._lost = asyncio.get_running_loop().create_future()
+            self._watch = asyncio.ensure_future(self._watch_qemu(self._lost))
+        return self._lost
+
+    async def _watch_qemu(self, lost: "asyncio.Future[None]") -> None:
+        name = self.incoming.name
+        while self.incoming.started:
+            if self.state.read_pid(name) is None:
+                lost.set_exception(MigrationError("the destination QEMU exited (see its "
+                                                  f"{self.state.log_path(name)})"))
+                lost.exception()         # retrieved: nobody may be waiting
+                return
+            await asyncio.sleep(0.1)
+
+    async def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+
+    async def close(self) -> None:
+        await self._stop_watch()
 
     # -- presync: qemu-nbd on Unix sockets in a private folder
 

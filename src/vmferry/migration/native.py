@@ -84,7 +84,25 @@ class NativeStorage:
     def _src_uri(self, d: DiskPlan) -> str:
         return f"nbd+unix:///{EXPORT}{d.node}?socket={self.socket}"
 
+    def _dst_file(self, d: DiskPlan) -> Optional[str]:
+        """The destination image itself, when the engine may write it directly.
+
+        For a raw image on this host the destination QEMU's NBD server is pure
+        overhead: one main-loop thread receives every byte (it tops out at a
+        core).  Writing the file is safe while that QEMU waits in -incoming:
+        its block nodes stay inactive, reading nothing, until the migration
+        completes, and it caches nothing of a raw image; the writes are
+        flushed before the guest can run there."""
+        path = self.prepared.dest_paths.get(d.node)
+        if (self.prepared.same_host and d.fmt == "raw" and path
+                and os.path.isfile(path)):
+            return path
+        return None
+
     def _dst_uri(self, d: DiskPlan) -> str:
+        direct = self._dst_file(d)
+        if direct:
+            return direct
         srv, export = self.prepared.nbd_server, self.prepared.exports[d.node]
         if srv.get("type") == "unix":
             return f"nbd+unix:///{export}?socket={srv['path']}"
@@ -132,9 +150,13 @@ class NativeStorage:
             # The final pass runs with the guest paused and has little to move:
             # one connection saves three handshakes of downtime.
             tune = _tuning()
-            return await copy_async(src, self._dst_uri(d), bitmap=bitmap,
+            dst = self._dst_uri(d)
+            return await copy_async(src, dst, bitmap=bitmap,
                                     destination_is_zero=fresh and bitmap is None,
                                     force_multi_conn=not final,
+                                    # written around QEMU: durable before it runs,
+                                    # each pass its own (the final one is small)
+                                    flush=dst == self._dst_file(d),
                                     connections=1 if final else tune.get("connections"),
                                     requests=tune.get("requests"),
                                     request_size=tune.get("request_size"),

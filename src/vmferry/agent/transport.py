@@ -1,0 +1,110 @@
+"""Reaching an agent: destination URIs, the ssh command line, and asyncio
+streams over a pair of pipes (ssh's on the source, stdin/stdout on the
+agent).
+
+Kept free of heavy imports on purpose: `vmferry migrate ssh://...` starts
+ssh before it loads the rest of vmferry, so the connection and the remote
+agent's start-up overlap with this side's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import subprocess
+from typing import IO, Any, Optional
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from vmferry.errors import UsageError
+
+DEFAULT_KEEPALIVE = 5.0             # seconds between the source's pings
+KEEPALIVE_COUNT = 3                 # missed pings before a peer is gone
+_OPTIONS = {"ssh": ("keyfile", "known_hosts", "no_verify", "agent", "keepalive"),
+            "tls": ("keepalive",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    uri: str
+    scheme: str                     # "ssh" or "tls"
+    host: str
+    port: Optional[int]
+    user: Optional[str]
+    state_dir: Optional[str]
+    query: dict[str, str]
+    keepalive: float
+
+    def __str__(self) -> str:
+        return self.uri.split("?")[0]
+
+
+def parse(uri: str) -> Target:
+    u = urlsplit(uri)
+    if u.scheme not in _OPTIONS or not u.hostname:
+        raise UsageError(f"destination {uri!r}: use ssh://[USER@]HOST[:PORT][/STATE-DIR] "
+                         f"or tls://HOST[:PORT]")
+    try:
+        port = u.port
+    except ValueError:
+        raise UsageError(f"destination {uri!r}: the port is not a number") from None
+    state_dir = unquote(u.path) if u.path not in ("", "/") else None
+    query = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
+    unknown = set(query) - set(_OPTIONS[u.scheme])
+    if unknown:
+        raise UsageError(f"destination {uri!r}: unknown option {sorted(unknown)[0]!r} "
+                         f"(known: {', '.join(_OPTIONS[u.scheme])})")
+    if u.scheme == "tls" and state_dir:
+        raise UsageError(f"destination {uri!r}: a tls:// agent has its own state "
+                         f"directory; drop the path")
+    try:
+        keepalive = float(query.get("keepalive", DEFAULT_KEEPALIVE))
+    except ValueError:
+        keepalive = -1
+    if not 0.1 <= keepalive <= 600:
+        raise UsageError(f"destination {uri!r}: keepalive must be 0.1 to 600 seconds")
+    return Target(uri=uri, scheme=u.scheme, host=u.hostname, port=port,
+                  user=unquote(u.username) if u.username else None, state_dir=state_dir,
+                  query=query, keepalive=keepalive)
+
+
+def ssh_argv(t: Target) -> list[str]:
+    argv = ["ssh", "-o", "BatchMode=yes", "-T",
+            # ssh's own keepalive ends a session whose link died, so the
+            # agent sees its stdin close even if we are gone too
+            "-o", f"ServerAliveInterval={max(1, int(t.keepalive))}",
+            "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}"]
+    if t.port:
+        argv += ["-p", str(t.port)]
+    if t.user:
+        argv += ["-l", t.user]
+    if "keyfile" in t.query:
+        argv += ["-i", t.query["keyfile"], "-o", "IdentitiesOnly=yes"]
+    if "known_hosts" in t.query:
+        argv += ["-o", f"UserKnownHostsFile={t.query['known_hosts']}"]
+    if t.query.get("no_verify") in ("1", "yes", "true"):
+        argv += ["-o", "StrictHostKeyChecking=no"]
+    remote = [t.query.get("agent") or "vmferry"]
+    if t.state_dir:
+        remote += ["--state-dir", t.state_dir]
+    remote += ["agent", "--stdio"]
+    return argv + [t.host, "--", shlex.join(remote)]
+
+
+def spawn_ssh(t: Target) -> subprocess.Popen:
+    """Start `vmferry agent --stdio` on the destination through the system ssh
+    client; its own session, so a Ctrl-C meant for us does not kill it before
+    we have rolled back through it."""
+    try:
+        return subprocess.Popen(ssh_argv(t), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as e:
+        raise UsageError(f"cannot run ssh: {e.strerror or e}") from e
+
+
+async def pipe_streams(rfile: IO[bytes], wfile: IO[bytes], limit: int) -> tuple[Any, Any]:
+    """asyncio (reader, writer) over two pipe ends."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rfile)
+    transport, proto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
+    return reader, asyncio.StreamWriter(transport, proto, reader, loop)
