@@ -74,22 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-engine", choices=["mirror", "native"], default="mirror",
                    help="who copies the disks: QEMU's mirror job (default) or vmferry's "
                         "multi-connection engine with dirty-bitmap passes")
-    net = p.add_argument_group("between hosts")
-    net.add_argument("--tls", action="store_true",
-                     help="encrypt and authenticate the disks' NBD and the migration stream "
-                          "with QEMU's x509 credentials (PKI/qemu on both hosts)")
-    net.add_argument("--pki", type=Path, default=Path("/etc/pki"), metavar="DIR",
-                     help="this host's certificates, laid out as libvirt's /etc/pki "
-                          "(default: %(default)s)")
-    net.add_argument("--listen-address", metavar="ADDR",
-                     help="address the destination binds for disks and memory (default: "
-                          "the one this host reached it on)")
-    net.add_argument("--disks-uri", metavar="tcp://HOST[:PORT]",
-                     help="destination address (and port) for the disks' NBD traffic")
-    net.add_argument("--migrate-uri", metavar="tcp://HOST[:PORT]",
-                     help="destination address (and port) for the migration stream")
-    net.add_argument("--overwrite-disks", action="store_true",
-                     help="let a remote destination write into images that already exist")
+    add_host_options(p, memory=True)
     p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
                    choices=["auto", "bar", "json"], help="show progress")
     p.set_defaults(func=run, copy_storage="all")
@@ -103,6 +88,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("name", metavar="NAME")
     a.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     a.set_defaults(func=abort)
+
+
+def add_host_options(p: argparse.ArgumentParser, *, memory: bool) -> None:
+    """The options of a destination on another host (migrate and presync)."""
+    net = p.add_argument_group("between hosts")
+    net.add_argument("--tls", action="store_true",
+                     help="encrypt and authenticate the disks' NBD" +
+                          (" and the migration stream" if memory else "") +
+                          " with QEMU's x509 credentials (PKI/qemu on both hosts)")
+    net.add_argument("--pki", type=Path, default=Path("/etc/pki"), metavar="DIR",
+                     help="this host's certificates, laid out as libvirt's /etc/pki "
+                          "(default: %(default)s)")
+    net.add_argument("--listen-address", metavar="ADDR",
+                     help="address the destination binds for the disks" +
+                          (" and memory" if memory else "") +
+                          " (default: the one this host reached it on)")
+    net.add_argument("--disks-uri", metavar="tcp://HOST[:PORT]",
+                     help="destination address (and port) for the disks' NBD traffic")
+    if memory:
+        net.add_argument("--migrate-uri", metavar="tcp://HOST[:PORT]",
+                         help="destination address (and port) for the migration stream")
+    net.add_argument("--overwrite-disks", action="store_true",
+                     help="let a remote destination write into images that already exist "
+                          "(images presync made are always its to write)")
 
 
 def job_file(state: StateDir, name: str) -> "Path":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 from vmferry.progress import make_reporter
 from vmferry.units import format_size
@@ -30,16 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="create missing destination images")
     p.add_argument("--migrate-disks", metavar="LIST",
                    help="comma-separated disks to presync (disk0,... or paths)")
-    p.add_argument("--overwrite-disks", action="store_true",
-                   help="let a remote destination write into images not made by presync")
-    p.add_argument("--tls", action="store_true",
-                   help="encrypt the copy to a remote destination (PKI/qemu on both hosts)")
-    p.add_argument("--pki", type=Path, default=Path("/etc/pki"), metavar="DIR",
-                   help="this host's certificates, laid out as libvirt's /etc/pki")
-    p.add_argument("--listen-address", metavar="ADDR",
-                   help="address the destination serves the images on")
-    p.add_argument("--disks-uri", metavar="tcp://HOST",
-                   help="destination address to send the disks to")
+    from vmferry.commands.migrate import add_host_options
+    add_host_options(p, memory=False)
     p.add_argument("--progress", nargs="?", const="auto", default=None,
                    choices=["auto", "bar", "json"], help="show progress")
     p.set_defaults(func=run)
