@@ -74,6 +74,8 @@ class Migration:
         self.was_running = True
         self.accel: Optional[str] = None
         self.native: Any = None        # NativeStorage with --storage-engine native
+        self._keep_up: Optional[asyncio.Task] = None   # its passes during memory migration
+        self._keep_stop: Optional[asyncio.Event] = None
         self.presync_state = presync_state   # source StateDir holding presync records
         self.presynced: dict[str, dict] = {}  # node -> valid presync record
         self.warn = warn
@@ -284,6 +286,15 @@ class Migration:
             await source.start_mirrors(mon, self.disks, self.prepared, sync, undo)
             await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
                                             self._deadline_for_storage())
+        if self.native is not None:
+            self._keep_stop = asyncio.Event()
+            keep = asyncio.ensure_future(self.native.keep_up(self._keep_stop))
+            self._keep_up = keep
+
+            async def stop_keep_up() -> None:
+                keep.cancel()
+                await asyncio.gather(keep, return_exceptions=True)
+            self._on_undo("stop the passes during memory migration", stop_keep_up)
         await source.set_capabilities(mon, source.capabilities(self.opts))
         await mon.cmd("migrate-set-parameters", **source.parameters(self.opts, self.prepared))
         self.info.downtime_limit_ms = self.opts.max_downtime or source.DEFAULT_DOWNTIME_MS
@@ -363,6 +374,8 @@ class Migration:
                 status = ev["data"]["status"]
             except asyncio.TimeoutError:
                 status = None
+            if self._keep_up is not None and self._keep_up.done():
+                self._keep_up.result()      # a failed pass fails the migration now
             if status is None or status not in ("pre-switchover", "completed", "failed",
                                                   "cancelled"):
                 info = await mon.cmd("query-migrate")
@@ -395,6 +408,8 @@ class Migration:
                 if not switched_over:
                     switched_over = True
                     if self.disks and self.native is not None:
+                        self._keep_stop.set()
+                        await self._keep_up          # its pass in flight ends first
                         await self.native.final_pass()
                         st = self.native.stats
                         self.info.storage_passes = st.passes

@@ -19,6 +19,7 @@ node, export and bitmap made here is named "vmferry-..." and undone on failure.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from pathlib import Path
@@ -35,6 +36,8 @@ FROZEN = "vmferry-frozen"
 EXPORT = "vmferry-src-"
 # Stop iterating when a pass moved less than this, or stopped shrinking.
 SMALL_ENOUGH = 16 << 20
+# how often the passes during memory migration look for new writes
+KEEP_UP_INTERVAL = 0.1
 MAX_PASSES = 8
 # Throttle steps before giving up on convergence (each halves the write rate),
 # and the floor: a guest is slowed, never stopped.
@@ -247,6 +250,19 @@ class NativeStorage:
         self.stats.bytes_copied += moved
         self.stats.passes += 1
         return moved
+
+    async def keep_up(self, stop: asyncio.Event) -> None:
+        """While memory migrates, copy what the guest keeps writing, so that the
+        paused final pass finds little: otherwise every write of the memory
+        phase (seconds of it) would be copied in the guest's downtime.  A pass
+        under way when STOP is set is finished, never cut short."""
+        while not stop.is_set():
+            if await self.dirty_bytes():
+                await self.pass_dirty()
+            try:
+                await asyncio.wait_for(stop.wait(), KEEP_UP_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
 
     async def converge(self, devices: dict[str, str]) -> None:
         """Dirty passes until little is left.  When a pass leaves as much dirty
