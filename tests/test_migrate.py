@@ -143,7 +143,8 @@ def test_disk_writes_during_storage_copy_arrive(lab):
     lab.run_vm(spec)
     model = bytearray(src.read_bytes())
 
-    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    p = lab.start_migrate("--storage-engine", "mirror", "--disk-map", f"{src}={dst}",
+                          "--create-disks")
     writes: list[tuple[int, int, int]] = []
     counts = write_while_mirroring(StateDir(lab.A).cli_socket("web1"), "vd0/virtio-backend",
                                    writes, lambda: p.poll() is not None, size * MiB)
@@ -258,7 +259,8 @@ def _mirror_copying(lab: Lab):
 
 def test_destination_killed_during_storage_copy(lab):
     src, h, dst, serial = _failing_setup(lab, 256)
-    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    p = lab.start_migrate("--storage-engine", "mirror", "--disk-map", f"{src}={dst}",
+                          "--create-disks")
     lab.wait_for("the storage copy", lambda: _mirror_copying(lab), 30, proc=p)
     signal_pid(lab.dest_pid(), signal.SIGKILL)
     line = lab.one_error(lab.finish(p))
@@ -343,12 +345,15 @@ def test_abort_command_during_memory_copy(lab):
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
 
 
-def test_sigint_during_storage_copy(lab):
+@pytest.mark.parametrize("engine", ["mirror", "native"])
+def test_sigint_during_storage_copy(lab, engine):
     """Ctrl-C while the disk is being copied: the destination QEMU, still waiting for
     the memory stream, must be stopped and its new image removed."""
     src, h, dst, serial = _failing_setup(lab, 256)
-    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
-    lab.wait_for("the storage copy", lambda: _mirror_copying(lab), 30, proc=p)
+    p = lab.start_migrate("--storage-engine", engine, "--disk-map", f"{src}={dst}",
+                          "--create-disks")
+    copying = _mirror_copying if engine == "mirror" else _native_copying
+    lab.wait_for("the storage copy", lambda: copying(lab), 30, proc=p)
     dest_pid = lab.dest_pid()
     assert dest_pid is not None
     p.send_signal(signal.SIGINT)

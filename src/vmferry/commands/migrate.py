@@ -71,9 +71,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="multifd: move memory over N connections")
     p.add_argument("--postcopy", action="store_true", help="allow post-copy")
     p.add_argument("--compressed", action="store_true", help="xbzrle page compression")
-    p.add_argument("--storage-engine", choices=["mirror", "native"], default="mirror",
-                   help="who copies the disks: QEMU's mirror job (default) or vmferry's "
-                        "multi-connection engine with dirty-bitmap passes")
+    p.add_argument("--storage-engine", choices=["auto", "mirror", "native"], default="auto",
+                   help="who copies the disks: vmferry's multi-connection engine with "
+                        "dirty-bitmap passes (native), QEMU's mirror job (mirror), or auto "
+                        "(default): native for raw images moving to this host, where it is "
+                        "faster, mirror otherwise")
     add_host_options(p, memory=True)
     p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
                    choices=["auto", "bar", "json"], help="show progress")

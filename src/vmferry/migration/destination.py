@@ -66,6 +66,8 @@ def file_id(path: str) -> Optional[str]:
 class Destination(abc.ABC):
     # Whether this destination can be pre-seeded by `vmferry presync`.
     presync_ok = False
+    # Whether its images are files of this host.
+    same_host = False
 
     @abc.abstractmethod
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,

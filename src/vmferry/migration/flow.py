@@ -218,7 +218,7 @@ class Migration:
     async def _plan_disks(self) -> list[DiskPlan]:
         plans = await source.plan_disks(self.mon, self.spec, self.opts)
         opts = self.opts
-        if plans and (opts.copy_storage == "inc" or opts.storage_engine == "native"):
+        if plans and (opts.copy_storage == "inc" or opts.storage_engine != "mirror"):
             from vmferry.migration import presync
             self.presynced = await presync.valid_records(
                 self.mon, self.presync_state if self.dest.presync_ok else None, self.name,
@@ -243,7 +243,20 @@ class Migration:
                 elif opts.storage_engine == "native":
                     raise UsageError("--storage-engine native with --copy-storage-inc needs "
                                      "a destination made by 'vmferry presync'")
+        if opts.storage_engine == "auto":
+            opts.storage_engine = self._pick_engine(plans)
         return plans
+
+    def _pick_engine(self, plans: list[DiskPlan]) -> str:
+        """Where the native engine wins the storage benchmark it is the default:
+        full copies of raw images to this host, which it writes directly
+        (bench/results/storage.md).  QEMU's mirror everywhere else: qcow2 goes
+        through the destination QEMU either way, a backing chain needs sync=top,
+        and between hosts the link, not the copier, sets the pace."""
+        if (plans and self.dest.same_host and self.opts.copy_storage == "all"
+                and all(p.fmt == "raw" for p in plans)):
+            return "native"
+        return "mirror"
 
     def dest_spec_paths(self, plans: list[DiskPlan]) -> dict[str, str]:
         """node -> destination image path (after --disk-map or --dest-spec)."""

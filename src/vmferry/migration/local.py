@@ -22,6 +22,7 @@ from vmferry.vm.state import StateDir
 
 class LocalDestination(Destination):
     presync_ok = True
+    same_host = True
 
     def __init__(self, state: StateDir) -> None:
         self.state = state

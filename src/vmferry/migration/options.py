@@ -41,8 +41,9 @@ class MigrateOptions:
     postcopy: bool = False
     # xbzrle page delta compression
     compressed: bool = False
-    # who copies the disks: QEMU's blockdev-mirror, or vmferry's engine (native.py)
-    storage_engine: str = "mirror"
+    # who copies the disks: QEMU's blockdev-mirror, vmferry's engine (native.py),
+    # or auto: the engine where it is faster (see Migration._pick_engine)
+    storage_engine: str = "auto"
     # remote destinations refuse to write into an existing image unless asked
     overwrite_disks: bool = False
     # --tls: QEMU's tls-creds-x509 for the disks' NBD and the migration stream
@@ -59,8 +60,8 @@ class MigrateOptions:
     migrate_uri: Optional[str] = None
 
     def validate(self) -> None:
-        if self.storage_engine not in ("mirror", "native"):
-            raise UsageError(f"--storage-engine must be mirror or native, not "
+        if self.storage_engine not in ("auto", "mirror", "native"):
+            raise UsageError(f"--storage-engine must be auto, mirror or native, not "
                              f"{self.storage_engine!r}")
         if self.copy_storage not in ("all", "inc", "none"):
             raise UsageError(f"copy_storage must be all, inc or none, not {self.copy_storage!r}")
