@@ -112,6 +112,7 @@ def test_bad_requests_get_error_replies_and_the_session_goes_on(agent):
 @pytest.mark.parametrize("garbage", [
     struct.pack(">I", 1 << 30),                     # a length no request has
     struct.pack(">I", 5) + b"\xff\xfe{}x",          # not UTF-8 JSON
+    struct.pack(">I", 200_000) + b"[" * 200_000,    # nested past Python's recursion limit
 ])
 def test_garbage_ends_the_session_cleanly(agent, garbage):
     agent.hello()
@@ -221,3 +222,26 @@ def test_silent_source_is_given_up_after_its_keepalive(tmp_path):
     finally:
         a.proc.kill()
         a.proc.wait()
+
+
+def test_spec_that_reaches_past_the_roots_is_refused(agent, tmp_path):
+    """extra_args would put anything on the destination's QEMU command line, and
+    every disk the destination QEMU opens must be under the roots, copied or not."""
+    agent.hello()
+    inside = tmp_path / "state" / "d.img"
+    spec = VMSpec(name="inc1", memory=64 << 20, extra_args=("-drive", "file=/etc/shadow"),
+                  disks=(DiskSpec(path=str(inside), format="raw"),)).to_toml()
+    r = agent.call("prepare", spec=spec, disks=_disks(), options={"create_disks": True})
+    assert not r["ok"] and "allow_extra_args" in r["error"]["message"], r
+    spec = VMSpec(name="inc1", memory=64 << 20,
+                  disks=(DiskSpec(path=str(inside), format="raw"),
+                         DiskSpec(path="/etc/passwd", format="raw", readonly=True))).to_toml()
+    r = agent.call("prepare", spec=spec, disks=_disks(), options={"create_disks": True})
+    assert not r["ok"] and "/etc/passwd is outside" in r["error"]["message"], r
+    r = agent.call("prepare", spec=_spec(tmp_path, inside), disks=_disks() + _disks(),
+                   options={"create_disks": True})
+    assert not r["ok"] and "named twice" in r["error"]["message"], r
+    bad = dict(_disks()[0], node="disk00")
+    r = agent.call("prepare", spec=_spec(tmp_path, inside), disks=[bad], options={})
+    assert not r["ok"] and "not a disk of the spec" in r["error"]["message"], r
+    assert not inside.exists() and not (tmp_path / "state" / "inc1").exists()

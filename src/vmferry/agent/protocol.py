@@ -47,8 +47,8 @@ async def read_frame(reader: asyncio.StreamReader) -> Optional[Any]:
         raise ProtocolError("the connection closed in the middle of a frame") from e
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"frame is not UTF-8 JSON: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"frame is not UTF-8 JSON: {type(e).__name__}") from e
 
 
 def encode(obj: Any) -> bytes:

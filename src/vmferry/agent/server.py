@@ -44,11 +44,18 @@ class AgentConfig:
     storage_roots: list[str]
     pki: Pki
     ports: tuple[int, int] = DEFAULT_PORTS
+    # extra QEMU arguments from a source's spec reach this host's QEMU command
+    # line unchecked: only where the operator says so
+    allow_extra_args: bool = False
 
 
 def _log(text: str) -> None:
-    sys.stderr.write(f"vmferry agent: {text}\n")
-    sys.stderr.flush()
+    # stderr is the ssh channel, which is gone exactly when teardown matters
+    try:
+        sys.stderr.write(f"vmferry agent: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 class Session:
@@ -186,6 +193,12 @@ class Session:
         from vmferry.vm.spec import parse_spec
         spec = parse_spec(a.get("spec", str), source="the source's VM spec")
         disks = [_disk_plan(d, spec) for d in a.get("disks", list)]
+        if len({d.node for d in disks}) != len(disks):
+            raise ProtocolError("prepare: a disk is named twice")
+        if spec.extra_args and not self.cfg.allow_extra_args:
+            raise UsageError("the VM spec has extra_args, which would reach the destination's "
+                             "QEMU command line: allow them with allow_extra_args = true in "
+                             "the agent's agent.toml")
         opts = _options(Args("prepare options", a.get("options", dict)))
         accel = a.get("accel", str, None)
         if accel not in (None, "kvm", "tcg"):
@@ -220,19 +233,22 @@ class Session:
         async with self._busy:
             if self.incoming is None:
                 raise UsageError("finish before prepare")
-            state = await self.incoming.finish(resume=resume)
-            self.finished = True
+            try:
+                state = await self.incoming.finish(resume=resume)
+            finally:
+                # resumed here, even if a later step failed: never torn down
+                self.finished = self.incoming.resumed
         return {"state": state}
 
     async def op_abort(self, a: Args) -> dict[str, Any]:
         a.only()
-        await self._abort()
-        return {}
+        return {"outcome": await self._abort()}
 
-    async def _abort(self) -> None:
+    async def _abort(self) -> str:
         async with self._busy:
-            if self.incoming is not None and not self.finished:
-                await self.incoming.abort()
+            if self.incoming is None:
+                return "destroyed"
+            return await self.incoming.abort()
 
     # -- presync: the images served by qemu-nbd on this host's address
 
@@ -309,7 +325,8 @@ def _disk_plan(d: Any, spec: Any) -> DiskPlan:
     a = Args("prepare disks", d)
     a.only("node", "path", "fmt", "size", "export", "backing", "backing_fmt", "source_id")
     node = a.get("node", str)
-    if not _NODE_RE.fullmatch(node) or int(node[4:]) >= len(spec.disks):
+    if (not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}"
+            or int(node[4:]) >= len(spec.disks)):
         raise ProtocolError(f"prepare: {node!r} is not a disk of the spec")
     fmt = a.get("fmt", str)
     if fmt not in ("raw", "qcow2"):
@@ -330,7 +347,7 @@ def _presync_disk(d: Any) -> dict[str, Any]:
     if fmt not in ("raw", "qcow2"):
         raise ProtocolError(f"presync_open: format {fmt!r} is not raw or qcow2")
     node = a.get("node", str)
-    if not _NODE_RE.fullmatch(node):
+    if not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}":
         raise ProtocolError(f"presync_open: {node!r} is not a disk node")
     size = a.get("size", int)
     if size < 0:
@@ -439,6 +456,7 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
         storage_roots = ["/srv/images"]     # default: the state directory alone
         pki = "/etc/pki"                    # default: /etc/pki
         port_range = [49152, 49215]
+        allow_extra_args = false            # a source spec's extra QEMU arguments
     """
     conf = state.path / "agent.toml"
     data: dict[str, Any] = {}
@@ -463,5 +481,9 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
                 or not 1 <= r[0] <= r[1] <= 65535):
             raise UsageError(f"{conf}: port_range must be [LOW, HIGH]")
         ports = (r[0], r[1])
+    allow = data.get("allow_extra_args", False)
+    if not isinstance(allow, bool):
+        raise UsageError(f"{conf}: allow_extra_args must be true or false")
     roots = [os.path.abspath(r) for r in roots] or [str(state.path)]
-    return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir), ports=ports)
+    return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir), ports=ports,
+                       allow_extra_args=allow)

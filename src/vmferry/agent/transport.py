@@ -42,6 +42,8 @@ def parse(uri: str) -> Target:
     if u.scheme not in _OPTIONS or not u.hostname:
         raise UsageError(f"destination {uri!r}: use ssh://[USER@]HOST[:PORT][/STATE-DIR] "
                          f"or tls://HOST[:PORT]")
+    if u.hostname.startswith("-") or (u.username or "").startswith("-"):
+        raise UsageError(f"destination {uri!r}: a host or user name cannot start with '-'")
     try:
         port = u.port
     except ValueError:

@@ -46,8 +46,8 @@ def _port_range(text: str) -> tuple[int, int]:
 def _host_port(text: str) -> tuple[str, int]:
     from vmferry.agent.server import DEFAULT_TLS_PORT
     host, sep, port = text.rpartition(":")
-    if not sep or "]" in port:
-        host, port = text, ""
+    if not sep or "]" in port or (text.count(":") > 1 and not text.startswith("[")):
+        host, port = text, ""           # no port, or a bare IPv6 address
     host = host.strip("[]")
     try:
         p = int(port) if port else DEFAULT_TLS_PORT

@@ -86,8 +86,11 @@ class Destination(abc.ABC):
         guest's run state."""
 
     @abc.abstractmethod
-    async def abort(self) -> None:
-        """Undo Prepare: stop the destination QEMU and remove what it created."""
+    async def abort(self) -> str:
+        """Undo Prepare: stop the destination QEMU and remove what it created.
+        Returns "destroyed"; "running" when Finish already resumed the guest
+        there (nothing is undone then); "unknown" when the destination cannot
+        be reached to tell."""
 
     async def close(self) -> None:
         """The migration is over, one way or the other: release the channel."""

@@ -139,7 +139,7 @@ class Migration:
                 await self._guarded(self.prepare())
                 await self._guarded(self.perform())
                 await _test_hold("finish")
-                await self._guarded(self.finish())
+                await self._finish_or_settle()
             except BaseException:
                 await self._failing()
                 raise
@@ -154,7 +154,7 @@ class Migration:
         except VmferryError as e:
             await self._fail(str(e))
             await self.dest.close()
-            if isinstance(e, UsageError):
+            if isinstance(e, UsageError) or getattr(e, "source_paused", False):
                 raise
             if isinstance(e, MigrationError):
                 # Say the one thing a user needs next: their VM is fine.
@@ -173,6 +173,31 @@ class Migration:
         finally:
             await self.dest.close()
         return self.info
+
+    async def _finish_or_settle(self) -> None:
+        """Finish, and if it fails, find out where the guest is before anything
+        is undone: once the destination resumed it, resuming the source too
+        would run the guest twice (on shared storage, corrupt its disks)."""
+        try:
+            await self._guarded(self.finish())
+            return
+        except (VmferryError, asyncio.CancelledError) as e:
+            failure = e
+        outcome = await asyncio.shield(self.dest.abort())
+        if outcome == "running":
+            # The guest runs on the destination: the migration did happen.
+            self._warn(f"Finish reported an error ({failure or 'cancelled'}), but the "
+                       f"destination runs the guest: completing the migration")
+            return
+        if outcome == "unknown":
+            self.was_running = False        # rollback must not resume the source
+            err = MigrationError(f"lost the destination during Finish ({failure or 'cancelled'}"
+                                 f"): it may be running the guest; the source VM stays "
+                                 f"paused — check {self.dest!r}, then resume or stop the "
+                                 f"source", phase="finish")
+            err.source_paused = True
+            raise err from failure
+        raise failure
 
     async def _failing(self) -> None:
         """Before rolling back, a destination we lost must not be waited on."""
@@ -200,8 +225,10 @@ class Migration:
             return
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        if not lost.cancelled():
-            raise lost.exception()
+        if lost.cancelled():
+            raise MigrationError("the connection to the destination was closed",
+                                 phase=self.phase.value)
+        raise lost.exception()
 
     async def begin(self) -> None:
         self._enter(Phase.BEGIN)

@@ -64,7 +64,8 @@ class Policy:
                 return
         raise UsageError(f"{what} {path} is outside the destination's storage roots "
                          f"({', '.join(self.storage_roots)}): map it with --disk-map, or "
-                         f"start the agent with --storage-root")
+                         f"add a root there (the agent's --storage-root, or storage_roots "
+                         f"in its STATE-DIR/agent.toml)")
 
 
 def _host(addr: str) -> str:
@@ -109,6 +110,8 @@ class Incoming:
         self.new_vm_dir = False
         self.started = False
         self.exports: list[str] = []
+        self.resumed = False       # Finish resumed the guest here
+        self.aborted = False
 
     # -- the record that lets someone else clean up after us -------------
 
@@ -131,6 +134,11 @@ class Incoming:
         by_node = {f"disk{i}": d for i, d in enumerate(dspec.disks)}
         if dspec.serial:
             self.policy.check_path("the serial log", dspec.serial)
+        for d in dspec.disks:           # copied or not, the destination QEMU opens it
+            self.policy.check_path("disk image", d.path)
+        for plan in disks:
+            if plan.backing and opts.copy_storage == "inc":
+                self.policy.check_path("backing image", plan.backing)
         for plan in disks:
             target = by_node[plan.node].path
             plan.dest_path = target
@@ -171,9 +179,9 @@ class Incoming:
     async def prepare(self, spec: Any, dspec: Any, disks: list[DiskPlan],
                       opts: MigrateOptions, *, accel: Optional[str] = None,
                       presynced: set[str] = frozenset()) -> Prepared:
-        self.name = dspec.name
         if self.state.read_pid(dspec.name) is not None:
             raise UsageError(f"a VM named {dspec.name} already runs in {self.state.path}")
+        self.name = dspec.name      # from here on, abort() owns what is created
         self.new_vm_dir = not self.state.vm_dir(dspec.name).exists()
         self._check_disks(spec, dspec, disks, opts, set(presynced))
         self._save_record()
@@ -269,7 +277,7 @@ class Incoming:
             await self.mon.cmd(command, **args)
             return True
         except MigrationError as e:
-            if "in use" in str(e) or "Failed to bind" in str(e) or "listen" in str(e):
+            if "in use" in str(e):
                 return False
             raise
 
@@ -302,27 +310,38 @@ class Incoming:
         self.exports.clear()
         if resume:
             await mon.cmd("cont")
+            # From here the guest has run on this side: the source must never
+            # resume it too, so abort() no longer removes anything.
+            self.resumed = True
         status = (await mon.cmd("query-status"))["status"]
         await mon.close()
-        # The guest runs here now: nothing of it is ours to remove any more.
+        self.mon = None
+        self.resumed = True
         self.created.clear()
         self.started = False
+        self.new_vm_dir = False
         self._record_path().unlink(missing_ok=True)
         return status
 
     # -- rollback --------------------------------------------------------
 
-    async def abort(self) -> None:
+    async def abort(self) -> str:
+        """Undo Prepare.  Returns "destroyed", or "running" once Finish has
+        resumed the guest here (then nothing is touched)."""
+        if self.resumed:
+            return "running"
         if self.mon is not None:
             await self.mon.close()
             self.mon = None
-        if self.name is None:
-            return
+        if self.name is None or self.aborted:
+            return "destroyed"
+        self.aborted = True
         if self.started:
             await stop_vm_async(self.state, self.name, force=True, timeout=5)
             self.started = False
         _remove(self.state, self.name, self.created, self.new_vm_dir)
         self.created.clear()
+        return "destroyed"
 
 
 def _made_by_presync(image: str) -> bool:

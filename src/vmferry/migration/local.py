@@ -45,9 +45,9 @@ class LocalDestination(Destination):
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
         return await self.incoming.finish(resume=resume)
 
-    async def abort(self) -> None:
+    async def abort(self) -> str:
         await self._stop_watch()
-        await self.incoming.abort()
+        return await self.incoming.abort()
 
     def lost(self) -> Optional["asyncio.Future[None]"]:
         """Fails when the destination QEMU dies before Finish: with the native

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import signal
@@ -83,14 +84,23 @@ class _Server:
                                  f"verify-peer=on", "--tls-creds", TLS_ID]
         return argv
 
-    def _spawn(self, argv: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(argv + [self.image], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    def _spawn(self, argv: list[str], listen: Optional[int] = None) -> subprocess.Popen:
+        argv = argv + [self.image]
+        if listen is not None:
+            # Socket activation: qemu-nbd serves the socket it finds as fd 3
+            # when LISTEN_PID is its own pid, which the shell's is after exec.
+            argv = ["sh", "-c", f'exec 3<&{listen} {listen}<&-; LISTEN_FDS=1 '
+                                f'LISTEN_PID=$$ exec "$@"', "qemu-nbd"] + argv
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE,
+                                pass_fds=(listen,) if listen is not None else (),
                                 preexec_fn=_die_with_parent)
 
-    async def _wait(self, ready: Any) -> str:
-        """'' once READY() holds, or qemu-nbd's complaint if it exited."""
-        deadline = time.monotonic() + START_TIMEOUT
+    async def _wait(self, ready: Any, early_only: bool = False) -> str:
+        """'' once READY() holds, or qemu-nbd's complaint if it exited.  EARLY_ONLY:
+        the socket already listens, so only give it a moment to fail (a bad
+        image, a locked file)."""
+        deadline = time.monotonic() + (0.2 if early_only else START_TIMEOUT)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return self.proc.stderr.read().decode(errors="replace").strip() or \
@@ -98,6 +108,8 @@ class _Server:
             if ready():
                 return ""
             await asyncio.sleep(0.01)
+        if early_only:
+            return ""
         self.stop()
         raise MigrationError(f"qemu-nbd did not serve {self.image} within "
                              f"{START_TIMEOUT:g} s", phase="presync")
@@ -114,14 +126,30 @@ class _Server:
 
     async def start_tcp(self, address: str, ports: tuple[int, int],
                         tls_dir: Optional[str]) -> dict[str, Any]:
+        """Bind the port here and hand the listening socket to qemu-nbd
+        (systemd-style socket activation): the port is provably ours, never
+        another server's that happened to answer first."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
         for port in range(ports[0], ports[1] + 1):
-            self.proc = self._spawn(self._argv(tls_dir) + ["-b", address, "-p", str(port)])
-            err = await self._wait(lambda: _listening(address, port))
-            if not err:
-                return {"type": "inet", "host": address, "port": str(port)}
-            if "in use" not in err:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.bind((address, port))
+                sock.listen(16)
+            except OSError as e:
+                sock.close()
+                if e.errno == errno.EADDRINUSE:
+                    continue
+                raise MigrationError(f"cannot listen on {address}:{port} to serve "
+                                     f"{self.image}: {e.strerror}", phase="presync") from e
+            try:
+                self.proc = self._spawn(self._argv(tls_dir), listen=sock.fileno())
+            finally:
+                sock.close()          # qemu-nbd holds it now
+            err = await self._wait(lambda: False, early_only=True)
+            if err:
                 raise MigrationError(f"qemu-nbd could not serve {self.image}: {err}",
                                      phase="presync")
+            return {"type": "inet", "host": address, "port": str(port)}
         raise MigrationError(f"no free port in {ports[0]}-{ports[1]} on {address} to serve "
                              f"{self.image}", phase="presync")
 
@@ -137,14 +165,6 @@ class _Server:
             self.proc.stderr.close()
         if self.sock is not None:
             self.sock.unlink(missing_ok=True)
-
-
-def _listening(address: str, port: int) -> bool:
-    """Whether something accepts on ADDRESS:PORT (qemu-nbd, once it is ready)."""
-    host = "127.0.0.1" if address in ("0.0.0.0", "") else "::1" if address == "::" else address
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-        return True
-    return False
 
 
 class PresyncTarget:
@@ -168,6 +188,9 @@ class PresyncTarget:
         per node, where the image is served, whether it was created, and why
         its record does not hold ('' when it does)."""
         out: dict[str, dict[str, Any]] = {}
+        if len({d["node"] for d in disks}) != len(disks) or \
+                len({os.path.realpath(d["dest_path"]) for d in disks}) != len(disks):
+            raise UsageError("presync names a disk or a destination image twice")
         for d in disks:
             path = d["dest_path"]
             self.policy.check_path("destination image", path)

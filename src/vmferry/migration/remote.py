@@ -76,7 +76,10 @@ class Channel:
                 rid = frame.get("id") if isinstance(frame, dict) else None
                 fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
                 if fut is None:
-                    if isinstance(frame, dict) and frame.get("ok") is False:
+                    # id null: the agent refuses the connection itself (a late
+                    # reply to a request we gave up on is not that)
+                    if isinstance(frame, dict) and frame.get("ok") is False and \
+                            frame.get("id") is None:
                         self._lose(f"it refused the connection: "
                                    f"{frame.get('error', {}).get('message')}")
                         return
@@ -110,14 +113,16 @@ class Channel:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            self.writer.write(protocol.encode({"id": rid, "op": op, "args": args}))
-            await self.writer.drain()
-        except (ConnectionError, OSError) as e:
-            self._lose(f"cannot send {op}: {e}")
-        try:
+            try:
+                self.writer.write(protocol.encode({"id": rid, "op": op, "args": args}))
+                await self.writer.drain()
+            except (ConnectionError, OSError) as e:
+                self._lose(f"cannot send {op}: {e}")
             reply = await fut
         finally:
             self._pending.pop(rid, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()           # retrieved, whoever stopped waiting
         if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
             raise protocol.ProtocolError(f"the agent sent a malformed reply to {op}")
         if not reply["ok"]:
@@ -195,10 +200,12 @@ class RemoteDestination(Destination):
                 keepalive=self.keepalive), CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
             await self.channel.close()
+            self.channel = None
             raise MigrationError(f"the agent at {self} did not answer within "
                                  f"{CONNECT_TIMEOUT:g} s", phase="prepare") from None
         except BaseException:
             await self.channel.close()
+            self.channel = None
             raise
         return self.channel
 
@@ -259,12 +266,17 @@ class RemoteDestination(Destination):
         r = await self.channel.call("finish", resume=resume)
         return str(r.get("state", "unknown"))
 
-    async def abort(self) -> None:
-        if self.channel is None or self.channel.lost.done():
-            return      # the agent tears down by itself once we are gone
-        with contextlib.suppress(MigrationError, UsageError, protocol.ProtocolError,
-                                 asyncio.TimeoutError):
-            await asyncio.wait_for(self.channel.call("abort"), 60)
+    async def abort(self) -> str:
+        if self.channel is None:
+            return "destroyed"      # nothing was prepared
+        if self.channel.lost.done():
+            return "unknown"        # the agent tears down by itself if it must
+        try:
+            r = await asyncio.wait_for(self.channel.call("abort"), 60)
+        except (MigrationError, UsageError, protocol.ProtocolError, asyncio.TimeoutError):
+            return "unknown"
+        outcome = r.get("outcome")
+        return outcome if outcome in ("destroyed", "running") else "unknown"
 
     async def close(self) -> None:
         if self.channel is not None:
