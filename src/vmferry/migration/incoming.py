@@ -329,7 +329,10 @@ class Incoming:
         """Undo Prepare.  Returns "destroyed", or "running" once Finish has
         resumed the guest here (then nothing is touched)."""
         if self.resumed:
-            return "running"
+            # resumed here, but a QEMU that died since holds no guest either:
+            # then nobody can say which side's state is the one to keep
+            alive = self.name is not None and self.state.read_pid(self.name) is not None
+            return "running" if alive else "unknown"
         if self.mon is not None:
             await self.mon.close()
             self.mon = None
