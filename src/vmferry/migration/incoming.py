@@ -112,6 +112,7 @@ class Incoming:
         self.exports: list[str] = []
         self.resumed = False       # Finish resumed the guest here
         self.aborted = False
+        self._claim: Optional[tuple[str, str]] = None
 
     # -- the record that lets someone else clean up after us -------------
 
@@ -179,12 +180,23 @@ class Incoming:
     async def prepare(self, spec: Any, dspec: Any, disks: list[DiskPlan],
                       opts: MigrateOptions, *, accel: Optional[str] = None,
                       presynced: set[str] = frozenset()) -> Prepared:
-        if self.state.read_pid(dspec.name) is not None:
-            raise UsageError(f"a VM named {dspec.name} already runs in {self.state.path}")
-        self.name = dspec.name      # from here on, abort() owns what is created
-        self.new_vm_dir = not self.state.vm_dir(dspec.name).exists()
-        self._check_disks(spec, dspec, disks, opts, set(presynced))
-        self._save_record()
+        name = dspec.name
+        with self.state.lock():
+            # Claimed under the state directory's lock: two sources moving a VM
+            # of the same name here at once must not share (and then delete)
+            # one VM folder.
+            if self.state.read_pid(name) is not None:
+                raise UsageError(f"a VM named {name} already runs in {self.state.path}")
+            key = (str(self.state.path), name)
+            if key in _CLAIMED or _claimed_elsewhere(self.state, name):
+                raise UsageError(f"an incoming migration of {name} is already under way in "
+                                 f"{self.state.path}")
+            self._check_disks(spec, dspec, disks, opts, set(presynced))
+            _CLAIMED.add(key)
+            self._claim = key
+            self.name = name        # from here on, abort() owns what is created
+            self.new_vm_dir = not self.state.vm_dir(name).exists()
+            self._save_record()
         self._create_disks(disks, opts)
         vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True,
                                   accel=accel)
@@ -321,7 +333,13 @@ class Incoming:
         self.started = False
         self.new_vm_dir = False
         self._record_path().unlink(missing_ok=True)
+        self._release()
         return status
+
+    def _release(self) -> None:
+        if self._claim is not None:
+            _CLAIMED.discard(self._claim)
+            self._claim = None
 
     # -- rollback --------------------------------------------------------
 
@@ -344,7 +362,22 @@ class Incoming:
             self.started = False
         _remove(self.state, self.name, self.created, self.new_vm_dir)
         self.created.clear()
+        self._release()
         return "destroyed"
+
+
+# (state dir, VM name) of the incoming migrations this process prepares: the
+# record's owner pid cannot tell two sessions of one agent apart.
+_CLAIMED: set[tuple[str, str]] = set()
+
+
+def _claimed_elsewhere(state: StateDir, name: str) -> bool:
+    """An incoming.json whose owner is another live process."""
+    try:
+        owner = json.loads((state.vm_dir(name) / RECORD).read_text()).get("owner")
+    except (OSError, ValueError):
+        return False
+    return isinstance(owner, int) and owner != os.getpid() and pid_alive(owner)
 
 
 def _made_by_presync(image: str) -> bool:
