@@ -89,21 +89,28 @@ async def qmp_connect(sock: str | os.PathLike, *, timeout: Optional[float] = 5.0
     """Connect to the QMP socket SOCK (greeting and capabilities within TIMEOUT s);
     the caller closes the session."""
     path = os.fspath(sock)
-    client = QMPClient(name)
-    try:
-        await asyncio.wait_for(client.connect(path), timeout)
-    except _QMPConnectError as e:
-        await _quiet_disconnect(client)
-        raise ConnectError(f"cannot connect to QMP socket {path}: {_reason(e)}") from e
-    except asyncio.TimeoutError:
-        await _quiet_disconnect(client)
-        raise ConnectError(f"QMP socket {path} did not greet within {timeout:g} s (QEMU "
-                           f"serves one client per socket: is another one connected?)"
-                           ) from None
-    except QMPError as e:
-        await _quiet_disconnect(client)
-        raise ConnectError(f"cannot connect to QMP socket {path}: {_one_line(e)}") from e
-    return QMPSession(client, path)
+    for attempt in range(3):
+        client = QMPClient(name)
+        try:
+            await asyncio.wait_for(client.connect(path), timeout)
+            return QMPSession(client, path)
+        except _QMPConnectError as e:
+            await _quiet_disconnect(client)
+            # qemu.qmp's capability negotiation has been seen to trip over a
+            # message arriving mid-handshake; a fresh connection then works
+            if "Negotiation failed" in str(e) and attempt < 2:
+                await asyncio.sleep(0.05)
+                continue
+            raise ConnectError(f"cannot connect to QMP socket {path}: {_reason(e)}") from e
+        except asyncio.TimeoutError:
+            await _quiet_disconnect(client)
+            raise ConnectError(f"QMP socket {path} did not greet within {timeout:g} s (QEMU "
+                               f"serves one client per socket: is another one connected?)"
+                               ) from None
+        except QMPError as e:
+            await _quiet_disconnect(client)
+            raise ConnectError(f"cannot connect to QMP socket {path}: {_one_line(e)}") from e
+    raise AssertionError("unreachable")
 
 
 @contextlib.asynccontextmanager
