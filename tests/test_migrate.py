@@ -321,6 +321,25 @@ def test_sigint_between_phases(lab, before):
                              migration=(None, "none", "completed"))
 
 
+def test_ctrl_c_after_the_destination_resumed_completes_the_migration(lab):
+    """Ctrl-C in Finish, after the destination already resumed the guest: rolling
+    back would run it on both sides, so the migration completes instead, says
+    why, and the source is retired."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "resumed:15"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the destination to resume the guest",
+                 lambda: lab.dest_pid() and
+                 lab.qmp("query-status", state=lab.B)["status"] == "running", 60, proc=p)
+    p.send_signal(signal.SIGINT)
+    cp = lab.finish(p)
+    assert cp.returncode == 0, cp.stderr
+    assert "the destination runs the guest: completing the migration" in cp.stderr, cp.stderr
+    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
+    assert lab.status(state=lab.B)["state"] == "running"
+    assert lab.jobinfo()["status"] == "completed"
+
+
 def test_destination_disk_too_small(lab):
     src, h, dst, serial = _failing_setup(lab)
     fill_image(dst, 16, seed=2)

@@ -22,20 +22,12 @@ from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import PREFIX, DiskPlan
 from vmferry.migration.stats import JobInfo
+from vmferry.migration.testhooks import hold as _test_hold
 
 # Raise the downtime limit after this many iterations without progress,
 # doubling each time, up to ESCALATE_MAX times the starting limit.
 STALL_ITERATIONS = 3
 ESCALATE_MAX = 16
-
-
-async def _test_hold(phase: str) -> None:
-    """Fault-injection point for the tests: VMFERRY_TEST_HOLD=PHASE:SECONDS makes
-    the migration wait that long before PHASE, so a test can kill a process at a
-    moment no signal could hit reliably.  Unset in normal use."""
-    spec = os.environ.get("VMFERRY_TEST_HOLD", "")
-    if spec.partition(":")[0] == phase:
-        await asyncio.sleep(float(spec.partition(":")[2] or 1))
 
 
 class Phase(enum.Enum):

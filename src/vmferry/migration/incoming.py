@@ -24,6 +24,7 @@ from vmferry.migration.destination import Prepared, file_id
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan
+from vmferry.migration import testhooks
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm_async, stop_vm_async
 from vmferry.vm.state import StateDir, pid_alive
@@ -325,6 +326,7 @@ class Incoming:
             # From here the guest has run on this side: the source must never
             # resume it too, so abort() no longer removes anything.
             self.resumed = True
+            await testhooks.hold("resumed")
         status = (await mon.cmd("query-status"))["status"]
         await mon.close()
         self.mon = None
