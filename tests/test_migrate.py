@@ -29,6 +29,7 @@ from migrate_helpers import (  # noqa: E402
     ACCEL, MiB, QEMU, Lab, check_serial_log, fill_image, images_identical, make_image,
     qemu_pids, sha256, write_while_mirroring,
 )
+from vmferry.errors import VmferryError  # noqa: E402
 from vmferry.guest import build_guest, find_qboot  # noqa: E402
 from vmferry.vm import StateDir, load_spec  # noqa: E402
 from vmferry.vm.state import pid_alive  # noqa: E402
@@ -328,9 +329,12 @@ def test_ctrl_c_after_the_destination_resumed_completes_the_migration(lab):
     src, h, dst, serial = _failing_setup(lab)
     lab.env["VMFERRY_TEST_HOLD"] = "resumed:15"
     p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
-    lab.wait_for("the destination to resume the guest",
-                 lambda: lab.dest_pid() and
-                 lab.qmp("query-status", state=lab.B)["status"] == "running", 60, proc=p)
+    def resumed() -> bool:
+        try:
+            return lab.qmp("query-status", state=lab.B)["status"] == "running"
+        except VmferryError:        # that QEMU and its sockets are still starting
+            return False
+    lab.wait_for("the destination to resume the guest", resumed, 60, proc=p)
     p.send_signal(signal.SIGINT)
     cp = lab.finish(p)
     assert cp.returncode == 0, cp.stderr
