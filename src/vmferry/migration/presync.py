@@ -126,6 +126,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
     stats: dict[str, Any] = {"disks": {}, "bytes_moved": 0, "incremental": []}
     server = opened = False
     records: dict[str, dict] = {}
+    added: list[str] = []
     try:
         plans = await plan_disks(mon, rec.spec, opts)
         dspec = destination_spec(rec.spec, opts)
@@ -147,6 +148,8 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                                                 "data": {"path": str(src_sock)}})
         server = True
         for p in plans:
+            if p.node not in good:
+                added.append(p.node)      # _copy_disk starts a fresh bitmap
             moved = await _copy_disk(mon, p, p.node in good, targets[p.node], src_sock,
                                      dest.presync_uri, progress)
             stats["bytes_moved"] += moved
@@ -161,6 +164,10 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         os.replace(tmp, path)
         return stats
     finally:
+        for node in added:
+            if node not in records:
+                # a bitmap for an image that never got its copy vouches for nothing
+                await mon.try_cmd("block-dirty-bitmap-remove", node=node, name=BITMAP)
         if opened:
             await dest.presync_close({n: generation for n in records}, name)
         if server:
