@@ -363,3 +363,43 @@ def test_presync_record_touched_on_the_other_host_falls_back(rlab):
     assert rlab.jobinfo()["disk_processed"] >= 32 * MiB - 64 * 1024
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
     assert images_identical(src, dst, "raw") == ""
+
+
+def test_presync_interrupted_leaves_nothing_on_the_other_host(rlab):
+    """Ctrl-C during a presync over a slow link: the agent stops its qemu-nbd, the
+    image it created is removed, no record vouches for anything, and the VM runs on."""
+    from migrate_helpers import fill_image
+    src = fill_image(rlab.root / "src.raw", 256)
+    dst = rlab.root / "dst.raw"
+    rlab.run_vm(rlab.spec(disk=src, memory="64M", mem="8M", dirty="idle", hb=200))
+    rlab.net.shape("40mbit")
+    p = rlab.start("presync", "web1", rlab.ssh_uri(), "--disk-map", f"{src}={dst}",
+                   "--create-disks")
+    rlab.wait_for("the copy to the other host", lambda: dst.exists() and
+                  _qemu_nbd_serving(dst), 60, proc=p)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    cp = rlab.finish(p, timeout=60)
+    assert cp.returncode == 130, (cp.returncode, cp.stderr)
+    assert "Traceback" not in cp.stderr, cp.stderr
+    rlab.wait_for("qemu-nbd to stop", lambda: not _qemu_nbd_serving(dst), 20)
+    assert not dst.exists(), "the image presync created was left behind"
+    assert not Path(str(dst) + ".vmferry-presync.json").exists()
+    assert not (rlab.A / "web1" / "presync.json").exists()
+    assert rlab.status()["state"] == "running"
+    assert rlab.qmp("query-block-exports") == []
+    nodes = rlab.qmp("query-named-block-nodes", {"flat": True})
+    assert [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])] == [], \
+        "a presync bitmap was left on the source"
+
+
+def _qemu_nbd_serving(image: Path) -> bool:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path("/proc", entry, "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"qemu-nbd") and os.fsencode(image) in cmd:
+                return True
+    return False
