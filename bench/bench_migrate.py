@@ -39,7 +39,7 @@ import pytest
 
 import report as rpt
 from vmferry.guest import build_guest, guest_cmdline, wait_for_pass
-from vmferry.vm.process import start_vm, stop_vm
+from vmferry.vm.process import start_vm, stop_all
 from vmferry.vm.qmp import qmp_session
 from vmferry.vm.spec import parse_spec
 from vmferry.vm.state import StateDir
@@ -162,12 +162,7 @@ class Bench:
         return a, b, self.root / f"dst{i}.raw", spec
 
     def cleanup(self, a: StateDir, b: StateDir, dst: Path) -> None:
-        for s in (a, b):
-            for n in s.names():
-                try:
-                    stop_vm(s, n, force=True, timeout=2)
-                except Exception:
-                    pass
+        stop_all(a, b, timeout=2)
         dst.unlink(missing_ok=True)
 
     def run(self, tool: str, i: int) -> dict[str, Any]:

@@ -321,13 +321,8 @@ class RemoteBench(Bench):
                 "foreign_qemus": foreign, "checks": checks}
 
     def cleanup_vms(self, a: StateDir, b: StateDir) -> None:
-        from vmferry.vm.process import stop_vm
-        for s in (a, b):
-            for n in s.names():
-                try:
-                    stop_vm(s, n, force=True, timeout=5)
-                except Exception:
-                    pass
+        from vmferry.vm.process import stop_all
+        stop_all(a, b)
 
     # -- where vmferry's extra time goes ---------------------------------
 

@@ -33,7 +33,7 @@ import pytest
 
 import report as rpt
 from vmferry.guest import build_guest, find_qboot, guest_cmdline, wait_for_pass
-from vmferry.vm.process import start_vm, stop_vm
+from vmferry.vm.process import start_vm, stop_all
 from vmferry.vm.qmp import qmp_session
 from vmferry.vm.spec import parse_spec
 from vmferry.vm.state import StateDir
@@ -117,12 +117,7 @@ format = "raw"
         return a, b, self.root / f"dst{self.n}.raw"
 
     def stop(self, a: StateDir, b: StateDir, dst: Path) -> None:
-        for s in (a, b):
-            for n in s.names():
-                try:
-                    stop_vm(s, n, force=True, timeout=2)
-                except Exception:
-                    pass
+        stop_all(a, b, timeout=2)
         for p in (dst, Path(str(dst) + ".vmferry-presync.json")):
             p.unlink(missing_ok=True)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from vmferry.guest import check_serial_log, guest_cmdline
-from vmferry.vm import StateDir, qmp_call, stop_vm
+from vmferry.vm import StateDir, qmp_call, stop_all
 from vmferry.vm.qemu import detect_accel
 from vmferry.vm.state import pid_alive
 
@@ -328,18 +328,7 @@ class Lab:
                 p.communicate(timeout=10)
             except (subprocess.TimeoutExpired, ValueError):
                 pass
-        for d in (self.A, self.B):
-            sd = StateDir(d)
-            try:
-                names = sd.names()
-            except Exception:
-                names = []
-            for n in names:
-                if sd.read_pid(n) is not None:
-                    try:
-                        stop_vm(sd, n, force=True, timeout=5)
-                    except Exception:
-                        pass
+        stop_all(StateDir(self.A), StateDir(self.B))
         killed = qemu_pids(self.root)
         for pid in killed:
             try:

@@ -68,7 +68,6 @@ class Session:
         self.presync: Any = None                 # a PresyncTarget while one is served
         self.greeted = False
         self.finished = False
-        self.closing = False
         self._bye = asyncio.Event()
         self.keepalive = DEFAULT_KEEPALIVE
         self._busy = asyncio.Lock()              # one phase at a time
@@ -81,7 +80,7 @@ class Session:
                     writer: asyncio.StreamWriter) -> None:
         why = "the source closed the connection"
         try:
-            while not self.closing:
+            while not self._bye.is_set():
                 # Before hello, the client's keepalive is not known yet.
                 silence = self.keepalive * KEEPALIVE_COUNT + 2
                 try:
@@ -213,7 +212,7 @@ class Session:
             self.incoming = Incoming(self.cfg.state, network=Network(
                 tcp=True, nbd=nbd, migrate=mig, tls_dir=tls_dir),
                 policy=Policy(storage_roots=self.cfg.storage_roots, protect_existing=True))
-            prepared = await self.incoming.prepare(spec, spec, disks, opts, accel=accel,
+            prepared = await self.incoming.prepare(spec, disks, opts, accel=accel,
                                                    presynced=presynced)
         return {"nbd": prepared.nbd_server, "migrate_uri": prepared.migrate_uri,
                 "exports": prepared.exports, "dest_paths": prepared.dest_paths,
@@ -310,8 +309,7 @@ class Session:
         return {}
 
     async def op_bye(self, a: Args) -> dict[str, Any]:
-        a.only()
-        self.closing = True
+        a.only()          # _answer ends the session once this reply is sent
         return {}
 
     OPS: dict[str, Callable[["Session", Args], Awaitable[dict[str, Any]]]] = {

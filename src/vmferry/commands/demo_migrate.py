@@ -16,7 +16,7 @@ from vmferry.guest import (build_guest, check_serial_log, find_qboot, guest_cmdl
 from vmferry.migration.api import migrate_vm
 from vmferry.migration.options import MigrateOptions
 from vmferry.units import format_size
-from vmferry.vm.process import start_vm, stop_vm
+from vmferry.vm.process import start_vm, stop_all, stop_vm
 from vmferry.vm.qemu import detect_accel
 from vmferry.vm.spec import parse_spec
 from vmferry.vm.state import StateDir
@@ -94,10 +94,5 @@ format = "raw"
         print("demo: source and destination disks are identical (qemu-img compare)")
         return 0
     finally:
-        for state in (a, b):
-            for name in state.names():
-                try:
-                    stop_vm(state, name, force=True, timeout=2)
-                except VmferryError:
-                    pass
+        stop_all(a, b, timeout=2)
         shutil.rmtree(tmp, ignore_errors=True)

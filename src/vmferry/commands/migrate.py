@@ -35,14 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                       "hosts share")
     st.add_argument("--shared-storage", dest="copy_storage", action="store_const",
                     const="none", help="copy no disks: both hosts see the same images")
-    p.add_argument("--migrate-disks", metavar="LIST",
-                   help="comma-separated disks to copy (disk0,... or paths)")
-    p.add_argument("--disk-map", action="append", default=[], metavar="SRC=DST",
-                   help="destination image path for a source image (repeatable)")
-    p.add_argument("--dest-spec", metavar="FILE", help="a spec file for the destination "
-                   "(its disk and serial paths are used)")
-    p.add_argument("--create-disks", action="store_true",
-                   help="create missing destination images with the right size and format")
+    add_disk_options(p, "copy")
     p.add_argument("--persistent", action="store_true",
                    help="keep the spec on the destination (always done; accepted for "
                         "virsh compatibility)")
@@ -92,6 +85,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=abort)
 
 
+def add_disk_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """Which disks go where (migrate and presync)."""
+    p.add_argument("--migrate-disks", metavar="LIST",
+                   help=f"comma-separated disks to {verb} (disk0,... or paths)")
+    p.add_argument("--disk-map", action="append", default=[], metavar="SRC=DST",
+                   help="destination image path for a source image (repeatable)")
+    p.add_argument("--dest-spec", metavar="FILE", help="a spec file for the destination "
+                   "(its disk and serial paths are used)")
+    p.add_argument("--create-disks", action="store_true",
+                   help="create missing destination images with the right size and format")
+
+
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """MigrateOptions fields of add_disk_options and add_host_options."""
+    return dict(
+        migrate_disks=[d for d in args.migrate_disks.split(",") if d] if args.migrate_disks
+        else None,
+        disk_map=parse_disk_map(args.disk_map), dest_spec=args.dest_spec,
+        create_disks=args.create_disks, overwrite_disks=args.overwrite_disks, tls=args.tls,
+        pki_dir=args.pki, listen_address=args.listen_address, disks_uri=args.disks_uri)
+
+
 def add_host_options(p: argparse.ArgumentParser, *, memory: bool) -> None:
     """The options of a destination on another host (migrate and presync)."""
     net = p.add_argument_group("between hosts")
@@ -133,20 +148,14 @@ def parse_disk_map(items: list[str]) -> dict[str, str]:
 
 
 def options_from(args: argparse.Namespace) -> MigrateOptions:
-    dmap = parse_disk_map(args.disk_map)
     return MigrateOptions(
-        copy_storage=args.copy_storage,
-        migrate_disks=[d for d in args.migrate_disks.split(",") if d] if args.migrate_disks
-        else None,
-        disk_map=dmap, dest_spec=args.dest_spec, create_disks=args.create_disks,
+        **common_options(args), copy_storage=args.copy_storage,
         undefine_source=args.undefinesource, suspend=args.suspend, offline=args.offline,
         timeout=args.timeout, timeout_action=args.timeout_action, bandwidth=args.bandwidth,
         max_downtime=args.max_downtime, escalate_downtime=not args.no_escalate,
         auto_converge=args.auto_converge, parallel_connections=args.parallel_connections,
         postcopy=args.postcopy, compressed=args.compressed,
-        storage_engine=args.storage_engine, tls=args.tls, pki_dir=args.pki,
-        listen_address=args.listen_address, disks_uri=args.disks_uri,
-        migrate_uri=args.migrate_uri, overwrite_disks=args.overwrite_disks)
+        storage_engine=args.storage_engine, migrate_uri=args.migrate_uri)
 
 
 class MigrationDisplay:

@@ -21,15 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "again to refresh the destination with just the new delta.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("dest", metavar="DEST")
-    p.add_argument("--disk-map", action="append", default=[], metavar="SRC=DST",
-                   help="destination image path for a source image (repeatable)")
-    p.add_argument("--dest-spec", metavar="FILE",
-                   help="a spec file for the destination (its disk paths are used)")
-    p.add_argument("--create-disks", action="store_true",
-                   help="create missing destination images")
-    p.add_argument("--migrate-disks", metavar="LIST",
-                   help="comma-separated disks to presync (disk0,... or paths)")
-    from vmferry.commands.migrate import add_host_options
+    from vmferry.commands.migrate import add_disk_options, add_host_options
+    add_disk_options(p, "presync")
     add_host_options(p, memory=False)
     p.add_argument("--progress", nargs="?", const="auto", default=None,
                    choices=["auto", "bar", "json"], help="show progress")
@@ -40,15 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from vmferry.migration.api import parse_destination
     from vmferry.migration.options import MigrateOptions
     from vmferry.migration.presync import presync
-    from vmferry.commands.migrate import parse_disk_map
-    dmap = parse_disk_map(args.disk_map)
-    opts = MigrateOptions(disk_map=dmap, dest_spec=args.dest_spec,
-                          create_disks=args.create_disks,
-                          migrate_disks=[d for d in args.migrate_disks.split(",") if d]
-                          if args.migrate_disks else None,
-                          overwrite_disks=args.overwrite_disks, tls=args.tls,
-                          pki_dir=args.pki, listen_address=args.listen_address,
-                          disks_uri=args.disks_uri)
+    from vmferry.commands.migrate import common_options
+    opts = MigrateOptions(**common_options(args))
     opts.validate()
     reporter = make_reporter(args.progress)
 

@@ -131,8 +131,11 @@ class Incoming:
 
     # -- Prepare ---------------------------------------------------------
 
-    def _check_disks(self, spec: Any, dspec: Any, disks: list[DiskPlan],
-                     opts: MigrateOptions, presynced: set[str]) -> None:
+    def _check_disks(self, dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
+                     presynced: set[str]) -> list[DiskPlan]:
+        """Refuse what the user must fix before anything starts; returns the
+        disks whose destination image is missing (to be created)."""
+        missing = []
         by_node = {f"disk{i}": d for i, d in enumerate(dspec.disks)}
         if dspec.serial:
             self.policy.check_path("the serial log", dspec.serial)
@@ -155,6 +158,7 @@ class Incoming:
                 if not opts.create_disks:
                     raise UsageError(f"destination image {target} does not exist: create it "
                                      f"or pass --create-disks")
+                missing.append(plan)
             elif size < plan.size:
                 raise UsageError(f"destination image {target} is smaller "
                                  f"({format_size(size)}) than {plan.path} "
@@ -166,19 +170,19 @@ class Incoming:
                 raise UsageError(f"destination image {target} already exists: pass "
                                  f"--overwrite-disks to replace its contents, or map the "
                                  f"disk elsewhere with --disk-map")
+        return missing
 
-    def _create_disks(self, disks: list[DiskPlan], opts: MigrateOptions) -> None:
-        for plan in disks:
-            if image_size(plan.dest_path) is None:
-                # Only an incremental copy keeps the shared backing file; a full
-                # copy makes the destination image stand alone.
-                inc = opts.copy_storage == "inc"
-                self.created.append(plan.dest_path)
-                self._save_record()        # before the file exists: never orphaned
-                create_image(plan.dest_path, plan.fmt, plan.size,
-                             plan.backing if inc else None, plan.backing_fmt or "raw")
+    def _create_disks(self, missing: list[DiskPlan], opts: MigrateOptions) -> None:
+        # Only an incremental copy keeps the shared backing file; a full copy
+        # makes the destination image stand alone.
+        inc = opts.copy_storage == "inc"
+        for plan in missing:
+            self.created.append(plan.dest_path)
+            self._save_record()        # before the file exists: never orphaned
+            create_image(plan.dest_path, plan.fmt, plan.size,
+                         plan.backing if inc else None, plan.backing_fmt or "raw")
 
-    async def prepare(self, spec: Any, dspec: Any, disks: list[DiskPlan],
+    async def prepare(self, dspec: Any, disks: list[DiskPlan],
                       opts: MigrateOptions, *, accel: Optional[str] = None,
                       presynced: set[str] = frozenset()) -> Prepared:
         name = dspec.name
@@ -192,13 +196,13 @@ class Incoming:
             if key in _CLAIMED or _claimed_elsewhere(self.state, name):
                 raise UsageError(f"an incoming migration of {name} is already under way in "
                                  f"{self.state.path}")
-            self._check_disks(spec, dspec, disks, opts, set(presynced))
+            missing = self._check_disks(dspec, disks, opts, set(presynced))
             _CLAIMED.add(key)
             self._claim = key
             self.name = name        # from here on, abort() owns what is created
             self.new_vm_dir = not self.state.vm_dir(name).exists()
             self._save_record()
-        self._create_disks(disks, opts)
+        self._create_disks(missing, opts)
         vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True,
                                   accel=accel)
         self.started = True

@@ -39,7 +39,7 @@ class LocalDestination(Destination):
         if opts.tls:
             raise UsageError("--tls encrypts traffic between hosts: it needs an ssh:// or "
                              "tls:// destination, not local://")
-        return await self.incoming.prepare(spec, destination_spec(spec, opts), disks, opts,
+        return await self.incoming.prepare(destination_spec(spec, opts), disks, opts,
                                            accel=accel, presynced=presynced)
 
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import file_id
-from vmferry.migration.incoming import DEFAULT_PORTS, Policy, create_image, image_size
+from vmferry.migration.incoming import Policy, create_image, image_size
 
 START_TIMEOUT = 10.0
 TLS_ID = "vmferry-tls"
@@ -258,4 +258,4 @@ class PresyncTarget:
         self.created.clear()
 
 
-__all__ = ["PresyncTarget", "check", "forget", "sidecar", "DEFAULT_PORTS"]
+__all__ = ["PresyncTarget", "check", "forget", "sidecar"]

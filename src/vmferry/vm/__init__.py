@@ -8,7 +8,7 @@ from typing import Any
 # command) must not drag in asyncio and qemu.qmp through process and qmp.
 _WHERE = {
     **dict.fromkeys(("StopResult", "VMProcess", "VMStartError", "VMStatus", "all_statuses",
-                     "start_vm", "start_vm_async", "stop_vm", "stop_vm_async", "vm_status",
+                     "start_vm", "start_vm_async", "stop_vm", "stop_vm_async", "stop_all", "vm_status",
                      "vm_status_async"), "process"),
     **dict.fromkeys(("DiskNames", "detect_accel", "disk_names", "qemu_argv",
                      "resolve_machine"), "qemu"),
@@ -29,7 +29,7 @@ __all__ = [
     "VMSpec", "DiskSpec", "NicSpec", "load_spec", "parse_spec",
     "qemu_argv", "detect_accel", "resolve_machine", "disk_names", "DiskNames",
     "StateDir", "VMRecord", "default_state_dir",
-    "start_vm", "start_vm_async", "stop_vm", "stop_vm_async", "vm_status",
+    "start_vm", "start_vm_async", "stop_vm", "stop_vm_async", "stop_all", "vm_status",
     "vm_status_async", "all_statuses", "VMProcess", "VMStatus", "StopResult",
     "VMStartError",
     "qmp_session", "qmp_call", "run_sync", "QMPSession", "QMPCommandError",

@@ -297,6 +297,22 @@ def stop_vm(state: StateDir, name: str, *, timeout: float = 10.0,
     return run_sync(stop_vm_async(state, name, timeout=timeout, force=force))
 
 
+def stop_all(*states: StateDir, timeout: float = 5.0) -> None:
+    """Force-stop every running VM of STATES, whatever fails: the teardown of
+    demos, tests and benchmarks, which must leave no QEMU behind."""
+    for state in states:
+        try:
+            names = state.names()
+        except OSError:
+            continue
+        for name in names:
+            if state.read_pid(name) is not None:
+                try:
+                    stop_vm(state, name, force=True, timeout=timeout)
+                except VmferryError:
+                    pass
+
+
 async def stop_vm_async(state: StateDir, name: str, *, timeout: float = 10.0,
                         force: bool = False) -> StopResult:
     """Stop NAME's QEMU, the gentlest way that works:
