@@ -54,6 +54,7 @@ struct lane {
 struct worker {
   struct vf_copy *c;
   pthread_t tid;
+  struct rw *map;             /* this worker's extents_from connection, or NULL */
   struct lane **lanes;
   unsigned nlanes;
   struct extent_list ext;
@@ -66,7 +67,7 @@ struct worker {
 
 struct vf_copy {
   struct vf_copy_config cfg;
-  char *src, *dst, *bitmap;
+  char *src, *dst, *bitmap, *extents_from;
   uint64_t size;
   uint32_t request_size;
   unsigned nlanes, nworkers;
@@ -348,7 +349,7 @@ static bool
 next_range(struct worker *w)
 {
   struct vf_copy *c = w->c;
-  struct rw *src = w->lanes[0]->src;
+  struct rw *src = w->map ? w->map : w->lanes[0]->src;
   struct vf_error e = { 0 };
   uint64_t start, end, pos;
 
@@ -614,7 +615,7 @@ struct vf_copy *
 vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
 {
   struct vf_copy *c;
-  struct rw *src0 = NULL, *dst0 = NULL;
+  struct rw *src0 = NULL, *dst0 = NULL, *map0 = NULL;
   unsigned i;
 
   if (check_config(cfg, err) == -1)
@@ -628,16 +629,32 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   c->src = strdup(cfg->src ? cfg->src : "");
   c->dst = strdup(cfg->dst ? cfg->dst : "");
   c->bitmap = cfg->bitmap ? strdup(cfg->bitmap) : NULL;
+  c->extents_from = cfg->extents_from ? strdup(cfg->extents_from) : NULL;
   c->cfg.src = c->src;
   c->cfg.dst = c->dst;
   c->cfg.bitmap = c->bitmap;
+  c->cfg.extents_from = c->extents_from;
   c->wakefd = -1;
   pthread_mutex_init(&c->lock, NULL);
 
-  src0 = rw_open(c->src, false, c->bitmap, err);
+  if (c->extents_from) {
+    map0 = rw_open(c->extents_from, false, c->bitmap, err);
+    if (map0 == NULL)
+      goto fail;
+  }
+  src0 = rw_open(c->src, false, map0 ? NULL : c->bitmap, err);
   if (src0 == NULL)
     goto fail;
   c->size = (uint64_t)src0->size;
+  if (map0 && (uint64_t)map0->size != c->size) {
+    /* Extents of another disk would copy the wrong blocks. */
+    vf_set_error(err, VF_ERR_ENDPOINT, EINVAL,
+                 "%s (%lld bytes) is not the same disk as %s (%llu bytes): "
+                 "extents must come from the source's own export",
+                 c->extents_from, (long long)map0->size, c->src,
+                 (unsigned long long)c->size);
+    goto fail;
+  }
   if (*c->dst && is_plain_path(c->dst) && create_destination(c, err) == -1)
     goto fail;
   dst0 = rw_open(c->dst, true, NULL, err);
@@ -723,7 +740,17 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
       vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
       goto fail;
     }
+    /* One extents connection per worker: no lock around block status.
+     * Worker 0 takes map0 itself, the others open their own from it. */
+    if (c->extents_from) {
+      struct rw *first = c->workers[0].map;
+      w->map = i == 0 ? map0 : first->ops->open_again(first, err);
+      map0 = NULL;
+      if (w->map == NULL)
+        goto fail;
+    }
   }
+
   for (i = 0; i < c->nlanes; i++) {
     struct worker *w = &c->workers[i % c->nworkers];
     c->lanes[i].w = w;
@@ -741,6 +768,8 @@ fail:
     src0->ops->close(src0);
   if (dst0)
     dst0->ops->close(dst0);
+  if (map0)
+    map0->ops->close(map0);
   vf_copy_close(c);
   return NULL;
 }
@@ -847,6 +876,8 @@ vf_copy_close(struct vf_copy *c)
     }
   }
   for (i = 0; c->workers && i < c->nworkers; i++) {
+    if (c->workers[i].map)
+      c->workers[i].map->ops->close(c->workers[i].map);
     free(c->workers[i].lanes);
     free(c->workers[i].pfds);
     free(c->workers[i].pfd_rw);
@@ -865,5 +896,6 @@ vf_copy_close(struct vf_copy *c)
   free(c->src);
   free(c->dst);
   free(c->bitmap);
+  free(c->extents_from);
   free(c);
 }

@@ -48,6 +48,11 @@ struct vf_copy_config {
   uint32_t request_size;      /* bytes; 0: default */
   uint64_t buffer_bytes;      /* cap on data buffers; 0: default */
   const char *bitmap;         /* copy only extents dirty in this bitmap */
+  const char *extents_from;   /* NBD URI whose block status (with bitmap)
+                                 decides what to copy while the data is read
+                                 from src; NULL: src itself.  Lets a copy read
+                                 a raw image directly while the QEMU that has
+                                 it open supplies the dirty bitmap. */
   int allocated;              /* write zeroes as allocated blocks */
   int destination_is_zero;    /* skip zero extents entirely */
   int flush;                  /* flush the destination at the end */

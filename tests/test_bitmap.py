@@ -153,3 +153,37 @@ def test_bitmap_from_server_without_bitmaps(workdir, nbdkit):
     line = assert_cli_error(cp, (1, 2))
     assert "inc0" in line, line
     assert read_all(dst_file) == b"\x5a" * size
+
+
+def test_bitmap_extents_from_another_endpoint(case, qsd_bitmap, workdir):
+    """Bytes read from a raw file, what to copy decided by the bitmap another
+    server publishes for the same disk (the native engine's direct reads)."""
+    import vmferry
+    from helpers import qemu_img
+    bi, old, new = case
+    src = qsd_bitmap(bi.qcow2, bi.bitmap)
+    new_raw = workdir / "new.raw"
+    qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(bi.qcow2), str(new_raw))
+    dst_file = workdir / "dst.raw"
+    shutil.copyfile(bi.old_raw, dst_file)
+    with open(dst_file, "r+b") as f:                   # clean areas must stay as they are
+        f.seek(SENTINEL_OFF)
+        f.write(SENTINEL)
+    r = vmferry.copy(str(new_raw), str(dst_file), bitmap=bi.bitmap, extents_from=src.uri,
+                     connections=2, request_size=64 * KiB)
+    expected = bytearray(new)
+    expected[SENTINEL_OFF:SENTINEL_OFF + len(SENTINEL)] = SENTINEL
+    assert read_all(dst_file) == bytes(expected)
+    d = _dirty_total(bi.expected_dirty())
+    assert r.bytes_written + r.bytes_zeroed == d and r.bytes_skipped == SIZE - d, r
+
+
+def test_bitmap_extents_from_other_disk_refused(case, qsd_bitmap, workdir):
+    import vmferry
+    bi, _, _ = case
+    src = qsd_bitmap(bi.qcow2, bi.bitmap)
+    other = make_image(workdir / "other.raw", SIZE + 512 * KiB, "zero")
+    with pytest.raises(vmferry.VmferryError, match="not the same disk"):
+        vmferry.copy(str(other), str(workdir / "dst.raw"), bitmap=bi.bitmap,
+                     extents_from=src.uri)
+    assert not (workdir / "dst.raw").exists()

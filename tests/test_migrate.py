@@ -607,8 +607,9 @@ def test_native_engine_throttles_a_guest_that_outwrites_it(lab):
 
     t = threading.Thread(target=lambda: asyncio.run(hammer()))
     t.start()
-    # an engine slowed down to 16 KiB requests, one at a time, loses to the writer
-    lab.env["VMFERRY_NATIVE_TUNING"] = "connections=1,requests=1,request_size=16384"
+    # an engine slowed down to 16 KiB requests, one at a time, reading through the
+    # source QEMU, loses to the writer
+    lab.env["VMFERRY_NATIVE_TUNING"] = "connections=1,requests=1,request_size=16384,direct=0"
     try:
         time.sleep(0.5)          # the writer is at full speed before the copy starts
         cp = lab.migrate("--storage-engine", "native", "--disk-map", f"{src}={dst}",

@@ -30,6 +30,7 @@ cdef extern from "vmferry.h" nogil:
         uint32_t request_size
         uint64_t buffer_bytes
         const char *bitmap
+        const char *extents_from
         int allocated
         int destination_is_zero
         int flush

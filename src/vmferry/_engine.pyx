@@ -42,12 +42,12 @@ cdef class Copier:
     from any other thread meanwhile.
     """
     cdef vf_copy *_c
-    cdef bytes _src, _dst, _bitmap
+    cdef bytes _src, _dst, _bitmap, _extents_from
 
     def __cinit__(self, str src, str dst, *, unsigned connections=0,
                   unsigned threads=0, unsigned requests=0,
                   unsigned request_size=0, unsigned long long buffer_bytes=0,
-                  str bitmap=None, bint allocated=False,
+                  str bitmap=None, str extents_from=None, bint allocated=False,
                   bint destination_is_zero=False, bint flush=False,
                   bint zero_detect=True, bint force_multi_conn=False):
         cdef vf_copy_config cfg
@@ -60,6 +60,9 @@ cdef class Copier:
         cfg.src = self._src
         cfg.dst = self._dst
         cfg.bitmap = <const char *>self._bitmap if self._bitmap is not None else NULL
+        self._extents_from = extents_from.encode() if extents_from is not None else None
+        cfg.extents_from = (<const char *>self._extents_from
+                            if self._extents_from is not None else NULL)
         cfg.connections = connections
         cfg.threads = threads
         cfg.requests = requests

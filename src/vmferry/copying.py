@@ -66,7 +66,8 @@ def _snapshot(copier: "_engine.Copier", start: float) -> CopyResult:
 def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int],
           request_size: Optional[int | str], bitmap: Optional[str], allocated: bool,
           destination_is_zero: bool, flush: bool, threads: Optional[int],
-          zero_detect: bool, force_multi_conn: bool = False) -> "_engine.Copier":
+          zero_detect: bool, force_multi_conn: bool = False,
+          extents_from: Optional[str] = None) -> "_engine.Copier":
     for name, value in (("connections", connections), ("requests", requests),
                         ("threads", threads)):
         if value is not None and value < 1:
@@ -75,7 +76,7 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
     return _engine.Copier(
         str(src), str(dst), connections=connections or 0, threads=threads or 0,
         requests=requests or 0, request_size=rsize, bitmap=bitmap,
-        allocated=allocated, destination_is_zero=destination_is_zero,
+        extents_from=extents_from, allocated=allocated, destination_is_zero=destination_is_zero,
         flush=flush, zero_detect=zero_detect, force_multi_conn=force_multi_conn)
 
 
@@ -100,19 +101,21 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
          bitmap: Optional[str] = None, allocated: bool = False,
          destination_is_zero: bool = False, flush: bool = False, verify: bool = False,
          progress: Optional[ProgressFn] = None, threads: Optional[int] = None,
-         zero_detect: bool = True) -> CopyResult:
+         zero_detect: bool = True, extents_from: Optional[str] = None) -> CopyResult:
     """Copy src to dst and return what moved.
 
     src and dst are NBD URIs (nbd://, nbds://, nbd+unix://), paths, or
     null: (destination only).  A missing destination file is created with
-    the source's size.  Raises a vmferry.VmferryError subclass on failure;
+    the source's size.  extents_from: an NBD URI whose block status (with
+    BITMAP) says what to copy while the bytes are read from SRC.  Raises a vmferry.VmferryError subclass on failure;
     KeyboardInterrupt cancels the copy cleanly and is re-raised.
     """
     if verify and dst == "null:":
         raise UsageError("--verify needs a destination that can be read back, not null:")
     start = time.monotonic()
     copier = _open(src, dst, connections, requests, request_size, bitmap, allocated,
-                   destination_is_zero, flush, threads, zero_detect)
+                   destination_is_zero, flush, threads, zero_detect,
+                   extents_from=extents_from)
     failure: list[BaseException] = []
     # An Event, not Thread.join(): a join interrupted by Ctrl-C may later
     # return while the thread still runs, and the engine must never be
@@ -161,12 +164,16 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      verify: bool = False, progress: Optional[ProgressFn] = None,
                      threads: Optional[int] = None,
                      zero_detect: bool = True,
-                     force_multi_conn: bool = False) -> CopyResult:
+                     force_multi_conn: bool = False,
+                     extents_from: Optional[str] = None) -> CopyResult:
     """copy() for asyncio: never blocks the loop; cancelling the task
     cancels the copy and waits for in-flight requests to drain.
     force_multi_conn: open several connections even where a server does not
     advertise multi-conn, for callers that know one server process (one
-    QEMU block layer) serves them all."""
+    QEMU block layer) serves them all.
+    extents_from: an NBD URI whose block status (with BITMAP) says what to
+    copy, while the data is read from SRC (e.g. a raw image file that the
+    QEMU exporting the bitmap has open)."""
     import asyncio   # here, not at the top: it costs the CLI 50 ms of start-up
     loop = asyncio.get_running_loop()
     if verify and dst == "null:":
@@ -174,7 +181,7 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
     start = time.monotonic()
     copier = await loop.run_in_executor(
         None, _open, src, dst, connections, requests, request_size, bitmap, allocated,
-        destination_is_zero, flush, threads, zero_detect, force_multi_conn)
+        destination_is_zero, flush, threads, zero_detect, force_multi_conn, extents_from)
     try:
         fut = loop.run_in_executor(None, copier.run)
         try:

@@ -46,13 +46,14 @@ MIN_THROTTLE = 1 << 20
 
 
 def _tuning() -> dict[str, int]:
-    """VMFERRY_NATIVE_TUNING="connections=N,requests=N,request_size=BYTES": limits
-    on the engine's passes, for hosts where storage traffic must stay small (and
-    for the tests, which need a guest that out-writes the engine)."""
+    """VMFERRY_NATIVE_TUNING="connections=N,requests=N,request_size=BYTES,direct=0|1":
+    limits on the engine's passes, for hosts where storage traffic must stay
+    small (and for the tests, which need a guest that out-writes the engine);
+    direct=0 reads raw images through the source QEMU, as qcow2 is read."""
     out: dict[str, int] = {}
     for item in filter(None, os.environ.get("VMFERRY_NATIVE_TUNING", "").split(",")):
         key, _, value = item.partition("=")
-        if key in ("connections", "requests", "request_size"):
+        if key in ("connections", "requests", "request_size", "direct"):
             out[key] = int(value)
     return out
 
@@ -138,23 +139,30 @@ class NativeStorage:
 
     async def _copy(self, d: DiskPlan, bitmap: Optional[str], fresh: bool,
                     final: bool = False) -> CopyResult:
-        # The first full pass of a raw image reads the image file itself, on
-        # this host, instead of through the source QEMU: that saves QEMU a
-        # read and a socket copy per byte.  It is safe because the bitmap,
-        # not the read, guarantees consistency: the bitmap records before the
-        # copy starts, so any block written during it is copied again.
-        direct = bitmap is None and d.fmt == "raw" and os.path.isfile(d.path)
+        # A raw image is read from its file on this host, not through the
+        # source QEMU: that saves QEMU a read and a socket copy per byte (its
+        # NBD server is one main-loop thread).  Only the dirty bitmap comes
+        # from QEMU's export, as block status.  Reading around QEMU is safe
+        # because the bitmap, not the read, guarantees consistency: a bitmap
+        # records before its pass reads, so a block the guest writes during
+        # the read is dirty in the next one and copied again.
+        # (A file this process may not read, e.g. of a QEMU running as another
+        # user, is read through QEMU.)
+        tune = _tuning()
+        raw_file = (d.fmt == "raw" and tune.get("direct", 1) != 0
+                    and os.path.isfile(d.path) and os.access(d.path, os.R_OK))
+        direct = bitmap is None and raw_file
         if not direct:
             await self._export(d, bitmap)
         try:
             # QEMU 7.2 advertises multi-conn only on read-only exports, but each
             # side is one QEMU whose connections share one block layer.
-            src = d.path if direct else self._src_uri(d)
+            src = d.path if raw_file else self._src_uri(d)
+            extents_from = self._src_uri(d) if bitmap and raw_file else None
             # The final pass runs with the guest paused and has little to move:
             # one connection saves three handshakes of downtime.
-            tune = _tuning()
             dst = self._dst_uri(d)
-            return await copy_async(src, dst, bitmap=bitmap,
+            return await copy_async(src, dst, bitmap=bitmap, extents_from=extents_from,
                                     destination_is_zero=fresh and bitmap is None,
                                     force_multi_conn=not final,
                                     # written around QEMU: durable before it runs,
