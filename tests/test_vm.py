@@ -377,6 +377,19 @@ def test_qemu_failure_is_one_line_and_cleaned_up(tmp_path, state_dir, disk):
     assert qemu_pids(str(state_dir)) == []
 
 
+@pytest.mark.parametrize("machine, status, says", [
+    ("pc-q35-1.0", 2, "machine 'pc-q35-1.0' is not supported by"),   # pinned: QEMU says so
+    ("no-such-board", 2, "machine 'no-such-board' is not supported by"),
+])
+def test_unknown_machine_type_is_one_line(tmp_path, state_dir, disk, machine, status, says):
+    spec = write_spec(tmp_path / "web1.toml", disks=[(disk, "qcow2")],
+                      extra=f'machine = "{machine}"')
+    line = one_error(vmferry(state_dir, "run", spec), status)
+    assert says in line, line
+    assert not (state_dir / "web1").exists()
+    assert qemu_pids(str(state_dir)) == []
+
+
 def test_long_state_dir_uses_short_sockets(tmp_path, disk):
     deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 5, "state")
     assert len(os.fsencode(deep / "web1" / "qmp-cli.sock")) > SUN_PATH_MAX

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vmferry.errors import ConnectError, UsageError, VmferryError
-from vmferry.vm.qemu import ACCELS, detect_accel, qemu_argv, qemu_binary, resolve_machine
+from vmferry.vm.qemu import (ACCELS, detect_accel, qemu_argv, qemu_binary, resolve_machine,
+                             unsupported_machine)
 from vmferry.vm.qmp import qmp_session, run_sync
 from vmferry.vm.spec import VMSpec
 from vmferry.vm.state import StateDir, pid_alive
@@ -134,8 +135,12 @@ async def start_vm_async(state: StateDir, spec: VMSpec, *, incoming: Optional[st
                          daemonize=True, logfile=log, binary=binary)
         try:
             pid = await _daemonize(argv, name, pidfile, log, deadline, timeout)
-        except BaseException:
+        except BaseException as e:
             _discard(state, name, new)
+            if isinstance(e, VMStartError) and "unsupported machine type" in str(e):
+                # QEMU's own line does not say which type (a pinned one is not
+                # checked beforehand: see resolve_machine)
+                raise unsupported_machine(spec.machine, binary) from e
             raise
     try:
         await _wait_for_qmp(pid, pidfile, cli_sock, name, log, deadline, timeout)

@@ -85,6 +85,9 @@ def detect_accel() -> str:
     return "kvm"
 
 
+_VERSIONED = re.compile(r"pc-(q35|i440fx)-\d+\.\d+")
+
+
 @functools.lru_cache(maxsize=None)
 def _machine_types(binary: str) -> tuple[dict[str, str], frozenset[str]]:
     try:
@@ -109,13 +112,22 @@ def resolve_machine(machine: str, binary: Optional[str] = None) -> str:
     """"q35" -> "pc-q35-7.2": an alias means the newest type of *this* QEMU, which may
     differ on the other host; the versioned type migrates between QEMU versions.
     Options after a comma are kept ("q35,hpet=off" -> "pc-q35-7.2,hpet=off")."""
-    binary = binary or qemu_binary()
     base, sep, opts = machine.partition(",")
+    if _VERSIONED.fullmatch(base):
+        # Already pinned (every incoming migration's is): listing the types costs
+        # a QEMU run, and QEMU itself names a type it does not have.
+        return machine
+    binary = binary or qemu_binary()
     aliases, names = _machine_types(binary)
     if base not in names:
-        raise UsageError(f"machine {base!r} is not supported by {binary} "
-                         f"(see '{os.path.basename(binary)} -machine help')")
+        raise unsupported_machine(machine, binary)
     return aliases.get(base, base) + sep + opts
+
+
+def unsupported_machine(machine: str, binary: str) -> UsageError:
+    base = machine.partition(",")[0]
+    return UsageError(f"machine {base!r} is not supported by {binary} "
+                      f"(see '{os.path.basename(binary)} -machine help')")
 
 
 def supports_o_direct(path: str | os.PathLike) -> bool:
@@ -246,4 +258,4 @@ def qemu_argv(spec: VMSpec, *, qmp_socket: Path, incoming: Optional[str] = None,
 
 
 __all__ = ["ACCELS", "DiskNames", "disk_names", "qemu_binary", "detect_accel",
-           "resolve_machine", "supports_o_direct", "effective_cache", "qemu_argv"]
+           "resolve_machine", "unsupported_machine", "supports_o_direct", "effective_cache", "qemu_argv"]
