@@ -403,3 +403,33 @@ def _qemu_nbd_serving(image: Path) -> bool:
             if cmd and cmd[0].endswith(b"qemu-nbd") and os.fsencode(image) in cmd:
                 return True
     return False
+
+
+def test_agent_killed_during_presync_leaves_no_image(rlab):
+    """SIGKILL for the agent while presync copies: its qemu-nbd dies with it, its
+    reaper removes the image the presync created, and the source VM runs on
+    with no presync bitmap or record vouching for anything."""
+    from migrate_helpers import fill_image
+    src = fill_image(rlab.root / "src.raw", 256)
+    dst = rlab.root / "dst.raw"
+    rlab.run_vm(rlab.spec(disk=src, memory="64M", mem="8M", dirty="idle", hb=200))
+    rlab.net.shape("40mbit")
+    p = rlab.start("presync", "web1", rlab.ssh_uri(), "--disk-map", f"{src}={dst}",
+                   "--create-disks")
+    rlab.wait_for("the copy to the other host", lambda: dst.exists() and
+                  _qemu_nbd_serving(dst), 60, proc=p)
+    assert list(rlab.B.glob("presync-*.json")), "the agent keeps no record of its image"
+    for pid in _agent_pids(rlab.B):
+        os.kill(pid, signal.SIGKILL)
+    line = rlab.one_error(rlab.finish(p, timeout=60))
+    assert "presync" in line or "destination" in line, line
+    rlab.net.unshape()
+    rlab.wait_for("the reaper to remove the image", lambda: not dst.exists(), 20)
+    assert not _qemu_nbd_serving(dst)
+    assert not list(rlab.B.glob("presync-*.json"))
+    assert not Path(str(dst) + ".vmferry-presync.json").exists()
+    assert not (rlab.A / "web1" / "presync.json").exists()
+    assert rlab.status()["state"] == "running"
+    nodes = rlab.qmp("query-named-block-nodes", {"flat": True})
+    assert [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])] == [], \
+        "a presync bitmap was left on the source"

@@ -1,6 +1,7 @@
 """The agent's reaper: a small process of its own that waits for the agent
 to exit and then undoes every incoming migration the agent left unfinished
-(incoming.json in a VM's folder names what was created).
+(incoming.json in a VM's folder names what was created) and removes the
+images of every presync it left unfinished (STATE/presync-PID-N.json).
 
 An agent that is asked to stop cleans up by itself; the reaper is for the
 one that cannot: killed with SIGKILL, or out of memory.  It runs in its own
@@ -33,9 +34,11 @@ def main(argv: list[str]) -> int:
     else:
         select.select([fd], [], [])
         os.close(fd)
+    from vmferry.migration import presync_target
     from vmferry.migration.incoming import reap_orphans
     from vmferry.vm.state import StateDir
     asyncio.run(reap_orphans(StateDir(state_dir), owner=pid))
+    presync_target.reap_orphans(StateDir(state_dir).path, owner=pid)
     return 0
 
 

@@ -263,7 +263,8 @@ class Session:
             self.presync = PresyncTarget(
                 Policy(storage_roots=self.cfg.storage_roots, protect_existing=True),
                 tcp=(address, self.cfg.ports),
-                tls_dir=self.cfg.pki.qemu_dir("server") if tls else None)
+                tls_dir=self.cfg.pki.qemu_dir("server") if tls else None,
+                record_dir=self.cfg.state.path)
             try:
                 return {"disks": await self.presync.open(
                     disks, create=a.get("create_disks", bool, False),

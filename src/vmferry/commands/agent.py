@@ -61,6 +61,7 @@ def _host_port(text: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     from vmferry.agent import reaper, server
+    from vmferry.migration import presync_target
     from vmferry.migration.incoming import reap_orphans
     from vmferry.vm.state import StateDir
     state = StateDir(args.state_dir)
@@ -69,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     listen = _host_port(args.listen) if args.listen else None
     if listen:
         cfg.pki.server_context()          # missing certificates: say so before listening
-    # An agent that died before us left its incoming VMs behind.
+    # An agent that died before us (and its reaper) left these behind.
     asyncio.run(reap_orphans(state))
+    presync_target.reap_orphans(state.path)
     reaper.spawn(str(state.path))
     if args.stdio:
         asyncio.run(server.serve_stdio(cfg))

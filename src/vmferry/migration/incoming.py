@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import Prepared, file_id
 from vmferry.migration.monitor import Monitor
@@ -182,9 +183,8 @@ class Incoming:
             create_image(plan.dest_path, plan.fmt, plan.size,
                          plan.backing if inc else None, plan.backing_fmt or "raw")
 
-    async def prepare(self, dspec: Any, disks: list[DiskPlan],
-                      opts: MigrateOptions, *, accel: Optional[str] = None,
-                      presynced: set[str] = frozenset()) -> Prepared:
+    def _claim_and_check(self, dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
+                         presynced: set[str]) -> list[DiskPlan]:
         name = dspec.name
         with self.state.lock():
             # Claimed under the state directory's lock: two sources moving a VM
@@ -196,13 +196,19 @@ class Incoming:
             if key in _CLAIMED or _claimed_elsewhere(self.state, name):
                 raise UsageError(f"an incoming migration of {name} is already under way in "
                                  f"{self.state.path}")
-            missing = self._check_disks(dspec, disks, opts, set(presynced))
+            missing = self._check_disks(dspec, disks, opts, presynced)
             _CLAIMED.add(key)
             self._claim = key
             self.name = name        # from here on, abort() owns what is created
             self.new_vm_dir = not self.state.vm_dir(name).exists()
             self._save_record()
-        self._create_disks(missing, opts)
+        return missing
+
+    async def prepare(self, dspec: Any, disks: list[DiskPlan],
+                      opts: MigrateOptions, *, accel: Optional[str] = None,
+                      presynced: set[str] = frozenset()) -> Prepared:
+        missing = await in_thread(self._claim_and_check, dspec, disks, opts, set(presynced))
+        await in_thread(self._create_disks, missing, opts)
         vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True,
                                   accel=accel)
         self.started = True

@@ -3,7 +3,9 @@ the duration, and the record beside each image (IMAGE.vmferry-presync.json)
 that a later migration checks before trusting the image.
 
 One class, PresyncTarget, used in this process for a local:// destination
-and by the agent for ssh:// and tls:// ones.
+and by the agent for ssh:// and tls:// ones.  The agent also keeps, while a
+presync runs, STATE/presync-PID-N.json naming the images it created, so that
+its reaper can remove them should the agent be killed (reap_orphans).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import os
 import signal
@@ -20,12 +23,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import file_id
 from vmferry.migration.incoming import Policy, create_image, image_size
+from vmferry.vm.state import pid_alive
 
 START_TIMEOUT = 10.0
 TLS_ID = "vmferry-tls"
+_SEQ = itertools.count(1)
 
 
 def sidecar(image: str) -> Path:
@@ -173,13 +179,27 @@ class PresyncTarget:
 
     def __init__(self, policy: Optional[Policy] = None, *, run_dir: Optional[Path] = None,
                  tcp: Optional[tuple[str, tuple[int, int]]] = None,
-                 tls_dir: Optional[str] = None) -> None:
+                 tls_dir: Optional[str] = None, record_dir: Optional[Path] = None) -> None:
         self.policy = policy or Policy()
         self.run_dir = run_dir           # Unix sockets here, for local:// destinations
         self.tcp = tcp                   # or (address, ports) for remote ones
         self.tls_dir = tls_dir
         self.servers: dict[str, _Server] = {}
         self.created: list[str] = []
+        # what a reaper needs if this process dies before close() or abort()
+        self.record = (record_dir / f"presync-{os.getpid()}-{next(_SEQ)}.json"
+                       if record_dir is not None else None)
+
+    def _save_record(self) -> None:
+        if self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created}))
+            os.replace(tmp, self.record)
+
+    def _drop_record(self) -> None:
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
 
     async def open(self, disks: list[dict[str, Any]], *, create: bool,
                    overwrite: bool) -> dict[str, dict[str, Any]]:
@@ -198,7 +218,7 @@ class PresyncTarget:
                 raise UsageError(f"the destination image of {d['node']} is the source's own "
                                  f"file {path}: map it elsewhere with --disk-map")
             stale = check(path, d.get("generation")) if d.get("generation") else "first"
-            have = image_size(path)
+            have = await in_thread(image_size, path)
             if have is None:
                 if not create:
                     raise UsageError(f"destination image {path} does not exist: create it "
@@ -215,7 +235,8 @@ class PresyncTarget:
             path = d["dest_path"]
             if out[d["node"]]["created"]:
                 self.created.append(path)
-                create_image(path, d["fmt"], d["size"], None, "raw")
+                self._save_record()         # before the image exists: never a leak
+                await in_thread(create_image, path, d["fmt"], d["size"], None, "raw")
             # A copy starts now: until close() writes a new record, the old one
             # must not vouch for a half-written image.
             forget(path)
@@ -235,7 +256,7 @@ class PresyncTarget:
         is removed."""
         paths = {}
         for node, srv in self.servers.items():
-            srv.stop()
+            await in_thread(srv.stop)
             paths[node] = srv.image
         self.servers.clear()
         for node, gen in records.items():
@@ -247,6 +268,7 @@ class PresyncTarget:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
         self.created.clear()
+        self._drop_record()
 
     def abort(self) -> None:
         for srv in self.servers.values():
@@ -256,6 +278,31 @@ class PresyncTarget:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.created.clear()
+        self._drop_record()
 
 
-__all__ = ["PresyncTarget", "check", "forget", "sidecar"]
+def reap_orphans(folder: Path, owner: Optional[int] = None) -> list[str]:
+    """Remove the images of every presync in FOLDER whose process is gone (or
+    is OWNER) and that never finished; returns their paths.  Their qemu-nbd
+    died with that process (parent-death signal) and their records were
+    dropped when the copy started, so nothing vouches for them."""
+    removed: list[str] = []
+    for rec_path in sorted(folder.glob("presync-*.json")):
+        try:
+            rec = json.loads(rec_path.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = rec.get("owner")
+        if owner is not None and pid != owner:
+            continue
+        if owner is None and isinstance(pid, int) and pid_alive(pid):
+            continue
+        for path in rec.get("created", []):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(str(path))
+        rec_path.unlink(missing_ok=True)
+    return removed
+
+
+__all__ = ["PresyncTarget", "check", "forget", "reap_orphans", "sidecar"]
