@@ -190,6 +190,32 @@ def test_link_cut_mid_migration(rlab, transport):
                               disk_hash=digest, dest_disk=rlab.root / "dst.raw")
 
 
+def test_link_cut_during_memory_migration(rlab):
+    """The cable is pulled while memory moves (the disks are already there, the
+    mirror keeps them in sync): the source yanks the stalled migration stream,
+    resumes the guest, and the agent removes the incoming VM."""
+    from migrate_helpers import sha256
+    src = make_image(rlab.root / "src.raw", "raw", 8)
+    rlab.run_vm(rlab.spec(disk=src, memory="128M", mem="64M", dirty="fast"), wait_pass=2)
+    digest = sha256(src)
+    p = rlab.start("migrate", "web1", rlab.ssh_uri(keepalive=1), "--pki", rlab.pki.dir,
+                   "--disk-map", f"{src}={rlab.root / 'dst.raw'}", "--create-disks",
+                   "--bandwidth", "4")
+    rlab.wait_for("memory migration", lambda: _memory_moving(rlab), 60, proc=p)
+    rlab.net.link_down()
+    line = rlab.one_error(rlab.finish(p, timeout=60))
+    assert "lost the destination agent" in line and "the source VM is running" in line, line
+    rlab.net.link_up()
+    rlab.assert_destination_empty()
+    rlab.assert_source_intact(serial=rlab.serial_of(rlab.root / "web1.toml"), disk=src,
+                              disk_hash=digest, dest_disk=rlab.root / "dst.raw")
+
+
+def _memory_moving(lab: RemoteLab) -> bool:
+    mig = lab.qmp("query-migrate")
+    return mig.get("status") == "active" and mig.get("ram", {}).get("transferred", 0) > 1 << 20
+
+
 def _agent_pids(state: Path) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
