@@ -146,6 +146,21 @@ def test_disk_outside_storage_roots_is_refused(agent, tmp_path):
     assert not outside.exists()
 
 
+def test_kernel_outside_storage_roots_is_refused(agent, tmp_path):
+    """QEMU would load it into the guest's memory, for the guest to read."""
+    agent.hello()
+    disk = tmp_path / "state" / "d.img"
+    spec = VMSpec(name="inc1", memory=64 << 20, kernel="/etc/hostname",
+                  initrd="/etc/passwd", disks=(DiskSpec(path=str(disk), format="raw"),))
+    r = agent.call("prepare", spec=spec.to_toml(), disks=_disks(),
+                   options={"create_disks": True}, nbd={"address": "127.0.0.1"},
+                   migrate={"address": "127.0.0.1"})
+    assert not r["ok"] and r["error"]["kind"] == "usage"
+    assert ("the kernel /etc/hostname is outside the destination's storage roots"
+            in r["error"]["message"]), r
+    assert not disk.exists()
+
+
 def test_existing_image_is_not_overwritten_unless_asked(agent, tmp_path):
     agent.hello()
     disk = tmp_path / "state" / "d.img"

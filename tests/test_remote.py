@@ -57,8 +57,9 @@ class RemoteLab(Lab):
         super().__init__(root, kernel, find_qboot(QEMU))
         self.net, self.sshd, self.pki = netlab, sshd, pki
         self.B.mkdir()
-        # the test guest's spec passes -bios qboot.rom in extra_args
-        (self.B / "agent.toml").write_text(f'storage_roots = ["{root}"]\n'
+        # the test guest's spec passes -bios qboot.rom in extra_args, and its
+        # kernel is built outside the lab
+        (self.B / "agent.toml").write_text(f'storage_roots = ["{root}", "{kernel.parent}"]\n'
                                            f'pki = "{pki.dir}"\nallow_extra_args = true\n')
 
     def ssh_uri(self, key: Path | None = None, keepalive: float = 5) -> str:
@@ -306,7 +307,8 @@ def test_tls_flag_needs_a_remote_destination(rlab):
 def test_network_and_ports_are_chosen_by_the_user(rlab):
     """--disks-uri picks the NBD port, the agent's port_range the migration port,
     --listen-address what the destination binds; jobinfo says where data went."""
-    (rlab.B / "agent.toml").write_text(f'storage_roots = ["{rlab.root}"]\n'
+    (rlab.B / "agent.toml").write_text(f'storage_roots = ["{rlab.root}", '
+                                       f'"{rlab.kernel.parent}"]\n'
                                        f'port_range = [50100, 50110]\n'
                                        f'allow_extra_args = true\n')
     src = _idle_vm(rlab)

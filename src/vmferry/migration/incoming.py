@@ -56,7 +56,7 @@ class Policy:
     storage_roots: Optional[list[str]] = None   # None: anywhere (same-host moves)
     protect_existing: bool = False              # existing images need --overwrite-disks
 
-    def check_path(self, what: str, path: str) -> None:
+    def check_path(self, what: str, path: str, remedy: str = "map it with --disk-map, or ") -> None:
         if self.storage_roots is None:
             return
         real = os.path.realpath(path)
@@ -65,7 +65,7 @@ class Policy:
             if real == root or real.startswith(root.rstrip("/") + "/"):
                 return
         raise UsageError(f"{what} {path} is outside the destination's storage roots "
-                         f"({', '.join(self.storage_roots)}): map it with --disk-map, or "
+                         f"({', '.join(self.storage_roots)}): {remedy}"
                          f"add a root there (the agent's --storage-root, or storage_roots "
                          f"in its STATE-DIR/agent.toml)")
 
@@ -142,6 +142,14 @@ class Incoming:
             self.policy.check_path("the serial log", dspec.serial)
         for d in dspec.disks:           # copied or not, the destination QEMU opens it
             self.policy.check_path("disk image", d.path)
+        for what in ("kernel", "initrd"):
+            # QEMU only reads these, but into guest memory: a file outside the
+            # roots (an initrd of /etc/shadow) would be handed to whoever
+            # controls the guest.
+            path = getattr(dspec, what)
+            if path:
+                self.policy.check_path(f"the {what}", path,
+                                       remedy="the destination reads it at the same path; ")
         for plan in disks:
             if plan.backing and opts.copy_storage == "inc":
                 self.policy.check_path("backing image", plan.backing)
