@@ -393,9 +393,8 @@ def test_presync_record_touched_on_the_other_host_falls_back(rlab):
     assert images_identical(src, dst, "raw") == ""
 
 
-def test_presync_interrupted_leaves_nothing_on_the_other_host(rlab):
-    """Ctrl-C during a presync over a slow link: the agent stops its qemu-nbd, the
-    image it created is removed, no record vouches for anything, and the VM runs on."""
+def _slow_presync(rlab: RemoteLab) -> tuple[subprocess.Popen, Path]:
+    """A first presync of a 256 MiB disk over a 40 Mbit/s link, caught copying."""
     from migrate_helpers import fill_image
     src = fill_image(rlab.root / "src.raw", 256)
     dst = rlab.root / "dst.raw"
@@ -405,13 +404,13 @@ def test_presync_interrupted_leaves_nothing_on_the_other_host(rlab):
                    "--create-disks")
     rlab.wait_for("the copy to the other host", lambda: dst.exists() and
                   _qemu_nbd_serving(dst), 60, proc=p)
-    time.sleep(1)
-    p.send_signal(signal.SIGINT)
-    cp = rlab.finish(p, timeout=60)
-    assert cp.returncode == 130, (cp.returncode, cp.stderr)
-    assert "Traceback" not in cp.stderr, cp.stderr
+    return p, dst
+
+
+def _assert_presync_left_nothing(rlab: RemoteLab, dst: Path) -> None:
     rlab.wait_for("qemu-nbd to stop", lambda: not _qemu_nbd_serving(dst), 20)
-    assert not dst.exists(), "the image presync created was left behind"
+    rlab.wait_for("the image presync created to be removed", lambda: not dst.exists(), 20)
+    assert not list(rlab.B.glob("presync-*.json"))
     assert not Path(str(dst) + ".vmferry-presync.json").exists()
     assert not (rlab.A / "web1" / "presync.json").exists()
     assert rlab.status()["state"] == "running"
@@ -419,6 +418,34 @@ def test_presync_interrupted_leaves_nothing_on_the_other_host(rlab):
     nodes = rlab.qmp("query-named-block-nodes", {"flat": True})
     assert [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])] == [], \
         "a presync bitmap was left on the source"
+
+
+def test_presync_interrupted_leaves_nothing_on_the_other_host(rlab):
+    """Ctrl-C during a presync over a slow link: the agent stops its qemu-nbd, the
+    image it created is removed, no record vouches for anything, and the VM runs on."""
+    p, dst = _slow_presync(rlab)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    cp = rlab.finish(p, timeout=60)
+    assert cp.returncode == 130, (cp.returncode, cp.stderr)
+    assert "Traceback" not in cp.stderr, cp.stderr
+    _assert_presync_left_nothing(rlab, dst)
+
+
+def test_agent_killed_during_presync_leaves_no_image(rlab):
+    """SIGKILL for the agent while presync copies: its qemu-nbd dies with it, its
+    reaper removes the image the presync created, and the source VM runs on
+    with no presync bitmap or record vouching for anything."""
+    p, dst = _slow_presync(rlab)
+    assert list(rlab.B.glob("presync-*.json")), "the agent keeps no record of its image"
+    for pid in _agent_pids(rlab.B):
+        os.kill(pid, signal.SIGKILL)
+    line = rlab.one_error(rlab.finish(p, timeout=60))
+    assert line.startswith("vmferry: error: presync of web1 failed: lost the destination "
+                           "agent"), line
+    assert "web1 runs on, and the next presync or migration copies its disks in full" in line
+    rlab.net.unshape()
+    _assert_presync_left_nothing(rlab, dst)
 
 
 def _qemu_nbd_serving(image: Path) -> bool:
@@ -431,33 +458,3 @@ def _qemu_nbd_serving(image: Path) -> bool:
             if cmd and cmd[0].endswith(b"qemu-nbd") and os.fsencode(image) in cmd:
                 return True
     return False
-
-
-def test_agent_killed_during_presync_leaves_no_image(rlab):
-    """SIGKILL for the agent while presync copies: its qemu-nbd dies with it, its
-    reaper removes the image the presync created, and the source VM runs on
-    with no presync bitmap or record vouching for anything."""
-    from migrate_helpers import fill_image
-    src = fill_image(rlab.root / "src.raw", 256)
-    dst = rlab.root / "dst.raw"
-    rlab.run_vm(rlab.spec(disk=src, memory="64M", mem="8M", dirty="idle", hb=200))
-    rlab.net.shape("40mbit")
-    p = rlab.start("presync", "web1", rlab.ssh_uri(), "--disk-map", f"{src}={dst}",
-                   "--create-disks")
-    rlab.wait_for("the copy to the other host", lambda: dst.exists() and
-                  _qemu_nbd_serving(dst), 60, proc=p)
-    assert list(rlab.B.glob("presync-*.json")), "the agent keeps no record of its image"
-    for pid in _agent_pids(rlab.B):
-        os.kill(pid, signal.SIGKILL)
-    line = rlab.one_error(rlab.finish(p, timeout=60))
-    assert "presync" in line or "destination" in line, line
-    rlab.net.unshape()
-    rlab.wait_for("the reaper to remove the image", lambda: not dst.exists(), 20)
-    assert not _qemu_nbd_serving(dst)
-    assert not list(rlab.B.glob("presync-*.json"))
-    assert not Path(str(dst) + ".vmferry-presync.json").exists()
-    assert not (rlab.A / "web1" / "presync.json").exists()
-    assert rlab.status()["state"] == "running"
-    nodes = rlab.qmp("query-named-block-nodes", {"flat": True})
-    assert [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])] == [], \
-        "a presync bitmap was left on the source"

@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
@@ -420,16 +420,13 @@ def _remove(state: StateDir, name: str, created: list[str], new_vm_dir: bool) ->
         (state.vm_dir(name) / RECORD).unlink(missing_ok=True)
 
 
-async def reap_orphans(state: StateDir, owner: Optional[int] = None) -> list[str]:
-    """Undo every incoming migration in STATE whose owner is gone (or is OWNER):
-    stop its QEMU, delete the images it created.  Returns the VM names."""
-    done = []
-    if not state.path.is_dir():
-        return done
-    for vm_dir in sorted(state.path.iterdir()):
-        rec_path = vm_dir / RECORD
+def orphaned(records: Iterable[Path], owner: Optional[int] = None) -> list[tuple[Path, dict]]:
+    """The records (JSON with an "owner" pid) whose owner is OWNER, or, with
+    no OWNER, whose owner is gone: the work of a process that died unfinished."""
+    out = []
+    for path in records:
         try:
-            rec = json.loads(rec_path.read_text())
+            rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         pid = rec.get("owner")
@@ -437,7 +434,18 @@ async def reap_orphans(state: StateDir, owner: Optional[int] = None) -> list[str
             continue
         if owner is None and isinstance(pid, int) and pid_alive(pid):
             continue
-        name = vm_dir.name
+        out.append((path, rec))
+    return out
+
+
+async def reap_orphans(state: StateDir, owner: Optional[int] = None) -> list[str]:
+    """Undo every incoming migration in STATE whose owner is gone (or is OWNER):
+    stop its QEMU, delete the images it created.  Returns the VM names."""
+    done: list[str] = []
+    if not state.path.is_dir():
+        return done
+    for rec_path, rec in orphaned((d / RECORD for d in sorted(state.path.iterdir())), owner):
+        name = rec_path.parent.name
         if state.read_pid(name) is not None:
             await stop_vm_async(state, name, force=True, timeout=5)
         _remove(state, name, [str(p) for p in rec.get("created", [])],

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from vmferry.copying import copy_async
-from vmferry.errors import UsageError, VmferryError
+from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan, plan_disks
@@ -163,6 +163,13 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         tmp.write_text(json.dumps({"generation": generation, "disks": records}, indent=1))
         os.replace(tmp, path)
         return stats
+    except (UsageError, Cancelled):
+        raise
+    except VmferryError as e:
+        # one line that also says where that leaves the user
+        raise MigrationError(f"presync of {name} failed: {e}; {name} runs on, and the next "
+                             f"presync or migration copies its disks in full",
+                             phase="presync") from e
     finally:
         for node in added:
             if node not in records:

@@ -26,8 +26,7 @@ from typing import Any, Optional
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import file_id
-from vmferry.migration.incoming import Policy, create_image, image_size
-from vmferry.vm.state import pid_alive
+from vmferry.migration.incoming import Policy, create_image, image_size, orphaned
 
 START_TIMEOUT = 10.0
 TLS_ID = "vmferry-tls"
@@ -287,16 +286,7 @@ def reap_orphans(folder: Path, owner: Optional[int] = None) -> list[str]:
     died with that process (parent-death signal) and their records were
     dropped when the copy started, so nothing vouches for them."""
     removed: list[str] = []
-    for rec_path in sorted(folder.glob("presync-*.json")):
-        try:
-            rec = json.loads(rec_path.read_text())
-        except (OSError, ValueError):
-            continue
-        pid = rec.get("owner")
-        if owner is not None and pid != owner:
-            continue
-        if owner is None and isinstance(pid, int) and pid_alive(pid):
-            continue
+    for rec_path, rec in orphaned(sorted(folder.glob("presync-*.json")), owner):
         for path in rec.get("created", []):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
