@@ -222,6 +222,20 @@ test_nbd(const char *uri)
     vf_endpoint_close(ep);
   }
 
+  /* bytes from a file, what to copy from the server's block status: every
+   * worker opens its own extents connection, and all of them are closed */
+  unlink(path("ext"));
+  struct vf_copy_config ext = { .src = path("back"), .dst = path("ext"),
+                                .extents_from = uri, .connections = 3, .threads = 2 };
+  CHECK(run_copy(&ext, &err, &n) == 0, "extents_from: %s", err.msg);
+  expect_same(path("back"), path("ext"));
+  /* extents of a disk of another size would copy the wrong blocks */
+  struct vf_copy_config other = { .src = path("src"), .dst = path("x"), .extents_from = uri };
+  memset(&err, 0, sizeof err);
+  CHECK(run_copy(&other, &err, NULL) == -1 && err.kind == VF_ERR_ENDPOINT &&
+        strstr(err.msg, "not the same disk"), "extents_from size: %s", err.msg);
+  CHECK(access(path("x"), F_OK) == -1, "a refused copy left its destination behind");
+
   struct vf_copy_config bitmap = { .src = uri, .dst = path("b"), .bitmap = "nope" };
   CHECK(run_copy(&bitmap, &err, NULL) == -1 && strstr(err.msg, "bitmap"),
         "missing bitmap: %s", err.msg);
