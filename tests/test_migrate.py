@@ -24,15 +24,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("migrate_helpers")
-from migrate_helpers import (  # noqa: E402
+from migrate_helpers import (
     ACCEL, MiB, QEMU, Lab, check_serial_log, fill_image, images_identical, make_image,
     qemu_pids, sha256, write_while_mirroring,
 )
-from vmferry.errors import VmferryError  # noqa: E402
-from vmferry.guest import build_guest, find_qboot  # noqa: E402
-from vmferry.vm import StateDir, load_spec  # noqa: E402
-from vmferry.vm.state import pid_alive  # noqa: E402
+from vmferry.errors import VmferryError
+from vmferry.guest import build_guest, find_qboot
+from vmferry.vm import StateDir, load_spec
+from vmferry.vm.state import pid_alive
 
 pytestmark = [
     pytest.mark.skipif(shutil.which(QEMU) is None or shutil.which("qemu-img") is None,
@@ -276,6 +275,27 @@ def test_destination_killed_during_storage_copy(lab, engine):
                 "the destination QEMU exited" in line), line
         assert "source VM is running" in line, line
         assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
+    _check_failed_job(lab)
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_destination_killed_during_the_final_pass(lab):
+    """The source is paused at pre-switchover for the native engine's last pass when
+    the destination QEMU dies: the migration is cancelled and the guest runs on at
+    the source, with no bitmap, export or image of the attempt left."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "final-pass:10"
+    p = lab.start_migrate("--storage-engine", "native", "--disk-map", f"{src}={dst}",
+                          "--create-disks")
+    lab.wait_for("pre-switchover", lambda: lab.qmp("query-migrate").get("status") ==
+                 "pre-switchover", 60, proc=p)
+    assert lab.qmp("query-status")["status"] != "running"     # paused for the pass
+    signal_pid(lab.dest_pid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    line = lab.one_error(lab.finish(p))
+    assert time.monotonic() - t0 < 8, "the source waited out the hold instead of noticing"
+    assert "the destination QEMU exited" in line and "source VM is running" in line, line
+    assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
     _check_failed_job(lab)
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
 

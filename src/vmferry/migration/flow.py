@@ -442,6 +442,7 @@ class Migration:
                     if self.disks and self.native is not None:
                         self._keep_stop.set()
                         await self._keep_up          # its pass in flight ends first
+                        await _test_hold("final-pass")
                         await self.native.final_pass()
                         st = self.native.stats
                         self.info.storage_passes = st.passes

@@ -2,8 +2,10 @@
 
 VMFERRY_TEST_HOLD=POINT:SECONDS makes a migration wait that long at POINT, so
 a test can kill a process or send a signal at a moment no timing could hit
-reliably.  Points: "prepare" and "finish" (before those phases, flow.py) and
-"resumed" (the destination has just resumed the guest, incoming.py).
+reliably.  Points: "prepare" and "finish" (before those phases, flow.py),
+"final-pass" (the source paused at pre-switchover, before the native engine's
+last pass, flow.py) and "resumed" (the destination has just resumed the
+guest, incoming.py).
 """
 from __future__ import annotations
 
