@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from servers import ServerSet
+# before any test module imports it: its asserts then report their values
+pytest.register_assert_rewrite("migrate_helpers")
+
+from servers import ServerSet  # noqa: E402
 
 
 def pytest_configure(config):

@@ -25,11 +25,10 @@ from urllib.parse import quote
 
 import pytest
 
-pytest.register_assert_rewrite("migrate_helpers")
-from migrate_helpers import (  # noqa: E402
+from migrate_helpers import (
     QEMU, Lab, images_identical, make_image, qemu_pids,
 )
-from vmferry.guest import build_guest, find_qboot  # noqa: E402
+from vmferry.guest import build_guest, find_qboot
 
 pytestmark = [
     pytest.mark.skipif(shutil.which(QEMU) is None or shutil.which("qemu-img") is None,
