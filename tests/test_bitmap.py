@@ -187,3 +187,20 @@ def test_bitmap_extents_from_other_disk_refused(case, qsd_bitmap, workdir):
         vmferry.copy(str(other), str(workdir / "dst.raw"), bitmap=bi.bitmap,
                      extents_from=src.uri)
     assert not (workdir / "dst.raw").exists()
+
+
+def test_cli_extents_from(case, qsd_bitmap, workdir):
+    """`vmferry copy --bitmap NAME --extents-from URI FILE DST`: what nbdcopy cannot do,
+    an incremental copy that reads a raw image itself while QEMU supplies the bitmap."""
+    from helpers import qemu_img
+    bi, old, new = case
+    src = qsd_bitmap(bi.qcow2, bi.bitmap)
+    new_raw = workdir / "new.raw"
+    qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(bi.qcow2), str(new_raw))
+    dst_file = workdir / "dst.raw"
+    shutil.copyfile(bi.old_raw, dst_file)
+    done = done_of(copy_ok("--progress=json", "--bitmap", bi.bitmap, "--extents-from", src.uri,
+                           new_raw, dst_file))
+    assert read_all(dst_file) == new
+    d = _dirty_total(bi.expected_dirty())
+    assert done["bytes_skipped"] == SIZE - d and done["bytes_read"] <= d, done

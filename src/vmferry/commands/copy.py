@@ -28,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "connection)")
     p.add_argument("--bitmap", metavar="NAME",
                    help="copy only extents the source's qemu:dirty-bitmap:NAME marks dirty")
+    p.add_argument("--extents-from", metavar="URI",
+                   help="ask this NBD export (with --bitmap, its bitmap) what to copy, and read "
+                        "the bytes from SRC: e.g. a raw image file that the QEMU exporting "
+                        "the bitmap has open, read directly instead of through QEMU")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--allocated", action="store_true",
                       help="write zero ranges as allocated blocks (no holes in DST)")
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                       allocated=args.allocated,
                       destination_is_zero=args.destination_is_zero, flush=args.flush,
                       verify=args.verify, threads=args.threads,
-                      zero_detect=not args.no_zero_detect,
+                      zero_detect=not args.no_zero_detect, extents_from=args.extents_from,
                       progress=lambda snap: reporter.update(snap.as_event("progress")))
     finally:
         reporter.close()
