@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from vmferry.copying import CopyResult, copy
 from vmferry.progress import make_reporter
 from vmferry.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from vmferry.copying import CopyResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +59,7 @@ def summary(r: CopyResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmferry.copying import copy     # the engine loads only for commands that copy
     reporter = make_reporter(args.progress)
     rsize = parse_size(args.request_size, "--request-size") if args.request_size else None
     try:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from vmferry.commands.copy import summary
-from vmferry.copying import copy
 from vmferry.errors import UsageError
 from vmferry.progress import make_reporter
 from vmferry.units import format_size, parse_size
@@ -67,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             dst = f"nbd+unix:///?socket={dst_sock}"
             print(f"demo: copying a {format_size(size)} sparse-random disk (nbdkit) "
                   f"into an empty memory disk (nbdkit) over Unix sockets", flush=True)
+            from vmferry.copying import copy
             reporter = make_reporter(args.progress)
             try:
                 result = copy(src, dst, verify=True,

@@ -3,7 +3,6 @@ ahead of a migration; run it again to move only what changed since."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from vmferry.progress import make_reporter
@@ -30,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
     from vmferry.migration.api import parse_destination
     from vmferry.migration.options import MigrateOptions
     from vmferry.migration.presync import presync
