@@ -573,6 +573,32 @@ def test_presync_then_migrate_moves_only_what_changed(lab):
     assert not (lab.A / "web1" / "presync.json").exists()
 
 
+def test_presync_and_migrate_from_python(lab, monkeypatch):
+    """The Python API: vmferry.presync (full, then incremental) and vmferry.migrate
+    with copy_storage="inc" move only what the guest wrote in between."""
+    import vmferry
+    if "VMFERRY_QEMU" in lab.env:          # the lab's QEMU for this process too
+        monkeypatch.setenv("VMFERRY_QEMU", lab.env["VMFERRY_QEMU"])
+    src = fill_image(lab.root / "src.raw", 32, holes=True)
+    dst = lab.root / "dst.raw"
+    lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="idle", hb=200))
+
+    def opts(**kw):
+        return vmferry.MigrateOptions(disk_map={str(src): str(dst)}, **kw)
+    r = vmferry.presync(lab.A, "web1", f"local://{lab.B}", opts(create_disks=True))
+    assert r.kind == "full" and r.incremental == [] and r.warnings == [], r
+    assert 0 < r.bytes_moved == r.disks["disk0"] <= 32 * MiB, r
+    _hmp_write(lab, 5 * MiB, MiB, 0x2a)
+    r = vmferry.presync(lab.A, "web1", f"local://{lab.B}", opts())
+    assert r.kind == "incremental" and r.bytes_moved == MiB, r
+    _hmp_write(lab, 9 * MiB, MiB, 0x2b)
+    info = vmferry.migrate(lab.A, "web1", f"local://{lab.B}", opts(copy_storage="inc"))
+    assert info.storage_engine == "native" and info.warnings == [], info
+    assert MiB <= info.disk_processed <= MiB + 128 * 1024, info
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    assert images_identical(src, dst, "raw") == ""
+
+
 def test_presync_record_that_does_not_hold_falls_back_to_full_copy(lab):
     src = fill_image(lab.root / "src.raw", 32)
     dst = lab.root / "dst.raw"

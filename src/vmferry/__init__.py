@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from vmferry._engine import Endpoint
     from vmferry.copying import CopyResult, copy, copy_async
     from vmferry.migration.options import MigrateOptions
+    from vmferry.migration.presync import PresyncResult
     from vmferry.migration.stats import JobInfo
     from vmferry.vm.state import StateDir
 
@@ -32,6 +33,9 @@ def __getattr__(name: str) -> Any:
     if name == "JobInfo":
         from vmferry.migration.stats import JobInfo
         return JobInfo
+    if name == "PresyncResult":
+        from vmferry.migration.presync import PresyncResult
+        return PresyncResult
     raise AttributeError(f"module 'vmferry' has no attribute {name!r}")
 
 
@@ -54,9 +58,34 @@ async def migrate_async(state_dir: "str | os.PathLike[str] | StateDir", name: st
         state_dir = StateDir(state_dir)
     return await migrate_vm_async(state_dir, name, dest, options, progress=progress)
 
+
+def presync(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str,
+            options: "Optional[MigrateOptions]" = None, *,
+            progress: "Optional[Callable[[CopyResult], None]]" = None) -> "PresyncResult":
+    """Copy running VM `name`'s disks to `dest` ahead of a migration (again:
+    only what changed since); a later migrate with
+    MigrateOptions(copy_storage="inc") moves only the newest writes.  Blocks;
+    see vmferry.migration.api.presync_vm."""
+    from vmferry.migration.api import presync_vm
+    return presync_vm(state_dir, name, dest, options, progress=progress)
+
+
+async def presync_async(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str,
+                        options: "Optional[MigrateOptions]" = None, *,
+                        progress: "Optional[Callable[[CopyResult], None]]" = None
+                        ) -> "PresyncResult":
+    """presync() for asyncio; cancelling the task stops the copy cleanly."""
+    from vmferry.migration.api import presync_vm_async
+    from vmferry.vm.state import StateDir
+    if not isinstance(state_dir, StateDir):
+        state_dir = StateDir(state_dir)
+    return await presync_vm_async(state_dir, name, dest, options, progress=progress)
+
+
 __all__ = [
     "copy", "copy_async", "CopyResult", "Endpoint",
     "migrate", "migrate_async", "MigrateOptions", "JobInfo",
+    "presync", "presync_async", "PresyncResult",
     "VmferryError", "UsageError", "ConnectError", "EndpointError", "CopyError", "VerifyError",
     "Cancelled", "MigrationError",
 ]

@@ -3,7 +3,6 @@ ahead of a migration; run it again to move only what changed since."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from vmferry.progress import make_reporter
 from vmferry.units import format_size
@@ -29,26 +28,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    from vmferry.migration.api import parse_destination
+    from vmferry.migration.api import presync_vm
     from vmferry.migration.options import MigrateOptions
-    from vmferry.migration.presync import presync
     from vmferry.commands.migrate import common_options
     opts = MigrateOptions(**common_options(args))
-    opts.validate()
     reporter = make_reporter(args.progress)
-
-    def warn(text: str) -> None:
-        sys.stderr.write(f"vmferry: warning: {text}\n")
-
     try:
-        stats = asyncio.run(presync(
-            StateDir(args.state_dir), args.name, parse_destination(args.dest), opts,
-            warn=warn, progress=lambda s: reporter.update(s.as_event("progress"))))
+        result = presync_vm(StateDir(args.state_dir), args.name, args.dest, opts,
+                            progress=lambda s: reporter.update(s.as_event("progress")))
     finally:
         reporter.close()
-    kind = ("incremental" if stats["incremental"] and
-            len(stats["incremental"]) == len(stats["disks"]) else "full")
-    print(f"presynced {args.name} ({kind}): {format_size(stats['bytes_moved'])} moved "
-          f"for {len(stats['disks'])} disk{'s' if len(stats['disks']) != 1 else ''}", flush=True)
+    n = len(result.disks)
+    print(f"presynced {args.name} ({result.kind}): {format_size(result.bytes_moved)} moved "
+          f"for {n} disk{'s' if n != 1 else ''}", flush=True)
     return 0

@@ -1,12 +1,13 @@
-"""vmferry.migrate_vm(): the Python entry point behind `vmferry migrate`."""
+"""migrate_vm() and presync_vm(): the Python entry points behind `vmferry
+migrate` and `vmferry presync` (vmferry.migrate and vmferry.presync)."""
 from __future__ import annotations
 
 import asyncio
 import signal
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, TypeVar
 
-from vmferry.errors import UsageError
+from vmferry.errors import Cancelled, UsageError
 from vmferry.migration.destination import Destination
 from vmferry.migration.flow import Migration
 from vmferry.migration.local import LocalDestination
@@ -15,7 +16,11 @@ from vmferry.migration.stats import JobInfo
 from vmferry.vm.process import stop_vm_async
 from vmferry.vm.state import StateDir
 
+if TYPE_CHECKING:
+    from vmferry.migration.presync import PresyncResult
+
 JOB_FILE = "job.json"
+T = TypeVar("T")
 
 
 def parse_destination(uri: str) -> Destination:
@@ -89,12 +94,50 @@ def migrate_vm(state: StateDir | str, name: str, dest: str | Destination,
     (the source VM resumes) and raise Cancelled."""
     if not isinstance(state, StateDir):
         state = StateDir(state)
+    return _run_cancellable(lambda: migrate_vm_async(state, name, dest, opts,
+                                                     progress=progress))
 
-    async def main() -> JobInfo:
+
+async def presync_vm_async(state: StateDir, name: str, dest: str | Destination,
+                           opts: Optional[MigrateOptions] = None, *,
+                           progress: Optional[Callable[[Any], None]] = None,
+                           warn: Optional[Callable[[str], None]] = _warn_stderr
+                           ) -> "PresyncResult":
+    """Copy (or refresh) the destination images of running VM `name` ahead of a
+    migration, leaving a dirty bitmap on the source (see migration/presync.py);
+    a later migrate with copy_storage="inc" moves only what changed since.
+    PROGRESS gets the engine's CopyResult snapshots; warnings (a record that
+    does not hold, so a disk is copied in full) go to WARN and the result."""
+    from vmferry.migration.presync import presync
+    destination = parse_destination(dest) if isinstance(dest, str) else dest
+    opts = opts or MigrateOptions()
+    opts.validate()
+    try:
+        return await presync(state, name, destination, opts, warn=warn, progress=progress)
+    except asyncio.CancelledError:
+        raise Cancelled(f"presync of {name} cancelled; {name} runs on, and the next presync "
+                        f"or migration copies its disks in full") from None
+
+
+def presync_vm(state: StateDir | str, name: str, dest: str | Destination,
+               opts: Optional[MigrateOptions] = None, *,
+               progress: Optional[Callable[[Any], None]] = None,
+               warn: Optional[Callable[[str], None]] = _warn_stderr) -> "PresyncResult":
+    """Blocking presync_vm_async; SIGINT, SIGTERM and SIGHUP cancel it cleanly
+    and raise Cancelled."""
+    if not isinstance(state, StateDir):
+        state = StateDir(state)
+    return _run_cancellable(lambda: presync_vm_async(state, name, dest, opts,
+                                                     progress=progress, warn=warn))
+
+
+def _run_cancellable(make: Callable[[], Awaitable[T]]) -> T:
+    """asyncio.run(MAKE()) where a signal cancels the task instead of killing the
+    process, so its rollback runs (a closed terminal, SIGHUP, like Ctrl-C)."""
+    async def main() -> T:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         handled = []
-        # a closed terminal (SIGHUP) must roll back like Ctrl-C, not kill us
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 loop.add_signal_handler(sig, task.cancel)
@@ -102,7 +145,7 @@ def migrate_vm(state: StateDir | str, name: str, dest: str | Destination,
             except (ValueError, RuntimeError):   # not the main thread
                 pass
         try:
-            return await migrate_vm_async(state, name, dest, opts, progress=progress)
+            return await make()
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)

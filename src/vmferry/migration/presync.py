@@ -20,6 +20,7 @@ warn and copy the whole disk: never a silent partial copy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -35,6 +36,21 @@ BITMAP = "vmferry-presync"
 FROZEN = "vmferry-presync-frozen"
 EXPORT = "vmferry-presync-"
 RECORD = "presync.json"
+
+
+@dataclasses.dataclass
+class PresyncResult:
+    """What one presync moved."""
+    bytes_moved: int = 0
+    disks: dict[str, int] = dataclasses.field(default_factory=dict)   # node -> bytes
+    incremental: list[str] = dataclasses.field(default_factory=list)  # nodes: delta only
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """"incremental" when every disk moved only its delta, else "full"."""
+        return ("incremental" if self.disks and len(self.incremental) == len(self.disks)
+                else "full")
 
 
 def _source_record(state: Any, name: str) -> Path:
@@ -112,8 +128,8 @@ async def forget(state: Any, name: str, dest: Any = None) -> None:
 
 
 async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
-                  warn: Callable[[str], None],
-                  progress: Optional[Callable[[Any], None]] = None) -> dict[str, Any]:
+                  warn: Optional[Callable[[str], None]] = None,
+                  progress: Optional[Callable[[Any], None]] = None) -> PresyncResult:
     """Copy (or refresh) the destination images of NAME's disks while it runs."""
     from vmferry.migration.destination import destination_spec
     rec = state.load(name)
@@ -121,9 +137,14 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         raise UsageError(f"{name} is not running: presync copies a running VM's disks")
     if not dest.presync_ok:
         raise UsageError(f"presync cannot write to {dest!r}")
+    stats = PresyncResult()
+
+    def note(text: str) -> None:
+        stats.warnings.append(text)
+        if warn is not None:
+            warn(text)
     mon = await Monitor(rec.qmp_socket, "source", "presync").connect()
     src_sock = rec.qmp_socket.parent / "vmferry-presync.sock"
-    stats: dict[str, Any] = {"disks": {}, "bytes_moved": 0, "incremental": []}
     server = opened = False
     records: dict[str, dict] = {}
     added: list[str] = []
@@ -131,7 +152,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         plans = await plan_disks(mon, rec.spec, opts)
         dspec = destination_spec(rec.spec, opts)
         dpaths = {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
-        good = await valid_records(mon, state, name, plans, dpaths, warn)
+        good = await valid_records(mon, state, name, plans, dpaths, note)
         old = _load(_source_record(state, name))
         generation = old.get("generation", 0) + 1
         targets = await dest.presync_open(
@@ -142,7 +163,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         opened = True
         for node, t in targets.items():
             if node in good and t["stale"]:
-                warn(f"presync record of {node} does not hold: {t['stale']}")
+                note(f"presync record of {node} does not hold: {t['stale']}")
                 good.pop(node)
         await mon.cmd("nbd-server-start", addr={"type": "unix",
                                                 "data": {"path": str(src_sock)}})
@@ -152,10 +173,10 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                 added.append(p.node)      # _copy_disk starts a fresh bitmap
             moved = await _copy_disk(mon, p, p.node in good, targets[p.node], src_sock,
                                      dest.presync_uri, progress)
-            stats["bytes_moved"] += moved
-            stats["disks"][p.node] = moved
+            stats.bytes_moved += moved
+            stats.disks[p.node] = moved
             if p.node in good:
-                stats["incremental"].append(p.node)
+                stats.incremental.append(p.node)
             records[p.node] = {"bitmap": BITMAP, "dest_path": dpaths[p.node],
                                "fmt": p.fmt, "qemu_pid": rec.pid, "generation": generation}
         path = _source_record(state, name)
