@@ -10,7 +10,6 @@ agent's process group nor keeps an ssh channel open.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 import subprocess
@@ -34,6 +33,9 @@ def main(argv: list[str]) -> int:
     else:
         select.select([fd], [], [])
         os.close(fd)
+    # imported only now: until the agent dies this process should cost nothing
+    # (it starts beside the agent, which is busy answering its first requests)
+    import asyncio
     from vmferry.migration import presync_target
     from vmferry.migration.incoming import reap_orphans
     from vmferry.vm.state import StateDir
