@@ -147,10 +147,12 @@ class NativeStorage:
         # records before its pass reads, so a block the guest writes during
         # the read is dirty in the next one and copied again.
         # (A file this process may not read, e.g. of a QEMU running as another
-        # user, is read through QEMU.)
+        # user, is read through QEMU; so is one whose size is not a multiple of
+        # 512, which QEMU rounds up: its export is then not the file's size.)
         tune = _tuning()
         raw_file = (d.fmt == "raw" and tune.get("direct", 1) != 0
-                    and os.path.isfile(d.path) and os.access(d.path, os.R_OK))
+                    and os.path.isfile(d.path) and os.access(d.path, os.R_OK)
+                    and os.path.getsize(d.path) == d.size)
         direct = bitmap is None and raw_file
         if not direct:
             await self._export(d, bitmap)
