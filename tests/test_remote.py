@@ -440,8 +440,8 @@ def test_agent_killed_during_presync_leaves_no_image(rlab):
     for pid in _agent_pids(rlab.B):
         os.kill(pid, signal.SIGKILL)
     line = rlab.one_error(rlab.finish(p, timeout=60))
-    assert line.startswith("vmferry: error: presync of web1 failed: lost the destination "
-                           "agent"), line
+    # the copy or the channel may see the agent's death first; either way:
+    assert line.startswith("vmferry: error: presync of web1 failed: "), line
     assert "web1 runs on, and the next presync or migration copies its disks in full" in line
     rlab.net.unshape()
     _assert_presync_left_nothing(rlab, dst)

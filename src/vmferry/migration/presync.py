@@ -20,12 +20,14 @@ warn and copy the whole disk: never a silent partial copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from vmferry.aio import uncancellable
 from vmferry.copying import copy_async
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
 from vmferry.migration.monitor import Monitor
@@ -145,7 +147,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
             warn(text)
     mon = await Monitor(rec.qmp_socket, "source", "presync").connect()
     src_sock = rec.qmp_socket.parent / "vmferry-presync.sock"
-    server = opened = False
+    server = opened = ok = False
     records: dict[str, dict] = {}
     added: list[str] = []
     try:
@@ -179,10 +181,16 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                 stats.incremental.append(p.node)
             records[p.node] = {"bitmap": BITMAP, "dest_path": dpaths[p.node],
                                "fmt": p.fmt, "qemu_pid": rec.pid, "generation": generation}
+        # The destination vouches for its images first, then the source record
+        # (a failure in between leaves records that do not match: a full copy
+        # next time, never a partial one).
+        opened = False
+        await dest.presync_close({n: generation for n in records}, name)
         path = _source_record(state, name)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"generation": generation, "disks": records}, indent=1))
         os.replace(tmp, path)
+        ok = True
         return stats
     except (UsageError, Cancelled):
         raise
@@ -192,17 +200,22 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                              f"presync or migration copies its disks in full",
                              phase="presync") from e
     finally:
-        for node in added:
-            if node not in records:
-                # a bitmap for an image that never got its copy vouches for nothing
-                await mon.try_cmd("block-dirty-bitmap-remove", node=node, name=BITMAP)
-        if opened:
-            await dest.presync_close({n: generation for n in records}, name)
-        if server:
-            await mon.try_cmd("nbd-server-stop")
-            src_sock.unlink(missing_ok=True)      # QEMU leaves the socket file
-        await mon.close()
-        await dest.close()
+        async def teardown() -> None:
+            # each step on its own: one that fails must not skip the others
+            if not ok:
+                for node in added:
+                    # a bitmap for an image that never got its copy vouches for nothing
+                    await mon.try_cmd("block-dirty-bitmap-remove", node=node, name=BITMAP)
+            if opened:
+                with contextlib.suppress(VmferryError):     # already failing
+                    await dest.presync_close({}, name)
+            if server:
+                await mon.try_cmd("nbd-server-stop")
+                src_sock.unlink(missing_ok=True)      # QEMU leaves the socket file
+            await mon.close()
+            with contextlib.suppress(VmferryError):
+                await dest.close()
+        await uncancellable(teardown())
 
 
 async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[str, Any],
