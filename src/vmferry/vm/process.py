@@ -118,7 +118,7 @@ async def start_vm_async(state: StateDir, spec: VMSpec, *, incoming: Optional[st
     deadline = time.monotonic() + timeout
     # Held until QEMU has daemonized and written its pidfile, so that a concurrent
     # start of the same name sees it running.
-    with state.lock():
+    async with state.alock():
         pid = state.read_pid(name)
         if pid is not None:
             raise UsageError(f"{name} is already running (pid {pid}): stop it first with "
@@ -334,7 +334,7 @@ async def stop_vm_async(state: StateDir, name: str, *, timeout: float = 10.0,
     rec = state.load(name)
     pid, marker = rec.pid, rec.pidfile
     if pid is None:
-        with state.lock():
+        async with state.alock():
             if state.read_pid(name) is None:
                 state.clear_runtime(name)
         return StopResult(name, None, "not-running")
@@ -361,7 +361,7 @@ async def stop_vm_async(state: StateDir, name: str, *, timeout: float = 10.0,
     if not how:
         raise VmferryError(f"{name}'s QEMU (pid {pid}) is still there after SIGKILL "
                            f"(stuck in the kernel?); its pidfile was kept")
-    with state.lock():
+    async with state.alock():
         if state.read_pid(name) is None:    # not a QEMU someone started meanwhile
             state.clear_runtime(name)
     return StopResult(name, pid, how)

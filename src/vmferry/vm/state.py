@@ -26,12 +26,17 @@ import hashlib
 import os
 import shutil
 import stat
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import AsyncIterator, Iterator, Optional
 
 from vmferry.errors import UsageError, VmferryError
 from vmferry.vm.spec import NAME_RE, VMSpec, load_spec
+
+# event loop -> state directory -> asyncio.Lock (see StateDir.alock)
+_LOOP_LOCKS: "weakref.WeakKeyDictionary[object, dict[str, object]]" = \
+    weakref.WeakKeyDictionary()
 
 SUN_PATH_MAX = 107          # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 QMP_SOCKET = "qmp.sock"
@@ -207,14 +212,46 @@ class StateDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Serialise check-then-act sequences (is it running? start it) across
-        processes sharing this state directory."""
+        processes sharing this state directory.  Blocks: async code uses alock()."""
+        fd = self._take_lock()
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def alock(self) -> AsyncIterator[None]:
+        """lock() for coroutines, which may hold it across an await (start_vm
+        holds it until QEMU has written its pidfile).  flock(2) is taken in a
+        thread, and coroutines of one event loop queue on an asyncio.Lock
+        first: a second coroutine blocking the loop on flock would otherwise
+        wait forever for the first, which needs that loop to finish."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        mine = _LOOP_LOCKS.setdefault(loop, {}).setdefault(str(self.path), asyncio.Lock())
+        async with mine:
+            fut = loop.run_in_executor(None, self._take_lock)
+            try:
+                fd = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                # the thread still gets the lock: release it when it does
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                      or os.close(f.result()))
+                raise
+            try:
+                yield
+            finally:
+                os.close(fd)
+
+    def _take_lock(self) -> int:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def _unknown(self, name: str) -> UsageError:
         return UsageError(f"no VM named {name!r} in {self.path} (see 'vmferry list')")
