@@ -39,8 +39,11 @@ def main(argv: list[str]) -> int:
     from vmferry.migration import presync_target
     from vmferry.migration.incoming import reap_orphans
     from vmferry.vm.state import StateDir
-    asyncio.run(reap_orphans(StateDir(state_dir), owner=pid))
-    presync_target.reap_orphans(StateDir(state_dir).path, owner=pid)
+    # each on its own: one that fails must not keep the other from its work
+    try:
+        asyncio.run(reap_orphans(StateDir(state_dir), owner=pid))
+    finally:
+        presync_target.reap_orphans(StateDir(state_dir).path, owner=pid)
     return 0
 
 

@@ -110,7 +110,7 @@ class Session:
                 await self._abort()
             if self.presync is not None:
                 _log(f"{why}: stopping an unfinished presync")
-                self.presync.abort()
+                await self.presync.abort()
                 self.presync = None
             writer.close()
 
@@ -270,7 +270,7 @@ class Session:
                     disks, create=a.get("create_disks", bool, False),
                     overwrite=a.get("overwrite_disks", bool, False))}
             except BaseException:
-                self.presync.abort()
+                await self.presync.abort()
                 self.presync = None
                 raise
 

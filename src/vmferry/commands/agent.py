@@ -71,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if listen:
         cfg.pki.server_context()          # missing certificates: say so before listening
     # An agent that died before us (and its reaper) left these behind.
-    asyncio.run(reap_orphans(state))
-    presync_target.reap_orphans(state.path)
+    try:
+        asyncio.run(reap_orphans(state))
+    finally:
+        presync_target.reap_orphans(state.path)
     reaper.spawn(str(state.path))
     if args.stdio:
         asyncio.run(server.serve_stdio(cfg))

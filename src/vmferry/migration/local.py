@@ -86,7 +86,7 @@ class LocalDestination(Destination):
         try:
             return await self.presync.open(disks, create=opts.create_disks, overwrite=True)
         except BaseException:
-            self.presync.abort()
+            await self.presync.abort()
             shutil.rmtree(self._presync_dir, ignore_errors=True)
             raise
 

@@ -258,20 +258,23 @@ class PresyncTarget:
             await in_thread(srv.stop)
             paths[node] = srv.image
         self.servers.clear()
+        done = {paths[n] for n in records if n in paths}
+        # Images about to be vouched for leave the orphan record first: a reaper
+        # must never delete an image its record says is good.
+        self.created = [p for p in self.created if p not in done]
+        self._save_record()
         for node, gen in records.items():
             if node in paths:
                 write_record(paths[node], source, node, int(gen))
-        done = {paths[n] for n in records if n in paths}
         for path in self.created:
-            if path not in done:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self.created.clear()
         self._drop_record()
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         for srv in self.servers.values():
-            srv.stop()
+            await in_thread(srv.stop)
         self.servers.clear()
         for path in self.created:
             with contextlib.suppress(FileNotFoundError):
