@@ -137,17 +137,20 @@ def _run_cancellable(make: Callable[[], Awaitable[T]]) -> T:
     async def main() -> T:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        handled = []
+        handled = {}
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
+                before = signal.getsignal(sig)
                 loop.add_signal_handler(sig, task.cancel)
-                handled.append(sig)
+                handled[sig] = before
             except (ValueError, RuntimeError):   # not the main thread
                 pass
         try:
             return await make()
         finally:
-            for sig in handled:
+            for sig, before in handled.items():
                 loop.remove_signal_handler(sig)
+                if before is not None:
+                    signal.signal(sig, before)   # a calling program's own handlers
 
     return asyncio.run(main())
