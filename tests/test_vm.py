@@ -408,6 +408,29 @@ def test_long_state_dir_uses_short_sockets(tmp_path, disk):
         sd.clear_runtime("web1")
 
 
+@pytest.mark.timeout(60)
+def test_two_starts_at_once_in_one_event_loop(tmp_path, state_dir):
+    """One process (an agent serving two sessions) starting two VMs of one state
+    directory at once: the second waits for the lock without blocking the loop
+    the first needs to finish (it used to deadlock)."""
+    from vmferry.vm.process import start_vm_async, stop_vm_async
+    sd = StateDir(state_dir)
+    specs = [load_spec(write_spec(tmp_path / f"{n}.toml", name=n,
+                                  disks=[(make_disk(tmp_path / f"{n}.qcow2"), "qcow2")]))
+             for n in ("web1", "web2")]
+
+    async def both():
+        vms = await asyncio.wait_for(asyncio.gather(
+            *(start_vm_async(sd, s, accel="tcg", paused=True) for s in specs)), 30)
+        try:
+            return sorted(vm.spec.name for vm in vms)
+        finally:
+            for s in specs:
+                await stop_vm_async(sd, s.name, force=True, timeout=5)
+    assert asyncio.run(both()) == ["web1", "web2"]
+    assert qemu_pids(str(state_dir)) == []
+
+
 def test_in_process_api_tcg_paused_and_stale_pidfile(tmp_path, state_dir, disk):
     sd = StateDir(state_dir)
     spec = load_spec(write_spec(tmp_path / "web1.toml", disks=[(disk, "qcow2")]))
