@@ -602,7 +602,7 @@ def test_native_engine_with_writes_until_the_guest_pauses(lab):
     in_memory_phase = asyncio.run(write_until_paused())
     out = lab.ok(lab.finish(p))
     assert "migrated web1" in out, out
-    assert in_memory_phase >= 10, f"only {in_memory_phase} writes during the memory phase"
+    assert in_memory_phase >= 3, f"only {in_memory_phase} writes during the memory phase"
     info = lab.jobinfo()
     assert info["storage_engine"] == "native" and info["storage_passes"] >= 3, info
     lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
