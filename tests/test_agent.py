@@ -260,3 +260,18 @@ def test_spec_that_reaches_past_the_roots_is_refused(agent, tmp_path):
     r = agent.call("prepare", spec=_spec(tmp_path, inside), disks=[bad], options={})
     assert not r["ok"] and "not a disk of the spec" in r["error"]["message"], r
     assert not inside.exists() and not (tmp_path / "state" / "inc1").exists()
+
+
+def test_stdio_agent_on_a_file_or_dev_null_is_one_line(tmp_path):
+    """`agent --stdio` run by hand with /dev/null or a file for its channel says
+    so at once (asyncio cannot wait on those: it used to hang, then trace back)."""
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as f:
+        cp = subprocess.run(VMFERRY + ["--state-dir", str(tmp_path / "state"), "agent",
+                                       "--stdio"], stdin=subprocess.DEVNULL, stdout=f,
+                            stderr=subprocess.PIPE, text=True, timeout=20)
+    assert cp.returncode == 2, cp.stderr
+    assert cp.stderr == ("vmferry: error: agent --stdio: standard input must be a pipe or a "
+                         "socket (as ssh gives it), not a file or /dev/null; to serve over "
+                         "the network use --listen\n"), cp.stderr
+    assert out.read_bytes() == b""

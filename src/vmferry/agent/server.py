@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
@@ -366,11 +367,23 @@ def _options(a: Args) -> MigrateOptions:
 
 # -- transports ----------------------------------------------------------
 
+def check_stdio() -> None:
+    """UsageError unless stdin and stdout are what asyncio can wait on: a file
+    or /dev/null would hang the session until its keepalive gave up."""
+    for fd, what in ((0, "input"), (1, "output")):
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)):
+            raise UsageError(f"agent --stdio: standard {what} must be a pipe or a socket "
+                             f"(as ssh gives it), not a file or /dev/null; to serve "
+                             f"over the network use --listen")
+
+
 async def serve_stdio(cfg: AgentConfig) -> None:
     """One session on stdin/stdout (what ssh runs).  The protocol gets
     private copies of the two descriptors; 0 and 1 themselves are pointed
     away so that no child (QEMU, qemu-img) can write into the channel or
     hold it open after we are gone."""
+    check_stdio()
     rfd, wfd = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)

@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     listen = _host_port(args.listen) if args.listen else None
     if listen:
         cfg.pki.server_context()          # missing certificates: say so before listening
+    else:
+        server.check_stdio()              # before anything is reaped or spawned
     # An agent that died before us (and its reaper) left these behind.
     try:
         asyncio.run(reap_orphans(state))
