@@ -638,6 +638,13 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   pthread_mutex_init(&c->lock, NULL);
 
   if (c->extents_from) {
+    if (c->bitmap && is_plain_path(c->extents_from)) {
+      vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                   "--extents-from %s: dirty extents come from an NBD export that "
+                   "publishes the bitmap (qemu:dirty-bitmap:%s), not from a file",
+                   c->extents_from, c->bitmap);
+      goto fail;
+    }
     map0 = rw_open(c->extents_from, false, c->bitmap, err);
     if (map0 == NULL)
       goto fail;

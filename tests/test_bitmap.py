@@ -204,3 +204,11 @@ def test_cli_extents_from(case, qsd_bitmap, workdir):
     assert read_all(dst_file) == new
     d = _dirty_total(bi.expected_dirty())
     assert done["bytes_skipped"] == SIZE - d and done["bytes_read"] <= d, done
+
+
+def test_cli_extents_from_a_file_with_a_bitmap_is_refused(workdir):
+    src = make_image(workdir / "src.raw", 1 * MiB, "random")
+    cp = run_vmferry("copy", "--bitmap", "b0", "--extents-from", src, src, "null:")
+    line = assert_cli_error(cp, 2)
+    assert ("--extents-from " + str(src) + ": dirty extents come from an NBD export that "
+            "publishes the bitmap (qemu:dirty-bitmap:b0), not from a file") in line, line
