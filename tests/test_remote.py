@@ -216,7 +216,8 @@ def _memory_moving(lab: RemoteLab) -> bool:
     return mig.get("status") == "active" and mig.get("ram", {}).get("transferred", 0) > 1 << 20
 
 
-def _agent_pids(state: Path) -> list[int]:
+def _pids_running(pred) -> list[int]:
+    """Pids of the processes whose argv (a list of bytes) satisfies PRED."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -224,9 +225,14 @@ def _agent_pids(state: Path) -> list[int]:
                 cmd = Path("/proc", entry, "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"agent" in cmd and os.fsencode(state) in cmd and b"--stdio" in cmd:
+            if pred(cmd):
                 out.append(int(entry))
     return out
+
+
+def _agent_pids(state: Path) -> list[int]:
+    return _pids_running(lambda cmd: b"agent" in cmd and os.fsencode(state) in cmd
+                         and b"--stdio" in cmd)
 
 
 def test_agent_killed_mid_migration(rlab):
@@ -448,12 +454,5 @@ def test_agent_killed_during_presync_leaves_no_image(rlab):
 
 
 def _qemu_nbd_serving(image: Path) -> bool:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path("/proc", entry, "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmd and cmd[0].endswith(b"qemu-nbd") and os.fsencode(image) in cmd:
-                return True
-    return False
+    return bool(_pids_running(lambda cmd: cmd[0].endswith(b"qemu-nbd")
+                              and os.fsencode(image) in cmd))
