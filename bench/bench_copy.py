@@ -495,9 +495,7 @@ def _copy_report() -> rpt.Report:
     cols = [
         rpt.Column("case_title", "case"),
         rpt.Column("tool_label", "tool"),
-        rpt.Column("median_s", "median s", rpt.fmt_num(3), "right"),
-        rpt.Column("min_s", "min s", rpt.fmt_num(3), "right"),
-        rpt.Column("max_s", "max s", rpt.fmt_num(3), "right"),
+        *rpt.spread_columns("median s", 3),
         rpt.Column("gib_per_s", "GiB/s", rpt.fmt_num(2), "right"),
         rpt.Column("peak_rss_mib", "peak RSS MiB", rpt.fmt_num(1), "right"),
         rpt.Column("cpu_s", "CPU s", rpt.fmt_num(2), "right"),

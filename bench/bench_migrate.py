@@ -58,9 +58,7 @@ TOOLS = ["vmferry", "vmferry (mirror)", "by-hand"]
 def _report() -> rpt.Report:
     cols = [
         rpt.Column("tool", "orchestration"),
-        rpt.Column("median_s", "median total s", rpt.fmt_num(2), "right"),
-        rpt.Column("min_s", "min s", rpt.fmt_num(2), "right"),
-        rpt.Column("max_s", "max s", rpt.fmt_num(2), "right"),
+        *rpt.spread_columns(),
         rpt.Column("downtime_ms", "QEMU downtime ms (median)", rpt.fmt_num(0), "right"),
         rpt.Column("pause_ms", "guest pause ms (median)", rpt.fmt_num(0), "right"),
         rpt.Column("storage_s", "storage s (median)", rpt.fmt_num(2), "right"),

@@ -81,9 +81,7 @@ PROBES = 5          # runs of each start-up probe (median)
 def _report() -> rpt.Report:
     cols = [
         rpt.Column("tool", "orchestration"),
-        rpt.Column("median_s", "median total s", rpt.fmt_num(2), "right"),
-        rpt.Column("min_s", "min s", rpt.fmt_num(2), "right"),
-        rpt.Column("max_s", "max s", rpt.fmt_num(2), "right"),
+        *rpt.spread_columns(),
         rpt.Column("dest_up_s", "dest. QEMU up after s", rpt.fmt_num(2), "right"),
         rpt.Column("storage_s", "storage s", rpt.fmt_num(2), "right"),
         rpt.Column("memory_s", "memory s", rpt.fmt_num(2), "right"),

@@ -49,9 +49,7 @@ OUT_DIR = Path(os.environ.get("VMFERRY_BENCH_OUT", Path(__file__).parent / "resu
 
 def _report() -> rpt.Report:
     cols = [rpt.Column("case", "case"), rpt.Column("tool", "storage"),
-            rpt.Column("median_s", "median total s", rpt.fmt_num(2), "right"),
-            rpt.Column("min_s", "min s", rpt.fmt_num(2), "right"),
-            rpt.Column("max_s", "max s", rpt.fmt_num(2), "right"),
+            *rpt.spread_columns(),
             rpt.Column("downtime_ms", "downtime ms", rpt.fmt_num(0), "right"),
             rpt.Column("disk_mib", "disk MiB moved", rpt.fmt_num(1), "right"),
             rpt.Column("rewritten_mib", "MiB rewritten", rpt.fmt_num(1), "right"),

@@ -138,6 +138,14 @@ class Column:
     align: str = "left"          # "left" or "right"
 
 
+def spread_columns(median_header: str = "median total s", digits: int = 2) -> list[Column]:
+    """The median, min and max of a measurement's rounds (keys median_s, min_s,
+    max_s), which every benchmark's table shows."""
+    return [Column("median_s", median_header, fmt_num(digits), "right"),
+            Column("min_s", "min s", fmt_num(digits), "right"),
+            Column("max_s", "max s", fmt_num(digits), "right")]
+
+
 @dataclass
 class Panel:
     """One bar-chart panel: ``value_key`` per (group, series)."""
