@@ -13,6 +13,7 @@ from vmferry.commands import demo as demo_cmd
 from vmferry.commands import list as list_cmd
 from vmferry.commands import migrate as migrate_cmd
 from vmferry.commands import presync as presync_cmd
+from vmferry.commands import recover as recover_cmd
 from vmferry.commands import run as run_cmd
 from vmferry.commands import status as status_cmd
 from vmferry.commands import stop as stop_cmd
@@ -20,7 +21,7 @@ from vmferry.errors import Cancelled, VmferryError
 from vmferry.vm.state import default_state_dir
 
 COMMANDS = [copy_cmd, demo_cmd, run_cmd, list_cmd, status_cmd, stop_cmd, migrate_cmd,
-            presync_cmd, agent_cmd]
+            presync_cmd, recover_cmd, agent_cmd]
 
 
 class _Parser(argparse.ArgumentParser):

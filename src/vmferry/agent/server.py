@@ -310,6 +310,13 @@ class Session:
             presync_target.forget(path)
         return {}
 
+    async def op_probe(self, a: Args) -> dict[str, Any]:
+        """Where an incoming migration of NAME stands (for a source's
+        'vmferry recover'); answers about VMs of this agent's state only."""
+        a.only("name")
+        from vmferry.migration.incoming import probe
+        return {"state": await probe(self.cfg.state, a.get("name", str))}
+
     async def op_bye(self, a: Args) -> dict[str, Any]:
         a.only()          # _answer ends the session once this reply is sent
         return {}
@@ -318,7 +325,7 @@ class Session:
         "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "finish": op_finish,
         "abort": op_abort, "bye": op_bye, "presync_open": op_presync_open,
         "presync_close": op_presync_close, "presync_check": op_presync_check,
-        "presync_forget": op_presync_forget}
+        "presync_forget": op_presync_forget, "probe": op_probe}
 
 
 def _disk_plan(d: Any, spec: Any) -> DiskPlan:

@@ -19,9 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vmferry.vm.process import all_statuses   # asyncio, qemu.qmp: only here
-    statuses = all_statuses(StateDir(args.state_dir))
+    from vmferry.migration.journal import interrupted_line
+    state = StateDir(args.state_dir)
+    statuses = all_statuses(state)
+    notes = {s.name: interrupted_line(state, s.name) for s in statuses}
     if args.json:
-        print(json.dumps([s.to_dict() for s in statuses]), flush=True)
+        print(json.dumps([dict(s.to_dict(), migration=notes[s.name]) for s in statuses]),
+              flush=True)
         return 0
     rows = [("NAME", "STATE", "PID", "MEMORY", "DISKS")]
     for s in statuses:
@@ -30,4 +34,7 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    for name, note in notes.items():
+        if note:
+            print(f"{name}: {note}")
     return 0

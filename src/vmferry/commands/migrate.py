@@ -288,6 +288,14 @@ def jobinfo(args: argparse.Namespace) -> int:
 
 def abort(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
+    from vmferry.migration.journal import interrupted
+    if interrupted(state, args.name) is not None:
+        # its process is gone: nothing to signal, recover does the undoing
+        # (or completes it, past the point of no return)
+        from vmferry.migration.recover import recover
+        from vmferry.vm.qmp import run_sync
+        print(run_sync(recover(state, args.name)), flush=True)
+        return 0
     path = job_file(state, args.name)
     info = JobInfo.load(path) if path.exists() else None
     if info is None or info.status != "running" or not pid_alive(info.pid):

@@ -19,9 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vmferry.vm.process import vm_status   # asyncio, qemu.qmp: only here
-    st = vm_status(StateDir(args.state_dir), args.name)
+    from vmferry.migration.journal import interrupted_line
+    state = StateDir(args.state_dir)
+    st = vm_status(state, args.name)
+    note = interrupted_line(state, args.name)
     if args.json:
-        print(json.dumps(st.to_dict()), flush=True)
+        print(json.dumps(dict(st.to_dict(), migration=note)), flush=True)
         return 0
     spec = st.spec
     rows = [("name", st.name), ("state", st.state), ("pid", st.pid or "-"),
@@ -29,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
             ("memory", format_size(spec.memory))]
     rows += [(f"disk{i}", f"{d.path} ({d.format}, {d.bus})") for i, d in enumerate(spec.disks)]
     rows += [("qmp", st.qmp_socket), ("log", st.log)]
+    if note:
+        rows.append(("migration", note))
     for key, value in rows:
         print(f"{key + ':':9} {value}")
     return 0

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, TypeVar
 
 from vmferry.errors import Cancelled, UsageError
 from vmferry.migration.destination import Destination
+from vmferry.migration import journal
 from vmferry.migration.flow import Migration
+from vmferry.migration.journal import Journal
 from vmferry.migration.local import LocalDestination
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.stats import JobInfo
@@ -84,7 +86,24 @@ async def _migrate(state: StateDir, name: str, destination: Destination,
     m = Migration(name, rec.qmp_socket, rec.spec, destination, opts,
                   job_file=job_file(state, name), progress=progress,
                   stop_source=retire_source, presync_state=state, warn=warn)
+    m.journal = open_journal(state, "migrate", name, destination, opts)
     return await m.run()
+
+
+def open_journal(state: StateDir, kind: str, name: str, dest: Destination,
+                 opts: MigrateOptions) -> Journal:
+    """Start NAME's journal, unless another migration or presync of it is under
+    way, or one was interrupted and must be recovered first."""
+    with state.lock():
+        old = journal.load(state, name)
+        if old is not None and old.owner_alive:
+            raise UsageError(f"{name} has a {old.describe()} under way (pid {old.owner}): "
+                             f"wait for it, or stop it with 'vmferry abort {name}'")
+        if old is not None:
+            raise UsageError(journal.hint(old))
+        return Journal.open(state, kind, name, dest.uri, {
+            "suspend": opts.suspend, "undefine_source": opts.undefine_source,
+            "pki_dir": str(opts.pki_dir)})
 
 
 def migrate_vm(state: StateDir | str, name: str, dest: str | Destination,

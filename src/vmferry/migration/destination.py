@@ -64,6 +64,8 @@ def file_id(path: str) -> Optional[str]:
 
 
 class Destination(abc.ABC):
+    # The URI it was reached by, for the journal (recover reaches it again)
+    uri = ""
     # Whether this destination can be pre-seeded by `vmferry presync`.
     presync_ok = False
     # Whether its images are files of this host.
@@ -99,6 +101,25 @@ class Destination(abc.ABC):
         """A future that fails when the destination is gone (its agent died or
         the network to it went silent), for the source to roll back at once
         rather than wait on stalled sockets; None when it cannot be lost."""
+        return None
+
+    # -- recovery (see recover.py): the migrating process is gone, and with it
+    #    everything it knew; these work from the VM's name alone.
+
+    async def probe(self, name: str, opts: MigrateOptions) -> str:
+        """Where an incoming migration of NAME stands there (incoming.probe):
+        "absent", "incoming", "completed", "running", or "unknown" when the
+        destination cannot be asked."""
+        return "unknown"
+
+    async def undo_orphan(self, name: str) -> None:
+        """Undo what an incoming migration or presync of NAME whose source
+        process died left there (never a guest Finish resumed)."""
+
+    async def finish_orphan(self, name: str, *, resume: bool) -> Optional[str]:
+        """Finish an incoming migration of NAME that received everything;
+        None where only the agent that prepared it could (it undoes an
+        unfinished migration itself when its source goes away)."""
         return None
 
     # -- presync (see presync.py); destinations that cannot be pre-seeded

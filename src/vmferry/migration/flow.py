@@ -9,6 +9,7 @@ Finish, the migration has succeeded and nothing is rolled back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import os
 import time
@@ -18,6 +19,7 @@ from typing import Any, Awaitable, Callable, Optional
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
 from vmferry.migration import source
 from vmferry.migration.destination import Destination
+from vmferry.migration.journal import Journal
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import PREFIX, DiskPlan
@@ -28,6 +30,11 @@ from vmferry.migration.testhooks import hold as _test_hold
 # doubling each time, up to ESCALATE_MAX times the starting limit.
 STALL_ITERATIONS = 3
 ESCALATE_MAX = 16
+
+
+def presync_bitmap() -> str:
+    from vmferry.migration.presync import BITMAP
+    return BITMAP
 
 
 class Phase(enum.Enum):
@@ -48,7 +55,8 @@ class Migration:
                  progress: Optional[Progress] = None,
                  stop_source: Optional[Callable[[], Awaitable[None]]] = None,
                  presync_state: Any = None,
-                 warn: Optional[Callable[[str], None]] = None) -> None:
+                 warn: Optional[Callable[[str], None]] = None,
+                 journal: Optional[Journal] = None) -> None:
         opts.validate()
         self.name = name
         self.qmp_socket = qmp_socket
@@ -71,8 +79,11 @@ class Migration:
         self.presync_state = presync_state   # source StateDir holding presync records
         self.presynced: dict[str, dict] = {}  # node -> valid presync record
         self.warn = warn
+        # written before each step takes effect, for 'vmferry recover'
+        self.journal = journal
         self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._deadline: Optional[float] = None
+        self._described = False        # Begin found the VM in a state to move
         self._last_save = 0.0
 
     # -- bookkeeping ---------------------------------------------------
@@ -80,7 +91,22 @@ class Migration:
     def _enter(self, phase: Phase) -> None:
         self.phase = phase
         self.info.phase = phase.value
+        if phase not in (Phase.BEGIN, Phase.DONE):
+            self._journal(phase.value)
         self._publish(force=True)
+
+    def _journal(self, step: str) -> None:
+        if self.journal is not None:
+            self.journal.enter(step)
+
+    def _record(self, kind: str, **fields: Any) -> None:
+        """Write down a resource before it is made (see journal.py)."""
+        if self.journal is not None:
+            self.journal.add(kind, **fields)
+
+    def _end_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
 
     def _publish(self, force: bool = False) -> None:
         self.info.tick()
@@ -139,12 +165,21 @@ class Migration:
             self.info.status = "cancelled"
             self.info.error = "cancelled"
             await self._rollback()
+            self._end_journal()
             self._publish(force=True)
             await self.dest.close()
             raise Cancelled(f"migration of {self.name} cancelled in {self.phase.value}; "
                             f"the source VM is running")
         except VmferryError as e:
             await self._fail(str(e))
+            if self.phase == Phase.BEGIN and not self._described:
+                # the VM was not in a state to move: say only that
+                self._end_journal()
+                await self.dest.close()
+                raise
+            if not getattr(e, "source_paused", False):
+                # paused: unresolved, the journal stays for 'vmferry recover'
+                self._end_journal()
             await self.dest.close()
             if isinstance(e, UsageError) or getattr(e, "source_paused", False):
                 raise
@@ -157,6 +192,7 @@ class Migration:
         except Exception as e:
             # A bug must not leave a half-migrated VM behind either.
             await self._fail(f"internal error: {e!r}")
+            self._end_journal()
             await self.dest.close()
             raise MigrationError(f"internal error in {self.phase.value}: {e!r}; the source "
                                  f"VM is running", phase=self.phase.value) from e
@@ -227,12 +263,16 @@ class Migration:
         self.mon = await Monitor(self.qmp_socket, "source", "begin").connect()
         self._on_undo("close source monitor", self.mon.close)
         status = await source.describe(self.mon)
+        self._described = True
         self.was_running = status["status"] == "running"
         # The destination runs the guest with the accelerator it has now:
         # a TCG guest moved onto KVM sees its clock and timing change.
         kvm = await self.mon.cmd("query-kvm")
         self.accel = "kvm" if kvm.get("enabled") else "tcg"
         self.disks = await self._plan_disks()
+        if self.journal is not None:
+            self.journal.was_running = self.was_running
+            self.journal.set_disks([dataclasses.asdict(d) for d in self.disks])
 
     async def _plan_disks(self) -> list[DiskPlan]:
         plans = await source.plan_disks(self.mon, self.spec, self.opts)
@@ -309,11 +349,13 @@ class Migration:
         self._on_undo("roll back source", lambda: source.rollback(mon, self.was_running))
         self.info.storage_engine = self.opts.storage_engine
         if self.prepared.tls_dir:
+            self._record("tls-object")
             await source.add_tls(mon, self.prepared.tls_dir)
         if self.disks and self.opts.storage_engine == "native":
             await self._native_storage()
         elif self.disks:
             sync = "top" if self.opts.copy_storage == "inc" else "full"
+            self._record("mirror")
             undo: list = []
             await source.start_mirrors(mon, self.disks, self.prepared, sync, undo)
             await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
@@ -327,6 +369,7 @@ class Migration:
                 keep.cancel()
                 await asyncio.gather(keep, return_exceptions=True)
             self._on_undo("stop the passes during memory migration", stop_keep_up)
+        self._record("memory")
         await source.set_capabilities(mon, source.capabilities(self.opts))
         await mon.cmd("migrate-set-parameters", **source.parameters(self.opts, self.prepared))
         self.info.downtime_limit_ms = self.opts.max_downtime or source.DEFAULT_DOWNTIME_MS
@@ -346,10 +389,13 @@ class Migration:
 
         self.info.disk_total = sum(d.size for d in self.disks)
         sock = self.qmp_socket.parent / "vmferry-nbd.sock"
+        self._record("native", socket=str(sock), bitmap=presync_bitmap() if self.presynced
+                     else None, presynced=sorted(self.presynced))
         if self.presynced:
             from vmferry.migration import presync
             self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
-                                        bitmap=presync.BITMAP, existing=True)
+                                        bitmap=presync.BITMAP, existing=True,
+                                        record=self._record)
 
             async def forget() -> None:
                 # the destination images changed under the records: next time,
@@ -357,7 +403,8 @@ class Migration:
                 await presync.forget(self.presync_state, self.name, self.dest)
             self._on_undo("drop presync records", forget)
         else:
-            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress)
+            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
+                                        record=self._record)
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
         await self.native.start()
         if self.presynced:
@@ -450,6 +497,8 @@ class Migration:
                         self.info.final_pass_bytes = st.final_bytes
                     elif self.disks:
                         await source.settle_mirrors(mon, self.disks)
+                    # from here the destination may hold the whole state
+                    self._journal("switchover")
                     await mon.cmd("migrate-continue", state="pre-switchover")
             elif status == "completed":
                 info = await mon.cmd("query-migrate")
@@ -512,4 +561,5 @@ class Migration:
         if self.stop_source:
             await self.stop_source()
         self.info.status = "completed"
+        self._end_journal()
         self._enter(Phase.DONE)

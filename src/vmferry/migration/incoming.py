@@ -33,6 +33,7 @@ from vmferry.vm.state import StateDir, pid_alive
 INCOMING_TIMEOUT = 120.0
 RECORD = "incoming.json"
 TLS_ID = "vmferry-tls"
+EXPORT_ID = "vmferry-export-"
 # libvirt's migration_port_min/max
 DEFAULT_PORTS = (49152, 49215)
 
@@ -255,9 +256,9 @@ class Incoming:
     async def _export_disks(self, disks: list[DiskPlan]) -> None:
         for plan in disks:
             await self.mon.cmd("block-export-add", **{
-                "type": "nbd", "id": f"vmferry-export-{plan.node}",
+                "type": "nbd", "id": EXPORT_ID + plan.node,
                 "node-name": plan.node, "name": plan.export, "writable": True})
-            self.exports.append(f"vmferry-export-{plan.node}")
+            self.exports.append(EXPORT_ID + plan.node)
 
     async def _listen_unix(self, disks: list[DiskPlan]) -> tuple[dict[str, Any], str]:
         run = self.state.runtime_dir(self.name)
@@ -438,17 +439,51 @@ def orphaned(records: Iterable[Path], owner: Optional[int] = None) -> list[tuple
     return out
 
 
-async def reap_orphans(state: StateDir, owner: Optional[int] = None) -> list[str]:
-    """Undo every incoming migration in STATE whose owner is gone (or is OWNER):
-    stop its QEMU, delete the images it created.  Returns the VM names."""
+async def reap_orphans(state: StateDir, owner: Optional[int] = None,
+                       name: Optional[str] = None) -> list[str]:
+    """Undo every incoming migration in STATE (or only NAME's) whose owner is
+    gone (or is OWNER): stop its QEMU, delete the images it created.  Returns
+    the VM names."""
     done: list[str] = []
     if not state.path.is_dir():
         return done
-    for rec_path, rec in orphaned((d / RECORD for d in sorted(state.path.iterdir())), owner):
-        name = rec_path.parent.name
-        if state.read_pid(name) is not None:
-            await stop_vm_async(state, name, force=True, timeout=5)
-        _remove(state, name, [str(p) for p in rec.get("created", [])],
+    folders = [state.vm_dir(name)] if name else sorted(state.path.iterdir())
+    for rec_path, rec in orphaned((d / RECORD for d in folders), owner):
+        vm = rec_path.parent.name
+        if state.read_pid(vm) is not None:
+            await stop_vm_async(state, vm, force=True, timeout=5)
+        _remove(state, vm, [str(p) for p in rec.get("created", [])],
                 bool(rec.get("new_vm_dir")))
-        done.append(name)
+        done.append(vm)
     return done
+
+
+async def probe(state: StateDir, name: str) -> str:
+    """Where an incoming migration of NAME stands on this host, for recover:
+    "absent" (no QEMU: never prepared, or undone), "incoming" (prepared, the
+    memory not all received), "completed" (all received, the guest not yet
+    resumed), or "running" (Finish was done: the guest is this host's)."""
+    if state.read_pid(name) is None:
+        return "absent"
+    if not (state.vm_dir(name) / RECORD).exists():
+        return "running"            # Finish removes the record
+    try:
+        async with Monitor(state.qmp_socket(name), "destination", "recover") as mon:
+            info = await mon.cmd("query-migrate")
+    except MigrationError:
+        return "incoming"
+    return "completed" if info.get("status") == "completed" else "incoming"
+
+
+async def finish_orphan(state: StateDir, name: str, *, resume: bool) -> str:
+    """Finish an incoming migration whose source process died after the
+    memory arrived: what Incoming.finish does, from the record alone."""
+    inc = Incoming(state)
+    inc.name = name
+    inc.started = True
+    inc.mon = await Monitor(state.qmp_socket(name), "destination", "finish").connect()
+    inc.exports = [e["id"] for e in await inc.mon.cmd("query-block-exports")
+                   if e["id"].startswith(EXPORT_ID)]
+    if not inc.exports:
+        await inc.mon.try_cmd("nbd-server-stop")   # a Finish cut short after its exports
+    return await inc.finish(resume=resume)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import Destination, Prepared, destination_spec
 from vmferry.migration.incoming import Incoming, create_image, image_size  # noqa: F401
-from vmferry.migration import presync_target
+from vmferry.migration import incoming as incoming_mod, presync_target
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.presync_target import PresyncTarget
 from vmferry.migration.source import DiskPlan
@@ -26,12 +26,13 @@ class LocalDestination(Destination):
 
     def __init__(self, state: StateDir) -> None:
         self.state = state
+        self.uri = f"local://{state.path}"
         self.incoming = Incoming(state)
         self._lost: Optional[asyncio.Future] = None
         self._watch: Optional[asyncio.Task] = None
 
     def __repr__(self) -> str:
-        return f"local://{self.state.path}"
+        return self.uri
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                       accel: Optional[str] = None,
@@ -77,12 +78,27 @@ class LocalDestination(Destination):
     async def close(self) -> None:
         await self._stop_watch()
 
+    # -- recovery: this host's QEMU outlived the process that prepared it
+
+    async def probe(self, name: str, opts: MigrateOptions) -> str:
+        return await incoming_mod.probe(self.state, name)
+
+    async def undo_orphan(self, name: str) -> None:
+        await incoming_mod.reap_orphans(self.state, name=name)
+        presync_target.reap_orphans(self.state.path)
+
+    async def finish_orphan(self, name: str, *, resume: bool) -> Optional[str]:
+        return await incoming_mod.finish_orphan(self.state, name, resume=resume)
+
     # -- presync: qemu-nbd on Unix sockets in a private folder
 
     async def presync_open(self, disks: list[dict[str, Any]],
                            opts: MigrateOptions) -> dict[str, dict[str, Any]]:
         self._presync_dir = Path(tempfile.mkdtemp(prefix="vmferry-presync-"))
-        self.presync = PresyncTarget(run_dir=self._presync_dir)
+        # the images it creates are recorded in the destination state
+        # directory first, so 'vmferry recover' can remove them if this
+        # process dies (its qemu-nbd dies with it)
+        self.presync = PresyncTarget(run_dir=self._presync_dir, record_dir=self.state.path)
         try:
             return await self.presync.open(disks, create=opts.create_disks, overwrite=True)
         except BaseException:

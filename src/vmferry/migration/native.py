@@ -69,7 +69,8 @@ class NativeStats:
 class NativeStorage:
     def __init__(self, mon: Monitor, disks: list[DiskPlan], prepared: Prepared,
                  socket: Path, on_progress: Callable[[CopyResult], None], *,
-                 bitmap: str = BITMAP, existing: bool = False) -> None:
+                 bitmap: str = BITMAP, existing: bool = False,
+                 record: Optional[Callable[..., None]] = None) -> None:
         self.mon = mon
         self.disks = disks
         self.prepared = prepared
@@ -84,6 +85,8 @@ class NativeStorage:
         self.throttled_at: list[int] = []     # bps_wr of each throttle step
         self.devices: dict[str, str] = {}
         self._pass_s = 0.0
+        # journal.add: a throttle outlives this process, so it is written down
+        self._record = record or (lambda kind, **fields: None)
 
     def _src_uri(self, d: DiskPlan) -> str:
         return f"nbd+unix:///{EXPORT}{d.node}?socket={self.socket}"
@@ -298,6 +301,7 @@ class NativeStorage:
             self._pass_s = time.monotonic() - t0
 
     async def _throttle(self, devices: dict[str, str], bps_wr: int) -> None:
+        self._record("throttle", devices=devices)
         for d in self.disks:
             await self.mon.cmd("block_set_io_throttle", id=devices[d.node], bps=0,
                                bps_rd=0, bps_wr=bps_wr, iops=0, iops_rd=0, iops_wr=0)

@@ -145,7 +145,13 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         stats.warnings.append(text)
         if warn is not None:
             warn(text)
-    mon = await Monitor(rec.qmp_socket, "source", "presync").connect()
+    from vmferry.migration.api import open_journal
+    jr = open_journal(state, "presync", name, dest, opts)
+    try:
+        mon = await Monitor(rec.qmp_socket, "source", "presync").connect()
+    except BaseException:
+        jr.close()
+        raise
     src_sock = rec.qmp_socket.parent / "vmferry-presync.sock"
     server = opened = ok = False
     records: dict[str, dict] = {}
@@ -163,16 +169,19 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
               "generation": good[p.node].get("generation") if p.node in good else None}
              for p in plans], opts)
         opened = True
+        jr.enter("perform")
         for node, t in targets.items():
             if node in good and t["stale"]:
                 note(f"presync record of {node} does not hold: {t['stale']}")
                 good.pop(node)
+        jr.add("presync-server", socket=str(src_sock))
         await mon.cmd("nbd-server-start", addr={"type": "unix",
                                                 "data": {"path": str(src_sock)}})
         server = True
         for p in plans:
             if p.node not in good:
                 added.append(p.node)      # _copy_disk starts a fresh bitmap
+            jr.add("presync-disk", node=p.node, fresh=p.node not in good)
             moved = await _copy_disk(mon, p, p.node in good, targets[p.node], src_sock,
                                      dest.presync_uri, progress)
             stats.bytes_moved += moved
@@ -215,6 +224,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
             await mon.close()
             with contextlib.suppress(VmferryError):
                 await dest.close()
+            jr.close()
         await uncancellable(teardown())
 
 

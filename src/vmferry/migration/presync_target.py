@@ -73,6 +73,17 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)      # PR_SET_PDEATHSIG
 
 
+def _accepts(path: Path) -> bool:
+    """Whether a server listens on PATH: the socket file appears at bind(),
+    a moment before listen(), and a connection then is refused."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class _Server:
     """qemu-nbd serving one image (through its format, so qcow2 is written as
     qcow2) on a Unix socket or a TCP address, with TLS when asked."""
@@ -123,7 +134,7 @@ class _Server:
         self.sock = sock
         sock.unlink(missing_ok=True)
         self.proc = self._spawn(self._argv(None) + ["-k", str(sock)])
-        err = await self._wait(sock.exists)
+        err = await self._wait(lambda: _accepts(sock))
         if err:
             raise MigrationError(f"qemu-nbd could not serve {self.image}: {err}",
                                  phase="presync")

@@ -286,6 +286,18 @@ class RemoteDestination(Destination):
             _end(self._ssh)
             self._ssh = None
 
+    # -- recovery: the agent undid an unfinished migration when the source
+    #    process that drove it went away; it only has to say where NAME is
+
+    async def probe(self, name: str, opts: MigrateOptions) -> str:
+        try:
+            ch = await self._connect(opts)
+            r = await asyncio.wait_for(ch.call("probe", name=name), CONNECT_TIMEOUT)
+        except (MigrationError, UsageError, protocol.ProtocolError, asyncio.TimeoutError):
+            return "unknown"
+        state = r.get("state")
+        return state if state in ("absent", "incoming", "completed", "running") else "unknown"
+
     # -- presync: the agent serves the images with qemu-nbd on its address
 
     presync_ok = True

@@ -51,7 +51,7 @@ async def describe(mon: Monitor) -> dict[str, Any]:
     jobs = await mon.cmd("query-block-jobs")
     if any(j["device"].startswith(PREFIX) for j in jobs):
         raise MigrationError("mirror jobs of an earlier migration are still running: "
-                             "run 'vmferry abort' first", phase="begin")
+                             "run 'vmferry recover NAME' first", phase="begin")
     return status
 
 

@@ -1,0 +1,183 @@
+"""The source's journal of one migration or presync: STATE/NAME/journal.json.
+
+A step is written down before it takes effect (the file is replaced
+atomically and fsynced), so that when the vmferry process running the
+migration dies — SIGKILL, the OOM killer, a crash of the machine it ran on —
+`vmferry recover NAME` can read what was done and which way is safe
+(migration/recover.py).  The process removes the journal once the migration
+is over, completed or rolled back; a journal whose owner is gone is an
+interrupted migration, and every command that touches the VM says so.
+
+What it holds:
+  kind       "migrate" or "presync"
+  dest       the destination URI (local:///STATE, ssh://..., tls://...)
+  phase      the last step entered, in PHASES order
+  was_running  whether the guest ran before (recover resumes it only then)
+  disks      what moves: node, source path, destination path, format, size
+  resources  named things created in the source QEMU or on this host, each a
+             dict with a "kind": see recover.py for what undoes each kind
+
+The points of no return are phases of their own: "switchover" is written
+before `migrate-continue` (from then on the destination may hold the whole
+state) and "finish" before the destination is asked to resume the guest
+(from then on it may run there).  "confirm" means the destination runs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from vmferry.vm.state import StateDir, pid_alive
+
+FILE = "journal.json"
+PHASES = ("begin", "prepare", "perform", "switchover", "finish", "confirm")
+
+
+def process_start(pid: int) -> Optional[int]:
+    """PID's start time in clock ticks since boot (/proc/PID/stat field 22):
+    with the pid, it names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclasses.dataclass
+class Journal:
+    kind: str
+    name: str
+    dest: str
+    phase: str = "begin"
+    was_running: bool = True
+    owner: int = 0
+    owner_start: Optional[int] = None
+    boot_id: str = ""
+    started: float = 0.0
+    disks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # what recover needs of the options: suspend, undefine_source, pki_dir
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    path: Optional[Path] = dataclasses.field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def open(cls, state: StateDir, kind: str, name: str, dest: str,
+             options: dict[str, Any]) -> "Journal":
+        """A new journal owned by this process, written at once."""
+        j = cls(kind=kind, name=name, dest=dest, options=options, owner=os.getpid(),
+                owner_start=process_start(os.getpid()), boot_id=_boot_id(),
+                started=time.time(), path=state.vm_dir(name) / FILE)
+        j.save()
+        return j
+
+    # -- writing -----------------------------------------------------------
+
+    def save(self) -> None:
+        """Replace the file atomically and make it durable before returning:
+        the step it records may take effect right after."""
+        assert self.path is not None
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+        tmp = self.path.with_name(FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(data, indent=1).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def enter(self, phase: str) -> None:
+        assert phase in PHASES, phase
+        # Never backwards: recover decides by the furthest step reached.
+        if PHASES.index(phase) > PHASES.index(self.phase):
+            self.phase = phase
+            self.save()
+
+    def add(self, kind: str, **fields: Any) -> None:
+        """Record a resource before it is created (recover undoes what it
+        finds, and tolerates what was recorded but never made)."""
+        item = {"kind": kind, **fields}
+        if item not in self.resources:
+            self.resources.append(item)
+            self.save()
+
+    def has(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.resources if r["kind"] == kind]
+
+    def set_disks(self, disks: list[dict[str, Any]]) -> None:
+        self.disks = disks
+        self.save()
+
+    def close(self) -> None:
+        """The migration is over, one way or the other."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    # -- reading -----------------------------------------------------------
+
+    @property
+    def owner_alive(self) -> bool:
+        """Whether the process that wrote this still runs (the same process,
+        not another that got its pid, on this boot)."""
+        if self.boot_id and self.boot_id != _boot_id():
+            return False
+        return pid_alive(self.owner) and process_start(self.owner) == self.owner_start
+
+    def past(self, phase: str) -> bool:
+        """Whether the journal reached PHASE."""
+        return PHASES.index(self.phase) >= PHASES.index(phase)
+
+    def describe(self) -> str:
+        verb = "migration" if self.kind == "migrate" else "presync"
+        return f"{verb} to {self.dest}"
+
+
+def load(state: StateDir, name: str) -> Optional[Journal]:
+    path = state.vm_dir(name) / FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        # unreadable: still an interrupted migration, of which we know nothing
+        return Journal(kind="migrate", name=name, dest="an unknown destination", path=path)
+    fields = {f.name for f in dataclasses.fields(Journal)} - {"path"}
+    j = Journal(**{k: v for k, v in data.items() if k in fields})
+    j.path = path
+    return j
+
+
+def interrupted(state: StateDir, name: str) -> Optional[Journal]:
+    """NAME's journal if the process that wrote it is gone, else None."""
+    try:
+        j = load(state, name)
+    except Exception:       # a bad name, an unreadable folder: nothing to say here
+        return None
+    return j if j is not None and not j.owner_alive else None
+
+
+def hint(j: Journal) -> str:
+    """What every command says about an interrupted migration."""
+    return (f"{j.describe()} interrupted (process gone): run 'vmferry recover {j.name}'")
+
+
+def interrupted_line(state: StateDir, name: str) -> Optional[str]:
+    """hint() for NAME's interrupted migration, or None."""
+    j = interrupted(state, name)
+    return hint(j) if j is not None else None

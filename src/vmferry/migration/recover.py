@@ -1,0 +1,244 @@
+"""`vmferry recover NAME`: an interrupted migration or presync (its process
+died; see journal.py) brought to exactly one running guest.
+
+What the journal says was reached decides which way is safe; the two QEMUs
+(and, between hosts, the destination's agent) are asked where things stand:
+
+  journal reached        the destination says        recover
+  ---------------------  --------------------------  ---------------------------
+  begin .. perform       anything                    roll back
+  switchover             completed, source complete  complete (resume it there)
+  (migrate-continue      anything else               roll back: it was never
+   may have been sent)                               asked to run the guest
+  finish (asked to       running                     complete (retire the source)
+  resume the guest)      completed                   complete (resume it there)
+                         absent, incoming            roll back
+                         cannot be asked             change nothing: the guest
+                                                     stays paused, one line says
+                                                     what to check
+  confirm                (runs it)                   complete
+
+Rolling back undoes, by name, what the journal lists in the source QEMU
+(migration, mirror jobs and nodes, the native engine's exports, bitmaps,
+NBD server and throttles, TLS credentials), removes what the destination
+created, and resumes the source guest if it ran before.  Completing
+resumes the destination guest and stops the source QEMU.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from vmferry.errors import MigrationError, UsageError
+from vmferry.migration import journal as journal_mod
+from vmferry.migration.destination import Destination
+from vmferry.migration.journal import Journal
+from vmferry.migration.monitor import Monitor
+from vmferry.migration.options import MigrateOptions
+from vmferry.migration.source import DiskPlan
+from vmferry.vm.state import StateDir
+
+# how long a destination agent may take to finish a Finish it was asked for
+# before recover calls it undecided
+SETTLE_TIMEOUT = 15.0
+PAUSED = ("paused", "postmigrate", "finish-migrate", "prelaunch")
+
+
+async def recover(state: StateDir, name: str,
+                  warn: Optional[Callable[[str], None]] = None) -> str:
+    """Resolve NAME's interrupted migration or presync; returns the one line
+    that says where the guest runs now.  UsageError when there is nothing
+    to recover or its process still runs; MigrationError (the guest left
+    paused) when the destination cannot be asked after it may have resumed."""
+    j = journal_mod.load(state, name)
+    if j is None:
+        raise UsageError(f"{name} has no interrupted migration or presync to recover")
+    if j.owner_alive:
+        raise UsageError(f"the {j.describe()} of {name} is still under way (pid {j.owner}): "
+                         f"stop it with 'vmferry abort {name}'")
+    from vmferry.migration.api import parse_destination
+    dest = parse_destination(j.dest)
+    try:
+        if j.kind == "presync":
+            return await _presync(state, j, dest)
+        return await _migration(state, j, dest, warn or (lambda text: None))
+    finally:
+        await dest.close()
+
+
+async def recover_all(state: StateDir, warn: Optional[Callable[[str], None]] = None
+                      ) -> list[tuple[str, str, bool]]:
+    """recover() for every VM of STATE with an interrupted journal:
+    (name, line, resolved) each."""
+    out = []
+    for name in state.names():
+        if journal_mod.interrupted(state, name) is None:
+            continue
+        try:
+            out.append((name, await recover(state, name, warn), True))
+        except (UsageError, MigrationError) as e:
+            out.append((name, str(e), False))
+    return out
+
+
+def _opts(j: Journal) -> MigrateOptions:
+    return MigrateOptions(pki_dir=Path(j.options.get("pki_dir", "/etc/pki")))
+
+
+async def _source(state: StateDir, name: str) -> Optional[Monitor]:
+    """A monitor on the source QEMU, or None when it is gone."""
+    if state.read_pid(name) is None:
+        return None
+    return await Monitor(state.qmp_socket(name), "source", "recover").connect()
+
+
+async def _probe(dest: Destination, j: Journal) -> str:
+    """The destination's answer; a Finish that an agent may still be carrying
+    out is waited for rather than guessed at."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT
+    while True:
+        where = await dest.probe(j.name, _opts(j))
+        if not (j.past("finish") and where in ("incoming", "completed")
+                and not dest.same_host and loop.time() < deadline):
+            return where
+        await asyncio.sleep(0.5)
+
+
+async def _migration(state: StateDir, j: Journal, dest: Destination,
+                     warn: Callable[[str], None]) -> str:
+    mon = await _source(state, j.name)
+    try:
+        src_mig = (await mon.cmd("query-migrate")).get("status") if mon else None
+        where = await _probe(dest, j) if j.past("prepare") else "absent"
+        resume = j.was_running and not j.options.get("suspend")
+        forward = (j.past("confirm")
+                   or (j.past("finish") and where in ("running", "completed"))
+                   or (j.past("switchover") and where == "completed"
+                       and src_mig in ("completed", None)))
+        if forward and where == "completed":
+            if await dest.finish_orphan(j.name, resume=resume) is None:
+                forward = False    # only its agent could, and it undoes it instead
+        if forward:
+            await _retire_source(state, j, mon, dest)
+            j.close()
+            return f"completed: {j.name} runs on {j.dest}"
+        if j.past("finish") and where == "unknown":
+            raise MigrationError(
+                f"cannot reach {j.dest} to ask whether it runs {j.name}, which it was "
+                f"asked to resume: {j.name} stays paused here; once {j.dest} answers, run "
+                f"'vmferry recover {j.name}' again (or, if it surely does not run "
+                f"{j.name} there, 'vmferry recover {j.name} --resume-source')")
+        return await _roll_back(state, j, mon, dest)
+    finally:
+        if mon is not None:
+            await mon.close()
+
+
+async def resume_source(state: StateDir, name: str) -> str:
+    """The user's word that the destination does not run NAME: roll back
+    whatever the journal says was reached."""
+    j = journal_mod.load(state, name)
+    if j is None:
+        raise UsageError(f"{name} has no interrupted migration or presync to recover")
+    if j.owner_alive:
+        raise UsageError(f"the {j.describe()} of {name} is still under way (pid {j.owner})")
+    from vmferry.migration.api import parse_destination
+    dest = parse_destination(j.dest)
+    mon = await _source(state, name)
+    try:
+        return await _roll_back(state, j, mon, dest)
+    finally:
+        if mon is not None:
+            await mon.close()
+        await dest.close()
+
+
+async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
+                     dest: Destination) -> str:
+    # The destination first: it never ran the guest, and must not hold it
+    # when the source resumes.
+    await dest.undo_orphan(j.name)
+    if mon is None:
+        j.close()
+        return (f"rolled back: the destination holds nothing of {j.name}, but its QEMU "
+                f"on this host is gone too: start it with 'vmferry run'")
+    from vmferry.migration import source
+    await source.rollback(mon, resume=False)
+    await _undo_native(state, j, mon, dest)
+    if j.was_running:
+        status = (await mon.cmd("query-status"))["status"]
+        if status in PAUSED:
+            await mon.cmd("cont")
+    j.close()
+    return f"rolled back: {j.name} runs on this host"
+
+
+def _disks(j: Journal) -> list[DiskPlan]:
+    return [DiskPlan(**d) for d in j.disks]
+
+
+async def _undo_native(state: StateDir, j: Journal, mon: Monitor, dest: Destination) -> None:
+    """The native engine's exports, bitmaps, throttles and NBD server."""
+    for res in j.has("native"):
+        from vmferry.migration.native import NativeStorage
+        existing = bool(res.get("presynced"))
+        ns = NativeStorage(mon, _disks(j), None, Path(res["socket"]), lambda snap: None,
+                           bitmap=res.get("bitmap") or "vmferry-dirty", existing=existing)
+        ns._server = True
+        for t in j.has("throttle"):
+            ns.devices = t["devices"]
+            ns.throttled_at = [0]
+        await ns.cleanup()
+        if existing:
+            from vmferry.migration import presync
+            # the destination images may have changed under their records
+            await presync.forget(state, j.name, dest)
+
+
+async def _retire_source(state: StateDir, j: Journal, mon: Optional[Monitor],
+                         dest: Destination) -> None:
+    """What Confirm does: the destination runs the guest, the source goes."""
+    from vmferry.vm.process import stop_vm_async
+    if mon is not None:
+        await _undo_native(state, j, mon, dest)
+        await mon.try_cmd("quit")
+        await mon.close()
+    await stop_vm_async(state, j.name, force=True, timeout=5)
+    if j.options.get("undefine_source"):
+        state.spec_path(j.name).unlink(missing_ok=True)
+
+
+async def _presync(state: StateDir, j: Journal, dest: Destination) -> str:
+    """A presync has no point of no return: undo it, and let the next presync
+    or migration copy in full (its records no longer vouch for anything)."""
+    from vmferry.migration import presync
+    await dest.undo_orphan(j.name)
+    mon = await _source(state, j.name)
+    if mon is not None:
+        try:
+            for e in await mon.cmd("query-block-exports"):
+                if e["id"].startswith(presync.EXPORT):
+                    await mon.try_cmd("block-export-del", id=e["id"], mode="hard")
+            if j.has("presync-server"):
+                await mon.try_cmd("nbd-server-stop")
+            for d in j.has("presync-disk"):
+                await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
+                                  name=presync.FROZEN)
+                # a bitmap started for an image that never got its copy
+                # vouches for nothing
+                if d.get("fresh"):
+                    await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
+                                      name=presync.BITMAP)
+        finally:
+            await mon.close()
+    for res in j.has("presync-server"):
+        Path(res["socket"]).unlink(missing_ok=True)
+    await presync.forget(state, j.name, dest)
+    j.close()
+    return (f"rolled back: the presync of {j.name} was undone and {j.name} runs on; the "
+            f"next presync or migration copies its disks in full")
+
+
+__all__ = ["recover", "recover_all", "resume_source"]

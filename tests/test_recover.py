@@ -1,0 +1,187 @@
+"""vmferry's own death is a fault like any other: the migrating process is
+SIGKILLed at each phase, every command then says the migration was
+interrupted, and `vmferry recover` leaves exactly one running guest with its
+disk intact and nothing else behind, after which a new migration succeeds."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from migrate_helpers import Lab, images_identical, qemu_pids, sha256
+from test_migrate import (  # noqa: F401  (fixtures)
+    _failing_setup, _mirror_copying, _native_bitmaps, _native_copying, kernel, lab, qboot,
+)
+from vmferry.errors import VmferryError
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _kill(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+
+
+def _assert_notices(lab: Lab) -> None:
+    """Every command that touches the VM says what happened and what to do."""
+    hint = "interrupted (process gone): run 'vmferry recover web1'"
+    assert hint in lab.ok(lab.vmferry("list")), lab.vmferry("list").stdout
+    assert hint in lab.status()["migration"]
+    line = lab.one_error(lab.migrate("--disk-map", "x=y"), code=2)
+    assert hint in line and "source VM is running" not in line, line
+
+
+def _recover(lab: Lab, expect: str) -> str:
+    out = lab.ok(lab.vmferry("recover", "web1"))
+    assert out.splitlines() == [out.strip()] and expect in out, out
+    assert not (lab.A / "web1" / "journal.json").exists()
+    return out
+
+
+def _migrate_again(lab: Lab, src, dst) -> None:
+    out = lab.ok(lab.migrate("--disk-map", f"{src}={dst}", "--create-disks"))
+    assert "migrated web1" in out, out
+    assert images_identical(src, dst, "raw") == ""
+    assert lab.status(state=lab.B)["state"] == "running"
+
+
+def _dest_state(lab: Lab) -> str:
+    try:
+        return lab.qmp("query-status", state=lab.B)["status"]
+    except VmferryError:
+        return ""
+
+
+KILL_POINTS = {
+    # name: (hold, engine, size MiB, extra args, what must be seen before the kill)
+    "before-prepare": ("prepare:60", "mirror", 32, (),
+                       lambda lab: lab.job_file().get("phase") == "begin"),
+    "mirror-copy": ("", "mirror", 256, (), _mirror_copying),
+    "native-copy": ("", "native", 256, (), _native_copying),
+    "memory": ("", "mirror", 32, ("--bandwidth", "4", "--no-escalate"),
+               lambda lab: lab.qmp("query-migrate").get("status") == "active"),
+    "final-pass": ("final-pass:60", "native", 32, (),
+                   lambda lab: lab.qmp("query-migrate").get("status") == "pre-switchover"),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_before_the_point_of_no_return_rolls_back(lab, point):
+    hold, engine, size, extra, seen = KILL_POINTS[point]
+    src, h, dst, serial = _failing_setup(lab, size)
+    if hold:
+        lab.env["VMFERRY_TEST_HOLD"] = hold
+    p = lab.start_migrate("--storage-engine", engine, "--disk-map", f"{src}={dst}",
+                          "--create-disks", *extra)
+    lab.wait_for(point, lambda: seen(lab), 60, proc=p)
+    _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD", None)
+    _assert_notices(lab)
+    _recover(lab, "rolled back: web1 runs on this host")
+    assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst,
+                             migration=(None, "none", "failed", "cancelled", "completed"))
+    assert "interrupted" not in lab.ok(lab.vmferry("list"))
+    _migrate_again(lab, src, dst)
+
+
+@pytest.mark.parametrize("engine", ["mirror", "native"])
+def test_killed_at_finish_completes_on_the_destination(lab, engine):
+    """Everything arrived and both sides are paused: the destination holds the
+    whole state, so recover resumes it there and retires the source."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "finish:60"
+    p = lab.start_migrate("--storage-engine", engine, "--disk-map", f"{src}={dst}",
+                          "--create-disks")
+    lab.wait_for("the memory to arrive",
+                 lambda: lab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+    _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    assert _dest_state(lab) != "running"          # the guest runs nowhere now
+    _assert_notices(lab)
+    _recover(lab, f"completed: web1 runs on local://{lab.B}")
+    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
+    assert _dest_state(lab) == "running"
+    assert images_identical(src, dst, "raw") == ""
+    assert sha256(src) == h
+    assert not (lab.B / "web1" / "incoming.json").exists()
+    assert lab.qmp("query-block-exports", state=lab.B) == []
+    last, problems, _ = lab.progress(serial)
+    assert problems == [], problems
+    lab.wait_progress(serial, last + 2, 30)          # the guest goes on, over there
+
+
+def test_killed_after_the_destination_resumed_completes(lab):
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "resumed:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the destination to resume", lambda: _dest_state(lab) == "running", 60,
+                 proc=p)
+    _kill(p)
+    _recover(lab, "completed: web1 runs on")
+    assert qemu_pids(lab.A) == []
+    assert _dest_state(lab) == "running"
+
+
+def test_abort_of_an_interrupted_migration_rolls_it_back(lab):
+    src, h, dst, serial = _failing_setup(lab, 256)
+    p = lab.start_migrate("--storage-engine", "mirror", "--disk-map", f"{src}={dst}",
+                          "--create-disks")
+    lab.wait_for("the mirror", lambda: _mirror_copying(lab), 60, proc=p)
+    _kill(p)
+    out = lab.ok(lab.vmferry("abort", "web1"))
+    assert "rolled back: web1 runs on this host" in out, out
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_recover_refuses_when_there_is_nothing_or_it_still_runs(lab):
+    src, h, dst, serial = _failing_setup(lab)
+    line = lab.one_error(lab.vmferry("recover", "web1"), code=2)
+    assert "no interrupted migration" in line, line
+    out = lab.ok(lab.vmferry("recover", "--all"))
+    assert "nothing to recover" in out, out
+    lab.env["VMFERRY_TEST_HOLD"] = "prepare:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("Begin", lambda: lab.job_file().get("phase") == "begin", 60, proc=p)
+    line = lab.one_error(lab.vmferry("recover", "web1"), code=2)
+    assert "still under way" in line and "vmferry abort web1" in line, line
+    line = lab.one_error(lab.migrate("--disk-map", f"{src}={dst}"), code=2)
+    assert "under way" in line, line
+    p.send_signal(signal.SIGINT)
+    lab.finish(p)
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_presync_killed_then_recovered(lab):
+    """A presync's process dies mid-copy: recover removes the image it created,
+    its exports, server and bitmap; the next presync copies in full."""
+    src, h, dst, serial = _failing_setup(lab, 256)
+    p = lab.start("presync", "web1", f"local://{lab.B}", "--disk-map", f"{src}={dst}",
+                  "--create-disks")
+    lab.wait_for("the presync copy", lambda: any(
+        e["id"].startswith("vmferry-presync") for e in lab.qmp("query-block-exports")),
+        60, proc=p)
+    _kill(p)
+    assert "presync to" in lab.status()["migration"]
+    _recover(lab, "rolled back: the presync of web1 was undone")
+    assert lab.qmp("query-block-exports") == []
+    assert _native_bitmaps(lab) == []
+    assert not dst.exists(), "the image the killed presync created was kept"
+    assert list(lab.B.glob("presync-*.json")) == []
+    assert lab.status()["state"] == "running" and sha256(src) == h
+    out = lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", "--disk-map",
+                             f"{src}={dst}", "--create-disks"))
+    assert images_identical(src, dst, "raw") == "" or out
+
+
+def test_recover_all_resolves_each(lab):
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "prepare:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("Begin", lambda: lab.job_file().get("phase") == "begin", 60, proc=p)
+    _kill(p)
+    out = lab.ok(lab.vmferry("recover", "--all"))
+    assert out.strip() == "rolled back: web1 runs on this host", out
+    assert json.loads(lab.ok(lab.vmferry("list", "--json")))[0]["migration"] is None
