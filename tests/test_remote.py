@@ -456,3 +456,41 @@ def test_agent_killed_during_presync_leaves_no_image(rlab):
 def _qemu_nbd_serving(image: Path) -> bool:
     return bool(_pids_running(lambda cmd: cmd[0].endswith(b"qemu-nbd")
                               and os.fsencode(image) in cmd))
+
+
+@pytest.mark.parametrize("point", ["perform", "finish"])
+@pytest.mark.parametrize("transport", ["ssh", "tls"])
+def test_migrating_process_killed_then_recovered(rlab, transport, point):
+    """The migrating process is SIGKILLed once the destination host has prepared
+    (or has received everything): the agent undoes its side when the channel
+    drops, and recover, asking the agent, rolls the source back."""
+    src = make_image(rlab.root / "src.qcow2", "qcow2", 32)
+    dst = rlab.root / "dst.qcow2"
+    spec = rlab.spec(disk=src, fmt="qcow2", memory="64M", mem="8M", dirty="slow")
+    serial = rlab.serial_of(spec)
+    rlab.run_vm(spec)
+    if transport == "tls":
+        rlab.start_tls_agent()
+    dest = rlab.ssh_uri() if transport == "ssh" else rlab.tls_uri()
+    rlab.env["VMFERRY_TEST_HOLD"] = f"{point}:60"
+    p = rlab.start("migrate", "web1", dest, "--pki", rlab.pki.dir, "--disk-map",
+                   f"{src}={dst}", "--create-disks")
+    if point == "perform":
+        rlab.wait_for("the destination QEMU", lambda: qemu_pids(rlab.B), 60, proc=p)
+    else:
+        rlab.wait_for("the memory to arrive",
+                      lambda: rlab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    rlab.env.pop("VMFERRY_TEST_HOLD")
+    out = rlab.ok(rlab.vmferry("recover", "web1"))
+    assert out.strip() == "rolled back: web1 runs on this host", out
+    rlab.assert_destination_empty()
+    assert not dst.exists()
+    assert rlab.status()["state"] == "running"
+    assert rlab.qmp("query-status")["status"] == "running"
+    assert [n for n in rlab.qmp("query-named-block-nodes", {"flat": True})
+            if n["node-name"].startswith("vmferry")] == []
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)

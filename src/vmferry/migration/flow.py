@@ -155,6 +155,7 @@ class Migration:
                 await self.begin()
                 await _test_hold("prepare")
                 await self._guarded(self.prepare())
+                await _test_hold("perform")
                 await self._guarded(self.perform())
                 await _test_hold("finish")
                 await self._finish_or_settle()
