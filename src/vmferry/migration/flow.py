@@ -487,6 +487,7 @@ class Migration:
                 # QEMU send the device state.
                 if not switched_over:
                     switched_over = True
+                    await _test_hold("switchover")
                     if self.disks and self.native is not None:
                         self._keep_stop.set()
                         await self._keep_up          # its pass in flight ends first
