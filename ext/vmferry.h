@@ -82,6 +82,8 @@ int vf_copy_run(struct vf_copy *c, struct vf_error *err);
 void vf_copy_cancel(struct vf_copy *c);
 void vf_copy_counters(struct vf_copy *c, struct vf_counters *out);
 unsigned vf_copy_connections(const struct vf_copy *c);
+/* Frees c.  Never while vf_copy_run(c) runs: its threads use c to the end
+ * (cancel, and close after run returns; the binding's Copier enforces it). */
 void vf_copy_close(struct vf_copy *c);
 
 /* One endpoint for synchronous I/O into and out of caller-owned buffers. */

@@ -13,7 +13,7 @@ import time
 from typing import Callable, Optional
 
 from vmferry import _engine
-from vmferry.errors import Cancelled, UsageError
+from vmferry.errors import UsageError
 from vmferry.units import parse_size
 
 # How often progress callbacks run while a copy is going.
@@ -156,6 +156,19 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
     return result
 
 
+async def _drain(fut: "asyncio.Future[None]") -> None:
+    """Wait for a cancelled run to return, through any further cancellations
+    (a second Ctrl-C): until it does, the engine's threads still use the
+    copier and its buffers, and the caller must not go on as if it stopped."""
+    import asyncio
+    while not fut.done():
+        try:
+            await asyncio.wait({fut})
+        except asyncio.CancelledError:
+            continue
+    fut.exception()   # retrieved, so not logged: the caller gets the cancellation
+
+
 async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      requests: Optional[int] = None,
                      request_size: Optional[int | str] = None,
@@ -191,12 +204,11 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                     progress(_snapshot(copier, start))
                 if done:
                     break
-        except asyncio.CancelledError:
+        except BaseException:
+            # cancelled, or the progress callback raised: stop the engine and
+            # let in-flight requests drain before passing it on
             copier.cancel()
-            try:
-                await asyncio.shield(fut)
-            except Cancelled:
-                pass
+            await _drain(fut)
             raise
         fut.result()
         result = _snapshot(copier, start)
