@@ -60,6 +60,12 @@ struct vf_copy_config {
   int force_multi_conn;       /* several connections even without multi-conn:
                                  for callers that know one server process
                                  (e.g. one QEMU) serves them all */
+  uint64_t rate;              /* bytes per second for all connections
+                                 together; 0: unlimited.  Data counts as it
+                                 is read (zero blocks found in it too), zero
+                                 extents only where the destination cannot
+                                 zero and gets written zeroes; skipped
+                                 extents and block status are free. */
 };
 
 /* Live counters; readable at any time from another thread. */

@@ -89,6 +89,8 @@ cdef class _InUse:
 cdef class Copier(_InUse):
     """One copy: open() connects and checks, run() moves the data.
 
+    rate: bytes per second for the whole copy, 0 for no limit.
+
     run() blocks without the GIL; counters() and cancel() may be called
     from any other thread meanwhile.
     """
@@ -100,7 +102,8 @@ cdef class Copier(_InUse):
                   unsigned request_size=0, unsigned long long buffer_bytes=0,
                   str bitmap=None, str extents_from=None, bint allocated=False,
                   bint destination_is_zero=False, bint flush=False,
-                  bint zero_detect=True, bint force_multi_conn=False):
+                  bint zero_detect=True, bint force_multi_conn=False,
+                  unsigned long long rate=0):
         cdef vf_copy_config cfg
         cdef vf_error err
         memset(&cfg, 0, sizeof(cfg))
@@ -124,6 +127,7 @@ cdef class Copier(_InUse):
         cfg.flush = flush
         cfg.no_zero_detect = not zero_detect
         cfg.force_multi_conn = force_multi_conn
+        cfg.rate = rate
         with nogil:
             self._c = vf_copy_open(&cfg, &err)
         if self._c == NULL:
