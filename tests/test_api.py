@@ -309,6 +309,27 @@ def test_copy_async_cancel(vmferry, workdir, nbdkit):
     assert reads() == n, "the copy kept reading after its task was cancelled"
 
 
+def test_copy_async_rate(vmferry, workdir, nbdkit):
+    """rate=16M: 48 MiB of data take about 3 s over four connections, and arrive whole."""
+    size = 48 * MiB
+    src_file = make_image(workdir / "src.raw", size, "random", seed=53)
+    src = nbdkit("file", str(src_file), readonly=True)
+    dst = nbdkit("memory", f"size={size}")
+
+    async def main():
+        t0 = time.monotonic()
+        r = await vmferry.copy_async(src.uri, dst.uri, connections=4, rate="16M")
+        return r, time.monotonic() - t0
+
+    r, took = run_async(main)
+    check_counters(r, size)
+    assert took >= 2.5, f"48 MiB at 16 MiB/s took only {took:.2f} s"
+    assert took < 10, f"48 MiB at 16 MiB/s took {took:.2f} s"
+    assert_same(src_file, dst.uri)
+    with pytest.raises(vmferry.UsageError, match="rate"):
+        vmferry.copy(src.uri, dst.uri, rate=0)
+
+
 def test_copy_async_cancelled_twice_waits_for_the_engine(vmferry, workdir, nbdkit,
                                                          monkeypatch):
     """Two Ctrl-C's in quick succession: the task ends only after the engine has drained
