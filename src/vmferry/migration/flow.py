@@ -315,7 +315,8 @@ class Migration:
         elif self.disks:
             sync = "top" if self.opts.copy_storage == "inc" else "full"
             undo: list = []
-            await source.start_mirrors(mon, self.disks, self.prepared, sync, undo)
+            await source.start_mirrors(mon, self.disks, self.prepared, sync, undo,
+                                       speed=self.opts.disk_rate())
             await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
                                             self._deadline_for_storage())
         if self.native is not None:
@@ -349,7 +350,8 @@ class Migration:
         if self.presynced:
             from vmferry.migration import presync
             self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
-                                        bitmap=presync.BITMAP, existing=True)
+                                        bitmap=presync.BITMAP, existing=True,
+                                        rate=self.opts.disk_rate())
 
             async def forget() -> None:
                 # the destination images changed under the records: next time,
@@ -357,7 +359,8 @@ class Migration:
                 await presync.forget(self.presync_state, self.name, self.dest)
             self._on_undo("drop presync records", forget)
         else:
-            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress)
+            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
+                                        rate=self.opts.disk_rate())
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
         await self.native.start()
         if self.presynced:
