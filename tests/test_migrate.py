@@ -579,6 +579,8 @@ def test_disk_bandwidth_caps_the_disk_copy(lab, how):
     else:
         info = lab.jobinfo()
         assert info["storage_engine"] == how and info["disk_processed"] >= 8 * MiB, info
+        assert info["disk_bandwidth"] == 4 * MiB, info
+        assert "File bandwidth cap: 4.00 MiB/s per disk" in lab.ok(lab.vmferry("jobinfo", "web1"))
         lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
     assert images_identical(src, dst, "raw") == ""
 

@@ -272,6 +272,8 @@ def jobinfo(args: argparse.Namespace) -> int:
         ("File processed", format_size(info.disk_processed)),
         ("File remaining", format_size(info.disk_remaining)),
         ("File total", format_size(info.disk_total)),
+        ("File bandwidth cap", f"{format_size(info.disk_bandwidth)}/s per disk"
+         if info.disk_bandwidth else "unlimited"),
         ("Expected downtime", f"{info.expected_downtime_ms} ms"),
         ("Downtime limit", f"{info.downtime_limit_ms} ms"),
     ]

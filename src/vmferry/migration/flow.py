@@ -308,6 +308,7 @@ class Migration:
         mon.phase = "perform"
         self._on_undo("roll back source", lambda: source.rollback(mon, self.was_running))
         self.info.storage_engine = self.opts.storage_engine
+        self.info.disk_bandwidth = self.opts.disk_rate()
         if self.prepared.tls_dir:
             await source.add_tls(mon, self.prepared.tls_dir)
         if self.disks and self.opts.storage_engine == "native":
