@@ -381,6 +381,33 @@ async def wait_for_async(predicate, what: str, timeout: float = 30) -> None:
         await asyncio.sleep(0.02)
 
 
+def test_copy_async_cancelled_while_verifying(vmferry, workdir, nbdkit):
+    """A task cancelled during verify=True stops reading back: nothing more is read
+    once it has ended."""
+    size = 32 * MiB
+    src = nbdkit("pattern", f"size={size}")
+    log = workdir / "dst.log"
+    dst = nbdkit("memory", f"size={size}", "rdelay=300ms", f"logfile={log}",
+                 filters=["log", "delay"])
+
+    def reads():
+        return sum(1 for r in read_nbdkit_log(log)[1] if r.op == "Read")
+
+    async def main():
+        task = asyncio.create_task(vmferry.copy_async(src.uri, dst.uri, verify=True))
+        await wait_for_async(lambda: reads() > 0, "the read-back to start")
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done, "the cancelled verification had not ended 10 s later"
+        with pytest.raises(asyncio.CancelledError):
+            task.result()
+        return reads()
+
+    n = run_async(main)
+    time.sleep(1.0)
+    assert reads() == n, "the read-back went on after the task had ended"
+
+
 def test_copier_close_from_another_thread_during_run(vmferry, nbdkit):
     """close() while run() works cancels the run; the copier is freed once it returns."""
     from vmferry import _engine

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from vmferry import _engine
 from vmferry.errors import UsageError
@@ -18,6 +18,8 @@ from vmferry.units import parse_size
 
 # How often progress callbacks run while a copy is going.
 PROGRESS_INTERVAL = 0.2
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -94,9 +96,10 @@ def _wait_uninterrupted(event: threading.Event) -> None:
             continue
 
 
-def _verify(src: str, dst: str, result: CopyResult) -> None:
+def _verify(src: str, dst: str, result: CopyResult,
+            stop: Optional[threading.Event] = None) -> None:
     from vmferry.verify import compare
-    result.checksum = compare(src, dst, result.bytes_total)
+    result.checksum = compare(src, dst, result.bytes_total, stop)
     result.verified = True
 
 
@@ -164,17 +167,32 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
     return result
 
 
-async def _drain(fut: "asyncio.Future[None]") -> None:
-    """Wait for a cancelled run to return, through any further cancellations
-    (a second Ctrl-C): until it does, the engine's threads still use the
-    copier and its buffers, and the caller must not go on as if it stopped."""
+async def _in_thread(fut: "asyncio.Future[T]", stop: Callable[[], None],
+                    tick: Optional[Callable[[], None]] = None) -> T:
+    """The result of FUT, work in an executor thread, calling TICK meanwhile.
+
+    When cancelled (or TICK raises), STOP() asks the work to end and this
+    waits until it has, through any further cancellations (a second Ctrl-C),
+    before passing the first one on: until then the thread still uses the
+    copier, its buffers and its connections, and the caller must not go on
+    as if it had stopped."""
     import asyncio
-    while not fut.done():
-        try:
-            await asyncio.wait({fut})
-        except asyncio.CancelledError:
-            continue
-    fut.exception()   # retrieved, so not logged: the caller gets the cancellation
+    try:
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=PROGRESS_INTERVAL if tick else None)
+            if tick is not None:
+                tick()
+            if done:
+                return fut.result()
+    except BaseException:
+        stop()
+        while not fut.done():
+            try:
+                await asyncio.wait({fut})
+            except asyncio.CancelledError:
+                continue
+        fut.exception()   # retrieved, so not logged: the caller gets the cancellation
+        raise
 
 
 async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
@@ -205,25 +223,13 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
         None, _open, src, dst, connections, requests, request_size, bitmap, allocated,
         destination_is_zero, flush, threads, zero_detect, force_multi_conn, extents_from, rate)
     try:
-        fut = loop.run_in_executor(None, copier.run)
-        try:
-            while True:
-                done, _ = await asyncio.wait({fut}, timeout=PROGRESS_INTERVAL)
-                if progress is not None:
-                    progress(_snapshot(copier, start))
-                if done:
-                    break
-        except BaseException:
-            # cancelled, or the progress callback raised: stop the engine and
-            # let in-flight requests drain before passing it on
-            copier.cancel()
-            await _drain(fut)
-            raise
-        fut.result()
+        await _in_thread(loop.run_in_executor(None, copier.run), copier.cancel,
+                         (lambda: progress(_snapshot(copier, start))) if progress else None)
         result = _snapshot(copier, start)
     finally:
         copier.close()
     if verify:
-        await loop.run_in_executor(None, _verify, src, dst, result)
+        stop = threading.Event()
+        await _in_thread(loop.run_in_executor(None, _verify, src, dst, result, stop), stop.set)
     result.seconds = time.monotonic() - start
     return result
