@@ -573,7 +573,8 @@ def test_disk_bandwidth_caps_the_disk_copy(lab, how):
     else:
         lab.ok(lab.migrate("--storage-engine", how, *args))
     took = time.monotonic() - t0
-    assert took >= 1.6, f"8 MiB at 4 MiB/s moved in {took:.2f} s"
+    # 2 s, less the 100 ms the engine (and QEMU's rate limit, one slice) may run ahead
+    assert took >= 1.85, f"8 MiB at 4 MiB/s moved in {took:.2f} s"
     if how == "presync":
         lab.ok(lab.vmferry("stop", "web1", "--force"))
     else:
