@@ -31,6 +31,9 @@
 #define ZERO_MAX        (256ULL * 1024 * 1024)
 #define ZERO_BLOCK      (64 * 1024)     /* granularity of zero detection */
 #define DRAIN_TIMEOUT_MS 10000
+/* How far ahead of the rate a copy may issue: enough to keep a few requests
+ * in flight on every lane, small enough that a limit holds over a second. */
+#define RATE_AHEAD_NS   (100LL * 1000 * 1000)
 
 enum { RUNNING = 0, STOP_ERROR = 1, STOP_CANCEL = 2 };
 
@@ -63,6 +66,7 @@ struct worker {
   bool out_of_work;
   struct pollfd *pfds;
   struct rw **pfd_rw;
+  long long rate_wake_ns;     /* the rate limit holds issuing until then; 0: no */
 };
 
 struct vf_copy {
@@ -77,6 +81,10 @@ struct vf_copy {
   uint64_t next_offset, range_size;
   int stop;                   /* RUNNING / STOP_*; atomic */
   int wakefd;
+  /* The rate limit (GCRA): the instant, in ns, at which every byte granted
+   * so far is paid for at cfg.rate.  Workers share it through one CAS per
+   * request rather than a lock. */
+  uint64_t rate_paid_ns;
   bool ran;
   char *created_path;         /* destination file this copy created */
   struct vf_error err;
@@ -341,6 +349,37 @@ read_done(struct command *cmd, int err)
   command_put(cmd);
 }
 
+/* ---- rate limit ------------------------------------------------------- */
+
+static long long
+now_ns(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Grants n bytes and returns 0, or returns how many ns to wait first.  A
+ * request may go while the bytes granted before it are paid for no further
+ * than RATE_AHEAD_NS from now, so idle time builds no burst beyond that. */
+static long long
+rate_take(struct vf_copy *c, uint64_t n)
+{
+  if (c->cfg.rate == 0)
+    return 0;
+  uint64_t cost = (uint64_t)((unsigned __int128)n * 1000000000u / c->cfg.rate);
+  uint64_t paid = __atomic_load_n(&c->rate_paid_ns, __ATOMIC_RELAXED);
+  for (;;) {
+    uint64_t now = (uint64_t)now_ns();
+    uint64_t from = paid > now ? paid : now;
+    if (from - now > (uint64_t)RATE_AHEAD_NS)
+      return (long long)(from - now - RATE_AHEAD_NS);
+    if (__atomic_compare_exchange_n(&c->rate_paid_ns, &paid, from + cost, false,
+                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+      return 0;
+  }
+}
+
 /* ---- planning --------------------------------------------------------- */
 
 /* Fetch the extents of the next work range into w->ext.  False when the
@@ -405,6 +444,7 @@ fill(struct worker *w)
 {
   struct vf_copy *c = w->c;
 
+  w->rate_wake_ns = 0;
   while (!stopping(c) && !w->out_of_work) {
     if (w->ext_i >= w->ext.len) {
       if (!next_range(w)) {
@@ -426,15 +466,29 @@ fill(struct worker *w)
       struct lane *l = pick_lane(w, e->type == EXT_DATA);
       if (l == NULL)
         return;
-      if (e->type == EXT_ZERO) {
+      bool zero = e->type == EXT_ZERO;
+      if (zero) {
         len = left < ZERO_MAX ? left : ZERO_MAX;
-        issue_zero(l, off, len);
+        /* zeroes written as data are paced in pieces, not one lump */
+        if (!l->dst->can_zero && c->cfg.rate && len > ZERO_BUFFER_SIZE)
+          len = ZERO_BUFFER_SIZE;
       } else {
         /* End requests on request-size boundaries so every later request
          * is aligned whatever the extent boundaries were. */
         len = c->request_size - off % c->request_size;
         if (len > left)
           len = left;
+      }
+      if (!zero || !l->dst->can_zero) {
+        long long wait = rate_take(c, len);
+        if (wait > 0) {
+          w->rate_wake_ns = now_ns() + wait;
+          return;
+        }
+      }
+      if (zero) {
+        issue_zero(l, off, len);
+      } else {
         struct buffer *b = buffer_get(l);
         if (b == NULL) {
           fail(c, VF_ERR_IO, ENOMEM, "out of memory for copy buffers");
@@ -475,9 +529,7 @@ in_flight(struct worker *w)
 static long long
 now_ms(void)
 {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+  return now_ns() / 1000000;
 }
 
 /* Wait for any connection to be ready and let libnbd handle it (which runs
@@ -492,6 +544,10 @@ wait_events(struct worker *w, long long drain_deadline)
   if (drain_deadline == 0) {
     w->pfds[n] = (struct pollfd){ .fd = c->wakefd, .events = POLLIN };
     w->pfd_rw[n++] = NULL;
+    if (w->rate_wake_ns) {
+      long long ns = w->rate_wake_ns - now_ns();
+      timeout = ns > 0 ? (int)((ns + 999999) / 1000000) : 0;
+    }
   } else {
     timeout = (int)(drain_deadline - now_ms());
     if (timeout <= 0)
@@ -509,7 +565,9 @@ wait_events(struct worker *w, long long drain_deadline)
       }
     }
   }
-  if (n == first_rw)   /* commands in flight, but no connection alive */
+  /* commands in flight, but no connection alive (only the rate limit may
+   * have a worker wait with nothing in flight) */
+  if (n == first_rw && (drain_deadline || !w->rate_wake_ns))
     return false;
   if (poll(w->pfds, n, timeout) == -1) {
     if (errno == EINTR)

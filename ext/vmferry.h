@@ -60,6 +60,12 @@ struct vf_copy_config {
   int force_multi_conn;       /* several connections even without multi-conn:
                                  for callers that know one server process
                                  (e.g. one QEMU) serves them all */
+  uint64_t rate;              /* bytes per second for all connections
+                                 together; 0: unlimited.  Data counts as it
+                                 is read (zero blocks found in it too), zero
+                                 extents only where the destination cannot
+                                 zero and gets written zeroes; skipped
+                                 extents and block status are free. */
 };
 
 /* Live counters; readable at any time from another thread. */
@@ -82,6 +88,8 @@ int vf_copy_run(struct vf_copy *c, struct vf_error *err);
 void vf_copy_cancel(struct vf_copy *c);
 void vf_copy_counters(struct vf_copy *c, struct vf_counters *out);
 unsigned vf_copy_connections(const struct vf_copy *c);
+/* Frees c.  Never while vf_copy_run(c) runs: its threads use c to the end
+ * (cancel, and close after run returns; the binding's Copier enforces it). */
 void vf_copy_close(struct vf_copy *c);
 
 /* One endpoint for synchronous I/O into and out of caller-owned buffers. */

@@ -309,6 +309,139 @@ def test_copy_async_cancel(vmferry, workdir, nbdkit):
     assert reads() == n, "the copy kept reading after its task was cancelled"
 
 
+def test_copy_async_rate(vmferry, workdir, nbdkit):
+    """rate=16M: 48 MiB of data take about 3 s over four connections, and arrive whole."""
+    size = 48 * MiB
+    src_file = make_image(workdir / "src.raw", size, "random", seed=53)
+    src = nbdkit("file", str(src_file), readonly=True)
+    dst = nbdkit("memory", f"size={size}")
+
+    async def main():
+        t0 = time.monotonic()
+        r = await vmferry.copy_async(src.uri, dst.uri, connections=4, rate="16M")
+        return r, time.monotonic() - t0
+
+    r, took = run_async(main)
+    check_counters(r, size)
+    assert took >= 2.5, f"48 MiB at 16 MiB/s took only {took:.2f} s"
+    assert took < 10, f"48 MiB at 16 MiB/s took {took:.2f} s"
+    assert_same(src_file, dst.uri)
+    with pytest.raises(vmferry.UsageError, match="rate"):
+        vmferry.copy(src.uri, dst.uri, rate=0)
+
+
+def test_copy_async_cancelled_twice_waits_for_the_engine(vmferry, workdir, nbdkit,
+                                                         monkeypatch):
+    """Two Ctrl-C's in quick succession: the task ends only after the engine has drained
+    and its copier is closed (the half-made destination file is gone), never while the
+    engine's threads still use it."""
+    from vmferry import _engine
+    src = nbdkit("pattern", "size=1G", "rdelay=500ms", filters=["delay"])
+    dst = workdir / "new.raw"
+    runs = []
+
+    class Watched(_engine.Copier):
+        def run(self):
+            runs.append(self)
+            try:
+                super().run()
+            finally:
+                self.returned = True
+
+    monkeypatch.setattr(_engine, "Copier", Watched)
+
+    async def main():
+        task = asyncio.create_task(vmferry.copy_async(src.uri, str(dst)))
+        seen = {}
+        task.add_done_callback(lambda t: seen.update(
+            returned=bool(runs) and getattr(runs[0], "returned", False),
+            dst_left=dst.exists()))
+        await wait_for_async(lambda: runs and dst.exists(), "the copy to start")
+        await asyncio.sleep(0.2)          # reads are in flight for another 300 ms
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done, "the twice-cancelled copy had not ended 10 s later"
+        with pytest.raises(asyncio.CancelledError):
+            task.result()
+        return seen
+
+    seen = run_async(main, timeout=45)
+    assert seen["returned"], "copy_async ended while the engine was still running"
+    assert not seen["dst_left"], "the copier was not closed when copy_async ended"
+    with pytest.raises(vmferry.UsageError):
+        runs[0].counters()
+
+
+async def wait_for_async(predicate, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_copy_async_cancelled_while_verifying(vmferry, workdir, nbdkit):
+    """A task cancelled during verify=True stops reading back: nothing more is read
+    once it has ended."""
+    size = 32 * MiB
+    src = nbdkit("pattern", f"size={size}")
+    log = workdir / "dst.log"
+    dst = nbdkit("memory", f"size={size}", "rdelay=300ms", f"logfile={log}",
+                 filters=["log", "delay"])
+
+    def reads():
+        return sum(1 for r in read_nbdkit_log(log)[1] if r.op == "Read")
+
+    async def main():
+        task = asyncio.create_task(vmferry.copy_async(src.uri, dst.uri, verify=True))
+        await wait_for_async(lambda: reads() > 0, "the read-back to start")
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done, "the cancelled verification had not ended 10 s later"
+        with pytest.raises(asyncio.CancelledError):
+            task.result()
+        return reads()
+
+    n = run_async(main)
+    time.sleep(1.0)
+    assert reads() == n, "the read-back went on after the task had ended"
+
+
+def test_copier_close_from_another_thread_during_run(vmferry, nbdkit):
+    """close() while run() works cancels the run; the copier is freed once it returns."""
+    from vmferry import _engine
+    src = nbdkit("pattern", "size=64G", "rdelay=200ms", filters=["delay"])
+    c = _engine.Copier(src.uri, "null:")
+    closer = threading.Timer(0.5, c.close)
+    closer.start()
+    t0 = time.monotonic()
+    with pytest.raises(vmferry.Cancelled):
+        c.run()
+    assert time.monotonic() - t0 < 5
+    closer.join()
+    with pytest.raises(vmferry.UsageError, match="closed"):
+        c.counters()
+    c.close()                               # a second close is harmless
+
+
+def test_endpoint_close_during_a_read(vmferry, nbdkit):
+    """Closing an Endpoint while another thread reads lets the read finish first."""
+    src = nbdkit("pattern", "size=1M", "rdelay=500ms", filters=["delay"])
+    ep = vmferry.Endpoint(src.uri)
+    buf = bytearray(4096)
+    reader = threading.Thread(target=ep.pread_into, args=(buf, 8))
+    reader.start()
+    time.sleep(0.2)
+    ep.close()
+    reader.join(10)
+    assert not reader.is_alive()
+    # nbdkit's pattern plugin: each 8-byte word holds its own offset, big-endian
+    assert buf[:8] == (8).to_bytes(8, "big"), "the read did not complete"
+    with pytest.raises(vmferry.UsageError, match="closed"):
+        ep.pread_into(buf, 0)
+
+
 # --------------------------------------------------------------------------- Endpoint
 
 def test_endpoint_nbd_read_write(vmferry, workdir, nbdkit):

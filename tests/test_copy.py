@@ -7,6 +7,7 @@ byte, so a copy that skips zeroing where the source is zero (or a hole) is caugh
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -300,6 +301,19 @@ def test_counters_match_source_shape(workdir, nbdkit):
     assert done["bytes_written"] + done["bytes_zeroed"] == size, done
     assert done["bytes_zeroed"] >= 4 * MiB, f"an 8 MiB hole was not zeroed as zero: {done}"
     assert done["bytes_read"] <= 12 * MiB, f"the 8 MiB hole was read: {done}"
+    assert_same(src_file, dst.uri)
+
+
+def test_bandwidth_caps_the_copy(workdir, nbdkit):
+    """--bandwidth 4 over four connections: 6 MiB of data take about 1.5 s, not less."""
+    size = 6 * MiB
+    src_file = make_image(workdir / "src.raw", size, "random", seed=52)
+    src = nbdkit("file", str(src_file), readonly=True)
+    dst = nbdkit("memory", f"size={size}")
+    t0 = time.monotonic()
+    copy_ok("--bandwidth", "4", "--connections", "4", src.uri, dst.uri)
+    took = time.monotonic() - t0
+    assert took >= 1.3, f"6 MiB at 4 MiB/s took only {took:.2f} s"
     assert_same(src_file, dst.uri)
 
 

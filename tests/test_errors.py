@@ -47,6 +47,9 @@ def test_malformed_uri(workdir, uri, side):
     ["--connections", "0"],
     ["--connections", "many"],
     ["--requests", "0"],
+    ["--bandwidth", "0"],
+    ["--bandwidth", "-16"],
+    ["--bandwidth", "fast"],
     ["--progress=xml"],
     ["--frobnicate"],
 ], ids=lambda f: " ".join(f))
@@ -55,6 +58,14 @@ def test_bad_flags(workdir, flags):
     cp = run_vmferry("copy", *flags, src, workdir / "out.raw")
     assert_cli_error(cp, 2)
     assert not (workdir / "out.raw").exists(), "a usage error still created the destination"
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "lots", "1.5"])
+@pytest.mark.parametrize("command", ["migrate", "presync"])
+def test_bad_disk_bandwidth(workdir, command, value):
+    cp = run_vmferry("--state-dir", workdir / "state", command, "vm1",
+                     f"local://{workdir}/dest", "--disk-bandwidth", value)
+    assert "--disk-bandwidth" in assert_cli_error(cp, 2)
 
 
 def test_missing_destination_argument(workdir):

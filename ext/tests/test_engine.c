@@ -4,11 +4,13 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vmferry.h"
@@ -186,6 +188,66 @@ test_cancel_and_null(void)
   CHECK(run_copy(&null, &err, &n) == 0 && n.written > 0, "null: %s", err.msg);
 }
 
+static double
+seconds_since(const struct timespec *t0)
+{
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)(t.tv_sec - t0->tv_sec) + (t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static void *
+cancel_soon(void *c)
+{
+  usleep(200 * 1000);
+  vf_copy_cancel(c);
+  return NULL;
+}
+
+/* 6 MiB of data at 8 MiB/s over four connections in two threads, which share
+ * one limit: at least 0.75 s less the 0.1 s the engine may issue ahead. */
+static void
+test_rate_limit(void)
+{
+  const size_t size = 6 << 20;
+  char *data = malloc(size);
+  for (size_t i = 0; i < size; i++)
+    data[i] = (char)(i % 251 + 1);
+  int fd = open(path("dense"), O_CREAT | O_TRUNC | O_WRONLY, 0644);
+  if (write(fd, data, size) != (ssize_t)size)
+    abort();
+  close(fd);
+  free(data);
+
+  struct vf_error err = { 0 };
+  struct vf_counters n;
+  struct vf_copy_config cfg = { .src = path("dense"), .dst = path("paced"),
+                                .connections = 4, .threads = 2,
+                                .request_size = 64 << 10, .rate = 8 << 20 };
+  unlink(path("paced"));
+  struct timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  CHECK(run_copy(&cfg, &err, &n) == 0, "%s", err.msg);
+  double took = seconds_since(&t0);
+  CHECK(took >= 0.6, "6 MiB at 8 MiB/s took only %.2f s", took);
+  CHECK(took < 5, "6 MiB at 8 MiB/s took %.2f s", took);
+  expect_same(path("dense"), path("paced"));
+
+  /* a copy waiting on its limit (here: hours for the second request) still
+   * stops at once when cancelled */
+  cfg.dst = "null:";
+  cfg.rate = 1024;
+  struct vf_copy *c = vf_copy_open(&cfg, &err);
+  CHECK(c != NULL, "%s", err.msg);
+  pthread_t canceller;
+  pthread_create(&canceller, NULL, cancel_soon, c);
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  CHECK(vf_copy_run(c, &err) == -1 && err.kind == VF_ERR_CANCELLED, "%s", err.msg);
+  CHECK(seconds_since(&t0) < 2, "a cancelled paced copy took %.2f s", seconds_since(&t0));
+  pthread_join(canceller, NULL);
+  vf_copy_close(c);
+}
+
 static void
 test_nbd(const char *uri)
 {
@@ -272,6 +334,7 @@ main(int argc, char **argv)
     test_destination_is_zero_and_allocated();
     test_bad_input();
     test_cancel_and_null();
+    test_rate_limit();
   }
   char cmd[300];
   snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

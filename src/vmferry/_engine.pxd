@@ -36,6 +36,7 @@ cdef extern from "vmferry.h" nogil:
         int flush
         int no_zero_detect
         int force_multi_conn
+        uint64_t rate
 
     struct vf_counters:
         uint64_t total

@@ -35,8 +35,61 @@ DEFAULT_REQUEST_SIZE = VF_DEFAULT_REQUEST_SIZE
 DEFAULT_BUFFER_BYTES = VF_DEFAULT_BUFFER_BYTES
 
 
-cdef class Copier:
+cdef class _InUse:
+    """Frees its C object only when no call into it is running.
+
+    close() may come from any thread while run() or an I/O call still works
+    in the C object without the GIL (a second Ctrl-C, a cancelled task, a
+    callback); freeing it then would pull the memory from under that call.
+    Calls that release the GIL hold an "active" count instead, and close()
+    during one only interrupts it and leaves the free to the last of them
+    (as uvloop's handles do).  The count changes only with the GIL held.
+    __dealloc__ cannot race a call: the call holds a reference to self.
+    """
+    cdef unsigned _active
+    cdef bint _closing
+
+    cdef int _check(self) except -1:
+        if self._closing or not self._alive():
+            raise errors.UsageError(self._closed_message())
+        return 0
+
+    cdef int _enter(self) except -1:
+        self._check()
+        self._active += 1
+        return 0
+
+    cdef void _leave(self):
+        self._active -= 1
+        if self._closing and self._active == 0:
+            self._free()
+
+    def close(self):
+        """Release the C object now, or at the end of the call still using it
+        (which is asked to stop first)."""
+        self._closing = True
+        if self._active:
+            self._interrupt()
+        else:
+            self._free()
+
+    cdef bint _alive(self):
+        return False
+
+    cdef void _interrupt(self):
+        pass
+
+    cdef void _free(self):
+        pass
+
+    cdef str _closed_message(self):
+        return "closed"
+
+
+cdef class Copier(_InUse):
     """One copy: open() connects and checks, run() moves the data.
+
+    rate: bytes per second for the whole copy, 0 for no limit.
 
     run() blocks without the GIL; counters() and cancel() may be called
     from any other thread meanwhile.
@@ -49,7 +102,8 @@ cdef class Copier:
                   unsigned request_size=0, unsigned long long buffer_bytes=0,
                   str bitmap=None, str extents_from=None, bint allocated=False,
                   bint destination_is_zero=False, bint flush=False,
-                  bint zero_detect=True, bint force_multi_conn=False):
+                  bint zero_detect=True, bint force_multi_conn=False,
+                  unsigned long long rate=0):
         cdef vf_copy_config cfg
         cdef vf_error err
         memset(&cfg, 0, sizeof(cfg))
@@ -73,6 +127,7 @@ cdef class Copier:
         cfg.flush = flush
         cfg.no_zero_detect = not zero_detect
         cfg.force_multi_conn = force_multi_conn
+        cfg.rate = rate
         with nogil:
             self._c = vf_copy_open(&cfg, &err)
         if self._c == NULL:
@@ -82,9 +137,12 @@ cdef class Copier:
         cdef vf_error err
         cdef int r
         memset(&err, 0, sizeof(err))
-        self._check()
-        with nogil:
-            r = vf_copy_run(self._c, &err)
+        self._enter()
+        try:
+            with nogil:
+                r = vf_copy_run(self._c, &err)
+        finally:
+            self._leave()
         if r == -1:
             _raise(&err)
 
@@ -104,23 +162,28 @@ cdef class Copier:
         self._check()
         return vf_copy_connections(self._c)
 
-    def close(self):
+    cdef bint _alive(self):
+        return self._c != NULL
+
+    cdef void _interrupt(self):
+        vf_copy_cancel(self._c)
+
+    cdef void _free(self):
         cdef vf_copy *c = self._c
         self._c = NULL
         if c != NULL:
             with nogil:
                 vf_copy_close(c)
 
-    cdef _check(self):
-        if self._c == NULL:
-            raise errors.UsageError("this copy is closed")
+    cdef str _closed_message(self):
+        return "this copy is closed"
 
     def __dealloc__(self):
         if self._c != NULL:
             vf_copy_close(self._c)
 
 
-cdef class Endpoint:
+cdef class Endpoint(_InUse):
     """An NBD server, file or block device for synchronous I/O.
 
     Reads go straight into the caller's buffer and writes straight from
@@ -142,9 +205,18 @@ cdef class Endpoint:
         if self._ep == NULL:
             _raise(&err)
 
-    cdef _check(self):
-        if self._ep == NULL:
-            raise errors.UsageError(f"endpoint {self.uri} is closed")
+    cdef bint _alive(self):
+        return self._ep != NULL
+
+    cdef void _free(self):
+        cdef vf_endpoint *ep = self._ep
+        self._ep = NULL
+        if ep != NULL:
+            with nogil:
+                vf_endpoint_close(ep)
+
+    cdef str _closed_message(self):
+        return f"endpoint {self.uri} is closed"
 
     @property
     def size(self) -> int:
@@ -156,12 +228,15 @@ cdef class Endpoint:
         cdef Py_buffer view
         cdef vf_error err
         cdef int r
-        self._check()
         memset(&err, 0, sizeof(err))
         PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
         try:
-            with nogil:
-                r = vf_endpoint_pread(self._ep, view.buf, view.len, offset, &err)
+            self._enter()
+            try:
+                with nogil:
+                    r = vf_endpoint_pread(self._ep, view.buf, view.len, offset, &err)
+            finally:
+                self._leave()
         finally:
             PyBuffer_Release(&view)
         if r == -1:
@@ -177,12 +252,15 @@ cdef class Endpoint:
         cdef Py_buffer view
         cdef vf_error err
         cdef int r
-        self._check()
         memset(&err, 0, sizeof(err))
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
         try:
-            with nogil:
-                r = vf_endpoint_pwrite(self._ep, view.buf, view.len, offset, &err)
+            self._enter()
+            try:
+                with nogil:
+                    r = vf_endpoint_pwrite(self._ep, view.buf, view.len, offset, &err)
+            finally:
+                self._leave()
         finally:
             PyBuffer_Release(&view)
         if r == -1:
@@ -191,29 +269,28 @@ cdef class Endpoint:
     def zero(self, unsigned long long offset, unsigned long long length):
         cdef vf_error err
         cdef int r
-        self._check()
         memset(&err, 0, sizeof(err))
-        with nogil:
-            r = vf_endpoint_zero(self._ep, length, offset, &err)
+        self._enter()
+        try:
+            with nogil:
+                r = vf_endpoint_zero(self._ep, length, offset, &err)
+        finally:
+            self._leave()
         if r == -1:
             _raise(&err)
 
     def flush(self):
         cdef vf_error err
         cdef int r
-        self._check()
         memset(&err, 0, sizeof(err))
-        with nogil:
-            r = vf_endpoint_flush(self._ep, &err)
+        self._enter()
+        try:
+            with nogil:
+                r = vf_endpoint_flush(self._ep, &err)
+        finally:
+            self._leave()
         if r == -1:
             _raise(&err)
-
-    def close(self):
-        cdef vf_endpoint *ep = self._ep
-        self._ep = NULL
-        if ep != NULL:
-            with nogil:
-                vf_endpoint_close(ep)
 
     def __enter__(self):
         return self

@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from vmferry import _engine
-from vmferry.errors import Cancelled, UsageError
+from vmferry.errors import UsageError
 from vmferry.units import parse_size
 
 # How often progress callbacks run while a copy is going.
 PROGRESS_INTERVAL = 0.2
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -67,17 +69,21 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
           request_size: Optional[int | str], bitmap: Optional[str], allocated: bool,
           destination_is_zero: bool, flush: bool, threads: Optional[int],
           zero_detect: bool, force_multi_conn: bool = False,
-          extents_from: Optional[str] = None) -> "_engine.Copier":
+          extents_from: Optional[str] = None,
+          rate: Optional[int | str] = None) -> "_engine.Copier":
     for name, value in (("connections", connections), ("requests", requests),
                         ("threads", threads)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1, not {value}")
     rsize = parse_size(request_size, "request size") if request_size is not None else 0
+    bps = parse_size(rate, "rate") if rate is not None else 0
+    if rate is not None and bps <= 0:
+        raise UsageError(f"rate must be a positive number of bytes per second, not {rate}")
     return _engine.Copier(
         str(src), str(dst), connections=connections or 0, threads=threads or 0,
         requests=requests or 0, request_size=rsize, bitmap=bitmap,
         extents_from=extents_from, allocated=allocated, destination_is_zero=destination_is_zero,
-        flush=flush, zero_detect=zero_detect, force_multi_conn=force_multi_conn)
+        flush=flush, zero_detect=zero_detect, force_multi_conn=force_multi_conn, rate=bps)
 
 
 def _wait_uninterrupted(event: threading.Event) -> None:
@@ -90,9 +96,10 @@ def _wait_uninterrupted(event: threading.Event) -> None:
             continue
 
 
-def _verify(src: str, dst: str, result: CopyResult) -> None:
+def _verify(src: str, dst: str, result: CopyResult,
+            stop: Optional[threading.Event] = None) -> None:
     from vmferry.verify import compare
-    result.checksum = compare(src, dst, result.bytes_total)
+    result.checksum = compare(src, dst, result.bytes_total, stop)
     result.verified = True
 
 
@@ -101,13 +108,17 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
          bitmap: Optional[str] = None, allocated: bool = False,
          destination_is_zero: bool = False, flush: bool = False, verify: bool = False,
          progress: Optional[ProgressFn] = None, threads: Optional[int] = None,
-         zero_detect: bool = True, extents_from: Optional[str] = None) -> CopyResult:
+         zero_detect: bool = True, extents_from: Optional[str] = None,
+         rate: Optional[int | str] = None) -> CopyResult:
     """Copy src to dst and return what moved.
 
     src and dst are NBD URIs (nbd://, nbds://, nbd+unix://), paths, or
     null: (destination only).  A missing destination file is created with
     the source's size.  extents_from: an NBD URI whose block status (with
-    BITMAP) says what to copy while the bytes are read from SRC.  Raises a vmferry.VmferryError subclass on failure;
+    BITMAP) says what to copy while the bytes are read from SRC.  rate: bytes
+    per second for all connections together (a size: "16M"), None for no
+    limit; data counts as it is read, zero ranges only when sent as written
+    zeroes, skipped ranges not at all.  Raises a vmferry.VmferryError subclass on failure;
     KeyboardInterrupt cancels the copy cleanly and is re-raised.
     """
     if verify and dst == "null:":
@@ -115,7 +126,7 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
     start = time.monotonic()
     copier = _open(src, dst, connections, requests, request_size, bitmap, allocated,
                    destination_is_zero, flush, threads, zero_detect,
-                   extents_from=extents_from)
+                   extents_from=extents_from, rate=rate)
     failure: list[BaseException] = []
     # An Event, not Thread.join(): a join interrupted by Ctrl-C may later
     # return while the thread still runs, and the engine must never be
@@ -156,6 +167,34 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
     return result
 
 
+async def _in_thread(fut: "asyncio.Future[T]", stop: Callable[[], None],
+                    tick: Optional[Callable[[], None]] = None) -> T:
+    """The result of FUT, work in an executor thread, calling TICK meanwhile.
+
+    When cancelled (or TICK raises), STOP() asks the work to end and this
+    waits until it has, through any further cancellations (a second Ctrl-C),
+    before passing the first one on: until then the thread still uses the
+    copier, its buffers and its connections, and the caller must not go on
+    as if it had stopped."""
+    import asyncio
+    try:
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=PROGRESS_INTERVAL if tick else None)
+            if tick is not None:
+                tick()
+            if done:
+                return fut.result()
+    except BaseException:
+        stop()
+        while not fut.done():
+            try:
+                await asyncio.wait({fut})
+            except asyncio.CancelledError:
+                continue
+        fut.exception()   # retrieved, so not logged: the caller gets the cancellation
+        raise
+
+
 async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      requests: Optional[int] = None,
                      request_size: Optional[int | str] = None,
@@ -165,7 +204,8 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      threads: Optional[int] = None,
                      zero_detect: bool = True,
                      force_multi_conn: bool = False,
-                     extents_from: Optional[str] = None) -> CopyResult:
+                     extents_from: Optional[str] = None,
+                     rate: Optional[int | str] = None) -> CopyResult:
     """copy() for asyncio: never blocks the loop; cancelling the task
     cancels the copy and waits for in-flight requests to drain.
     force_multi_conn: open several connections even where a server does not
@@ -181,28 +221,15 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
     start = time.monotonic()
     copier = await loop.run_in_executor(
         None, _open, src, dst, connections, requests, request_size, bitmap, allocated,
-        destination_is_zero, flush, threads, zero_detect, force_multi_conn, extents_from)
+        destination_is_zero, flush, threads, zero_detect, force_multi_conn, extents_from, rate)
     try:
-        fut = loop.run_in_executor(None, copier.run)
-        try:
-            while True:
-                done, _ = await asyncio.wait({fut}, timeout=PROGRESS_INTERVAL)
-                if progress is not None:
-                    progress(_snapshot(copier, start))
-                if done:
-                    break
-        except asyncio.CancelledError:
-            copier.cancel()
-            try:
-                await asyncio.shield(fut)
-            except Cancelled:
-                pass
-            raise
-        fut.result()
+        await _in_thread(loop.run_in_executor(None, copier.run), copier.cancel,
+                         (lambda: progress(_snapshot(copier, start))) if progress else None)
         result = _snapshot(copier, start)
     finally:
         copier.close()
     if verify:
-        await loop.run_in_executor(None, _verify, src, dst, result)
+        stop = threading.Event()
+        await _in_thread(loop.run_in_executor(None, _verify, src, dst, result, stop), stop.set)
     result.seconds = time.monotonic() - start
     return result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 from vmferry.errors import UsageError
 
@@ -16,6 +17,15 @@ def parse_size(text: str | int, what: str = "size") -> int:
     if not m:
         raise UsageError(f"{what} {text!r} is not a size: use a number with an optional K, M, G or T")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def mib_per_second(value: Optional[int], flag: str) -> int:
+    """A bandwidth option in MiB/s as bytes per second; 0 for None (no limit)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"{flag} must be a positive whole number of MiB/s, not {value!r}")
+    return value << 20
 
 
 def format_size(n: float) -> str:

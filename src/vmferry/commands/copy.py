@@ -5,7 +5,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from vmferry.progress import make_reporter
-from vmferry.units import format_size, parse_size
+from vmferry.units import format_size, mib_per_second, parse_size
 
 if TYPE_CHECKING:
     from vmferry.copying import CopyResult
@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="DST already reads as zeroes: skip zero ranges")
     p.add_argument("--no-zero-detect", action="store_true",
                    help="don't scan read data for zero blocks")
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s",
+                   help="cap the copy at this rate, all connections together "
+                        "(default: unlimited)")
     p.add_argument("--flush", action="store_true", help="flush DST when done")
     p.add_argument("--verify", action="store_true",
                    help="read both sides back and compare checksums")
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from vmferry.copying import copy     # the engine loads only for commands that copy
     reporter = make_reporter(args.progress)
     rsize = parse_size(args.request_size, "--request-size") if args.request_size else None
+    rate = mib_per_second(args.bandwidth, "--bandwidth") or None
     try:
         result = copy(args.src, args.dst, connections=args.connections,
                       requests=args.requests, request_size=rsize, bitmap=args.bitmap,
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                       destination_is_zero=args.destination_is_zero, flush=args.flush,
                       verify=args.verify, threads=args.threads,
                       zero_detect=not args.no_zero_detect, extents_from=args.extents_from,
+                      rate=rate,
                       progress=lambda snap: reporter.update(snap.as_event("progress")))
     finally:
         reporter.close()

@@ -95,6 +95,9 @@ def add_disk_options(p: argparse.ArgumentParser, verb: str) -> None:
                    "(its disk and serial paths are used)")
     p.add_argument("--create-disks", action="store_true",
                    help="create missing destination images with the right size and format")
+    p.add_argument("--disk-bandwidth", type=int, metavar="MiB/s",
+                   help="cap each disk's copy at this rate, as libvirt caps each disk's "
+                        "mirror: N disks may move N times as much (default: unlimited)")
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,6 +107,7 @@ def common_options(args: argparse.Namespace) -> dict[str, Any]:
         else None,
         disk_map=parse_disk_map(args.disk_map), dest_spec=args.dest_spec,
         create_disks=args.create_disks, overwrite_disks=args.overwrite_disks, tls=args.tls,
+        disk_bandwidth=args.disk_bandwidth,
         pki_dir=args.pki, listen_address=args.listen_address, disks_uri=args.disks_uri)
 
 
@@ -268,6 +272,8 @@ def jobinfo(args: argparse.Namespace) -> int:
         ("File processed", format_size(info.disk_processed)),
         ("File remaining", format_size(info.disk_remaining)),
         ("File total", format_size(info.disk_total)),
+        ("File bandwidth cap", f"{format_size(info.disk_bandwidth)}/s per disk"
+         if info.disk_bandwidth else "unlimited"),
         ("Expected downtime", f"{info.expected_downtime_ms} ms"),
         ("Downtime limit", f"{info.downtime_limit_ms} ms"),
     ]

@@ -349,6 +349,7 @@ class Migration:
         mon.phase = "perform"
         self._on_undo("roll back source", lambda: source.rollback(mon, self.was_running))
         self.info.storage_engine = self.opts.storage_engine
+        self.info.disk_bandwidth = self.opts.disk_rate()
         if self.prepared.tls_dir:
             self._record("tls-object")
             await source.add_tls(mon, self.prepared.tls_dir)
@@ -358,7 +359,8 @@ class Migration:
             sync = "top" if self.opts.copy_storage == "inc" else "full"
             self._record("mirror")
             undo: list = []
-            await source.start_mirrors(mon, self.disks, self.prepared, sync, undo)
+            await source.start_mirrors(mon, self.disks, self.prepared, sync, undo,
+                                       speed=self.opts.disk_rate())
             await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
                                             self._deadline_for_storage())
         if self.native is not None:
@@ -396,7 +398,7 @@ class Migration:
             from vmferry.migration import presync
             self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
                                         bitmap=presync.BITMAP, existing=True,
-                                        record=self._record)
+                                        record=self._record, rate=self.opts.disk_rate())
 
             async def forget() -> None:
                 # the destination images changed under the records: next time,
@@ -405,7 +407,7 @@ class Migration:
             self._on_undo("drop presync records", forget)
         else:
             self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
-                                        record=self._record)
+                                        record=self._record, rate=self.opts.disk_rate())
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
         await self.native.start()
         if self.presynced:

@@ -69,7 +69,7 @@ class NativeStats:
 class NativeStorage:
     def __init__(self, mon: Monitor, disks: list[DiskPlan], prepared: Prepared,
                  socket: Path, on_progress: Callable[[CopyResult], None], *,
-                 bitmap: str = BITMAP, existing: bool = False,
+                 bitmap: str = BITMAP, existing: bool = False, rate: int = 0,
                  record: Optional[Callable[..., None]] = None) -> None:
         self.mon = mon
         self.disks = disks
@@ -82,6 +82,10 @@ class NativeStorage:
         # failed migration, with every bit it had).
         self.bitmap = bitmap
         self.existing = existing
+        # bytes/s for each copy (--disk-bandwidth; disks go one after another,
+        # so also for all of them); 0: unlimited.  The paused final pass too:
+        # a link shared with others stays shared during downtime.
+        self.rate = rate
         self.throttled_at: list[int] = []     # bps_wr of each throttle step
         self.devices: dict[str, str] = {}
         self._pass_s = 0.0
@@ -176,6 +180,7 @@ class NativeStorage:
                                     connections=1 if final else tune.get("connections"),
                                     requests=tune.get("requests"),
                                     request_size=tune.get("request_size"),
+                                    rate=self.rate or None,
                                     progress=self.on_progress)
         except VmferryError as e:
             raise MigrationError(f"native copy of {d.node} failed: {e}",

@@ -59,7 +59,8 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
                     info.disk_remaining = info.disk_total - info.disk_processed
                     if progress:
                         progress(info)
-                r = await copy_async(d.path, t.path, progress=on_progress, flush=True)
+                r = await copy_async(d.path, t.path, progress=on_progress, flush=True,
+                                     rate=opts.disk_rate() or None)
                 info.disk_processed = done_before + r.bytes_total
         dest.state.save_spec(dspec)
         if opts.undefine_source:

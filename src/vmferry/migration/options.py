@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from vmferry.errors import UsageError
+from vmferry.units import mib_per_second
 
 
 @dataclasses.dataclass
@@ -31,6 +32,9 @@ class MigrateOptions:
     timeout_action: Optional[str] = None
     # --bandwidth MiB/s (0 or None: unlimited, unlike QEMU's 128 MiB/s default)
     bandwidth: Optional[int] = None
+    # --disk-bandwidth MiB/s: each disk's copy (mirror job or native engine), as
+    # libvirt caps each disk's NBD mirror; None: unlimited
+    disk_bandwidth: Optional[int] = None
     # --max-downtime ms
     max_downtime: Optional[int] = None
     # raise the downtime limit when the remaining data stops shrinking
@@ -83,6 +87,11 @@ class MigrateOptions:
                 parse_tcp_uri(flag, uri)
         if self.bandwidth is not None and self.bandwidth < 0:
             raise UsageError("--bandwidth must not be negative")
+        self.disk_rate()
+
+    def disk_rate(self) -> int:
+        """--disk-bandwidth in bytes per second per disk; 0: unlimited."""
+        return mib_per_second(self.disk_bandwidth, "--disk-bandwidth")
 
 
 def parse_tcp_uri(flag: str, uri: str) -> tuple[str, Optional[int]]:

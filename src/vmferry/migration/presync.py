@@ -183,7 +183,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                 added.append(p.node)      # _copy_disk starts a fresh bitmap
             jr.add("presync-disk", node=p.node, fresh=p.node not in good)
             moved = await _copy_disk(mon, p, p.node in good, targets[p.node], src_sock,
-                                     dest.presync_uri, progress)
+                                     dest.presync_uri, progress, opts.disk_rate())
             stats.bytes_moved += moved
             stats.disks[p.node] = moved
             if p.node in good:
@@ -230,7 +230,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
 
 async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[str, Any],
                      src_sock: Path, uri_of: Callable[[dict], str],
-                     progress: Optional[Callable[[Any], None]]) -> int:
+                     progress: Optional[Callable[[Any], None]], rate: int = 0) -> int:
     """One disk: all of it (recording from before the copy starts), or only
     what the bitmap marked since the last presync."""
     maps = (await _bitmaps(mon)).get(p.node, {})
@@ -258,7 +258,7 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
         r = await copy_async(f"nbd+unix:///{EXPORT}{p.node}?socket={src_sock}",
                              uri_of(target["server"]), bitmap=FROZEN if incremental else None,
                              destination_is_zero=target["created"], flush=True,
-                             force_multi_conn=True, progress=progress)
+                             force_multi_conn=True, progress=progress, rate=rate or None)
     except VmferryError:
         if incremental:   # put the frozen bits back: nothing may be forgotten
             await mon.try_cmd("block-dirty-bitmap-merge", node=p.node,

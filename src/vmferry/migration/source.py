@@ -104,8 +104,9 @@ async def add_tls(mon: Monitor, tls_dir: str) -> None:
 
 
 async def start_mirrors(mon: Monitor, disks: list[DiskPlan], prepared: Any,
-                        sync: str, undo: list) -> None:
-    """Perform, step 1: an NBD client node per disk and a mirror into it."""
+                        sync: str, undo: list, speed: int = 0) -> None:
+    """Perform, step 1: an NBD client node per disk and a mirror into it.
+    speed: bytes per second for each mirror (libvirt's per-disk cap); 0: none."""
     for d in disks:
         node = PREFIX + d.node
         args: dict[str, Any] = {"driver": "nbd", "node-name": node,
@@ -118,7 +119,7 @@ async def start_mirrors(mon: Monitor, disks: list[DiskPlan], prepared: Any,
         # auto-dismiss off: a failed job stays visible with its error text.
         await mon.cmd("blockdev-mirror", **{
             "job-id": node, "device": d.node, "target": node, "sync": sync,
-            "auto-dismiss": False})
+            "auto-dismiss": False, **({"speed": speed} if speed else {})})
         undo.append(("job", node))
 
 

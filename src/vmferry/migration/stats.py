@@ -23,6 +23,7 @@ class JobInfo:
     disk_total: int = 0
     disk_processed: int = 0
     disk_remaining: int = 0
+    disk_bandwidth: int = 0         # bytes/s per disk (--disk-bandwidth); 0: unlimited
     # memory part (query-migrate ram)
     memory_total: int = 0
     memory_processed: int = 0
