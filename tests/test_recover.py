@@ -54,14 +54,13 @@ def _dest_state(lab: Lab) -> str:
         return ""
 
 
+# The moments the issue names; test_faults.py kills at every moment of both
+# engines, these also check every command's notice and a migration after.
 KILL_POINTS = {
     # name: (hold, engine, size MiB, extra args, what must be seen before the kill)
     "before-prepare": ("prepare:60", "mirror", 32, (),
                        lambda lab: lab.job_file().get("phase") == "begin"),
-    "mirror-copy": ("", "mirror", 256, (), _mirror_copying),
     "native-copy": ("", "native", 256, (), _native_copying),
-    "memory": ("", "mirror", 32, ("--bandwidth", "4", "--no-escalate"),
-               lambda lab: lab.qmp("query-migrate").get("status") == "active"),
     "final-pass": ("final-pass:60", "native", 32, (),
                    lambda lab: lab.qmp("query-migrate").get("status") == "pre-switchover"),
 }

@@ -331,8 +331,11 @@ async def stop_vm_async(state: StateDir, name: str, *, timeout: float = 10.0,
     The pidfile and sockets are removed; spec.toml and qemu.log stay (the VM is now
     "stopped").  UsageError if the state directory has no VM NAME.
     """
-    rec = state.load(name)
-    pid, marker = rec.pid, rec.pidfile
+    pid, marker, cli_socket = state.read_pid(name), state.pidfile(name), state.cli_socket(name)
+    if pid is None and not state.exists(name):
+        raise state._unknown(name)
+    # A QEMU killed with its starter may have no spec.toml yet: it is stopped
+    # all the same, by its pidfile.
     if pid is None:
         async with state.alock():
             if state.read_pid(name) is None:
@@ -341,12 +344,12 @@ async def stop_vm_async(state: StateDir, name: str, *, timeout: float = 10.0,
 
     how = ""
     if not force:
-        status = await _qmp_status(rec.cli_socket)
-        if status == "running" and await _qmp_try(rec.cli_socket, "system_powerdown"):
+        status = await _qmp_status(cli_socket)
+        if status == "running" and await _qmp_try(cli_socket, "system_powerdown"):
             if await _wait_exit(pid, marker, timeout):
                 how = "powerdown"
     if not how:
-        await _qmp_try(rec.cli_socket, "quit")
+        await _qmp_try(cli_socket, "quit")
         if await _wait_exit(pid, marker, QUIT_GRACE):
             how = "quit"
     for sig, label in ((signal.SIGTERM, "sigterm"), (signal.SIGKILL, "sigkill")):
