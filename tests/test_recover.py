@@ -184,3 +184,17 @@ def test_recover_all_resolves_each(lab):
     out = lab.ok(lab.vmferry("recover", "--all"))
     assert out.strip() == "rolled back: web1 runs on this host", out
     assert json.loads(lab.ok(lab.vmferry("list", "--json")))[0]["migration"] is None
+
+
+def test_recover_from_python(lab):
+    import vmferry
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "perform:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("Prepare", lambda: lab.dest_pid() is not None
+                 and lab.job_file().get("phase") == "prepare", 60, proc=p)
+    _kill(p)
+    with pytest.raises(vmferry.UsageError, match="interrupted"):
+        vmferry.migrate(lab.A, "web1", f"local://{lab.B}")
+    assert vmferry.recover(lab.A, "web1") == "rolled back: web1 runs on this host"
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)

@@ -82,10 +82,20 @@ async def presync_async(state_dir: "str | os.PathLike[str] | StateDir", name: st
     return await presync_vm_async(state_dir, name, dest, options, progress=progress)
 
 
+def recover(state_dir: "str | os.PathLike[str] | StateDir", name: str) -> str:
+    """Resolve VM `name`'s migration or presync whose process died (see
+    vmferry.migration.recover); returns the line saying where it runs now."""
+    from vmferry.migration.recover import recover as recover_async
+    from vmferry.vm.qmp import run_sync
+    from vmferry.vm.state import StateDir as _StateDir
+    state = state_dir if isinstance(state_dir, _StateDir) else _StateDir(state_dir)
+    return run_sync(recover_async(state, name))
+
+
 __all__ = [
     "copy", "copy_async", "CopyResult", "Endpoint",
     "migrate", "migrate_async", "MigrateOptions", "JobInfo",
-    "presync", "presync_async", "PresyncResult",
+    "presync", "presync_async", "PresyncResult", "recover",
     "VmferryError", "UsageError", "ConnectError", "EndpointError", "CopyError", "VerifyError",
     "Cancelled", "MigrationError",
 ]
