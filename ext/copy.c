@@ -9,6 +9,12 @@
  * read into a buffer and written from that same buffer (split into data and
  * zero requests where zero detection finds zero blocks, never copied), zero
  * extents become zero requests, clean or known-zero extents are skipped.
+ *
+ * Zero-copy lanes (nbd_raw.c, and files) hold no buffers: the destination
+ * takes a file source's bytes itself, and an NBD source's read hands its
+ * payload to the destination through a pipe as it arrives.  An NBD source's
+ * socket cannot answer block status once it carries such payloads, so those
+ * copies fetch the whole plan before the first byte moves.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -46,6 +52,7 @@ struct buffer {
 struct lane {
   struct worker *w;
   struct rw *src, *dst;
+  bool zc;                    /* a zero-copy lane: no buffers */
   unsigned in_flight, max_in_flight;
   struct buffer *free_bufs;
   unsigned nbufs, max_bufs;
@@ -86,6 +93,10 @@ struct vf_copy {
    * request rather than a lock. */
   uint64_t rate_paid_ns;
   bool ran;
+  bool zc;                    /* zero-copy lanes */
+  char zc_note[600];          /* why not, when they were asked for */
+  bool planned;               /* plan holds every extent of the source */
+  struct extent_list plan;
   char *created_path;         /* destination file this copy created */
   struct vf_error err;
 };
@@ -179,7 +190,7 @@ command_get(struct lane *l, enum command_type type, uint64_t offset,
     return NULL;
   *cmd = (struct command){
     .type = type, .offset = offset, .length = length, .data = data,
-    .buf = buf, .lane = l, .done = done,
+    .buf = buf, .lane = l, .done = done, .fd = -1,
   };
   if (buf)
     buf->refs++;
@@ -349,6 +360,87 @@ read_done(struct command *cmd, int err)
   command_put(cmd);
 }
 
+/* ---- zero-copy -------------------------------------------------------- */
+
+static void
+zc_write_done(struct command *cmd, int err)
+{
+  struct lane *l = cmd->lane;
+
+  if (err)
+    report_io_error(cmd, err, "writing to", l->dst->name);
+  else {
+    if (cmd->payload == PAYLOAD_FILE)   /* the destination read it itself */
+      add(&l->read, cmd->length);
+    add(&l->written, cmd->length);
+  }
+  command_put(cmd);
+}
+
+/* The read's payload is in the destination file, or (fd -1) arriving in
+ * cmd->pipe, which the write queued here drains; it must be queued even
+ * when the copy is stopping, or the source's stream would stall. */
+static void
+zc_read_done(struct command *cmd, int err)
+{
+  struct lane *l = cmd->lane;
+  struct vf_error e = { 0 };
+
+  if (err) {
+    report_io_error(cmd, err, "reading from", l->src->name);
+    command_put(cmd);
+    return;
+  }
+  add(&l->read, cmd->length);
+  if (cmd->fd >= 0) {
+    add(&l->written, cmd->length);
+    command_put(cmd);
+    return;
+  }
+  struct command *w = command_get(l, CMD_WRITE, cmd->offset, cmd->length, NULL,
+                                  NULL, zc_write_done);
+  if (w == NULL) {
+    fail(l->w->c, VF_ERR_IO, ENOMEM, "out of memory");
+  } else {
+    w->payload = PAYLOAD_PIPE;
+    w->pipe = cmd->pipe;
+    if (l->dst->ops->start_write(l->dst, w, &e) == -1) {
+      command_put(w);
+      fail_with(l->w->c, &e);
+    }
+  }
+  command_put(cmd);
+}
+
+static int
+issue_zero_copy(struct lane *l, uint64_t off, uint64_t len)
+{
+  struct vf_copy *c = l->w->c;
+  struct vf_error e = { 0 };
+  bool from_file = l->src->splice_fd >= 0;
+  struct command *cmd = command_get(l, from_file ? CMD_WRITE : CMD_READ, off, len,
+                                    NULL, NULL,
+                                    from_file ? zc_write_done : zc_read_done);
+  if (cmd == NULL) {
+    fail(c, VF_ERR_IO, ENOMEM, "out of memory");
+    return -1;
+  }
+  int r;
+  if (from_file) {
+    cmd->payload = PAYLOAD_FILE;
+    cmd->fd = l->src->splice_fd;
+    r = l->dst->ops->start_write(l->dst, cmd, &e);
+  } else {
+    cmd->fd = l->dst->splice_fd;
+    r = l->src->ops->start_read(l->src, cmd, &e);
+  }
+  if (r == -1) {
+    command_put(cmd);
+    fail_with(c, &e);
+  }
+  return r;
+}
+
 /* ---- rate limit ------------------------------------------------------- */
 
 static long long
@@ -382,6 +474,55 @@ rate_take(struct vf_copy *c, uint64_t n)
 
 /* ---- planning --------------------------------------------------------- */
 
+/* [start, end) of the plan fetched before the copy into w->ext. */
+static bool
+slice_plan(struct worker *w, uint64_t start, uint64_t end)
+{
+  const struct extent_list *p = &w->c->plan;
+  size_t lo = 0, hi = p->len;
+
+  while (lo < hi) {           /* the first extent ending after start */
+    size_t mid = lo + (hi - lo) / 2;
+    if (p->v[mid].offset + p->v[mid].length <= start)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  for (size_t i = lo; i < p->len && p->v[i].offset < end; i++) {
+    uint64_t a = p->v[i].offset > start ? p->v[i].offset : start;
+    uint64_t b = p->v[i].offset + p->v[i].length;
+    if (b > end)
+      b = end;
+    if (extent_append(&w->ext, a, b - a, p->v[i].type) == -1) {
+      fail(w->c, VF_ERR_IO, ENOMEM, "out of memory");
+      return false;
+    }
+  }
+  if (w->ext.len == 0)   /* never lose a byte to a short plan */
+    return extent_append(&w->ext, start, end - start, EXT_DATA) == 0;
+  return true;
+}
+
+/* The whole source's extents, before its socket carries zero-copy data. */
+static int
+fetch_plan(struct vf_copy *c, struct rw *src, struct vf_error *err)
+{
+  uint64_t pos = 0;
+
+  while (pos < c->size) {
+    size_t before = c->plan.len;
+    if (src->ops->extents(src, pos, c->size - pos, &c->plan, err) == -1)
+      return -1;
+    if (c->plan.len == before &&
+        extent_append(&c->plan, pos, c->size - pos, EXT_DATA) == -1)
+      return vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    struct extent *last = &c->plan.v[c->plan.len - 1];
+    pos = last->offset + last->length;
+  }
+  c->planned = true;
+  return 0;
+}
+
 /* Fetch the extents of the next work range into w->ext.  False when the
  * whole source has been handed out. */
 static bool
@@ -404,6 +545,8 @@ next_range(struct worker *w)
   w->ext.len = 0;
   w->ext_i = 0;
   w->ext_done = 0;
+  if (c->planned)
+    return slice_plan(w, start, end);
   for (pos = start; pos < end && !stopping(c);) {
     size_t before = w->ext.len;
     if (src->ops->extents(src, pos, end - pos, &w->ext, &e) == -1) {
@@ -430,7 +573,7 @@ pick_lane(struct worker *w, bool need_buffer)
     struct lane *l = w->lanes[i];
     if (l->in_flight >= l->max_in_flight)
       continue;
-    if (need_buffer && !lane_has_buffer(l))
+    if (need_buffer && !l->zc && !lane_has_buffer(l))
       continue;
     if (best == NULL || l->in_flight < best->in_flight)
       best = l;
@@ -488,6 +631,9 @@ fill(struct worker *w)
       }
       if (zero) {
         issue_zero(l, off, len);
+      } else if (l->zc) {
+        if (issue_zero_copy(l, off, len) == -1)
+          return;
       } else {
         struct buffer *b = buffer_get(l);
         if (b == NULL) {
@@ -662,6 +808,69 @@ check_config(const struct vf_copy_config *cfg, struct vf_error *err)
   return 0;
 }
 
+static bool
+has_prefix(const char *s, const char *prefix)
+{
+  return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+static bool
+zc_endpoint(const char *uri)
+{
+  return is_plain_path(uri) || has_prefix(uri, "nbd://") ||
+         has_prefix(uri, "nbd+unix://");
+}
+
+/* What rules zero-copy lanes out before anything connects, or NULL.  Deciding
+ * before connecting matters: a server that serves one client and exits
+ * after it (qemu-nbd without -t) must not be connected to twice. */
+static const char *
+zc_ruled_out(struct vf_copy *c, bool have_map)
+{
+  static const char why_null[] = "null: takes its data through libnbd lanes";
+  if (*c->src == '\0' || *c->dst == '\0')
+    return "an endpoint is missing";
+  if (strcmp(c->dst, "null:") == 0)
+    return why_null;
+  if (!zc_endpoint(c->src) || !zc_endpoint(c->dst)) {
+    snprintf(c->zc_note, sizeof c->zc_note,
+             "%s: zero-copy lanes speak plain NBD over Unix or TCP sockets or "
+             "files (TLS and vsock go through libnbd)",
+             zc_endpoint(c->src) ? c->dst : c->src);
+    return c->zc_note;
+  }
+  if (c->bitmap && !have_map && is_plain_path(c->src))
+    return "--bitmap needs an NBD source";    /* rw_open says so */
+  return NULL;
+}
+
+static struct rw *
+zc_open(const char *uri, bool writable, const char *bitmap, struct vf_error *err)
+{
+  return is_plain_path(uri) ? file_rw_open(uri, writable, err)
+                            : raw_rw_open(uri, writable, bitmap, err);
+}
+
+/* A zero-copy end that could not be: in auto mode the note says why and the
+ * caller falls back; with zero_copy on, or for any other failure, it is the
+ * copy's error. */
+static bool
+zc_fallback(struct vf_copy *c, struct vf_error *err)
+{
+  if (c->cfg.zero_copy != VF_ZERO_COPY_AUTO || err->errnum != ENOTSUP)
+    return false;
+  snprintf(c->zc_note, sizeof c->zc_note, "%s", err->msg);
+  memset(err, 0, sizeof *err);
+  return true;
+}
+
+static bool
+is_server(const struct rw *rw)
+{
+  return strcmp(rw->ops->kind, "nbd") == 0 ||
+         strcmp(rw->ops->kind, "nbd-zero-copy") == 0;
+}
+
 static long
 online_cpus(void)
 {
@@ -707,7 +916,25 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
     if (map0 == NULL)
       goto fail;
   }
-  src0 = rw_open(c->src, false, map0 ? NULL : c->bitmap, err);
+  bool try_zc = false;
+  if (cfg->zero_copy != VF_ZERO_COPY_OFF) {
+    const char *why = zc_ruled_out(c, map0 != NULL);
+    if (why && cfg->zero_copy == VF_ZERO_COPY_ON) {
+      vf_set_error(err, VF_ERR_ENDPOINT, ENOTSUP, "zero-copy is not possible: %s", why);
+      goto fail;
+    }
+    if (why && why != c->zc_note)
+      snprintf(c->zc_note, sizeof c->zc_note, "%s", why);
+    try_zc = why == NULL;
+  }
+  if (try_zc) {
+    src0 = zc_open(c->src, false, map0 ? NULL : c->bitmap, err);
+    if (src0 == NULL && !zc_fallback(c, err))
+      goto fail;
+    try_zc = src0 != NULL;
+  }
+  if (src0 == NULL)
+    src0 = rw_open(c->src, false, map0 ? NULL : c->bitmap, err);
   if (src0 == NULL)
     goto fail;
   c->size = (uint64_t)src0->size;
@@ -722,9 +949,25 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   }
   if (*c->dst && is_plain_path(c->dst) && create_destination(c, err) == -1)
     goto fail;
-  dst0 = rw_open(c->dst, true, NULL, err);
+  if (try_zc) {
+    dst0 = zc_open(c->dst, true, NULL, err);
+    if (dst0 == NULL) {
+      if (!zc_fallback(c, err))
+        goto fail;
+      /* rare (a server that cannot promise unfragmented reads, or TLS
+       * after all): the source goes back to libnbd too */
+      src0->ops->close(src0);
+      src0 = rw_open(c->src, false, map0 ? NULL : c->bitmap, err);
+      if (src0 == NULL)
+        goto fail;
+      try_zc = false;
+    }
+  }
+  if (dst0 == NULL)
+    dst0 = rw_open(c->dst, true, NULL, err);
   if (dst0 == NULL)
     goto fail;
+  c->zc = try_zc;
   if ((uint64_t)dst0->size < c->size) {
     vf_set_error(err, VF_ERR_ENDPOINT, ENOSPC,
                  "destination %s is smaller (%lld bytes) than source %s "
@@ -734,7 +977,8 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
     goto fail;
   }
 
-  c->request_size = cfg->request_size ? cfg->request_size : VF_DEFAULT_REQUEST_SIZE;
+  c->request_size = cfg->request_size ? cfg->request_size
+                    : c->zc ? VF_ZC_REQUEST_SIZE : VF_DEFAULT_REQUEST_SIZE;
   /* Never send a data request larger than either server accepts. */
   if (src0->max_request && c->request_size > src0->max_request)
     c->request_size = src0->max_request;
@@ -752,8 +996,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
    * machine, and one thread drives several connections well (on 2 cores one
    * thread beat two by 5-15%).  With a file or null: at one end, this
    * process does that end's work itself, so it gets every CPU. */
-  bool two_servers = strcmp(src0->ops->kind, "nbd") == 0 &&
-                     strcmp(dst0->ops->kind, "nbd") == 0;
+  bool two_servers = is_server(src0) && is_server(dst0);
   long cpus = online_cpus();
   unsigned threads = cfg->threads ? cfg->threads
                      : (unsigned)(two_servers && cpus > 1 ? cpus / 2 : cpus);
@@ -765,10 +1008,14 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
     vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
     goto fail;
   }
+  /* Before any lane's socket carries spliced data. */
+  if (c->zc && map0 == NULL && src0->splice_fd < 0 && fetch_plan(c, src0, err) == -1)
+    goto fail;
   c->lanes[0].src = src0;
   c->lanes[0].dst = dst0;
   src0 = dst0 = NULL;
-  unsigned requests = cfg->requests ? cfg->requests : VF_DEFAULT_REQUESTS;
+  unsigned requests = cfg->requests ? cfg->requests
+                      : c->zc ? VF_ZC_REQUESTS : VF_DEFAULT_REQUESTS;
   uint64_t budget = cfg->buffer_bytes ? cfg->buffer_bytes : VF_DEFAULT_BUFFER_BYTES;
   uint64_t bufs = budget / c->request_size / c->nlanes;
   if (bufs < 2)
@@ -784,6 +1031,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
         goto fail;
     }
     l->max_in_flight = requests;
+    l->zc = c->zc;
     l->max_bufs = bufs < requests ? (unsigned)bufs : requests;
   }
 
@@ -911,6 +1159,18 @@ vf_copy_connections(const struct vf_copy *c)
   return c->nlanes;
 }
 
+int
+vf_copy_zero_copy(const struct vf_copy *c)
+{
+  return c->zc;
+}
+
+const char *
+vf_copy_zero_copy_note(const struct vf_copy *c)
+{
+  return c->zc ? "" : c->zc_note;
+}
+
 void
 vf_copy_close(struct vf_copy *c)
 {
@@ -948,6 +1208,7 @@ vf_copy_close(struct vf_copy *c)
     free(c->workers[i].pfd_rw);
     free(c->workers[i].ext.v);
   }
+  free(c->plan.v);
   if (c->created_path) {
     /* Nothing half-copied is left behind in a file we made. */
     unlink(c->created_path);

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -75,6 +76,8 @@ file_rw_open(const char *path, bool writable, struct vf_error *err)
   f->rw.name = f->path;
   f->rw.multi_conn = true;
   f->rw.can_zero = true;
+  f->rw.splice_fd = f->fd;
+  f->rw.zero_copy = true;
   f->writable = writable;
   f->can_punch = f->can_zero_range = !f->is_block;
   return &f->rw;
@@ -239,11 +242,49 @@ file_start_read(struct rw *rw, struct command *cmd, struct vf_error *err)
   return 0;
 }
 
+/* File to file inside the kernel: copy_file_range (which may share blocks
+ * on filesystems that can), else sendfile, which any regular file takes. */
+static int
+copy_from_file(struct file_rw *f, int src, uint64_t count, uint64_t offset,
+               struct vf_error *err)
+{
+  bool range = true;
+  while (count > 0) {
+    loff_t in = (loff_t)offset, out = (loff_t)offset;
+    ssize_t r;
+    if (range) {
+      r = copy_file_range(src, &in, f->fd, &out, count, 0);
+      if (r == -1 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+                      errno == EOPNOTSUPP)) {
+        range = false;
+        continue;
+      }
+    } else {
+      if (lseek(f->fd, (off_t)offset, SEEK_SET) == -1)
+        return file_error(err, errno, "cannot seek in", f->path);
+      r = sendfile(f->fd, src, &in, count);
+    }
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return file_error(err, errno, "cannot copy into", f->path);
+    }
+    if (r == 0)
+      return vf_set_error(err, VF_ERR_IO, EIO, "cannot copy into %s: the source "
+                          "ended at %llu", f->path, (unsigned long long)offset);
+    count -= r;
+    offset += r;
+  }
+  return 0;
+}
+
 static int
 file_start_write(struct rw *rw, struct command *cmd, struct vf_error *err)
 {
   struct vf_error e = { 0 };
-  int r = file_sync_pwrite(rw, cmd->data, cmd->length, cmd->offset, &e);
+  int r = cmd->payload == PAYLOAD_FILE
+          ? copy_from_file((struct file_rw *)rw, cmd->fd, cmd->length, cmd->offset, &e)
+          : file_sync_pwrite(rw, cmd->data, cmd->length, cmd->offset, &e);
   (void)err;
   cmd->done(cmd, r == 0 ? 0 : e.errnum);
   return 0;

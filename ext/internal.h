@@ -33,10 +33,21 @@ struct extent_list {
 int extent_append(struct extent_list *l, uint64_t offset, uint64_t length,
                   enum extent_type type);
 
-enum command_type { CMD_READ, CMD_WRITE, CMD_ZERO };
+enum command_type { CMD_READ, CMD_WRITE, CMD_ZERO, CMD_FLUSH };
+
+/* Where a write's bytes are.  Zero-copy kinds (rw.zero_copy) also take them
+ * from a file or a pipe, so they never pass through this process. */
+enum payload { PAYLOAD_MEMORY = 0, PAYLOAD_FILE, PAYLOAD_PIPE };
+
+struct zc_pipe;
 
 /* One request in flight.  data points into a shared buffer (or is NULL for
- * zero requests); done is called exactly once with 0 or an errno. */
+ * zero requests); done is called exactly once with 0 or an errno.
+ *
+ * Zero-copy reads (data NULL) put their payload into the file fd at offset
+ * and are done when it is there; or, with fd -1, are done as soon as it
+ * starts to arrive in *pipe, and the caller must then at once queue the
+ * write that takes exactly length bytes from that pipe. */
 struct command {
   enum command_type type;
   uint64_t offset;
@@ -46,6 +57,13 @@ struct command {
   struct lane *lane;
   void (*done)(struct command *cmd, int err);
   struct command *next_free;
+  enum payload payload;
+  int fd;                     /* PAYLOAD_FILE source, or a zero-copy read's file */
+  struct zc_pipe *pipe;       /* PAYLOAD_PIPE source */
+  bool allocate;              /* CMD_ZERO: leave no hole */
+  /* The endpoint kind's own bookkeeping while the command is queued. */
+  uint64_t cookie;
+  struct command *next_queued;
 };
 
 struct rw_ops {
@@ -91,6 +109,9 @@ struct rw {
   bool can_zero;             /* start_zero works; else write zero buffers */
   bool read_only;
   uint32_t max_request;      /* largest data request the server takes; 0: any */
+  int splice_fd;             /* a file the kernel reads or writes at any offset
+                                (sendfile, splice, copy_file_range); -1: none */
+  bool zero_copy;            /* start_read/start_write take the payloads above */
 };
 
 /* endpoint.c: picks the kind from the URI. bitmap may be NULL. */
@@ -101,6 +122,21 @@ struct rw *nbd_rw_open(const char *uri, bool writable, const char *bitmap,
                        struct vf_error *err);
 struct rw *file_rw_open(const char *path, bool writable, struct vf_error *err);
 struct rw *null_rw_open(struct vf_error *err);
+/* Plain NBD driven on its socket for zero-copy lanes; a VF_ERR_ENDPOINT
+ * error says why this server cannot have one. */
+struct rw *raw_rw_open(const char *uri, bool writable, const char *bitmap,
+                       struct vf_error *err);
+
+/* nbd_ops.c, shared with nbd_raw.c */
+struct nbd_handle;
+int nbd_error(struct vf_error *err, int kind, const char *what, const char *name);
+struct nbd_handle *nbd_connect_checked(const char *uri, bool writable,
+                                       const char *bitmap, bool structured,
+                                       char **context, struct vf_error *err);
+void nbd_describe(struct nbd_handle *h, struct rw *rw);
+int nbd_handle_extents(struct nbd_handle *h, const char *context, bool bitmap,
+                       const char *name, uint64_t offset, uint64_t count,
+                       struct extent_list *out, struct vf_error *err);
 
 /* error.c */
 int vf_set_error(struct vf_error *err, int kind, int errnum, const char *fmt, ...)

@@ -31,7 +31,7 @@ static const struct rw_ops nbd_ops;
 
 /* libnbd keeps its last error per thread; copy it out before anything else
  * can overwrite it. */
-static int
+int
 nbd_error(struct vf_error *err, int kind, const char *what, const char *name)
 {
   int e = nbd_get_errno();
@@ -53,57 +53,53 @@ tune_socket(struct nbd_handle *h)
   }
 }
 
-static struct rw *
-connect_one(const char *uri, bool writable, const char *bitmap,
-            struct vf_error *err)
+/* Connects and checks what every NBD endpoint needs; *context is the meta
+ * context extents come from (NULL when the server has none).  Shared with
+ * the zero-copy kind (nbd_raw.c), which takes the socket over afterwards. */
+struct nbd_handle *
+nbd_connect_checked(const char *uri, bool writable, const char *bitmap,
+                    bool structured, char **context, struct vf_error *err)
 {
-  struct nbd_rw *n = calloc(1, sizeof *n);
+  struct nbd_handle *h = nbd_create();
   char ctx[300];
 
-  if (n == NULL) {
-    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+  *context = NULL;
+  if (h == NULL) {
+    nbd_error(err, VF_ERR_CONNECT, "cannot create a handle for", uri);
     return NULL;
   }
-  n->rw.ops = &nbd_ops;
-  n->writable = writable;
-  n->uri = strdup(uri);
-  n->bitmap = bitmap ? strdup(bitmap) : NULL;
-  n->rw.name = n->uri;
-  n->h = nbd_create();
-  if (n->h == NULL) {
-    nbd_error(err, VF_ERR_CONNECT, "cannot create a handle for", uri);
-    goto fail;
-  }
+  if (!structured)
+    nbd_set_request_structured_replies(h, false);
   if (bitmap) {
     snprintf(ctx, sizeof ctx, "qemu:dirty-bitmap:%s", bitmap);
-    if (nbd_add_meta_context(n->h, ctx) == -1) {
+    if (nbd_add_meta_context(h, ctx) == -1) {
       nbd_error(err, VF_ERR_USAGE, "bad bitmap name for", uri);
       goto fail;
     }
   } else {
     snprintf(ctx, sizeof ctx, "%s", LIBNBD_CONTEXT_BASE_ALLOCATION);
-    if (nbd_add_meta_context(n->h, ctx) == -1) {
+    if (nbd_add_meta_context(h, ctx) == -1) {
       nbd_error(err, VF_ERR_CONNECT, "cannot ask for extents of", uri);
       goto fail;
     }
   }
   /* The user typed this URI, so its tls-certificates= or tls-psk-file=
    * may name local files, as nbdcopy allows. */
-  nbd_set_uri_allow_local_file(n->h, true);
-  if (nbd_connect_uri(n->h, uri) == -1) {
+  nbd_set_uri_allow_local_file(h, true);
+  if (nbd_connect_uri(h, uri) == -1) {
     /* libnbd reports a URI it cannot parse with EINVAL before connecting. */
     int e = nbd_get_errno();
-    nbd_error(err, e == EINVAL && nbd_aio_is_created(n->h) ? VF_ERR_USAGE
-                                                            : VF_ERR_CONNECT,
+    nbd_error(err, e == EINVAL && nbd_aio_is_created(h) ? VF_ERR_USAGE
+                                                        : VF_ERR_CONNECT,
               "cannot connect to", uri);
     goto fail;
   }
   /* The engine always fills whole buffers from the server, so libnbd's
    * defensive memset of every read buffer is pure overhead. */
-  nbd_set_pread_initialize(n->h, false);
-  tune_socket(n->h);
-  if (nbd_can_meta_context(n->h, ctx) == 1)
-    n->context = strdup(ctx);
+  nbd_set_pread_initialize(h, false);
+  tune_socket(h);
+  if (nbd_can_meta_context(h, ctx) == 1)
+    *context = strdup(ctx);
   else if (bitmap) {
     vf_set_error(err, VF_ERR_ENDPOINT, ENOENT,
                  "%s does not publish dirty bitmap '%s' (meta context %s): "
@@ -111,30 +107,59 @@ connect_one(const char *uri, bool writable, const char *bitmap,
                  uri, bitmap, ctx, bitmap);
     goto fail;
   }
-  if (writable && nbd_is_read_only(n->h) == 1) {
+  if (writable && nbd_is_read_only(h) == 1) {
     vf_set_error(err, VF_ERR_ENDPOINT, EROFS,
                  "destination %s is read-only: export it writable", uri);
     goto fail;
   }
-  n->rw.size = nbd_get_size(n->h);
-  if (n->rw.size < 0) {
+  if (nbd_get_size(h) < 0) {
     nbd_error(err, VF_ERR_CONNECT, "cannot get the size of", uri);
     goto fail;
   }
-  n->rw.multi_conn = nbd_can_multi_conn(n->h) == 1;
-  n->rw.can_zero = nbd_can_zero(n->h) == 1;
-  n->rw.read_only = nbd_is_read_only(n->h) == 1;
-  int64_t max = nbd_get_block_size(n->h, LIBNBD_SIZE_MAXIMUM);
-  n->rw.max_request = max > 0 && max < UINT32_MAX ? (uint32_t)max : 0;
-  return &n->rw;
+  return h;
 
 fail:
-  if (n->h)
-    nbd_close(n->h);
-  free(n->uri);
-  free(n->bitmap);
-  free(n);
+  free(*context);
+  *context = NULL;
+  nbd_close(h);
   return NULL;
+}
+
+/* What the copy loop needs to know of a connected server. */
+void
+nbd_describe(struct nbd_handle *h, struct rw *rw)
+{
+  rw->size = nbd_get_size(h);
+  rw->multi_conn = nbd_can_multi_conn(h) == 1;
+  rw->can_zero = nbd_can_zero(h) == 1;
+  rw->read_only = nbd_is_read_only(h) == 1;
+  rw->splice_fd = -1;
+  int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+  rw->max_request = max > 0 && max < UINT32_MAX ? (uint32_t)max : 0;
+}
+
+static struct rw *
+connect_one(const char *uri, bool writable, const char *bitmap,
+            struct vf_error *err)
+{
+  struct nbd_rw *n = calloc(1, sizeof *n);
+
+  if (n == NULL) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    return NULL;
+  }
+  n->h = nbd_connect_checked(uri, writable, bitmap, true, &n->context, err);
+  if (n->h == NULL) {
+    free(n);
+    return NULL;
+  }
+  n->rw.ops = &nbd_ops;
+  n->writable = writable;
+  n->uri = strdup(uri);
+  n->bitmap = bitmap ? strdup(bitmap) : NULL;
+  n->rw.name = n->uri;
+  nbd_describe(n->h, &n->rw);
+  return &n->rw;
 }
 
 struct rw *
@@ -204,26 +229,28 @@ extent_cb(void *opaque, const char *metacontext, uint64_t offset,
   return 0;
 }
 
-static int
-nbd_extents(struct rw *rw, uint64_t offset, uint64_t count,
-            struct extent_list *out, struct vf_error *err)
+/* Block status of [offset, offset+count) from context into out; shared with
+ * nbd_raw.c, which plans from it before its socket carries data. */
+int
+nbd_handle_extents(struct nbd_handle *h, const char *context, bool bitmap,
+                   const char *name, uint64_t offset, uint64_t count,
+                   struct extent_list *out, struct vf_error *err)
 {
-  struct nbd_rw *n = (struct nbd_rw *)rw;
   size_t before = out->len;
 
-  if (n->context == NULL)
+  if (context == NULL)
     return extent_append(out, offset, count, EXT_DATA);
   /* The protocol's length field is 32 bits. */
   if (count > (1U << 31))
     count = 1U << 31;
   struct extent_ctx x = {
-    .context = n->context, .bitmap = n->bitmap != NULL,
+    .context = context, .bitmap = bitmap,
     .offset = offset, .end = offset + count, .out = out,
   };
-  if (nbd_block_status(n->h, count, offset,
+  if (nbd_block_status(h, count, offset,
                        (nbd_extent_callback){ .callback = extent_cb, .user_data = &x },
                        0) == -1)
-    return nbd_error(err, VF_ERR_IO, "cannot read extents of", rw->name);
+    return nbd_error(err, VF_ERR_IO, "cannot read extents of", name);
   if (x.failed)
     return vf_set_error(err, VF_ERR_IO, x.failed, "out of memory");
   /* A server may legally answer with nothing useful; treat it as data
@@ -231,6 +258,15 @@ nbd_extents(struct rw *rw, uint64_t offset, uint64_t count,
   if (out->len == before)
     return extent_append(out, offset, count, EXT_DATA);
   return 0;
+}
+
+static int
+nbd_extents(struct rw *rw, uint64_t offset, uint64_t count,
+            struct extent_list *out, struct vf_error *err)
+{
+  struct nbd_rw *n = (struct nbd_rw *)rw;
+  return nbd_handle_extents(n->h, n->context, n->bitmap != NULL, rw->name,
+                            offset, count, out, err);
 }
 
 static int

@@ -21,6 +21,7 @@ null_rw_open(struct vf_error *err)
   rw->size = INT64_MAX;
   rw->multi_conn = true;
   rw->can_zero = true;
+  rw->splice_fd = -1;
   return rw;
 }
 

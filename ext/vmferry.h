@@ -38,6 +38,18 @@ struct vf_error {
 /* Data buffers of all connections together never exceed this, which is
  * what keeps peak RSS flat whatever the disk size. */
 #define VF_DEFAULT_BUFFER_BYTES  (16 * 1024 * 1024)
+/* Zero-copy lanes hold no buffers, so their requests can be larger: the
+ * servers' CPU per GiB falls with request size (see bench/bench_zc_sizes.py
+ * for the measurement these come from). */
+#define VF_ZC_REQUEST_SIZE       (1024 * 1024)
+#define VF_ZC_REQUESTS           16
+
+/* Which lanes carry the data (vf_copy_config.zero_copy). */
+enum vf_zero_copy {
+  VF_ZERO_COPY_AUTO = 0,     /* zero-copy where both ends allow, else libnbd */
+  VF_ZERO_COPY_ON,           /* zero-copy, or fail saying why not */
+  VF_ZERO_COPY_OFF,          /* libnbd lanes, with zero detection */
+};
 
 struct vf_copy_config {
   const char *src;            /* URI or path */
@@ -66,6 +78,9 @@ struct vf_copy_config {
                                  extents only where the destination cannot
                                  zero and gets written zeroes; skipped
                                  extents and block status are free. */
+  int zero_copy;              /* enum vf_zero_copy.  Zero-copy lanes plan
+                                 from extents only: the bytes never pass
+                                 through this process to be scanned. */
 };
 
 /* Live counters; readable at any time from another thread. */
@@ -88,6 +103,10 @@ int vf_copy_run(struct vf_copy *c, struct vf_error *err);
 void vf_copy_cancel(struct vf_copy *c);
 void vf_copy_counters(struct vf_copy *c, struct vf_counters *out);
 unsigned vf_copy_connections(const struct vf_copy *c);
+/* 1 when the data moves on zero-copy lanes, 0 on libnbd lanes. */
+int vf_copy_zero_copy(const struct vf_copy *c);
+/* Why zero-copy lanes were not used ("" when they were, or were not asked). */
+const char *vf_copy_zero_copy_note(const struct vf_copy *c);
 /* Frees c.  Never while vf_copy_run(c) runs: its threads use c to the end
  * (cancel, and close after run returns; the binding's Copier enforces it). */
 void vf_copy_close(struct vf_copy *c);

@@ -20,6 +20,13 @@ cdef extern from "vmferry.h" nogil:
     int VF_DEFAULT_REQUESTS
     int VF_DEFAULT_REQUEST_SIZE
     int VF_DEFAULT_BUFFER_BYTES
+    int VF_ZC_REQUEST_SIZE
+    int VF_ZC_REQUESTS
+
+    enum vf_zero_copy:
+        VF_ZERO_COPY_AUTO
+        VF_ZERO_COPY_ON
+        VF_ZERO_COPY_OFF
 
     struct vf_copy_config:
         const char *src
@@ -37,6 +44,7 @@ cdef extern from "vmferry.h" nogil:
         int no_zero_detect
         int force_multi_conn
         uint64_t rate
+        int zero_copy
 
     struct vf_counters:
         uint64_t total
@@ -53,6 +61,8 @@ cdef extern from "vmferry.h" nogil:
     void vf_copy_cancel(vf_copy *c)
     void vf_copy_counters(vf_copy *c, vf_counters *out)
     unsigned vf_copy_connections(const vf_copy *c)
+    int vf_copy_zero_copy(const vf_copy *c)
+    const char *vf_copy_zero_copy_note(const vf_copy *c)
     void vf_copy_close(vf_copy *c)
 
     struct vf_endpoint:

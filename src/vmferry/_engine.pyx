@@ -33,6 +33,9 @@ DEFAULT_CONNECTIONS = VF_DEFAULT_CONNECTIONS
 DEFAULT_REQUESTS = VF_DEFAULT_REQUESTS
 DEFAULT_REQUEST_SIZE = VF_DEFAULT_REQUEST_SIZE
 DEFAULT_BUFFER_BYTES = VF_DEFAULT_BUFFER_BYTES
+ZC_REQUEST_SIZE = VF_ZC_REQUEST_SIZE
+ZC_REQUESTS = VF_ZC_REQUESTS
+_ZERO_COPY = {"auto": VF_ZERO_COPY_AUTO, "on": VF_ZERO_COPY_ON, "off": VF_ZERO_COPY_OFF}
 
 
 cdef class _InUse:
@@ -90,6 +93,8 @@ cdef class Copier(_InUse):
     """One copy: open() connects and checks, run() moves the data.
 
     rate: bytes per second for the whole copy, 0 for no limit.
+    zero_copy: "auto" (zero-copy lanes where both ends allow, else libnbd),
+    "on" (zero-copy or UsageError/EndpointError saying why not), "off".
 
     run() blocks without the GIL; counters() and cancel() may be called
     from any other thread meanwhile.
@@ -103,7 +108,7 @@ cdef class Copier(_InUse):
                   str bitmap=None, str extents_from=None, bint allocated=False,
                   bint destination_is_zero=False, bint flush=False,
                   bint zero_detect=True, bint force_multi_conn=False,
-                  unsigned long long rate=0):
+                  unsigned long long rate=0, str zero_copy="auto"):
         cdef vf_copy_config cfg
         cdef vf_error err
         memset(&cfg, 0, sizeof(cfg))
@@ -128,6 +133,9 @@ cdef class Copier(_InUse):
         cfg.no_zero_detect = not zero_detect
         cfg.force_multi_conn = force_multi_conn
         cfg.rate = rate
+        if zero_copy not in _ZERO_COPY:
+            raise errors.UsageError(f"zero_copy must be auto, on or off, not {zero_copy!r}")
+        cfg.zero_copy = _ZERO_COPY[zero_copy]
         with nogil:
             self._c = vf_copy_open(&cfg, &err)
         if self._c == NULL:
@@ -161,6 +169,18 @@ cdef class Copier(_InUse):
     def connections(self):
         self._check()
         return vf_copy_connections(self._c)
+
+    @property
+    def zero_copy(self) -> bool:
+        """True when the data moves on zero-copy lanes, False on libnbd lanes."""
+        self._check()
+        return vf_copy_zero_copy(self._c) != 0
+
+    @property
+    def zero_copy_note(self) -> str:
+        """Why zero-copy lanes were not used ("" when they were)."""
+        self._check()
+        return vf_copy_zero_copy_note(self._c).decode("utf-8", "replace")
 
     cdef bint _alive(self):
         return self._c != NULL

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Literal, Optional, TypeVar
 
 from vmferry import _engine
 from vmferry.errors import UsageError
@@ -20,6 +20,9 @@ from vmferry.units import parse_size
 PROGRESS_INTERVAL = 0.2
 
 T = TypeVar("T")
+
+ZeroCopy = Literal["auto", "on", "off"]
+ZERO_COPY_MODES = ("auto", "on", "off")
 
 
 @dataclasses.dataclass
@@ -35,6 +38,13 @@ class CopyResult:
     connections: int = 0
     verified: Optional[bool] = None
     checksum: Optional[str] = None
+    zero_copy: bool = False     # the data moved on zero-copy lanes
+    zero_copy_note: str = ""    # why not, when it did not
+
+    @property
+    def path(self) -> str:
+        """Which lanes carried the data: "zero-copy" or "libnbd"."""
+        return "zero-copy" if self.zero_copy else "libnbd"
 
     @property
     def bytes_done(self) -> int:
@@ -53,6 +63,7 @@ class CopyResult:
         d["total"] = self.bytes_total
         d["label"] = "copy"
         d["rate"] = self.bytes_done / self.seconds if self.seconds > 0 else 0
+        d["path"] = self.path
         return d
 
 
@@ -62,15 +73,17 @@ ProgressFn = Callable[[CopyResult], None]
 def _snapshot(copier: "_engine.Copier", start: float) -> CopyResult:
     total, read, written, zeroed, skipped = copier.counters()
     return CopyResult(total, read, written, zeroed, skipped,
-                      time.monotonic() - start, copier.connections)
+                      time.monotonic() - start, copier.connections,
+                      zero_copy=copier.zero_copy, zero_copy_note=copier.zero_copy_note)
 
 
 def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int],
           request_size: Optional[int | str], bitmap: Optional[str], allocated: bool,
           destination_is_zero: bool, flush: bool, threads: Optional[int],
-          zero_detect: bool, force_multi_conn: bool = False,
+          zero_detect: Optional[bool], force_multi_conn: bool = False,
           extents_from: Optional[str] = None,
-          rate: Optional[int | str] = None) -> "_engine.Copier":
+          rate: Optional[int | str] = None,
+          zero_copy: ZeroCopy = "auto") -> "_engine.Copier":
     for name, value in (("connections", connections), ("requests", requests),
                         ("threads", threads)):
         if value is not None and value < 1:
@@ -79,11 +92,20 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
     bps = parse_size(rate, "rate") if rate is not None else 0
     if rate is not None and bps <= 0:
         raise UsageError(f"rate must be a positive number of bytes per second, not {rate}")
+    if zero_copy not in ZERO_COPY_MODES:
+        raise UsageError(f"zero_copy must be auto, on or off, not {zero_copy!r}")
+    if zero_detect:
+        # Finding zeroes in data needs the bytes in this process, which
+        # zero-copy lanes never have.
+        if zero_copy == "on":
+            raise UsageError("zero detection needs the bytes: not with zero_copy='on'")
+        zero_copy = "off"
     return _engine.Copier(
         str(src), str(dst), connections=connections or 0, threads=threads or 0,
         requests=requests or 0, request_size=rsize, bitmap=bitmap,
         extents_from=extents_from, allocated=allocated, destination_is_zero=destination_is_zero,
-        flush=flush, zero_detect=zero_detect, force_multi_conn=force_multi_conn, rate=bps)
+        flush=flush, zero_detect=zero_detect is not False,
+        force_multi_conn=force_multi_conn, rate=bps, zero_copy=zero_copy)
 
 
 def _wait_uninterrupted(event: threading.Event) -> None:
@@ -108,8 +130,8 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
          bitmap: Optional[str] = None, allocated: bool = False,
          destination_is_zero: bool = False, flush: bool = False, verify: bool = False,
          progress: Optional[ProgressFn] = None, threads: Optional[int] = None,
-         zero_detect: bool = True, extents_from: Optional[str] = None,
-         rate: Optional[int | str] = None) -> CopyResult:
+         zero_detect: Optional[bool] = None, extents_from: Optional[str] = None,
+         rate: Optional[int | str] = None, zero_copy: ZeroCopy = "auto") -> CopyResult:
     """Copy src to dst and return what moved.
 
     src and dst are NBD URIs (nbd://, nbds://, nbd+unix://), paths, or
@@ -118,7 +140,13 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
     BITMAP) says what to copy while the bytes are read from SRC.  rate: bytes
     per second for all connections together (a size: "16M"), None for no
     limit; data counts as it is read, zero ranges only when sent as written
-    zeroes, skipped ranges not at all.  Raises a vmferry.VmferryError subclass on failure;
+    zeroes, skipped ranges not at all.  zero_copy: "auto" moves the data on
+    zero-copy lanes (sendfile/splice; the bytes never enter this process)
+    where both ends allow and on libnbd lanes otherwise, "on" fails where it
+    cannot, "off" always uses libnbd; result.path says which ran.
+    zero_detect: None finds zero blocks in read data on libnbd lanes only
+    (zero-copy lanes plan from extents alone); True insists on it (libnbd
+    lanes), False never.  Raises a vmferry.VmferryError subclass on failure;
     KeyboardInterrupt cancels the copy cleanly and is re-raised.
     """
     if verify and dst == "null:":
@@ -126,7 +154,7 @@ def copy(src: str, dst: str, *, connections: Optional[int] = None,
     start = time.monotonic()
     copier = _open(src, dst, connections, requests, request_size, bitmap, allocated,
                    destination_is_zero, flush, threads, zero_detect,
-                   extents_from=extents_from, rate=rate)
+                   extents_from=extents_from, rate=rate, zero_copy=zero_copy)
     failure: list[BaseException] = []
     # An Event, not Thread.join(): a join interrupted by Ctrl-C may later
     # return while the thread still runs, and the engine must never be
@@ -202,15 +230,16 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      destination_is_zero: bool = False, flush: bool = False,
                      verify: bool = False, progress: Optional[ProgressFn] = None,
                      threads: Optional[int] = None,
-                     zero_detect: bool = True,
+                     zero_detect: Optional[bool] = None,
                      force_multi_conn: bool = False,
                      extents_from: Optional[str] = None,
-                     rate: Optional[int | str] = None) -> CopyResult:
+                     rate: Optional[int | str] = None,
+                     zero_copy: ZeroCopy = "auto") -> CopyResult:
     """copy() for asyncio: never blocks the loop; cancelling the task
     cancels the copy and waits for in-flight requests to drain.
     force_multi_conn: open several connections even where a server does not
     advertise multi-conn, for callers that know one server process (one
-    QEMU block layer) serves them all.
+    QEMU block layer) serves them all.  zero_copy and zero_detect: as copy().
     extents_from: an NBD URI whose block status (with BITMAP) says what to
     copy, while the data is read from SRC (e.g. a raw image file that the
     QEMU exporting the bitmap has open)."""
@@ -221,7 +250,8 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
     start = time.monotonic()
     copier = await loop.run_in_executor(
         None, _open, src, dst, connections, requests, request_size, bitmap, allocated,
-        destination_is_zero, flush, threads, zero_detect, force_multi_conn, extents_from, rate)
+        destination_is_zero, flush, threads, zero_detect, force_multi_conn, extents_from, rate,
+        zero_copy)
     try:
         await _in_thread(loop.run_in_executor(None, copier.run), copier.cancel,
                          (lambda: progress(_snapshot(copier, start))) if progress else None)

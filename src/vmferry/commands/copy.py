@@ -40,8 +40,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="write zero ranges as allocated blocks (no holes in DST)")
     mode.add_argument("--destination-is-zero", action="store_true",
                       help="DST already reads as zeroes: skip zero ranges")
-    p.add_argument("--no-zero-detect", action="store_true",
-                   help="don't scan read data for zero blocks")
+    detect = p.add_mutually_exclusive_group()
+    detect.add_argument("--no-zero-detect", dest="zero_detect", action="store_false",
+                        default=None, help="don't scan read data for zero blocks")
+    detect.add_argument("--zero-detect", dest="zero_detect", action="store_true",
+                        help="scan read data for zero blocks even though that needs the "
+                             "libnbd lanes (zero-copy lanes plan from extents only)")
+    p.add_argument("--zero-copy", choices=["auto", "on", "off"], default="auto",
+                   help="move data with sendfile/splice, never through this process: "
+                        "auto where both ends allow (default), on or fail saying why, "
+                        "off for libnbd lanes")
     p.add_argument("--bandwidth", type=int, metavar="MiB/s",
                    help="cap the copy at this rate, all connections together "
                         "(default: unlimited)")
@@ -58,7 +66,7 @@ def summary(r: CopyResult) -> str:
     return (f"copied {format_size(r.bytes_total)} in {r.seconds:.2f} s "
             f"({format_size(r.throughput)}/s): {format_size(r.bytes_written)} written, "
             f"{format_size(r.bytes_zeroed)} zeroed, {format_size(r.bytes_skipped)} skipped "
-            f"over {r.connections} connection{'s' if r.connections != 1 else ''}")
+            f"over {r.connections} connection{'s' if r.connections != 1 else ''} ({r.path})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
                       allocated=args.allocated,
                       destination_is_zero=args.destination_is_zero, flush=args.flush,
                       verify=args.verify, threads=args.threads,
-                      zero_detect=not args.no_zero_detect, extents_from=args.extents_from,
-                      rate=rate,
+                      zero_detect=args.zero_detect, extents_from=args.extents_from,
+                      rate=rate, zero_copy=args.zero_copy,
                       progress=lambda snap: reporter.update(snap.as_event("progress")))
     finally:
         reporter.close()

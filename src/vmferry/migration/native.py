@@ -172,6 +172,8 @@ class NativeStorage:
             # one connection saves three handshakes of downtime.
             dst = self._dst_uri(d)
             return await copy_async(src, dst, bitmap=bitmap, extents_from=extents_from,
+                                    # zero-copy lanes here await their own benchmark (issue 12, item 3)
+                                    zero_copy="off",
                                     destination_is_zero=fresh and bitmap is None,
                                     force_multi_conn=not final,
                                     # written around QEMU: durable before it runs,

@@ -258,6 +258,7 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
         r = await copy_async(f"nbd+unix:///{EXPORT}{p.node}?socket={src_sock}",
                              uri_of(target["server"]), bitmap=FROZEN if incremental else None,
                              destination_is_zero=target["created"], flush=True,
+                             zero_copy="off",   # until issue 12 item 3 measures it here
                              force_multi_conn=True, progress=progress, rate=rate or None)
     except VmferryError:
         if incremental:   # put the frozen bits back: nothing may be forgotten
