@@ -979,6 +979,11 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
 
   c->request_size = cfg->request_size ? cfg->request_size
                     : c->zc ? VF_ZC_REQUEST_SIZE : VF_DEFAULT_REQUEST_SIZE;
+  /* A paced copy's requests cost at most the time it may run ahead, or
+   * the first of the large zero-copy ones alone would break the limit. */
+  while (!cfg->request_size && cfg->rate && c->request_size > 64 * 1024 &&
+         c->request_size > cfg->rate * RATE_AHEAD_NS / 1000000000)
+    c->request_size /= 2;
   /* Never send a data request larger than either server accepts. */
   if (src0->max_request && c->request_size > src0->max_request)
     c->request_size = src0->max_request;

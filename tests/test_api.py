@@ -81,13 +81,41 @@ def test_copy_accepts_path_objects(vmferry, workdir):
 
 
 def test_zero_detection(vmferry, workdir, qemu_nbd, nbdkit):
+    """zero_detect=True takes the libnbd lanes, which find zeroes in read data; by
+    default the zero-copy lanes move them as data (they never see the bytes)."""
     size = 4 * MiB
     src = qemu_nbd(make_image(workdir / "z.raw", size, "zero"), readonly=True)
     dst = nbdkit("file", str(make_image(workdir / "dst.raw", size, "fill:0x5a")))
-    r = vmferry.copy(src.uri, dst.uri)
+    r = vmferry.copy(src.uri, dst.uri, zero_detect=True)
     check_counters(r, size)
     assert r.bytes_read == size and r.bytes_zeroed > 0, _snapshot(r)
+    assert r.path == "libnbd" and not r.zero_copy
     assert read_all(dst.uri) == bytes(size)
+    r = vmferry.copy(src.uri, dst.uri)
+    assert r.path == "zero-copy" and r.bytes_written == size, _snapshot(r)
+    assert read_all(dst.uri) == bytes(size)
+    with pytest.raises(vmferry.UsageError, match="zero detection"):
+        vmferry.copy(src.uri, dst.uri, zero_detect=True, zero_copy="on")
+
+
+def test_zero_copy_modes(vmferry, workdir, nbdkit):
+    """zero_copy=on/off/auto pick the lanes; auto names why it fell back; the async
+    entry point takes the same argument."""
+    size = 3 * MiB + 512
+    src_file = make_image(workdir / "src.raw", size, "sparse", seed=35)
+    dst = nbdkit("memory", f"size={size}")
+    for mode, path in (("on", "zero-copy"), ("off", "libnbd"), ("auto", "zero-copy")):
+        r = vmferry.copy(str(src_file), dst.uri, zero_copy=mode)
+        assert r.path == path, (mode, r)
+        assert_same(src_file, dst.uri)
+    r = vmferry.copy(str(src_file), "null:")
+    assert r.path == "libnbd" and "null:" in r.zero_copy_note, r
+    with pytest.raises(vmferry.UsageError, match="auto, on or off"):
+        vmferry.copy(str(src_file), dst.uri, zero_copy="yes")
+
+    async def main():
+        return await vmferry.copy_async(str(src_file), dst.uri, zero_copy="on")
+    assert run_async(main).path == "zero-copy"
 
 
 def test_progress_callback(vmferry, workdir, nbdkit):

@@ -3,6 +3,10 @@
 The destination is always read back with another tool (plain file reads, nbdcopy),
 never with vmferry.  Destinations that already exist start out filled with a non-zero
 byte, so a copy that skips zeroing where the source is zero (or a hole) is caught.
+
+Every test runs twice, with `--zero-copy=on` and `--zero-copy=off`, and each successful
+copy must say it ran on the lanes asked for; the few things zero-copy lanes cannot do
+(null:, TLS, zero detection in read data) are checked to fail, or differ, as documented.
 """
 from __future__ import annotations
 
@@ -11,13 +15,44 @@ import time
 
 import pytest
 
+import helpers
 from helpers import (
     COUNTERS, KiB, MiB, Region, allocated_bytes, assert_cli_error, assert_same,
-    check_counters, copy_ok, make_image, max_concurrent_connections, parse_json_lines,
-    read_all, read_nbdkit_log, run_vmferry, write_layout,
+    check_counters, make_image, max_concurrent_connections, parse_json_lines,
+    read_all, read_nbdkit_log, write_layout,
 )
 
 GARBAGE = "fill:0x5a"
+PATHS = {"on": "zero-copy", "off": "libnbd"}
+
+
+@pytest.fixture(params=["on", "off"], autouse=True)
+def zero_copy(request, monkeypatch) -> str:
+    """Runs the test with `vmferry copy --zero-copy=MODE`; copy_ok also checks that the
+    copy said it ran on those lanes (its summary line or its JSON done event)."""
+    mode = request.param
+
+    def run_vmferry(*args, **kw):
+        if args and args[0] == "copy" and not any(str(a).startswith("--zero-copy") for a in args):
+            args = ("copy", f"--zero-copy={mode}", *args[1:])
+        return helpers.run_vmferry(*args, **kw)
+
+    def copy_ok(*args, **kw):
+        cp = helpers.copy_ok(f"--zero-copy={mode}", *args, **kw)
+        if "--progress=json" in args:
+            assert parse_json_lines(cp.stdout)[-1]["path"] == PATHS[mode], cp.stdout
+        else:
+            summary = [l for l in cp.stdout.splitlines() if l.startswith("copied ")]
+            assert summary and summary[0].endswith(f"({PATHS[mode]})"), cp.stdout
+        return cp
+
+    monkeypatch.setitem(globals(), "run_vmferry", run_vmferry)
+    monkeypatch.setitem(globals(), "copy_ok", copy_ok)
+    return mode
+
+
+run_vmferry = helpers.run_vmferry
+copy_ok = helpers.copy_ok
 
 
 def done_event(cp) -> dict:
@@ -180,10 +215,17 @@ def test_pattern_to_new_file(workdir, nbdkit):
     assert_same(src.uri, dst)
 
 
-def test_pattern_to_null(nbdkit):
-    """`null:` discards everything; the whole source is still read."""
+def test_pattern_to_null(nbdkit, zero_copy):
+    """`null:` discards everything; the whole source is still read.  It has no
+    zero-copy lane: --zero-copy=on says so, auto falls back."""
     size = 24 * MiB
     src = nbdkit("pattern", f"size={size}")
+    if zero_copy == "on":
+        line = assert_cli_error(run_vmferry("copy", src.uri, "null:"), 1)
+        assert "zero-copy is not possible" in line and "null:" in line, line
+        cp = helpers.copy_ok("--progress=json", src.uri, "null:")     # auto
+        assert done_event(cp)["path"] == "libnbd"
+        return
     done = copy_json(src.uri, "null:")
     check_counters(done, size)
     assert done["bytes_read"] == size, done
@@ -272,8 +314,10 @@ def test_allocated_nbd_destination(workdir, qemu_nbd):
         f"--allocated punched holes: {allocated_bytes(dst_file)} of {size} bytes allocated"
 
 
-def test_zero_detection_counts_zeroed(workdir, qemu_nbd, nbdkit):
-    """A source of zeros *written as data* (reported allocated) is detected as zeros."""
+def test_zero_detection_counts_zeroed(workdir, qemu_nbd, nbdkit, zero_copy):
+    """A source of zeros *written as data* (reported allocated) is detected as zeros on
+    libnbd lanes.  Zero-copy lanes never see the bytes: they write them as data, and
+    asking for both is refused."""
     size = 6 * MiB + 512
     src_file = make_image(workdir / "zeros.raw", size, "zero")
     src = qemu_nbd(src_file, readonly=True)
@@ -282,6 +326,16 @@ def test_zero_detection_counts_zeroed(workdir, qemu_nbd, nbdkit):
     done = copy_json(src.uri, dst.uri)
     check_counters(done, size)
     assert done["bytes_read"] == size, f"allocated source must be read: {done}"
+    assert read_all(dst_file) == bytes(size)
+    if zero_copy == "on":
+        assert done["bytes_written"] == size and done["bytes_zeroed"] == 0, done
+        line = assert_cli_error(run_vmferry("copy", "--zero-detect", src.uri, dst.uri), 2)
+        assert "zero detection" in line, line
+        # auto with --zero-detect takes the libnbd lanes, which find the zeroes
+        cp = helpers.copy_ok("--zero-detect", "--progress=json", src.uri, dst.uri)
+        done = done_event(cp)
+        assert done["path"] == "libnbd" and done["bytes_zeroed"] > 0, done
+        return
     assert done["bytes_zeroed"] > 0, f"zeros in read data not detected: {done}"
     assert done["bytes_written"] < size, done
     assert read_all(dst_file) == bytes(size)
@@ -417,7 +471,7 @@ def test_progress_bar_forms(workdir, flag):
     assert_same(src, dst)
 
 
-def test_tls_nbds_psk_both_ways(workdir, nbdkit):
+def test_tls_nbds_psk_both_ways(workdir, nbdkit, zero_copy):
     """nbds+unix:// with a TLS pre-shared key: a copy from and to servers that require
     TLS, with the key file named in the URI; plain nbd:// to them is refused clearly."""
     key = workdir / "keys.psk"
@@ -431,9 +485,16 @@ def test_tls_nbds_psk_both_ways(workdir, nbdkit):
     def secure(uri: str) -> str:
         return uri.replace("nbd+unix:///", "nbds+unix://alice@/") + f"&tls-psk-file={key}"
 
-    copy_ok(secure(src.uri), secure(dst.uri), "--verify")
+    if zero_copy == "on":
+        # TLS stays on libnbd lanes: on refuses, auto falls back
+        line = assert_cli_error(run_vmferry("copy", secure(src.uri), secure(dst.uri)), 1)
+        assert "zero-copy is not possible" in line and "TLS" in line, line
+        copy = helpers.copy_ok
+    else:
+        copy = copy_ok
+    copy(secure(src.uri), secure(dst.uri), "--verify")
     plain = workdir / "plain.raw"
-    copy_ok(secure(dst.uri), str(plain))
+    copy(secure(dst.uri), str(plain))
     # read back independently (nbdcopy) through TLS as well
     assert plain.read_bytes() == read_all(secure(src.uri)), "bytes differ after TLS copies"
     line = assert_cli_error(run_vmferry("copy", src.uri, str(workdir / "x.raw")), codes=1)
