@@ -591,8 +591,15 @@ try_recv(struct raw_rw *r)
     if (r->outstanding == 0 && r->ilen == 0)
       return 0;
     /* With a read outstanding, never read past the head in hand: its
-     * payload must stay in the socket.  Without, take what is there. */
+     * payload must stay in the socket.  Without, take what is there.  When
+     * only reads are outstanding on a structured connection every reply is
+     * a chunk of at least 20 bytes, so asking for a data chunk's 28 at once
+     * can overrun only into the next head, never into a payload: one recv
+     * per reply instead of two. */
     size_t want = r->reads_out ? need - r->ilen : sizeof r->ibuf - r->ilen;
+    if (r->structured && r->reads_out && r->reads_out == r->outstanding &&
+        need == SIMPLE_SIZE)
+      want = CHUNK_SIZE + 8 - r->ilen;
     if (need > sizeof r->ibuf) {
       fail_all(r, EPROTO, "a reply chunk of %zu bytes", need);
       return -1;

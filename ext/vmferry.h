@@ -38,10 +38,16 @@ struct vf_error {
 /* Data buffers of all connections together never exceed this, which is
  * what keeps peak RSS flat whatever the disk size. */
 #define VF_DEFAULT_BUFFER_BYTES  (16 * 1024 * 1024)
-/* Zero-copy lanes hold no buffers, so their requests can be larger: the
- * servers' CPU per GiB falls with request size (see bench/bench_zc_sizes.py
- * for the measurement these come from). */
-#define VF_ZC_REQUEST_SIZE       (1024 * 1024)
+/* Zero-copy lanes, chosen by bench/bench_zc_sizes.py (qemu-nbd -> qemu-nbd,
+ * Unix sockets, 1 GiB, medians of 3 interleaved rounds on a shared 2-core
+ * machine; wall s, client CPU s/GiB, both servers' CPU s/GiB):
+ *   64K x16: 1.73 0.41 1.70    256K x16: 1.47 0.31 1.49   1M x16: 2.34 0.30 1.88
+ *   4M x16:  2.31 0.27 1.76    1M x4:    2.18 0.27 1.80   1M x64: 2.23 0.27 1.97
+ *   256K x64: 1.41 0.33 1.48
+ * Larger requests barely lower the client's cost (no buffers to fill) and
+ * raise the servers' (qemu-nbd allocates each request's buffer afresh), so
+ * 256 KiB; depth changes little at 256 KiB, and 16 keeps less in flight. */
+#define VF_ZC_REQUEST_SIZE       (256 * 1024)
 #define VF_ZC_REQUESTS           16
 
 /* Which lanes carry the data (vf_copy_config.zero_copy). */
