@@ -120,6 +120,8 @@ def test_fault(lab, fault, moment, engine):
     if fault == "kill":
         assert line == "rolled back: web1 runs on this host", line
     assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
+    # QEMU keeps reporting a migration whose memory all went as "completed"
+    done = ("completed",) if moment == "finish" else ()
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst,
-                             migration=(None, "none", "failed", "cancelled", "completed"))
+                             migration=(None, "none", "failed", "cancelled") + done)
     assert "interrupted" not in lab.ok(lab.vmferry("list"))

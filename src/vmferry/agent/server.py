@@ -34,6 +34,7 @@ from vmferry.vm.state import StateDir
 
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
 _NODE_RE = re.compile(r"disk[0-9]{1,3}")
+_TOKEN_RE = re.compile(r"[0-9a-f]{0,64}")
 # MigrateOptions fields a source may set on the destination
 WIRE_OPTIONS = {"copy_storage": str, "create_disks": bool, "overwrite_disks": bool,
                 "postcopy": bool, "parallel_connections": int, "tls": bool}
@@ -189,7 +190,7 @@ class Session:
         return {}
 
     async def op_prepare(self, a: Args) -> dict[str, Any]:
-        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate")
+        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "token")
         from vmferry.vm.spec import parse_spec
         spec = parse_spec(a.get("spec", str), source="the source's VM spec")
         disks = [_disk_plan(d, spec) for d in a.get("disks", list)]
@@ -200,6 +201,7 @@ class Session:
                              "QEMU command line: allow them with allow_extra_args = true in "
                              "the agent's agent.toml")
         opts = _options(Args("prepare options", a.get("options", dict)))
+        token = _token(a.get("token", str, ""))
         accel = a.get("accel", str, None)
         if accel not in (None, "kvm", "tcg"):
             raise ProtocolError("accel must be kvm or tcg")
@@ -214,7 +216,7 @@ class Session:
                 tcp=True, nbd=nbd, migrate=mig, tls_dir=tls_dir),
                 policy=Policy(storage_roots=self.cfg.storage_roots, protect_existing=True))
             prepared = await self.incoming.prepare(spec, disks, opts, accel=accel,
-                                                   presynced=presynced)
+                                                   presynced=presynced, token=token)
         return {"nbd": prepared.nbd_server, "migrate_uri": prepared.migrate_uri,
                 "exports": prepared.exports, "dest_paths": prepared.dest_paths,
                 "fresh": sorted(prepared.fresh)}
@@ -313,9 +315,10 @@ class Session:
     async def op_probe(self, a: Args) -> dict[str, Any]:
         """Where an incoming migration of NAME stands (for a source's
         'vmferry recover'); answers about VMs of this agent's state only."""
-        a.only("name")
+        a.only("name", "token")
         from vmferry.migration.incoming import probe
-        return {"state": await probe(self.cfg.state, a.get("name", str))}
+        return {"state": await probe(self.cfg.state, a.get("name", str),
+                                     _token(a.get("token", str)))}
 
     async def op_bye(self, a: Args) -> dict[str, Any]:
         a.only()          # _answer ends the session once this reply is sent
@@ -345,6 +348,12 @@ def _disk_plan(d: Any, spec: Any) -> DiskPlan:
                     export=a.get("export", str), backing=a.get("backing", str, None),
                     backing_fmt=a.get("backing_fmt", str, None),
                     source_id=a.get("source_id", str, None))
+
+
+def _token(token: str) -> str:
+    if not _TOKEN_RE.fullmatch(token):
+        raise ProtocolError("a migration token is up to 64 hex digits")
+    return token
 
 
 def _presync_disk(d: Any) -> dict[str, Any]:

@@ -74,12 +74,14 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                       accel: Optional[str] = None,
-                      presynced: frozenset[str] = frozenset()) -> Prepared:
+                      presynced: frozenset[str] = frozenset(), token: str = "") -> Prepared:
         """Start QEMU waiting for the incoming migration, with a writable NBD
         export per disk, using the source's accelerator (kvm or tcg).  Raises
         UsageError for what the user must fix (a destination disk too small or
         missing) before anything starts.  PRESYNCED: nodes whose destination
-        image is a presync target, written on purpose."""
+        image is a presync target, written on purpose.  TOKEN: the journal's
+        name for this migration, which the destination keeps when it resumes
+        the guest (see probe)."""
 
     @abc.abstractmethod
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
@@ -106,17 +108,16 @@ class Destination(abc.ABC):
     # -- recovery (see recover.py): the migrating process is gone, and with it
     #    everything it knew; these work from the VM's name alone.
 
-    async def probe(self, name: str, opts: MigrateOptions) -> str:
-        """Where an incoming migration of NAME stands there (incoming.probe):
-        "absent", "incoming", "completed", "running", or "unknown" when the
-        destination cannot be asked."""
+    async def probe(self, name: str, token: str, opts: MigrateOptions) -> str:
+        """Where the incoming migration TOKEN of NAME stands there (see
+        incoming.probe); "unknown" when the destination cannot be asked."""
         return "unknown"
 
     async def undo_orphan(self, name: str) -> None:
         """Undo what an incoming migration or presync of NAME whose source
         process died left there (never a guest Finish resumed)."""
 
-    async def finish_orphan(self, name: str, *, resume: bool) -> Optional[str]:
+    async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
         """Finish an incoming migration of NAME that received everything;
         None where only the agent that prepared it could (it undoes an
         unfinished migration itself when its source goes away)."""

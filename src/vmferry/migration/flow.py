@@ -83,6 +83,8 @@ class Migration:
         self.journal = journal
         self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._deadline: Optional[float] = None
+        self._undo_failed: list[str] = []      # undo steps that raised
+        self._unresolved = False       # where the guest runs is not known
         self._described = False        # Begin found the VM in a state to move
         self._last_save = 0.0
 
@@ -103,10 +105,6 @@ class Migration:
         """Write down a resource before it is made (see journal.py)."""
         if self.journal is not None:
             self.journal.add(kind, **fields)
-
-    def _end_journal(self) -> None:
-        if self.journal is not None:
-            self.journal.close()
 
     def _publish(self, force: bool = False) -> None:
         self.info.tick()
@@ -136,8 +134,27 @@ class Migration:
                     continue        # finish this undo step before the next one
                 except (VmferryError, OSError):
                     break
-            if step.done() and not step.cancelled():
-                step.exception()    # retrieved: a failed undo step is not fatal
+            if step.done() and not step.cancelled() and step.exception() is not None:
+                # not fatal to the other steps, but the journal must stay
+                self._undo_failed.append(what)
+        self._settle_journal()
+
+    def _settle_journal(self) -> None:
+        """After a rollback: a clean one ends the journal; one with a failed
+        step hands it to 'vmferry recover', which redoes every step by name."""
+        if self.journal is None:
+            return
+        if self._undo_failed or self._unresolved:
+            self.journal.abandon()
+        else:
+            self.journal.close()
+
+    def _outcome(self) -> str:
+        """What a failed migration's message ends with."""
+        if self._undo_failed:
+            return (f"the rollback did not finish ({', '.join(self._undo_failed)}): run "
+                    f"'vmferry recover {self.name}'")
+        return "the source VM is running"
 
     async def _fail(self, why: str) -> None:
         self.info.status = "failed"
@@ -166,37 +183,31 @@ class Migration:
             self.info.status = "cancelled"
             self.info.error = "cancelled"
             await self._rollback()
-            self._end_journal()
             self._publish(force=True)
             await self.dest.close()
             raise Cancelled(f"migration of {self.name} cancelled in {self.phase.value}; "
-                            f"the source VM is running")
+                            f"{self._outcome()}")
         except VmferryError as e:
             await self._fail(str(e))
-            if self.phase == Phase.BEGIN and not self._described:
-                # the VM was not in a state to move: say only that
-                self._end_journal()
-                await self.dest.close()
-                raise
-            if not getattr(e, "source_paused", False):
-                # paused: unresolved, the journal stays for 'vmferry recover'
-                self._end_journal()
             await self.dest.close()
-            if isinstance(e, UsageError) or getattr(e, "source_paused", False):
+            if self.phase == Phase.BEGIN and not self._described:
+                raise       # the VM was not in a state to move: say only that
+            if getattr(e, "source_paused", False):
+                raise       # the journal went to 'vmferry recover' (_settle_journal)
+            if isinstance(e, UsageError) and not self._undo_failed:
                 raise
             if isinstance(e, MigrationError):
                 # Say the one thing a user needs next: their VM is fine.
-                raise MigrationError(f"{e}; the source VM is running",
+                raise MigrationError(f"{e}; {self._outcome()}",
                                      phase=e.phase or self.phase.value) from e
-            raise MigrationError(f"{e} (in {self.phase.value}; the source VM is running)",
+            raise MigrationError(f"{e} (in {self.phase.value}; {self._outcome()})",
                                  phase=self.phase.value) from e
         except Exception as e:
             # A bug must not leave a half-migrated VM behind either.
             await self._fail(f"internal error: {e!r}")
-            self._end_journal()
             await self.dest.close()
-            raise MigrationError(f"internal error in {self.phase.value}: {e!r}; the source "
-                                 f"VM is running", phase=self.phase.value) from e
+            raise MigrationError(f"internal error in {self.phase.value}: {e!r}; "
+                                 f"{self._outcome()}", phase=self.phase.value) from e
         try:
             await self.confirm()
         finally:
@@ -220,10 +231,11 @@ class Migration:
             return
         if outcome == "unknown":
             self.was_running = False        # rollback must not resume the source
+            self._unresolved = True         # the journal stays, for recover
             err = MigrationError(f"lost the destination during Finish ({failure or 'cancelled'}"
                                  f"): it may be running the guest; the source VM stays "
-                                 f"paused — check {self.dest!r}, then resume or stop the "
-                                 f"source", phase="finish")
+                                 f"paused — run 'vmferry recover {self.name}' once "
+                                 f"{self.dest!r} answers", phase="finish")
             err.source_paused = True
             raise err from failure
         raise failure
@@ -262,18 +274,31 @@ class Migration:
     async def begin(self) -> None:
         self._enter(Phase.BEGIN)
         self.mon = await Monitor(self.qmp_socket, "source", "begin").connect()
-        self._on_undo("close source monitor", self.mon.close)
+        self._on_undo("resume the source", self._close_source)
         status = await source.describe(self.mon)
         self._described = True
         self.was_running = status["status"] == "running"
+        if self.journal is not None:
+            self.journal.was_running = self.was_running
+            self.journal.save()
         # The destination runs the guest with the accelerator it has now:
         # a TCG guest moved onto KVM sees its clock and timing change.
         kvm = await self.mon.cmd("query-kvm")
         self.accel = "kvm" if kvm.get("enabled") else "tcg"
         self.disks = await self._plan_disks()
         if self.journal is not None:
-            self.journal.was_running = self.was_running
             self.journal.set_disks([dataclasses.asdict(d) for d in self.disks])
+
+    async def _close_source(self) -> None:
+        """The last undo step: a guest that ran must run again, or the
+        rollback is not done."""
+        try:
+            if self.was_running and self._described:
+                status = (await self.mon.cmd("query-status"))["status"]
+                if status != "running":
+                    raise MigrationError(f"the source guest is {status}, not running")
+        finally:
+            await self.mon.close()
 
     async def _plan_disks(self) -> list[DiskPlan]:
         plans = await source.plan_disks(self.mon, self.spec, self.opts)
@@ -332,9 +357,10 @@ class Migration:
     async def prepare(self) -> None:
         self._enter(Phase.PREPARE)
         self._on_undo("destroy destination", self.dest.abort)
-        self.prepared = await self.dest.prepare(self.spec, self.disks, self.opts,
-                                                accel=self.accel,
-                                                presynced=frozenset(self.presynced))
+        self.prepared = await self.dest.prepare(
+            self.spec, self.disks, self.opts, accel=self.accel,
+            presynced=frozenset(self.presynced),
+            token=self.journal.token if self.journal is not None else "")
         p = self.prepared
         self.info.destination = repr(self.dest)
         srv = p.nbd_server
@@ -565,5 +591,6 @@ class Migration:
         if self.stop_source:
             await self.stop_source()
         self.info.status = "completed"
-        self._end_journal()
+        if self.journal is not None:
+            self.journal.close()
         self._enter(Phase.DONE)

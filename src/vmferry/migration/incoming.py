@@ -32,6 +32,7 @@ from vmferry.vm.state import StateDir, pid_alive
 
 INCOMING_TIMEOUT = 120.0
 RECORD = "incoming.json"
+RESUMED = "resumed"           # the token of the migration that resumed the guest here
 TLS_ID = "vmferry-tls"
 EXPORT_ID = "vmferry-export-"
 # libvirt's migration_port_min/max
@@ -115,6 +116,9 @@ class Incoming:
         self.exports: list[str] = []
         self.resumed = False       # Finish resumed the guest here
         self.aborted = False
+        # the source's name for this migration (journal.py), written beside the
+        # VM before the guest is resumed here: recover's proof that it was
+        self.token = ""
         self._claim: Optional[tuple[str, str]] = None
 
     # -- the record that lets someone else clean up after us -------------
@@ -215,7 +219,8 @@ class Incoming:
 
     async def prepare(self, dspec: Any, disks: list[DiskPlan],
                       opts: MigrateOptions, *, accel: Optional[str] = None,
-                      presynced: set[str] = frozenset()) -> Prepared:
+                      presynced: set[str] = frozenset(), token: str = "") -> Prepared:
+        self.token = token
         missing = await in_thread(self._claim_and_check, dspec, disks, opts, set(presynced))
         await in_thread(self._create_disks, missing, opts)
         vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True,
@@ -340,7 +345,10 @@ class Incoming:
         if self.exports:
             await mon.cmd("nbd-server-stop")
         self.exports.clear()
+        await testhooks.hold("finishing")
         if resume:
+            if self.token:
+                _write_durably(self.state.vm_dir(self.name) / RESUMED, self.token)
             await mon.cmd("cont")
             # From here the guest has run on this side: the source must never
             # resume it too, so abort() no longer removes anything.
@@ -458,28 +466,55 @@ async def reap_orphans(state: StateDir, owner: Optional[int] = None,
     return done
 
 
-async def probe(state: StateDir, name: str) -> str:
-    """Where an incoming migration of NAME stands on this host, for recover:
-    "absent" (no QEMU: never prepared, or undone), "incoming" (prepared, the
-    memory not all received), "completed" (all received, the guest not yet
-    resumed), or "running" (Finish was done: the guest is this host's)."""
-    if state.read_pid(name) is None:
-        return "absent"
-    if not (state.vm_dir(name) / RECORD).exists():
-        return "running"            # Finish removes the record
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        async with Monitor(state.qmp_socket(name), "destination", "recover") as mon:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+async def probe(state: StateDir, name: str, token: str) -> str:
+    """Where the incoming migration TOKEN of NAME stands on this host, for
+    recover:
+      "running"       it resumed the guest here, and its QEMU runs
+      "resumed-gone"  it resumed the guest here, and that QEMU has died since:
+                      nobody can say which side's state is the one to keep
+      "busy"          a session of this host's agent still works on it
+      "completed"     everything arrived, the guest was not resumed
+      "incoming"      prepared, not everything arrived
+      "absent"        nothing of it here (never prepared, or undone)
+      "unknown"       its QEMU runs but does not answer"""
+    vm_dir = state.vm_dir(name)
+    try:
+        resumed = bool(token) and (vm_dir / RESUMED).read_text() == token
+    except OSError:
+        resumed = False
+    alive = state.read_pid(name) is not None
+    if resumed:
+        return "running" if alive else "resumed-gone"
+    if not (vm_dir / RECORD).exists() or not alive:
+        return "absent"
+    if (str(state.path), name) in _CLAIMED or _claimed_elsewhere(state, name):
+        return "busy"
+    try:
+        # the CLI socket: the orchestrator's may still be held by a session
+        async with Monitor(state.cli_socket(name), "destination", "recover") as mon:
             info = await mon.cmd("query-migrate")
     except MigrationError:
-        return "incoming"
+        return "unknown"
     return "completed" if info.get("status") == "completed" else "incoming"
 
 
-async def finish_orphan(state: StateDir, name: str, *, resume: bool) -> str:
+async def finish_orphan(state: StateDir, name: str, token: str, *, resume: bool) -> str:
     """Finish an incoming migration whose source process died after the
     memory arrived: what Incoming.finish does, from the record alone."""
     inc = Incoming(state)
     inc.name = name
+    inc.token = token
     inc.started = True
     inc.mon = await Monitor(state.qmp_socket(name), "destination", "finish").connect()
     inc.exports = [e["id"] for e in await inc.mon.cmd("query-block-exports")

@@ -36,12 +36,12 @@ class LocalDestination(Destination):
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                       accel: Optional[str] = None,
-                      presynced: frozenset[str] = frozenset()) -> Prepared:
+                      presynced: frozenset[str] = frozenset(), token: str = "") -> Prepared:
         if opts.tls:
             raise UsageError("--tls encrypts traffic between hosts: it needs an ssh:// or "
                              "tls:// destination, not local://")
         return await self.incoming.prepare(destination_spec(spec, opts), disks, opts,
-                                           accel=accel, presynced=presynced)
+                                           accel=accel, presynced=presynced, token=token)
 
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
         return await self.incoming.finish(resume=resume)
@@ -80,21 +80,21 @@ class LocalDestination(Destination):
 
     # -- recovery: this host's QEMU outlived the process that prepared it
 
-    async def probe(self, name: str, opts: MigrateOptions) -> str:
-        return await incoming_mod.probe(self.state, name)
+    async def probe(self, name: str, token: str, opts: MigrateOptions) -> str:
+        return await incoming_mod.probe(self.state, name, token)
 
     async def undo_orphan(self, name: str) -> None:
         await incoming_mod.reap_orphans(self.state, name=name)
         presync_target.reap_orphans(self.state.path)
 
-    async def finish_orphan(self, name: str, *, resume: bool) -> Optional[str]:
-        return await incoming_mod.finish_orphan(self.state, name, resume=resume)
+    async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
+        return await incoming_mod.finish_orphan(self.state, name, token, resume=resume)
 
     # -- presync: qemu-nbd on Unix sockets in a private folder
 
     async def presync_open(self, disks: list[dict[str, Any]],
                            opts: MigrateOptions) -> dict[str, dict[str, Any]]:
-        self._presync_dir = Path(tempfile.mkdtemp(prefix="vmferry-presync-"))
+        self._presync_dir = Path(tempfile.mkdtemp(prefix=presync_target.RUN_DIR_PREFIX))
         # the images it creates are recorded in the destination state
         # directory first, so 'vmferry recover' can remove them if this
         # process dies (its qemu-nbd dies with it)

@@ -134,6 +134,8 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                   progress: Optional[Callable[[Any], None]] = None) -> PresyncResult:
     """Copy (or refresh) the destination images of NAME's disks while it runs."""
     from vmferry.migration.destination import destination_spec
+    from vmferry.migration.journal import refuse_if_interrupted
+    refuse_if_interrupted(state, name)
     rec = state.load(name)
     if rec.pid is None:
         raise UsageError(f"{name} is not running: presync copies a running VM's disks")

@@ -16,6 +16,7 @@ import errno
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from vmferry.migration.destination import file_id
 from vmferry.migration.incoming import Policy, create_image, image_size, orphaned
 
 START_TIMEOUT = 10.0
+RUN_DIR_PREFIX = "vmferry-presync-"
 TLS_ID = "vmferry-tls"
 _SEQ = itertools.count(1)
 
@@ -204,7 +206,8 @@ class PresyncTarget:
         if self.record is not None:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.record.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created}))
+            tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+                                       "run_dir": str(self.run_dir or "")}))
             os.replace(tmp, self.record)
 
     def _drop_record(self) -> None:
@@ -218,6 +221,7 @@ class PresyncTarget:
         per node, where the image is served, whether it was created, and why
         its record does not hold ('' when it does)."""
         out: dict[str, dict[str, Any]] = {}
+        self._save_record()      # its socket folder, should this process die
         if len({d["node"] for d in disks}) != len(disks) or \
                 len({os.path.realpath(d["dest_path"]) for d in disks}) != len(disks):
             raise UsageError("presync names a disk or a destination image twice")
@@ -305,6 +309,10 @@ def reap_orphans(folder: Path, owner: Optional[int] = None) -> list[str]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 removed.append(str(path))
+        run_dir = rec.get("run_dir")
+        if isinstance(run_dir, str) and os.path.basename(run_dir).startswith(RUN_DIR_PREFIX):
+            # a local presync's private socket folder (see LocalDestination)
+            shutil.rmtree(run_dir, ignore_errors=True)
         rec_path.unlink(missing_ok=True)
     return removed
 

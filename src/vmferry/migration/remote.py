@@ -25,6 +25,8 @@ from vmferry.migration.options import MigrateOptions, parse_tcp_uri
 from vmferry.migration.source import DiskPlan
 
 CONNECT_TIMEOUT = 30.0
+PROBE_STATES = ("running", "resumed-gone", "busy", "completed", "incoming", "absent",
+                "unknown")
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 
@@ -216,7 +218,7 @@ class RemoteDestination(Destination):
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                       accel: Optional[str] = None,
-                      presynced: frozenset[str] = frozenset()) -> Prepared:
+                      presynced: frozenset[str] = frozenset(), token: str = "") -> Prepared:
         dspec = destination_spec(spec, opts)
         tls_dir = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
         ch = await self._connect(opts)
@@ -235,7 +237,7 @@ class RemoteDestination(Destination):
             options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
                      "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
                      "parallel_connections": opts.parallel_connections, "tls": opts.tls},
-            accel=accel, presynced=sorted(presynced),
+            accel=accel, presynced=sorted(presynced), token=token,
             nbd={"address": listen or dhost, "port": dport},
             migrate={"address": listen or mhost, "port": mport})
         for d in disks:
@@ -289,14 +291,16 @@ class RemoteDestination(Destination):
     # -- recovery: the agent undid an unfinished migration when the source
     #    process that drove it went away; it only has to say where NAME is
 
-    async def probe(self, name: str, opts: MigrateOptions) -> str:
+    async def probe(self, name: str, token: str, opts: MigrateOptions) -> str:
         try:
             ch = await self._connect(opts)
-            r = await asyncio.wait_for(ch.call("probe", name=name), CONNECT_TIMEOUT)
-        except (MigrationError, UsageError, protocol.ProtocolError, asyncio.TimeoutError):
+            r = await asyncio.wait_for(ch.call("probe", name=name, token=token),
+                                       CONNECT_TIMEOUT)
+        except (MigrationError, UsageError, protocol.ProtocolError, asyncio.TimeoutError,
+                OSError):
             return "unknown"
         state = r.get("state")
-        return state if state in ("absent", "incoming", "completed", "running") else "unknown"
+        return state if state in PROBE_STATES else "unknown"
 
     # -- presync: the agent serves the images with qemu-nbd on its address
 
