@@ -37,6 +37,8 @@ cdef extern from "vmferry.h" nogil:
         int no_zero_detect
         int force_multi_conn
         uint64_t rate
+        uint64_t range_start
+        uint64_t range_end
 
     struct vf_counters:
         uint64_t total
@@ -44,6 +46,7 @@ cdef extern from "vmferry.h" nogil:
         uint64_t written
         uint64_t zeroed
         uint64_t skipped
+        uint64_t done_below
 
     struct vf_copy:
         pass
