@@ -75,7 +75,7 @@ def test_hello_reports_versions_and_capabilities(agent, tmp_path):
     info = agent.hello()
     assert info["protocol"] == 1
     assert info["accel"] in ("kvm", "tcg")
-    assert info["storage_roots"] == [str(tmp_path / "state")]
+    assert info["storage_roots"] == [str(tmp_path / "state" / "images")]
     assert agent.call("ping")["ok"]
     rc, err = agent.close()
     assert rc == 0 and "Traceback" not in err
@@ -149,7 +149,7 @@ def test_disk_outside_storage_roots_is_refused(agent, tmp_path):
 def test_kernel_outside_storage_roots_is_refused(agent, tmp_path):
     """QEMU would load it into the guest's memory, for the guest to read."""
     agent.hello()
-    disk = tmp_path / "state" / "d.img"
+    disk = tmp_path / "state" / "images" / "d.img"
     spec = VMSpec(name="inc1", memory=64 << 20, kernel="/etc/hostname",
                   initrd="/etc/passwd", disks=(DiskSpec(path=str(disk), format="raw"),))
     r = agent.call("prepare", spec=spec.to_toml(), disks=_disks(),
@@ -163,7 +163,7 @@ def test_kernel_outside_storage_roots_is_refused(agent, tmp_path):
 
 def test_existing_image_is_not_overwritten_unless_asked(agent, tmp_path):
     agent.hello()
-    disk = tmp_path / "state" / "d.img"
+    disk = tmp_path / "state" / "images" / "d.img"
     disk.parent.mkdir(parents=True)
     disk.write_bytes(b"keep" * (4 << 20))
     r = agent.call("prepare", spec=_spec(tmp_path, disk), disks=_disks(),
@@ -224,7 +224,7 @@ def test_silent_source_is_given_up_after_its_keepalive(tmp_path):
     a = Agent(tmp_path / "state")
     try:
         assert a.call("hello", protocol=1, version="t", keepalive=0.5)["ok"]
-        disk = tmp_path / "state" / "d.img"
+        disk = tmp_path / "state" / "images" / "d.img"
         r = a.call("prepare", spec=_spec(tmp_path, disk), disks=_disks(),
                    options={"create_disks": True}, accel="tcg",
                    nbd={"address": "127.0.0.1"}, migrate={"address": "127.0.0.1"})
@@ -243,7 +243,7 @@ def test_spec_that_reaches_past_the_roots_is_refused(agent, tmp_path):
     """extra_args would put anything on the destination's QEMU command line, and
     every disk the destination QEMU opens must be under the roots, copied or not."""
     agent.hello()
-    inside = tmp_path / "state" / "d.img"
+    inside = tmp_path / "state" / "images" / "d.img"
     spec = VMSpec(name="inc1", memory=64 << 20, extra_args=("-drive", "file=/etc/shadow"),
                   disks=(DiskSpec(path=str(inside), format="raw"),)).to_toml()
     r = agent.call("prepare", spec=spec, disks=_disks(), options={"create_disks": True})

@@ -27,7 +27,7 @@ from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
 from vmferry.errors import UsageError, VmferryError
-from vmferry.migration.incoming import DEFAULT_PORTS, Incoming, Network, Policy
+from vmferry.migration.incoming import DEFAULT_PORTS, IMAGES, Incoming, Network, Policy
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan
 from vmferry.vm.state import StateDir
@@ -48,6 +48,11 @@ class AgentConfig:
     # extra QEMU arguments from a source's spec reach this host's QEMU command
     # line unchecked: only where the operator says so
     allow_extra_args: bool = False
+
+    def policy(self, protect_existing: bool = True) -> Policy:
+        """Images under the roots only, and never among the agent's own files."""
+        return Policy(storage_roots=self.storage_roots, protect_existing=protect_existing,
+                      state_dir=str(self.state.path))
 
 
 def _log(text: str) -> None:
@@ -102,6 +107,9 @@ class Session:
                 task = asyncio.ensure_future(self._answer(writer, frame))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                if isinstance(frame, dict) and frame.get("op") == "hello":
+                    # its keepalive must govern the very next wait, not the one after
+                    await asyncio.gather(task, return_exceptions=True)
         finally:
             for task in list(self._tasks):
                 # let a phase in progress end before undoing it
@@ -203,18 +211,27 @@ class Session:
         accel = a.get("accel", str, None)
         if accel not in (None, "kvm", "tcg"):
             raise ProtocolError("accel must be kvm or tcg")
-        presynced = frozenset(a.get("presynced", list, []))
+        presynced = a.get("presynced", list, [])
+        if not all(isinstance(n, str) for n in presynced):
+            raise ProtocolError("prepare: presynced is a list of disk nodes")
         nbd = self._listen(Args("prepare nbd", a.get("nbd", dict, {})))
         mig = self._listen(Args("prepare migrate", a.get("migrate", dict, {})))
         async with self._busy:
             if self.incoming is not None:
                 raise UsageError("this connection has already prepared a migration")
             tls_dir = self.cfg.pki.qemu_dir("server") if opts.tls else None
-            self.incoming = Incoming(self.cfg.state, network=Network(
+            incoming = Incoming(self.cfg.state, network=Network(
                 tcp=True, nbd=nbd, migrate=mig, tls_dir=tls_dir),
-                policy=Policy(storage_roots=self.cfg.storage_roots, protect_existing=True))
-            prepared = await self.incoming.prepare(spec, disks, opts, accel=accel,
-                                                   presynced=presynced)
+                policy=self.cfg.policy())
+            try:
+                prepared = await incoming.prepare(spec, disks, opts, accel=accel,
+                                                  presynced=frozenset(presynced))
+            except BaseException:
+                # a refused or failed prepare leaves nothing behind, and the
+                # connection free to prepare again
+                await incoming.abort()
+                raise
+            self.incoming = incoming
         return {"nbd": prepared.nbd_server, "migrate_uri": prepared.migrate_uri,
                 "exports": prepared.exports, "dest_paths": prepared.dest_paths,
                 "fresh": sorted(prepared.fresh)}
@@ -262,7 +279,7 @@ class Session:
                 raise UsageError("this connection already serves a presync")
             from vmferry.migration.presync_target import PresyncTarget
             self.presync = PresyncTarget(
-                Policy(storage_roots=self.cfg.storage_roots, protect_existing=True),
+                self.cfg.policy(),
                 tcp=(address, self.cfg.ports),
                 tls_dir=self.cfg.pki.qemu_dir("server") if tls else None,
                 record_dir=self.cfg.state.path)
@@ -294,7 +311,7 @@ class Session:
         for node, item in a.get("disks", dict).items():
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                 raise ProtocolError("presync_check: disks map nodes to [path, generation]")
-            Policy(storage_roots=self.cfg.storage_roots).check_path("image", item[0])
+            presync_target.check_paths(self.cfg.policy(False), item[0])
             out[node] = presync_target.check(item[0], item[1])
         return {"disks": out}
 
@@ -305,7 +322,7 @@ class Session:
         for path in paths:
             if not isinstance(path, str):
                 raise ProtocolError("presync_forget: paths are strings")
-            Policy(storage_roots=self.cfg.storage_roots).check_path("image", path)
+            presync_target.check_paths(self.cfg.policy(False), path)
         for path in paths:
             presync_target.forget(path)
         return {}
@@ -465,7 +482,7 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
                 ports: Optional[tuple[int, int]] = None) -> AgentConfig:
     """Settings from the command line, else from STATE/agent.toml (what an
     ssh:// source gets, as it cannot pass options to the agent):
-        storage_roots = ["/srv/images"]     # default: the state directory alone
+        storage_roots = ["/srv/images"]     # default: STATE/images alone
         pki = "/etc/pki"                    # default: /etc/pki
         port_range = [49152, 49215]
         allow_extra_args = false            # a source spec's extra QEMU arguments
@@ -496,6 +513,8 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
     allow = data.get("allow_extra_args", False)
     if not isinstance(allow, bool):
         raise UsageError(f"{conf}: allow_extra_args must be true or false")
-    roots = [os.path.abspath(r) for r in roots] or [str(state.path)]
+    # The default root is a folder of the state directory, not all of it: the
+    # rest holds the agent's records and this file, which no source may write.
+    roots = [os.path.abspath(r) for r in roots] or [str(state.path / IMAGES)]
     return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir), ports=ports,
                        allow_extra_args=allow)

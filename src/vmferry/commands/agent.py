@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "STATE-DIR/agent.toml, else /etc/pki)")
     p.add_argument("--storage-root", action="append", default=[], metavar="DIR",
                    help="a folder incoming disk images may be written under (repeatable; "
-                        "default: storage_roots of STATE-DIR/agent.toml, else STATE-DIR)")
+                        "default: storage_roots of STATE-DIR/agent.toml, else STATE-DIR/images; never "
+                        "the rest of STATE-DIR, which holds the agent's own records)")
     p.add_argument("--port-range", metavar="LO-HI",
                    help="TCP ports for disk and migration data (default: port_range of "
                         "STATE-DIR/agent.toml, else 49152-49215)")
@@ -74,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         server.check_stdio()              # before anything is reaped or spawned
     # An agent that died before us (and its reaper) left these behind.
     try:
-        asyncio.run(reap_orphans(state))
+        asyncio.run(reap_orphans(state, cfg.storage_roots))
     finally:
-        presync_target.reap_orphans(state.path)
-    reaper.spawn(str(state.path))
+        presync_target.reap_orphans(state.path, cfg.storage_roots)
+    reaper.spawn(str(state.path), cfg.storage_roots)
     if args.stdio:
         asyncio.run(server.serve_stdio(cfg))
     else:
