@@ -16,13 +16,12 @@ import os
 import re
 import signal
 import socket
-import ssl
 import stat
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from vmferry.agent import protocol, transport
+from vmferry.agent import listener, protocol, transport
 from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
@@ -419,50 +418,23 @@ async def serve_tls(cfg: AgentConfig, host: str, port: int,
                     ready: Optional[Callable[[], None]] = None) -> None:
     """A long-running agent: every connection must present a client
     certificate signed by the CA, or the handshake fails and no request is
-    ever read."""
+    ever read (listener.py bounds what such peers may hold)."""
     ctx = cfg.pki.server_context()
-    loop = asyncio.get_running_loop()
+    socks = listener.listen(host, port)
 
-    async def handshake(raw: asyncio.Transport) -> None:
-        # The handshake is ours rather than asyncio's, so that a refused peer
-        # (no certificate, a stranger's, plain TCP) is logged, not ignored.
-        peer = raw.get_extra_info("peername")
-        who = peer[0] if peer else "?"
-        reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 8)
-        proto = asyncio.StreamReaderProtocol(reader)
-        try:
-            tls = await loop.start_tls(raw, proto, ctx, server_side=True,
-                                       ssl_handshake_timeout=10)
-        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
-            _log(f"refused a connection from {who}: {_tls_reason(e)}")
-            raw.abort()
-            return
-        proto.connection_made(tls)
-        writer = asyncio.StreamWriter(tls, proto, reader, loop)
-        local = tls.get_extra_info("sockname")
-        cert = tls.get_extra_info("peercert") or {}
-        subject = dict(x[0] for x in cert.get("subject", ()) if x)
-        _log(f"connection from {who} ({subject.get('commonName', 'no name')})")
-        await Session(cfg, local[0] if local else None).serve(reader, writer)
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      local: str) -> None:
+        await Session(cfg, local or None).serve(reader, writer)
 
-    class Accept(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            # Not one byte may be read before the TLS layer is in place.
-            transport.pause_reading()
-            loop.create_task(handshake(transport))
-
-    server = await loop.create_server(Accept, host, port)
-    _log(f"listening on {host}:{port} (mutual TLS, certificates in {cfg.pki.dir})")
-    if ready:
-        ready()
-    async with server:
-        await _until_signal(server.serve_forever())
-
-
-def _tls_reason(e: BaseException) -> str:
-    if isinstance(e, asyncio.TimeoutError):
-        return "no TLS handshake within 10 s"
-    return getattr(e, "reason", None) or str(e) or type(e).__name__
+    try:
+        _log(f"listening on {host}:{port} (mutual TLS, certificates in {cfg.pki.dir})")
+        if ready:
+            ready()
+        await _until_signal(listener.Listener(ctx, session, _log,
+                                              protocol.MAX_FRAME + 8).serve(socks))
+    finally:
+        for s in socks:
+            s.close()
 
 
 async def _until_signal(work: Awaitable[None]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from vmferry.errors import UsageError
@@ -46,16 +47,19 @@ def _port_range(text: str) -> tuple[int, int]:
 
 def _host_port(text: str) -> tuple[str, int]:
     from vmferry.agent.server import DEFAULT_TLS_PORT
-    host, sep, port = text.rpartition(":")
-    if not sep or "]" in port or (text.count(":") > 1 and not text.startswith("[")):
-        host, port = text, ""           # no port, or a bare IPv6 address
-    host = host.strip("[]")
+    m = re.fullmatch(r"\[([^\[\]]+)\](?::([0-9]+))?", text)    # [IPv6] or [IPv6]:PORT
+    if m:
+        host, port = m.group(1), m.group(2) or ""
+    elif text.count(":") > 1 or ":" not in text:
+        host, port = text, ""           # a bare IPv6 address, or no port
+    else:
+        host, _, port = text.partition(":")
     try:
         p = int(port) if port else DEFAULT_TLS_PORT
     except ValueError:
         p = 0
-    if not host or not 1 <= p <= 65535:
-        raise UsageError(f"--listen {text!r}: use HOST or HOST:PORT")
+    if not host or "[" in host or "]" in host or not 1 <= p <= 65535:
+        raise UsageError(f"--listen {text!r}: use HOST, HOST:PORT or [IPV6]:PORT")
     return host, p
 
 
