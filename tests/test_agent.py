@@ -4,63 +4,18 @@ unfinished migration prepared is removed when the source goes away, even
 when the agent itself is killed."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from agent_peer import VMFERRY, Agent
 from migrate_helpers import qemu_pids
 from vmferry.vm.spec import DiskSpec, VMSpec
-
-VMFERRY = [sys.executable, "-m", "vmferry"]
-
-
-class Agent:
-    def __init__(self, state: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(VMFERRY + ["--state-dir", str(state), "agent", "--stdio",
-                                                *extra],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        self.next_id = 0
-
-    def send_raw(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def send(self, obj) -> None:
-        body = json.dumps(obj).encode()
-        self.send_raw(struct.pack(">I", len(body)) + body)
-
-    def recv(self):
-        head = self.proc.stdout.read(4)
-        if len(head) < 4:
-            return None
-        (n,) = struct.unpack(">I", head)
-        return json.loads(self.proc.stdout.read(n))
-
-    def call(self, op, **args):
-        self.next_id += 1
-        self.send({"id": self.next_id, "op": op, "args": args})
-        reply = self.recv()
-        assert reply["id"] == self.next_id
-        return reply
-
-    def hello(self):
-        r = self.call("hello", protocol=1, version="test", keepalive=30)
-        assert r["ok"], r
-        return r["result"]
-
-    def close(self) -> tuple[int, str]:
-        self.proc.stdin.close()
-        rc = self.proc.wait(30)
-        return rc, self.proc.stderr.read().decode()
-
 
 @pytest.fixture
 def agent(tmp_path):

@@ -3,8 +3,9 @@
 Before its handshake a peer is nobody, so what it may hold is bounded: a
 few seconds to finish the handshake, and a place among at most
 `pending_cap()` unauthenticated connections — a newcomer evicts the oldest
-one, so a real source is let in at once however many idle sockets an
-attacker keeps open.  When the process runs out of descriptors anyway
+one that has not said a word yet (else the oldest of all), so a real
+source, whose TLS hello comes at once, is let in however many idle sockets
+an attacker keeps open or opens in a burst.  When the process runs out of descriptors anyway
 (EMFILE/ENFILE) the loop evicts, or else backs off, and says so once per
 interval: asyncio's own server would retry and log a traceback per attempt.
 """
@@ -108,7 +109,8 @@ class Listener:
         self.say = log                 # what every authenticated session gets
         self.log = Throttle(log)       # what a flood gets
         self.cap = cap or pending_cap()
-        self.pending: dict[asyncio.Task, str] = {}       # oldest first
+        self.pending: dict[asyncio.Task, str] = {}       # unauthenticated, oldest first
+        self.silent: set[asyncio.Task] = set()            # of those, no byte sent yet
         self.sessions: set[asyncio.Task] = set()
 
     async def serve(self, socks: list[socket.socket]) -> None:
@@ -136,26 +138,47 @@ class Listener:
                 self._evict_oldest(f"{self.cap} connections were waiting for a TLS handshake")
             task = loop.create_task(self._handshake(conn, who))
             self.pending[task] = who
-            task.add_done_callback(lambda t: self.pending.pop(t, None))
+            self.silent.add(task)
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task) -> None:
+        self.pending.pop(task, None)
+        self.silent.discard(task)
 
     def _evict_oldest(self, why: str) -> bool:
-        for task, who in self.pending.items():
-            if not task.done():
-                task.cancel()
-                self.pending.pop(task)
-                self.log("evicted", f"dropped a connection from {who} before its TLS "
-                                    f"handshake: {why}")
-                return True
-        return False
+        live = [t for t in self.pending if not t.done()]
+        victims = [t for t in live if t in self.silent] or live
+        if not victims:
+            return False
+        task = victims[0]
+        task.cancel()
+        who = self.pending.pop(task)
+        self.silent.discard(task)
+        self.log("evicted", f"dropped a connection from {who} before its TLS handshake: "
+                            f"{why}")
+        return True
 
     async def _handshake(self, conn: socket.socket, who: str) -> None:
         loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await asyncio.wait_for(_readable(conn), HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            conn.close()
+            self.log("refused", f"refused a connection from {who}: no TLS handshake "
+                                f"within {HANDSHAKE_TIMEOUT:g} s")
+            return
+        except BaseException:
+            conn.close()            # evicted, or the agent is stopping
+            raise
+        self.silent.discard(asyncio.current_task())
         reader = asyncio.StreamReader(limit=self.frame_limit)
         proto = asyncio.StreamReaderProtocol(reader)
         try:
             # asyncio closes the socket itself if this fails or is cancelled
             tls, _ = await loop.connect_accepted_socket(
-                lambda: proto, conn, ssl=self.ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                lambda: proto, conn, ssl=self.ctx,
+                ssl_handshake_timeout=max(0.1, HANDSHAKE_TIMEOUT - (loop.time() - start)))
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
             self.log("refused", f"refused a connection from {who}: {_reason(e)}")
             return
@@ -167,6 +190,17 @@ class Listener:
         local = tls.get_extra_info("sockname")
         writer = asyncio.StreamWriter(tls, proto, reader, loop)
         await self.session(reader, writer, str(local[0]) if local else "")
+
+
+async def _readable(conn: socket.socket) -> None:
+    """Until CONN has bytes to read (or its peer closed it)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
 
 
 def _reason(e: BaseException) -> str:

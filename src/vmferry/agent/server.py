@@ -33,7 +33,9 @@ from vmferry.vm.state import StateDir
 
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
 _NODE_RE = re.compile(r"disk[0-9]{1,3}")
+_EXPORT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")      # NBD export names: the node's
 # MigrateOptions fields a source may set on the destination
+_EOF = object()             # not None: a frame of JSON null is a frame, and answered
 WIRE_OPTIONS = {"copy_storage": str, "create_disks": bool, "overwrite_disks": bool,
                 "postcopy": bool, "parallel_connections": int, "tls": bool}
 
@@ -101,7 +103,7 @@ class Session:
                 except (ConnectionError, OSError):
                     why = "the connection to the source broke"
                     break
-                if frame is None:
+                if frame is _EOF:
                     break
                 task = asyncio.ensure_future(self._answer(writer, frame))
                 self._tasks.add(task)
@@ -123,9 +125,9 @@ class Session:
             writer.close()
 
     async def _next(self, reader: asyncio.StreamReader) -> Any:
-        """The next frame, or None at the end of the stream or once "bye" is
-        answered (the source may keep its end open a moment longer)."""
-        read = asyncio.ensure_future(protocol.read_frame(reader))
+        """The next frame, or _EOF at the end of the stream or once "bye"
+        is answered (the source may keep its end open a moment longer)."""
+        read = asyncio.ensure_future(protocol.read_frame(reader, eof=_EOF))
         bye = asyncio.ensure_future(self._bye.wait())
         try:
             await asyncio.wait({read, bye}, return_when=asyncio.FIRST_COMPLETED)
@@ -133,7 +135,7 @@ class Session:
             bye.cancel()
             if not read.done():
                 read.cancel()
-        return read.result() if read.done() and not read.cancelled() else None
+        return read.result() if read.done() and not read.cancelled() else _EOF
 
     async def _send(self, writer: asyncio.StreamWriter, obj: Any) -> None:
         async with self._send_lock:
@@ -198,7 +200,10 @@ class Session:
     async def op_prepare(self, a: Args) -> dict[str, Any]:
         a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate")
         from vmferry.vm.spec import parse_spec
-        spec = parse_spec(a.get("spec", str), source="the source's VM spec")
+        try:
+            spec = parse_spec(a.get("spec", str), source="the source's VM spec")
+        except RecursionError:
+            raise ProtocolError("prepare: the VM spec is nested too deeply") from None
         disks = [_disk_plan(d, spec) for d in a.get("disks", list)]
         if len({d.node for d in disks}) != len(disks):
             raise ProtocolError("prepare: a disk is named twice")
@@ -347,11 +352,12 @@ def _disk_plan(d: Any, spec: Any) -> DiskPlan:
     fmt = a.get("fmt", str)
     if fmt not in ("raw", "qcow2"):
         raise ProtocolError(f"prepare: format {fmt!r} is not raw or qcow2")
-    size = a.get("size", int)
-    if size < 0:
-        raise ProtocolError("prepare: a disk size is negative")
+    size = _size(a, "prepare")
+    export = a.get("export", str)
+    if not _EXPORT_RE.fullmatch(export):
+        raise ProtocolError(f"prepare: {export[:80]!r} is not an NBD export name")
     return DiskPlan(node=node, path=a.get("path", str), fmt=fmt, size=size,
-                    export=a.get("export", str), backing=a.get("backing", str, None),
+                    export=export, backing=a.get("backing", str, None),
                     backing_fmt=a.get("backing_fmt", str, None),
                     source_id=a.get("source_id", str, None))
 
@@ -365,12 +371,17 @@ def _presync_disk(d: Any) -> dict[str, Any]:
     node = a.get("node", str)
     if not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}":
         raise ProtocolError(f"presync_open: {node!r} is not a disk node")
-    size = a.get("size", int)
-    if size < 0:
-        raise ProtocolError("presync_open: a disk size is negative")
+    size = _size(a, "presync_open")
     return {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
             "generation": a.get("generation", int, None),
             "source_id": a.get("source_id", str, None)}
+
+
+def _size(a: Args, op: str) -> int:
+    size = a.get("size", int)
+    if not 0 <= size < 1 << 63:        # QEMU's and the file system's limit
+        raise ProtocolError(f"{op}: disk size {size} is not 0 to 2^63 - 1 bytes")
+    return size
 
 
 def _options(a: Args) -> MigrateOptions:

@@ -55,6 +55,7 @@ class Network:
 # default storage root): everything else there is the agent's own records and
 # config, which a source that could write them could turn against the host.
 IMAGES = "images"
+NAME_MAX = 255                  # bytes in one path component (Linux)
 
 
 @dataclasses.dataclass
@@ -69,6 +70,14 @@ class Policy:
     def check_path(self, what: str, path: str, remedy: str = "map it with --disk-map, or ") -> None:
         if self.storage_roots is None:
             return
+        if "\0" in path or any(len(os.fsencode(part)) > NAME_MAX for part in path.split("/")):
+            raise UsageError(f"{what} {path[:80]!r}{'...' if len(path) > 80 else ''} is not "
+                             f"a usable path (a NUL byte, or a name longer than {NAME_MAX} "
+                             f"bytes)")
+        if not os.path.isabs(path):
+            # relative to whatever the agent's cwd is, and QEMU would read a
+            # "proto:" prefix as a protocol rather than a file
+            raise UsageError(f"{what} {path} is not an absolute path")
         real = os.path.realpath(path)
         if self.state_dir is not None:
             state = os.path.realpath(self.state_dir)
@@ -192,7 +201,8 @@ def create_image(path: str, fmt: str, size: int, backing: Optional[str],
     cmd += [path, str(size)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise UsageError(f"cannot create destination image {path}: {out.stderr.strip()}")
+        lines = out.stderr.strip().splitlines() or ["qemu-img failed"]
+        raise UsageError(f"cannot create destination image {path}: {lines[-1]}")
 
 
 class Incoming:

@@ -216,12 +216,13 @@ class PresyncTarget:
         per node, where the image is served, whether it was created, and why
         its record does not hold ('' when it does)."""
         out: dict[str, dict[str, Any]] = {}
+        for d in disks:
+            check_paths(self.policy, d["dest_path"])
         if len({d["node"] for d in disks}) != len(disks) or \
                 len({os.path.realpath(d["dest_path"]) for d in disks}) != len(disks):
             raise UsageError("presync names a disk or a destination image twice")
         for d in disks:
             path = d["dest_path"]
-            check_paths(self.policy, path)
             if d.get("source_id") and file_id(path) == d["source_id"]:
                 raise UsageError(f"the destination image of {d['node']} is the source's own "
                                  f"file {path}: map it elsewhere with --disk-map")
