@@ -222,6 +222,7 @@ class Incoming:
         self.resumed = False       # Finish resumed the guest here
         self.aborted = False
         self._claim: Optional[tuple[str, str]] = None
+        self.new_state_dir = False   # made by this prepare (with its .lock)
 
     # -- the record that lets someone else clean up after us -------------
 
@@ -306,6 +307,7 @@ class Incoming:
                          presynced: set[str]) -> list[DiskPlan]:
         name = dspec.name
         self.policy.check_name(name)
+        self.new_state_dir = not self.state.path.exists()
         with self.state.lock():
             # Claimed under the state directory's lock: two sources moving a VM
             # of the same name here at once must not share (and then delete)
@@ -489,12 +491,16 @@ class Incoming:
             await self.mon.close()
             self.mon = None
         if self.name is None or self.aborted:
+            if self.new_state_dir:
+                _remove_state_dir(self.state)
             return "destroyed"
         self.aborted = True
         if self.started:
             await stop_vm_async(self.state, self.name, force=True, timeout=5)
             self.started = False
         _remove(self.state, self.name, self.ids, self.dirs, self.new_vm_dir)
+        if self.new_state_dir:
+            _remove_state_dir(self.state)
         self.created.clear()
         self.ids.clear()
         self.dirs.clear()
@@ -533,6 +539,14 @@ def _remove(state: StateDir, name: str, ids: dict[str, list[int]], dirs: list[st
             shutil.rmtree(run, ignore_errors=True)
     else:
         (state.vm_dir(name) / RECORD).unlink(missing_ok=True)
+
+
+def _remove_state_dir(state: StateDir) -> None:
+    """A state directory this prepare made, if nothing but its lock file is in it."""
+    with contextlib.suppress(OSError):
+        if set(os.listdir(state.path)) <= {".lock"}:
+            (state.path / ".lock").unlink(missing_ok=True)
+            state.path.rmdir()
 
 
 def _is_pid(x: Any) -> bool:
