@@ -34,8 +34,8 @@ from vmferry.vm.state import StateDir
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
 _NODE_RE = re.compile(r"disk[0-9]{1,3}")
 _EXPORT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")      # NBD export names: the node's
-# MigrateOptions fields a source may set on the destination
 _EOF = object()             # not None: a frame of JSON null is a frame, and answered
+# MigrateOptions fields a source may set on the destination
 WIRE_OPTIONS = {"copy_storage": str, "create_disks": bool, "overwrite_disks": bool,
                 "postcopy": bool, "parallel_connections": int, "tls": bool}
 
