@@ -56,6 +56,7 @@ class Network:
 # config, which a source that could write them could turn against the host.
 IMAGES = "images"
 NAME_MAX = 255                  # bytes in one path component (Linux)
+_RESERVED = (".json", ".toml", ".tmp")      # agent.toml, presync-*.json and their .tmp
 
 
 @dataclasses.dataclass
@@ -101,10 +102,12 @@ class Policy:
         return True
 
     def check_name(self, name: str) -> None:
-        """A VM folder is the agent's to write: never the images folder."""
-        if self.state_dir is not None and name == IMAGES:
-            raise UsageError(f"a VM cannot be named {IMAGES!r} on this destination: that "
-                             f"folder of its state directory holds images")
+        """A VM folder is the agent's to write, beside its own files: never the
+        images folder, nor a name its config or records (or their temporary
+        files) could have."""
+        if self.state_dir is not None and (name == IMAGES or name.endswith(_RESERVED)):
+            raise UsageError(f"a VM cannot be named {name!r} on this destination: the "
+                             f"agent keeps its images, config and records under such names")
 
 
 def _within(real: str, root: str) -> bool:
