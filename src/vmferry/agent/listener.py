@@ -111,7 +111,6 @@ class Listener:
         self.cap = cap or pending_cap()
         self.pending: dict[asyncio.Task, str] = {}       # unauthenticated, oldest first
         self.silent: set[asyncio.Task] = set()            # of those, no byte sent yet
-        self.sessions: set[asyncio.Task] = set()
 
     async def serve(self, socks: list[socket.socket]) -> None:
         await asyncio.gather(*(self._accept(s) for s in socks))
