@@ -84,8 +84,9 @@ class LocalDestination(Destination):
         return await incoming_mod.probe(self.state, name, token)
 
     async def undo_orphan(self, name: str) -> None:
-        await incoming_mod.reap_orphans(self.state, name=name)
-        presync_target.reap_orphans(self.state.path)
+        # a same-host destination: the user's own files, no storage roots
+        await incoming_mod.reap_orphans(self.state, None, name=name)
+        presync_target.reap_orphans(self.state.path, None)
 
     async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
         return await incoming_mod.finish_orphan(self.state, name, token, resume=resume)
