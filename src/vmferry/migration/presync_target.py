@@ -323,8 +323,11 @@ def reap_orphans(folder: Path, roots: Optional[list[str]],
     removed: list[str] = []
     policy = Policy(storage_roots=roots, state_dir=str(folder))
     for rec_path, rec in orphaned(sorted(folder.glob("presync-*.json")), owner):
-                                       "ids": self.ids, "dirs": self.dirs,
-                                       "run_dir": str(self.run_dir or "")}))
+        removed += remove_made(rec.get("ids", {}), rec.get("dirs", []), policy)
+        run_dir = rec.get("run_dir")
+        if isinstance(run_dir, str) and os.path.basename(run_dir).startswith(RUN_DIR_PREFIX):
+            # a local presync's private socket folder (see LocalDestination)
+            shutil.rmtree(run_dir, ignore_errors=True)
         rec_path.unlink(missing_ok=True)
     return removed
 
