@@ -264,14 +264,19 @@ class Session:
         return {"state": state}
 
     async def op_abort(self, a: Args) -> dict[str, Any]:
-        a.only()
-        return {"outcome": await self._abort()}
+        a.only("keep")
+        keep = a.get("keep", dict, None)
+        if keep is not None and not all(
+                isinstance(n, str) and _NODE_RE.fullmatch(n) and isinstance(g, int)
+                and not isinstance(g, bool) and 0 < g < 1 << 62 for n, g in keep.items()):
+            raise ProtocolError("abort: keep maps disk nodes to presync generations")
+        return {"outcome": await self._abort(keep)}
 
-    async def _abort(self) -> str:
+    async def _abort(self, keep: Optional[dict[str, int]] = None) -> str:
         async with self._busy:
             if self.incoming is None:
                 return "destroyed"
-            return await self.incoming.abort()
+            return await self.incoming.abort(keep)
 
     # -- presync: the images served by qemu-nbd on this host's address
 
@@ -322,15 +327,16 @@ class Session:
         return {"disks": out}
 
     async def op_presync_forget(self, a: Args) -> dict[str, Any]:
-        a.only("paths")
+        a.only("paths", "discard")
         from vmferry.migration import presync_target
         paths = a.get("paths", list)
+        discard = a.get("discard", bool, False)
         for path in paths:
             if not isinstance(path, str):
                 raise ProtocolError("presync_forget: paths are strings")
             presync_target.check_paths(self.cfg.policy(False), path)
         for path in paths:
-            presync_target.forget(path)
+            presync_target.forget(path, discard)
         return {}
 
     async def op_probe(self, a: Args) -> dict[str, Any]:

@@ -90,11 +90,15 @@ class Destination(abc.ABC):
         guest's run state."""
 
     @abc.abstractmethod
-    async def abort(self) -> str:
+    async def abort(self, keep: Optional[dict[str, int]] = None) -> str:
         """Undo Prepare: stop the destination QEMU and remove what it created.
         Returns "destroyed"; "running" when Finish already resumed the guest
         there (nothing is undone then); "unknown" when the destination cannot
-        be reached to tell."""
+        be reached to tell.  KEEP: node -> presync generation of the images
+        to keep as partial copies; "kept" when they were (Incoming.abort)."""
+
+    async def connect(self, opts: MigrateOptions) -> None:
+        """Reach the destination now (requests that need no Prepare)."""
 
     async def close(self) -> None:
         """The migration is over, one way or the other: release the channel."""
@@ -113,9 +117,13 @@ class Destination(abc.ABC):
         incoming.probe); "unknown" when the destination cannot be asked."""
         return "unknown"
 
-    async def undo_orphan(self, name: str) -> None:
+    async def undo_orphan(self, name: str,
+                          keep: Optional[dict[str, tuple[str, int, str]]] = None) -> bool:
         """Undo what an incoming migration or presync of NAME whose source
-        process died left there (never a guest Finish resumed)."""
+        process died left there (never a guest Finish resumed).  KEEP: image
+        path -> (node, presync generation, format) to keep as partial copies;
+        True when they were (incoming.keep_images)."""
+        return False
 
     async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
         """Finish an incoming migration of NAME that received everything;
@@ -144,5 +152,5 @@ class Destination(abc.ABC):
         """node -> '' if the image at PATH still holds presync GENERATION, else why."""
         return {node: "the destination cannot tell" for node in items}
 
-    async def presync_forget(self, paths: list[str]) -> None:
-        """Drop the records beside these images."""
+    async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
+        """Drop the records beside these images (DISCARD: the images too)."""

@@ -32,11 +32,6 @@ STALL_ITERATIONS = 3
 ESCALATE_MAX = 16
 
 
-def presync_bitmap() -> str:
-    from vmferry.migration.presync import BITMAP
-    return BITMAP
-
-
 class Phase(enum.Enum):
     BEGIN = "begin"
     PREPARE = "prepare"
@@ -356,12 +351,13 @@ class Migration:
 
     async def prepare(self) -> None:
         self._enter(Phase.PREPARE)
-        self._on_undo("destroy destination", self.dest.abort)
+        self._on_undo("destroy destination", self._abort_destination)
         self.prepared = await self.dest.prepare(
             self.spec, self.disks, self.opts, accel=self.accel,
             presynced=frozenset(self.presynced),
             token=self.journal.token if self.journal is not None else "")
         p = self.prepared
+        self._record("destination", paths=p.dest_paths)
         self.info.destination = repr(self.dest)
         srv = p.nbd_server
         self.info.disks_address = (f"{srv.get('host')}:{srv.get('port')}" if srv.get("host")
@@ -417,27 +413,26 @@ class Migration:
             self._publish()
 
         self.info.disk_total = sum(d.size for d in self.disks)
+        from vmferry.migration import presync
         sock = self.qmp_socket.parent / "vmferry-nbd.sock"
-        self._record("native", socket=str(sock), bitmap=presync_bitmap() if self.presynced
-                     else None, presynced=sorted(self.presynced))
-        if self.presynced:
-            from vmferry.migration import presync
-            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
-                                        bitmap=presync.BITMAP, existing=True,
-                                        record=self._record, rate=self.opts.disk_rate())
-
-            async def forget() -> None:
-                # the destination images changed under the records: next time,
-                # copy in full rather than trust them
-                await presync.forget(self.presync_state, self.name, self.dest)
-            self._on_undo("drop presync records", forget)
-        else:
-            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
-                                        record=self._record, rate=self.opts.disk_rate())
+        # The bitmap is presync's: should the migration fail, what it copied so
+        # far stays on the destination as a presync would have left it
+        # (_abort_destination), and the next presync or migration moves the rest.
+        resumable = self.presync_state is not None and self.dest.presync_ok
+        self._record("native", socket=str(sock), bitmap=presync.BITMAP,
+                     presynced=sorted(self.presynced), resumable=resumable)
+        self.native = NativeStorage(
+            self.mon, self.disks, self.prepared, sock, progress, bitmap=presync.BITMAP,
+            existing=bool(self.presynced), resumable=resumable,
+            valid={d.node: presync.valid_below(self.presynced[d.node], d.size)
+                   for d in self.disks if d.node in self.presynced},
+            note=self.journal.note_valid if self.journal is not None else None,
+            record=self._record, rate=self.opts.disk_rate())
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
         await self.native.start()
         if self.presynced:
-            await self.native.pass_dirty()       # only what changed since presync
+            # only what changed since, and what an interrupted copy never got
+            await self.native.pass_dirty(rest=True)
         else:
             fresh = all(d.node in self.prepared.fresh for d in self.disks)
             await self.native.pass_all(fresh)
@@ -571,18 +566,57 @@ class Migration:
                                        not self.opts.suspend)
         self.info.action = self.info.action or f"destination {state}"
 
+    async def _abort_destination(self) -> str:
+        """Undo Prepare, keeping what the native engine copied when it is worth
+        it: the destination vouches for its images first, then the source
+        records how far each copy got (presync.py)."""
+        from vmferry.migration import presync
+        keep = self._partial_copies()
+        generation = presync.next_generation(self.presync_state, self.name) if keep else 0
+        outcome = await self.dest.abort({n: generation for n in keep} if keep else None)
+        if self.native is None or not self.native.resumable:
+            return outcome
+        if outcome == "kept":
+            pid = self.presync_state.read_pid(self.name)
+            presync.write_records(self.presync_state, self.name, generation, {
+                d.node: presync.record(d, self.prepared.dest_paths[d.node], pid, generation,
+                                       keep[d.node]) for d in self.disks})
+            done = sum(keep.values()) / max(1, sum(d.size for d in self.disks))
+            self._warn(f"kept the partial copy on {self.dest!r} ({done:.0%} of the disks "
+                       f"copied): a migration or presync there moves only the rest")
+        else:
+            await self._drop_bitmaps()
+        return outcome
+
+    def _partial_copies(self) -> dict[str, int]:
+        """node -> how far its destination image is a copy, when every disk's
+        copy got somewhere and the destination can keep it; else {}."""
+        n = self.native
+        if n is None or not n.resumable or getattr(self, "prepared", None) is None:
+            return {}
+        valid = {d.node: n.valid.get(d.node, 0) for d in self.disks}
+        return valid if all(valid.values()) else {}
+
+    async def _drop_bitmaps(self) -> None:
+        """No partial copy is kept: the bitmap and any records go (the
+        destination images may have changed under them)."""
+        from vmferry.migration import presync
+        for d in self.disks:
+            await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
+                                   name=presync.BITMAP)
+        if self.presynced:
+            await presync.forget(self.presync_state, self.name, self.dest)
+
     async def confirm(self) -> None:
         """The destination runs the guest now: retire the source."""
         self._enter(Phase.CONFIRM)
         self._undo.clear()
         if self.native is not None:
             await self.native.cleanup()
-        if self.presynced:
-            from vmferry.migration import presync
             # a persistent bitmap would otherwise be saved into the source image
-            for node in self.presynced:
-                await self.mon.try_cmd("block-dirty-bitmap-remove", node=node,
-                                       name=presync.BITMAP)
+            await self._drop_bitmaps()
+        elif self.presynced:
+            from vmferry.migration import presync
             await presync.forget(self.presync_state, self.name, self.dest)
         try:
             await self.mon.try_cmd("quit")

@@ -226,6 +226,7 @@ class Incoming:
         self.exports: list[str] = []
         self.resumed = False       # Finish resumed the guest here
         self.aborted = False
+        self.disks: list[DiskPlan] = []
         # the source's name for this migration (journal.py), written beside the
         # VM before the guest is resumed here: recover's proof that it was
         self.token = ""
@@ -338,6 +339,7 @@ class Incoming:
                       opts: MigrateOptions, *, accel: Optional[str] = None,
                       presynced: set[str] = frozenset(), token: str = "") -> Prepared:
         self.token = token
+        self.disks = disks
         missing = await in_thread(self._claim_and_check, dspec, disks, opts, set(presynced))
         await in_thread(self._create_disks, missing, opts)
         vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True,
@@ -491,9 +493,12 @@ class Incoming:
 
     # -- rollback --------------------------------------------------------
 
-    async def abort(self) -> str:
+    async def abort(self, keep: Optional[dict[str, int]] = None) -> str:
         """Undo Prepare.  Returns "destroyed", or "running" once Finish has
-        resumed the guest here (then nothing is touched)."""
+        resumed the guest here (then nothing is touched).  KEEP: node ->
+        presync generation, images the source keeps as partial copies
+        (flow.py): stopped cleanly, they stay with their record beside them,
+        and it returns "kept" — all of them or none."""
         if self.resumed:
             # resumed here, but a QEMU that died since holds no guest either:
             # then nobody can say which side's state is the one to keep
@@ -507,9 +512,14 @@ class Incoming:
                 _remove_state_dir(self.state)
             return "destroyed"
         self.aborted = True
+        clean = True
         if self.started:
-            await stop_vm_async(self.state, self.name, force=True, timeout=5)
+            stopped = await stop_vm_async(self.state, self.name, force=True, timeout=5)
+            clean = stopped.how in CLEAN_STOPS
             self.started = False
+        kept = await in_thread(keep_images, {p.dest_path: (p.node, keep[p.node], p.fmt)
+                                             for p in self.disks if keep and p.node in keep},
+                               self.name, clean, self.ids)
         _remove(self.state, self.name, self.ids, self.dirs, self.new_vm_dir)
         if self.new_state_dir:
             _remove_state_dir(self.state)
@@ -517,7 +527,7 @@ class Incoming:
         self.ids.clear()
         self.dirs.clear()
         self._release()
-        return "destroyed"
+        return "kept" if kept else "destroyed"
 
 
 # (state dir, VM name) of the incoming migrations this process prepares: the
@@ -539,6 +549,39 @@ def _made_by_presync(image: str) -> bool:
     to write; anything else on the destination is not, unless asked."""
     from vmferry.migration.presync_target import sidecar
     return sidecar(image).exists()
+
+
+# how a QEMU stopped when it wrote back everything it cached
+CLEAN_STOPS = ("powerdown", "quit", "sigterm")
+
+
+def keep_images(keep: dict[str, tuple[str, int, str]], source: str, clean: bool,
+                ids: dict[str, list[int]]) -> bool:
+    """Vouch for KEEP's images (path -> node, presync generation, format) as
+    partial copies: fsynced, with their record beside them, and taken out of
+    IDS so that they are not removed with the rest.  All or none: a qcow2
+    image whose QEMU did not stop cleanly may lack metadata it cached, and
+    then nothing is kept.  Returns whether they were."""
+    from vmferry.migration.presync_target import forget, write_record
+    if not keep or any(fmt != "raw" and not clean for _, _, fmt in keep.values()):
+        return False
+    done = []
+    try:
+        for path, (node, generation, _) in keep.items():
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            write_record(path, source, node, generation)
+            done.append(path)
+    except OSError:
+        for path in done:
+            forget(path)
+        return False
+    for path in keep:
+        ids.pop(path, None)
+    return True
 
 
 def _remove(state: StateDir, name: str, ids: dict[str, list[int]], dirs: list[str],
@@ -600,11 +643,14 @@ def orphaned(records: Iterable[Path], owner: Optional[int] = None) -> list[tuple
 
 
 async def reap_orphans(state: StateDir, roots: Optional[list[str]],
-                       owner: Optional[int] = None, name: Optional[str] = None) -> list[str]:
+                       owner: Optional[int] = None, name: Optional[str] = None,
+                       keep: Optional[dict[str, tuple[str, int, str]]] = None) -> list[str]:
     """Undo every incoming migration in STATE (or only NAME's) whose owner is
     gone (or is OWNER): stop its QEMU, delete the images it created (those
     under ROOTS, None for anywhere, that are still the files it made).
-    Returns the VM names."""
+    KEEP: as for keep_images, for NAME (recover keeping a partial copy);
+    NAME is then in the result only if they were kept.  Returns the VM
+    names."""
     done: list[str] = []
     if not state.path.is_dir():
         return done
@@ -615,11 +661,14 @@ async def reap_orphans(state: StateDir, roots: Optional[list[str]],
             and (name is None or d.name == name)]
     for rec_path, rec in orphaned((d / RECORD for d in dirs), owner):
         vm = rec_path.parent.name
+        clean = False
         if state.read_pid(vm) is not None:
-            await stop_vm_async(state, vm, force=True, timeout=5)
-        _remove(state, vm, rec.get("ids", {}), rec.get("dirs", []),
-                rec.get("new_vm_dir") is True, policy)
-        done.append(vm)
+            clean = (await stop_vm_async(state, vm, force=True, timeout=5)).how in CLEAN_STOPS
+        ids = rec.get("ids", {})
+        kept = keep_images(keep or {}, vm, clean, ids) if vm == name else False
+        _remove(state, vm, ids, rec.get("dirs", []), rec.get("new_vm_dir") is True, policy)
+        if kept or not keep:
+            done.append(vm)
     return done
 
 

@@ -74,6 +74,11 @@ class Journal:
     # what recover needs of the options: suspend, undefine_source, pki_dir
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     resources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # node -> how far the destination image is a copy (the native engine's
+    # first pass), so that recover can keep a partial copy; a stale value
+    # only means more is copied again
+    valid: dict[str, int] = dataclasses.field(default_factory=dict)
+    _saved_valid: float = dataclasses.field(default=0.0, compare=False, repr=False)
     path: Optional[Path] = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -93,7 +98,8 @@ class Journal:
         """Replace the file atomically and make it durable before returning:
         the step it records may take effect right after."""
         assert self.path is not None
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+        data = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("path", "_saved_valid")}
         tmp = self.path.with_name(FILE + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -121,6 +127,14 @@ class Journal:
         item = {"kind": kind, **fields}
         if item not in self.resources:
             self.resources.append(item)
+            self.save()
+
+    def note_valid(self, node: str, valid: int) -> None:
+        """The copy of NODE got this far; written at most once a second."""
+        self.valid[node] = valid
+        now = time.monotonic()
+        if now - self._saved_valid >= 1.0:
+            self._saved_valid = now
             self.save()
 
     def has(self, kind: str) -> list[dict[str, Any]]:
@@ -183,7 +197,7 @@ def load(state: StateDir, name: str) -> Optional[Journal]:
     path = state.vm_dir(name) / FILE
     try:
         data = json.loads(path.read_text())
-        fields = {f.name for f in dataclasses.fields(Journal)} - {"path"}
+        fields = {f.name for f in dataclasses.fields(Journal)} - {"path", "_saved_valid"}
         j = Journal(**{k: v for k, v in data.items() if k in fields})
         if j.kind not in ("migrate", "presync") or j.phase not in PHASES or \
                 not isinstance(j.dest, str) or not isinstance(j.owner, int):

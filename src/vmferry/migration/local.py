@@ -46,9 +46,9 @@ class LocalDestination(Destination):
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
         return await self.incoming.finish(resume=resume)
 
-    async def abort(self) -> str:
+    async def abort(self, keep: Optional[dict[str, int]] = None) -> str:
         await self._stop_watch()
-        return await self.incoming.abort()
+        return await self.incoming.abort(keep)
 
     def lost(self) -> Optional["asyncio.Future[None]"]:
         """Fails when the destination QEMU dies before Finish: with the native
@@ -83,10 +83,12 @@ class LocalDestination(Destination):
     async def probe(self, name: str, token: str, opts: MigrateOptions) -> str:
         return await incoming_mod.probe(self.state, name, token)
 
-    async def undo_orphan(self, name: str) -> None:
+    async def undo_orphan(self, name: str,
+                          keep: Optional[dict[str, tuple[str, int, str]]] = None) -> bool:
         # a same-host destination: the user's own files, no storage roots
-        await incoming_mod.reap_orphans(self.state, None, name=name)
+        done = await incoming_mod.reap_orphans(self.state, None, name=name, keep=keep)
         presync_target.reap_orphans(self.state.path, None)
+        return bool(keep) and done == [name]
 
     async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
         return await incoming_mod.finish_orphan(self.state, name, token, resume=resume)
@@ -118,6 +120,6 @@ class LocalDestination(Destination):
                             opts: MigrateOptions) -> dict[str, str]:
         return {node: presync_target.check(path, gen) for node, (path, gen) in items.items()}
 
-    async def presync_forget(self, paths: list[str]) -> None:
+    async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         for path in paths:
-            presync_target.forget(path)
+            presync_target.forget(path, discard)

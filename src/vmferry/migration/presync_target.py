@@ -10,6 +10,7 @@ its reaper can remove them should the agent be killed (reap_orphans).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -71,7 +72,12 @@ def write_record(image: str, source: str, node: str, generation: int) -> None:
         "identity": identity(image), "time": time.time()}))
 
 
-def forget(image: str) -> None:
+def forget(image: str, discard: bool = False) -> None:
+    """Drop IMAGE's record; with DISCARD, the image too — only one that has
+    a record, i.e. that presync or a kept partial copy wrote."""
+    if discard and sidecar(image).exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)
     sidecar(image).unlink(missing_ok=True)
 
 

@@ -169,9 +169,18 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
 async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
                      dest: Destination) -> str:
     # The destination first: it never ran the guest, and must not hold it
-    # when the source resumes.
-    await dest.undo_orphan(j.name)
-    await _undo_native(state, j, mon, dest)
+    # when the source resumes.  What the native engine copied stays there as a
+    # partial copy where it can (as the live rollback keeps it, flow.py).
+    from vmferry.migration import presync
+    keep = _partial_copies(j) if mon is not None else {}
+    generation = presync.next_generation(state, j.name) if keep else 0
+    paths = next((r["paths"] for r in j.has("destination")), {})
+    fmts = {d["node"]: d["fmt"] for d in j.disks}
+    kept = await dest.undo_orphan(j.name, {paths[n]: (n, generation, fmts[n])
+                                           for n in keep} if keep else None)
+    await _undo_native(state, j, mon, dest, (generation, keep) if kept else None)
+    note = (f" (the partial copy on {j.dest} is kept: a migration or presync there "
+            f"moves only the rest)" if kept else "")
     if mon is None:
         j.close()
         return (f"rolled back: the destination holds nothing of {j.name}, but its QEMU "
@@ -183,31 +192,60 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
         if status in PAUSED:
             await mon.cmd("cont")
     j.close()
-    return f"rolled back: {j.name} runs on this host"
+    return f"rolled back: {j.name} runs on this host{note}"
 
 
 def _disks(j: Journal) -> list[DiskPlan]:
     return [DiskPlan(**d) for d in j.disks]
 
 
+def _partial_copies(j: Journal) -> dict[str, int]:
+    """node -> how far its destination image is a copy (the journal's last
+    word on it), when the native engine ran resumable, a local destination
+    holds the images and every disk's copy got somewhere; else {}."""
+    res = j.has("native")
+    if not res or not res[0].get("resumable") or not j.has("destination") or \
+            not j.dest.startswith("local://"):
+        return {}
+    valid = {d["node"]: int(j.valid.get(d["node"], 0)) for d in j.disks}
+    return valid if valid and all(valid.values()) else {}
+
+
 async def _undo_native(state: StateDir, j: Journal, mon: Optional[Monitor],
-                       dest: Destination) -> None:
-    """The native engine's exports, bitmaps, throttles and NBD server; with
-    a presync's bitmap, its records go (the destination images changed)."""
+                       dest: Destination, kept: Optional[tuple[int, dict[str, int]]] = None
+                       ) -> None:
+    """The native engine's exports, throttles and NBD server.  Its bitmap
+    stays with the records of a partial copy the destination KEPT
+    (generation, node -> valid); otherwise it goes, and so do the records of
+    a presync it used (the destination images changed under them)."""
+    from vmferry.migration import presync
     for res in j.has("native"):
         existing = bool(res.get("presynced"))
         if mon is not None:
             from vmferry.migration.native import NativeStorage
             ns = NativeStorage(mon, _disks(j), None, Path(res["socket"]), lambda snap: None,
-                               bitmap=res.get("bitmap") or "vmferry-dirty", existing=existing)
+                               bitmap=res.get("bitmap") or presync.BITMAP, existing=existing,
+                               resumable=bool(res.get("resumable")))
             ns._server = True
             for t in j.has("throttle"):
                 ns.devices = t["devices"]
                 ns.throttled_at = [0]
             await ns.cleanup()
         Path(res["socket"]).unlink(missing_ok=True)
+        if kept is not None:
+            generation, valid = kept
+            paths = next(r["paths"] for r in j.has("destination"))
+            pid = state.read_pid(j.name)
+            presync.write_records(state, j.name, generation, {
+                d.node: presync.record(d, paths[d.node], pid, generation, valid[d.node])
+                for d in _disks(j)})
+            continue
+        if mon is not None:
+            for d in j.disks:
+                # a persistent bitmap would otherwise stay in the source image
+                await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
+                                  name=res.get("bitmap") or presync.BITMAP)
         if existing:
-            from vmferry.migration import presync
             await presync.forget(state, j.name, dest)
 
 
@@ -217,12 +255,6 @@ async def _retire_source(state: StateDir, j: Journal, mon: Optional[Monitor],
     from vmferry.vm.process import stop_vm_async
     await _undo_native(state, j, mon, dest)
     if mon is not None:
-        from vmferry.migration import presync
-        for res in j.has("native"):
-            # a persistent bitmap would otherwise be saved into the source image
-            for node in res.get("presynced") or []:
-                await mon.try_cmd("block-dirty-bitmap-remove", node=node,
-                                  name=presync.BITMAP)
         await mon.try_cmd("quit")
         await mon.close()
     await stop_vm_async(state, j.name, force=True, timeout=5)

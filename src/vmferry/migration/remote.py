@@ -214,6 +214,9 @@ class RemoteDestination(Destination):
     def lost(self) -> Optional[asyncio.Future]:
         return self.channel.lost if self.channel else None
 
+    async def connect(self, opts: MigrateOptions) -> None:
+        await self._connect(opts)
+
     # -- the phases ------------------------------------------------------
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
@@ -268,17 +271,18 @@ class RemoteDestination(Destination):
         r = await self.channel.call("finish", resume=resume)
         return str(r.get("state", "unknown"))
 
-    async def abort(self) -> str:
+    async def abort(self, keep: Optional[dict[str, int]] = None) -> str:
         if self.channel is None:
             return "destroyed"      # nothing was prepared
         if self.channel.lost.done():
             return "unknown"        # the agent tears down by itself if it must
         try:
-            r = await asyncio.wait_for(self.channel.call("abort"), 60)
+            r = await asyncio.wait_for(self.channel.call(
+                "abort", **({"keep": keep} if keep else {})), 60)
         except (MigrationError, UsageError, protocol.ProtocolError, asyncio.TimeoutError):
             return "unknown"
         outcome = r.get("outcome")
-        return outcome if outcome in ("destroyed", "running") else "unknown"
+        return outcome if outcome in ("destroyed", "running", "kept") else "unknown"
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -335,9 +339,10 @@ class RemoteDestination(Destination):
         r = await ch.call("presync_check", disks={n: list(v) for n, v in items.items()})
         return {n: str(v) for n, v in r.get("disks", {}).items()}
 
-    async def presync_forget(self, paths: list[str]) -> None:
+    async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         if self.channel is not None:
-            await self.channel.call("presync_forget", paths=paths)
+            await self.channel.call("presync_forget", paths=paths,
+                                    **({"discard": True} if discard else {}))
 
 
 def _end(proc: subprocess.Popen) -> None:
