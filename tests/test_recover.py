@@ -88,7 +88,6 @@ def test_killed_before_the_point_of_no_return_rolls_back(lab, point):
     lab.env.pop("VMFERRY_TEST_HOLD", None)
     _assert_notices(lab)
     _recover(lab, "rolled back: web1 runs on this host")
-    assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst,
                              migration=(None, "none", "failed", "cancelled"))
     assert "interrupted" not in lab.ok(lab.vmferry("list"))

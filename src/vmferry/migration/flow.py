@@ -80,6 +80,7 @@ class Migration:
         self._deadline: Optional[float] = None
         self._undo_failed: list[str] = []      # undo steps that raised
         self._unresolved = False       # where the guest runs is not known
+        self._kept = ""                # what the rollback kept of the disk copy
         self._described = False        # Begin found the VM in a state to move
         self._last_save = 0.0
 
@@ -149,7 +150,7 @@ class Migration:
         if self._undo_failed:
             return (f"the rollback did not finish ({', '.join(self._undo_failed)}): run "
                     f"'vmferry recover {self.name}'")
-        return "the source VM is running"
+        return "the source VM is running" + (f"; {self._kept}" if self._kept else "")
 
     async def _fail(self, why: str) -> None:
         self.info.status = "failed"
@@ -582,8 +583,10 @@ class Migration:
                 d.node: presync.record(d, self.prepared.dest_paths[d.node], pid, generation,
                                        keep[d.node]) for d in self.disks})
             done = sum(keep.values()) / max(1, sum(d.size for d in self.disks))
-            self._warn(f"kept the partial copy on {self.dest!r} ({done:.0%} of the disks "
-                       f"copied): a migration or presync there moves only the rest")
+            # said in the failure's one line (_outcome)
+            self._kept = (f"kept the partial copy on {self.dest!r} ({done:.0%} of the disks "
+                          f"copied): a migration or presync there moves only the rest")
+            self.info.warnings.append(self._kept)
         else:
             await self._drop_bitmaps()
         return outcome

@@ -141,7 +141,8 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
             if where == "running":
                 raise UsageError(f"{j.dest} says it runs {j.name}: --resume-source would "
                                  f"run it twice; run 'vmferry recover {j.name}' instead")
-            return await _roll_back(state, j, mon, dest)
+            # it may have run the guest, and written its disks: nothing is kept
+            return await _roll_back(state, j, mon, dest, keep_copy=False)
         resume = bool(j.was_running) and not j.options.get("suspend")
         forward = (j.past("confirm") or (j.past("finish") and where == "running")
                    or (j.past("switchover") and where == "completed"
@@ -160,19 +161,21 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
                 f"{j.dest} {why}: {j.name} stays paused here; check {j.dest}, then run "
                 f"'vmferry recover {j.name}' again, or 'vmferry recover {j.name} "
                 f"--resume-source' if it surely does not run {j.name} there")
-        return await _roll_back(state, j, mon, dest)
+        # only a destination known never to have run the guest keeps its copy
+        return await _roll_back(state, j, mon, dest,
+                                keep_copy=where in ("absent", "incoming", "completed"))
     finally:
         if mon is not None:
             await mon.close()
 
 
 async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
-                     dest: Destination) -> str:
+                     dest: Destination, keep_copy: bool = True) -> str:
     # The destination first: it never ran the guest, and must not hold it
     # when the source resumes.  What the native engine copied stays there as a
     # partial copy where it can (as the live rollback keeps it, flow.py).
     from vmferry.migration import presync
-    keep = _partial_copies(j) if mon is not None else {}
+    keep = _partial_copies(j) if mon is not None and keep_copy else {}
     generation = presync.next_generation(state, j.name) if keep else 0
     paths = next((r["paths"] for r in j.has("destination")), {})
     fmts = {d["node"]: d["fmt"] for d in j.disks}
