@@ -491,7 +491,7 @@ async def _write_during_native(sock: Path, size: int, writes: list, stop) -> int
             if (await q.execute("query-migrate")).get("status") not in (None, "none"):
                 break
             nodes = await q.execute("query-named-block-nodes", {"flat": True})
-            recording = any(b["name"] == "vmferry-dirty" for n in nodes
+            recording = any(b["name"] == "vmferry-presync" for n in nodes
                             if n["node-name"] == "disk0" for b in n.get("dirty-bitmaps", []))
             length = rnd.choice((4096, 65536, 512 * 1024))
             offset = rnd.randrange(0, size - length, 4096)
