@@ -63,6 +63,8 @@ struct lane {
 
 struct worker {
   struct vf_copy *c;
+  uint64_t range_i;           /* the work range being planned, if range_open */
+  bool range_open;
   pthread_t tid;
   struct rw *map;             /* this worker's extents_from connection, or NULL */
   struct lane **lanes;
@@ -85,7 +87,14 @@ struct vf_copy {
   struct lane *lanes;
   struct worker *workers;
   pthread_mutex_t lock;       /* guards next_offset and err */
+  uint64_t start, end;        /* the part of the source to copy */
   uint64_t next_offset, range_size;
+  /* Per work range: the requests in flight in it, plus one while a worker
+   * still plans it.  Zero once handed out means every byte of it is done;
+   * a failed or dropped request never gives its count back, so the range
+   * stays unfinished.  Atomics: completions run on several workers. */
+  uint64_t nranges;
+  unsigned *pending;
   int stop;                   /* RUNNING / STOP_*; atomic */
   int wakefd;
   /* The rate limit (GCRA): the instant, in ns, at which every byte granted
@@ -137,6 +146,47 @@ static void
 fail_with(struct vf_copy *c, const struct vf_error *e)
 {
   fail(c, e->kind ? e->kind : VF_ERR_IO, e->errnum, "%s", e->msg);
+}
+
+/* ---- the completed prefix --------------------------------------------- */
+
+static inline uint64_t
+range_of(const struct vf_copy *c, uint64_t offset)
+{
+  return (offset - c->start) / c->range_size;
+}
+
+static inline void
+range_hold(struct vf_copy *c, uint64_t offset)
+{
+  __atomic_fetch_add(&c->pending[range_of(c, offset)], 1, __ATOMIC_RELAXED);
+}
+
+/* A request succeeded, and whatever it leads to is issued and holds the
+ * range itself. */
+static inline void
+range_release(struct vf_copy *c, uint64_t offset)
+{
+  __atomic_fetch_sub(&c->pending[range_of(c, offset)], 1, __ATOMIC_RELEASE);
+}
+
+/* The end of the longest run of finished work ranges from the start: ranges
+ * finish out of order (several lanes, out-of-order replies), so what lies
+ * beyond it may be done too, but is not known to be. */
+static uint64_t
+done_below(struct vf_copy *c)
+{
+  uint64_t handed;
+
+  pthread_mutex_lock(&c->lock);
+  handed = c->next_offset;
+  pthread_mutex_unlock(&c->lock);
+  for (uint64_t i = 0; i < c->nranges; i++) {
+    uint64_t at = c->start + i * c->range_size;
+    if (at >= handed || __atomic_load_n(&c->pending[i], __ATOMIC_ACQUIRE) != 0)
+      return at;
+  }
+  return c->end;
 }
 
 /* ---- buffers and commands ------------------------------------------- */
@@ -195,6 +245,7 @@ command_get(struct lane *l, enum command_type type, uint64_t offset,
   if (buf)
     buf->refs++;
   l->in_flight++;
+  range_hold(l->w->c, offset);
   return cmd;
 }
 
@@ -289,8 +340,10 @@ write_done(struct command *cmd, int err)
 
   if (err)
     report_io_error(cmd, err, "writing to", l->dst->name);
-  else
+  else {
     add(&l->written, cmd->length);
+    range_release(l->w->c, cmd->offset);
+  }
   command_put(cmd);
 }
 
@@ -301,8 +354,10 @@ zero_done(struct command *cmd, int err)
 
   if (err)
     report_io_error(cmd, err, "zeroing", l->dst->name);
-  else
+  else {
     add(&l->zeroed, cmd->length);
+    range_release(l->w->c, cmd->offset);
+  }
   command_put(cmd);
 }
 
@@ -327,6 +382,7 @@ read_done(struct command *cmd, int err)
   }
   if (c->cfg.no_zero_detect) {
     issue_write(l, cmd->buf, cmd->data, cmd->offset, cmd->length);
+    range_release(c, cmd->offset);
     command_put(cmd);
     return;
   }
@@ -357,6 +413,7 @@ read_done(struct command *cmd, int err)
     else
       issue_zero(l, cmd->offset + start, len);
   }
+  range_release(c, cmd->offset);
   command_put(cmd);
 }
 
@@ -373,6 +430,7 @@ zc_write_done(struct command *cmd, int err)
     if (cmd->payload == PAYLOAD_FILE)   /* the destination read it itself */
       add(&l->read, cmd->length);
     add(&l->written, cmd->length);
+    range_release(l->w->c, cmd->offset);
   }
   command_put(cmd);
 }
@@ -394,6 +452,7 @@ zc_read_done(struct command *cmd, int err)
   add(&l->read, cmd->length);
   if (cmd->fd >= 0) {
     add(&l->written, cmd->length);
+    range_release(l->w->c, cmd->offset);
     command_put(cmd);
     return;
   }
@@ -407,6 +466,8 @@ zc_read_done(struct command *cmd, int err)
     if (l->dst->ops->start_write(l->dst, w, &e) == -1) {
       command_put(w);
       fail_with(l->w->c, &e);
+    } else {
+      range_release(l->w->c, cmd->offset);   /* the write holds it now */
     }
   }
   command_put(cmd);
@@ -507,14 +568,14 @@ slice_plan(struct worker *w, uint64_t start, uint64_t end)
 static int
 fetch_plan(struct vf_copy *c, struct rw *src, struct vf_error *err)
 {
-  uint64_t pos = 0;
+  uint64_t pos = c->start;
 
-  while (pos < c->size) {
+  while (pos < c->end) {
     size_t before = c->plan.len;
-    if (src->ops->extents(src, pos, c->size - pos, &c->plan, err) == -1)
+    if (src->ops->extents(src, pos, c->end - pos, &c->plan, err) == -1)
       return -1;
     if (c->plan.len == before &&
-        extent_append(&c->plan, pos, c->size - pos, EXT_DATA) == -1)
+        extent_append(&c->plan, pos, c->end - pos, EXT_DATA) == -1)
       return vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
     struct extent *last = &c->plan.v[c->plan.len - 1];
     pos = last->offset + last->length;
@@ -535,12 +596,16 @@ next_range(struct worker *w)
 
   pthread_mutex_lock(&c->lock);
   start = c->next_offset;
-  if (start < c->size)
+  if (start < c->end) {
     c->next_offset = start + c->range_size;
+    range_hold(c, start);       /* released once it is all planned */
+  }
   pthread_mutex_unlock(&c->lock);
-  if (start >= c->size)
+  if (start >= c->end)
     return false;
-  end = start + c->range_size < c->size ? start + c->range_size : c->size;
+  w->range_i = range_of(c, start);
+  w->range_open = true;
+  end = start + c->range_size < c->end ? start + c->range_size : c->end;
 
   w->ext.len = 0;
   w->ext_i = 0;
@@ -590,6 +655,10 @@ fill(struct worker *w)
   w->rate_wake_ns = 0;
   while (!stopping(c) && !w->out_of_work) {
     if (w->ext_i >= w->ext.len) {
+      if (w->range_open) {
+        range_release(c, c->start + w->range_i * c->range_size);
+        w->range_open = false;
+      }
       if (!next_range(w)) {
         w->out_of_work = true;
         return;
@@ -938,6 +1007,15 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   if (src0 == NULL)
     goto fail;
   c->size = (uint64_t)src0->size;
+  c->start = cfg->range_start;
+  c->end = cfg->range_end ? cfg->range_end : c->size;
+  if (c->start > c->end || c->end > c->size) {
+    vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                 "the range %llu-%llu is not within %s (%llu bytes)",
+                 (unsigned long long)c->start, (unsigned long long)c->end, c->src,
+                 (unsigned long long)c->size);
+    goto fail;
+  }
   if (map0 && (uint64_t)map0->size != c->size) {
     /* Extents of another disk would copy the wrong blocks. */
     vf_set_error(err, VF_ERR_ENDPOINT, EINVAL,
@@ -1041,12 +1119,19 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   }
 
   /* Enough ranges that every lane has work until near the end. */
-  uint64_t range = c->size / (c->nlanes * 4);
+  uint64_t range = (c->end - c->start) / (c->nlanes * 4);
   if (range > MAX_RANGE)
     range = MAX_RANGE;
   if (range < MIN_RANGE)
     range = MIN_RANGE;
   c->range_size = (range + c->request_size - 1) / c->request_size * c->request_size;
+  c->nranges = (c->end - c->start + c->range_size - 1) / c->range_size;
+  c->next_offset = c->start;
+  c->pending = calloc(c->nranges ? c->nranges : 1, sizeof *c->pending);
+  if (c->pending == NULL) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    goto fail;
+  }
 
   for (i = 0; i < c->nworkers; i++) {
     struct worker *w = &c->workers[i];
@@ -1148,7 +1233,8 @@ void
 vf_copy_counters(struct vf_copy *c, struct vf_counters *out)
 {
   memset(out, 0, sizeof *out);
-  out->total = c->size;
+  out->total = c->end - c->start;
+  out->done_below = done_below(c);
   for (unsigned i = 0; i < c->nlanes; i++) {
     struct lane *l = &c->lanes[i];
     out->read += __atomic_load_n(&l->read, __ATOMIC_RELAXED);
@@ -1222,6 +1308,7 @@ vf_copy_close(struct vf_copy *c)
   if (c->wakefd >= 0)
     close(c->wakefd);
   pthread_mutex_destroy(&c->lock);
+  free(c->pending);
   free(c->lanes);
   free(c->workers);
   free(c->src);

@@ -14,6 +14,20 @@ has_prefix(const char *s, const char *prefix)
   return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
+/* libnbd would try to connect to "" and say "connection refused"; an empty
+ * socket path is a typo, so say that instead. */
+int
+nbd_uri_check(const char *uri, const char *scheme, struct vf_error *err)
+{
+  if (strstr(scheme, "+unix") != NULL) {
+    const char *q = strstr(uri, "socket=");
+    if (q == NULL || q[7] == '\0' || q[7] == '&')
+      return vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                          "%s has no socket path: use %s/EXPORT?socket=PATH", uri, scheme);
+  }
+  return 0;
+}
+
 struct rw *
 rw_open(const char *uri, bool writable, const char *bitmap, struct vf_error *err)
 {
@@ -30,16 +44,8 @@ rw_open(const char *uri, bool writable, const char *bitmap, struct vf_error *err
   for (s = nbd_schemes; *s; s++) {
     if (!has_prefix(uri, *s))
       continue;
-    /* libnbd would try to connect to "" and say "connection refused";
-     * an empty socket path is a typo, so say that instead. */
-    if (strstr(*s, "+unix") != NULL) {
-      const char *q = strstr(uri, "socket=");
-      if (q == NULL || q[7] == '\0' || q[7] == '&') {
-        vf_set_error(err, VF_ERR_USAGE, EINVAL,
-                     "%s has no socket path: use %s/EXPORT?socket=PATH", uri, *s);
-        return NULL;
-      }
-    }
+    if (nbd_uri_check(uri, *s, err) == -1)
+      return NULL;
     return nbd_rw_open(uri, writable, bitmap, err);
   }
   if (bitmap) {

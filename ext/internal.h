@@ -115,6 +115,7 @@ struct rw {
 };
 
 /* endpoint.c: picks the kind from the URI. bitmap may be NULL. */
+int nbd_uri_check(const char *uri, const char *scheme, struct vf_error *err);
 struct rw *rw_open(const char *uri, bool writable, const char *bitmap,
                    struct vf_error *err);
 

@@ -823,6 +823,9 @@ raw_rw_open(const char *uri, bool writable, const char *bitmap,
                  "over Unix or TCP sockets (TLS and vsock go through libnbd)", uri);
     return NULL;
   }
+  if (nbd_uri_check(uri, has_prefix(uri, "nbd+unix://") ? "nbd+unix://" : "nbd://",
+                    err) == -1)
+    return NULL;
   struct raw_rw *r = calloc(1, sizeof *r);
   if (r == NULL) {
     vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");

@@ -84,6 +84,8 @@ struct vf_copy_config {
                                  extents only where the destination cannot
                                  zero and gets written zeroes; skipped
                                  extents and block status are free. */
+  uint64_t range_start;       /* copy only [range_start, range_end) of the */
+  uint64_t range_end;         /* source; range_end 0: to its end */
   int zero_copy;              /* enum vf_zero_copy.  Zero-copy lanes plan
                                  from extents only: the bytes never pass
                                  through this process to be scanned. */
@@ -96,6 +98,10 @@ struct vf_counters {
   uint64_t written;           /* bytes written as data */
   uint64_t zeroed;            /* bytes written as zero requests */
   uint64_t skipped;           /* bytes left untouched (clean or zero) */
+  uint64_t done_below;        /* every byte of [range_start, done_below) is
+                                 copied (written, zeroed or rightly skipped):
+                                 what a copy that stopped early leaves valid,
+                                 for a later one to resume from */
 };
 
 struct vf_copy;

@@ -219,6 +219,14 @@ class Lab:
         assert len(lines) == 1 and lines[0].startswith(prefix), cp.stderr
         return lines[0]
 
+    def kept_copy(self, name: str = "web1") -> dict[str, Any]:
+        """The source's record of a partial copy a failed migration kept
+        (presync.json), or {}."""
+        try:
+            return json.loads((self.A / name / "presync.json").read_text())
+        except FileNotFoundError:
+            return {}
+
     def status(self, name: str = "web1", state: Optional[Path] = None) -> dict[str, Any]:
         return json.loads(self.ok(self.vmferry("status", name, "--json", state=state)))
 
@@ -302,13 +310,24 @@ class Lab:
         assert mig.get("status") in migration, mig
         jobs = self.qmp("query-jobs")
         assert [j for j in jobs if j["id"].startswith("vmferry")] == [], jobs
+        # what a native copy got so far may be kept, recorded on both sides
+        # with the bitmap of every write since; nothing else stays
+        kept = self.kept_copy(name)
+        bitmaps = [b["name"] for n in self.qmp("query-named-block-nodes", {"flat": True})
+                   for b in n.get("dirty-bitmaps", []) if b["name"].startswith("vmferry")]
+        if kept:
+            assert bitmaps == ["vmferry-presync"] * len(kept["disks"]), bitmaps
+            for rec in kept["disks"].values():
+                assert Path(rec["dest_path"] + ".vmferry-presync.json").exists(), rec
+        else:
+            assert bitmaps == [], f"vmferry bitmaps left on the source disks: {bitmaps}"
         nodes = self.qmp("query-named-block-nodes", {"flat": True})
         assert [n["node-name"] for n in nodes if n["node-name"].startswith("vmferry")] == []
         assert self.qmp("query-block-exports") == []
         # no destination QEMU, no destination VM folder (with its NBD socket)
         assert qemu_pids(self.B) == [], f"destination QEMU left: {qemu_pids(self.B)}"
         assert not (self.B / name).exists(), list((self.B / name).iterdir())
-        if dest_disk is not None:
+        if dest_disk is not None and not kept:
             assert not dest_disk.exists(), f"{dest_disk} created by --create-disks was kept"
         if disk is not None:
             assert sha256(disk) == disk_hash, "the source disk changed"

@@ -4,63 +4,18 @@ unfinished migration prepared is removed when the source goes away, even
 when the agent itself is killed."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from agent_peer import VMFERRY, Agent
 from migrate_helpers import qemu_pids
 from vmferry.vm.spec import DiskSpec, VMSpec
-
-VMFERRY = [sys.executable, "-m", "vmferry"]
-
-
-class Agent:
-    def __init__(self, state: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(VMFERRY + ["--state-dir", str(state), "agent", "--stdio",
-                                                *extra],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        self.next_id = 0
-
-    def send_raw(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def send(self, obj) -> None:
-        body = json.dumps(obj).encode()
-        self.send_raw(struct.pack(">I", len(body)) + body)
-
-    def recv(self):
-        head = self.proc.stdout.read(4)
-        if len(head) < 4:
-            return None
-        (n,) = struct.unpack(">I", head)
-        return json.loads(self.proc.stdout.read(n))
-
-    def call(self, op, **args):
-        self.next_id += 1
-        self.send({"id": self.next_id, "op": op, "args": args})
-        reply = self.recv()
-        assert reply["id"] == self.next_id
-        return reply
-
-    def hello(self):
-        r = self.call("hello", protocol=1, version="test", keepalive=30)
-        assert r["ok"], r
-        return r["result"]
-
-    def close(self) -> tuple[int, str]:
-        self.proc.stdin.close()
-        rc = self.proc.wait(30)
-        return rc, self.proc.stderr.read().decode()
-
 
 @pytest.fixture
 def agent(tmp_path):
@@ -75,7 +30,7 @@ def test_hello_reports_versions_and_capabilities(agent, tmp_path):
     info = agent.hello()
     assert info["protocol"] == 1
     assert info["accel"] in ("kvm", "tcg")
-    assert info["storage_roots"] == [str(tmp_path / "state")]
+    assert info["storage_roots"] == [str(tmp_path / "state" / "images")]
     assert agent.call("ping")["ok"]
     rc, err = agent.close()
     assert rc == 0 and "Traceback" not in err
@@ -149,7 +104,7 @@ def test_disk_outside_storage_roots_is_refused(agent, tmp_path):
 def test_kernel_outside_storage_roots_is_refused(agent, tmp_path):
     """QEMU would load it into the guest's memory, for the guest to read."""
     agent.hello()
-    disk = tmp_path / "state" / "d.img"
+    disk = tmp_path / "state" / "images" / "d.img"
     spec = VMSpec(name="inc1", memory=64 << 20, kernel="/etc/hostname",
                   initrd="/etc/passwd", disks=(DiskSpec(path=str(disk), format="raw"),))
     r = agent.call("prepare", spec=spec.to_toml(), disks=_disks(),
@@ -163,7 +118,7 @@ def test_kernel_outside_storage_roots_is_refused(agent, tmp_path):
 
 def test_existing_image_is_not_overwritten_unless_asked(agent, tmp_path):
     agent.hello()
-    disk = tmp_path / "state" / "d.img"
+    disk = tmp_path / "state" / "images" / "d.img"
     disk.parent.mkdir(parents=True)
     disk.write_bytes(b"keep" * (4 << 20))
     r = agent.call("prepare", spec=_spec(tmp_path, disk), disks=_disks(),
@@ -224,7 +179,7 @@ def test_silent_source_is_given_up_after_its_keepalive(tmp_path):
     a = Agent(tmp_path / "state")
     try:
         assert a.call("hello", protocol=1, version="t", keepalive=0.5)["ok"]
-        disk = tmp_path / "state" / "d.img"
+        disk = tmp_path / "state" / "images" / "d.img"
         r = a.call("prepare", spec=_spec(tmp_path, disk), disks=_disks(),
                    options={"create_disks": True}, accel="tcg",
                    nbd={"address": "127.0.0.1"}, migrate={"address": "127.0.0.1"})
@@ -243,7 +198,7 @@ def test_spec_that_reaches_past_the_roots_is_refused(agent, tmp_path):
     """extra_args would put anything on the destination's QEMU command line, and
     every disk the destination QEMU opens must be under the roots, copied or not."""
     agent.hello()
-    inside = tmp_path / "state" / "d.img"
+    inside = tmp_path / "state" / "images" / "d.img"
     spec = VMSpec(name="inc1", memory=64 << 20, extra_args=("-drive", "file=/etc/shadow"),
                   disks=(DiskSpec(path=str(inside), format="raw"),)).to_toml()
     r = agent.call("prepare", spec=spec, disks=_disks(), options={"create_disks": True})

@@ -118,8 +118,9 @@ def test_fault(lab, fault, moment, engine):
         lab.wait_progress(serial, last + 2, 30)
         return
     if fault == "kill":
-        assert line == "rolled back: web1 runs on this host", line
-    assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
+        assert line.startswith("rolled back: web1 runs on this host"), line
+    # QEMU keeps reporting a migration whose memory all went as "completed"
+    done = ("completed",) if moment == "finish" else ()
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst,
-                             migration=(None, "none", "failed", "cancelled", "completed"))
+                             migration=(None, "none", "failed", "cancelled") + done)
     assert "interrupted" not in lab.ok(lab.vmferry("list"))

@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
+
+import os
 
 from migrate_helpers import Lab, images_identical, qemu_pids, sha256
 from test_migrate import (  # noqa: F401  (fixtures)
@@ -31,6 +35,11 @@ def _assert_notices(lab: Lab) -> None:
     assert hint in lab.status()["migration"]
     line = lab.one_error(lab.migrate("--disk-map", "x=y"), code=2)
     assert hint in line and "source VM is running" not in line, line
+    line = lab.one_error(lab.vmferry("presync", "web1", f"local://{lab.B}"), code=2)
+    assert hint in line, line
+    # a second copy of the guest must not start here while it may run there
+    line = lab.one_error(lab.vmferry("run", lab.root / "web1.toml"), code=2)
+    assert hint in line, line
 
 
 def _recover(lab: Lab, expect: str) -> str:
@@ -79,17 +88,17 @@ def test_killed_before_the_point_of_no_return_rolls_back(lab, point):
     lab.env.pop("VMFERRY_TEST_HOLD", None)
     _assert_notices(lab)
     _recover(lab, "rolled back: web1 runs on this host")
-    assert _native_bitmaps(lab) == [], "vmferry bitmaps left on the source disk"
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst,
-                             migration=(None, "none", "failed", "cancelled", "completed"))
+                             migration=(None, "none", "failed", "cancelled"))
     assert "interrupted" not in lab.ok(lab.vmferry("list"))
     _migrate_again(lab, src, dst)
 
 
 @pytest.mark.parametrize("engine", ["mirror", "native"])
-def test_killed_at_finish_completes_on_the_destination(lab, engine):
-    """Everything arrived and both sides are paused: the destination holds the
-    whole state, so recover resumes it there and retires the source."""
+def test_killed_before_finish_completes_on_the_destination(lab, engine):
+    """Everything arrived and both sides are paused, Finish not yet asked for:
+    the destination holds the whole state, so recover resumes it there and
+    retires the source."""
     src, h, dst, serial = _failing_setup(lab)
     lab.env["VMFERRY_TEST_HOLD"] = "finish:60"
     p = lab.start_migrate("--storage-engine", engine, "--disk-map", f"{src}={dst}",
@@ -153,10 +162,16 @@ def test_recover_refuses_when_there_is_nothing_or_it_still_runs(lab):
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
 
 
+def _presync_dirs() -> set[Path]:
+    """Local presyncs' private socket folders (LocalDestination.presync_open)."""
+    return set(Path(tempfile.gettempdir()).glob("vmferry-presync-*"))
+
+
 def test_presync_killed_then_recovered(lab):
     """A presync's process dies mid-copy: recover removes the image it created,
     its exports, server and bitmap; the next presync copies in full."""
     src, h, dst, serial = _failing_setup(lab, 256)
+    before = _presync_dirs()
     p = lab.start("presync", "web1", f"local://{lab.B}", "--disk-map", f"{src}={dst}",
                   "--create-disks")
     lab.wait_for("the presync copy", lambda: any(
@@ -170,9 +185,10 @@ def test_presync_killed_then_recovered(lab):
     assert not dst.exists(), "the image the killed presync created was kept"
     assert list(lab.B.glob("presync-*.json")) == []
     assert lab.status()["state"] == "running" and sha256(src) == h
-    out = lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", "--disk-map",
-                             f"{src}={dst}", "--create-disks"))
-    assert images_identical(src, dst, "raw") == "" or out
+    lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", "--disk-map",
+                       f"{src}={dst}", "--create-disks"))
+    assert images_identical(src, dst, "raw") == ""
+    assert _presync_dirs() <= before, "the killed presync's socket folder was left"
 
 
 def test_recover_all_resolves_each(lab):
@@ -198,3 +214,62 @@ def test_recover_from_python(lab):
         vmferry.migrate(lab.A, "web1", f"local://{lab.B}")
     assert vmferry.recover(lab.A, "web1") == "rolled back: web1 runs on this host"
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_killed_in_finish_before_the_destination_resumed_completes(lab):
+    """The journal says Finish was asked for, the destination has everything
+    but never resumed the guest (no mark of it): recover finishes there."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "finishing:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("Finish", lambda: lab.job_file().get("phase") == "finish", 60, proc=p)
+    _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    assert _dest_state(lab) != "running"
+    _recover(lab, f"completed: web1 runs on local://{lab.B}")
+    assert qemu_pids(lab.A) == [] and _dest_state(lab) == "running"
+    assert images_identical(src, dst, "raw") == ""
+
+
+def test_destination_resumed_then_died_leaves_the_source_paused(lab):
+    """The destination resumed the guest and its QEMU died since: which side's
+    state is the one to keep, nobody can say.  recover changes nothing and
+    says what to check; --resume-source is the user's word that it is gone."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "resumed:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the destination to resume", lambda: _dest_state(lab) == "running", 60,
+                 proc=p)
+    _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    os.kill(lab.dest_pid(), signal.SIGKILL)
+    lab.wait_for("the destination QEMU to die", lambda: lab.dest_pid() is None, 10)
+    line = lab.one_error(lab.vmferry("recover", "web1"), code=1)
+    assert "stays paused" in line and "--resume-source" in line, line
+    assert lab.qmp("query-status")["status"] != "running"     # never both
+    assert "interrupted" in lab.status()["migration"]          # still to resolve
+    out = lab.ok(lab.vmferry("recover", "web1", "--resume-source"))
+    assert out.strip() == "rolled back: web1 runs on this host", out
+    assert lab.qmp("query-status")["status"] == "running"
+    assert sha256(src) == h
+
+
+def test_resume_source_is_refused_while_the_destination_runs_it(lab):
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "resumed:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the destination to resume", lambda: _dest_state(lab) == "running", 60,
+                 proc=p)
+    _kill(p)
+    line = lab.one_error(lab.vmferry("recover", "web1", "--resume-source"), code=2)
+    assert "would run it twice" in line, line
+    _recover(lab, "completed: web1 runs on")
+    assert qemu_pids(lab.A) == []
+
+
+def test_an_unreadable_journal_says_what_to_do(lab):
+    src, h, dst, serial = _failing_setup(lab)
+    (lab.A / "web1" / "journal.json").write_text("{not json")
+    assert "interrupted" in lab.status()["migration"]
+    line = lab.one_error(lab.vmferry("recover", "web1"), code=2)
+    assert "cannot be read" in line and "journal.json" in line, line

@@ -359,6 +359,9 @@ now(void)
   return t.tv_sec + t.tv_nsec / 1e9;
 }
 
+/* What the last copy() reported as completed from the start. */
+static uint64_t last_done_below;
+
 static int
 copy(const char *src, const char *dst, struct vf_error *err, int *zero_copy)
 {
@@ -370,6 +373,9 @@ copy(const char *src, const char *dst, struct vf_error *err, int *zero_copy)
   if (c == NULL)
     return -1;
   int r = vf_copy_run(c, err);
+  struct vf_counters n;
+  vf_copy_counters(c, &n);
+  last_done_below = n.done_below;
   if (zero_copy)
     *zero_copy = vf_copy_zero_copy(c);
   vf_copy_close(c);
@@ -405,6 +411,8 @@ test_file_to_nbd(bool structured)
   CHECK(r == 0 && zc, "file -> nbd (structured %d): %s", structured, err.msg);
   CHECK(wait_server(pid) == 0, "the fake destination failed");
   CHECK(holds_pattern(path("d.img")), "file -> nbd: the destination differs");
+  CHECK(last_done_below == SIZE, "done_below %llu after a whole copy",
+        (unsigned long long)last_done_below);
 }
 
 /* fake -> file and fake -> fake: replies out of order, in pieces, spliced
@@ -430,6 +438,8 @@ test_nbd_to_file_and_nbd(bool structured)
   pid_t d = start_server(path("d.sock"), &dst, true, path("d.img"));
   r = copy(uri_of(path("s.sock")), uri_of(path("d.sock")), &err, &zc);
   CHECK(r == 0 && zc, "nbd -> nbd (structured %d): %s", structured, err.msg);
+  CHECK(last_done_below == SIZE, "done_below %llu after a whole copy",
+        (unsigned long long)last_done_below);
   CHECK(wait_server(s) == 0 && wait_server(d) == 0, "a fake server failed");
   CHECK(holds_pattern(path("d.img")), "nbd -> nbd: the destination differs");
 }
@@ -458,6 +468,8 @@ test_error_replies(bool structured)
           "a read error (to nbd %d, structured %d): %d %s", to_nbd, structured,
           err.errnum, err.msg);
     CHECK(now() - t0 < 5, "a failed copy took %.1f s", now() - t0);
+    CHECK(last_done_below <= 1 << 20, "done_below %llu passes the failed read",
+          (unsigned long long)last_done_below);
     CHECK(wait_server(s) == 0, "the fake source failed");
     if (d)
       CHECK(wait_server(d) == 0, "the fake destination failed");

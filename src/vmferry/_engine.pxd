@@ -44,6 +44,8 @@ cdef extern from "vmferry.h" nogil:
         int no_zero_detect
         int force_multi_conn
         uint64_t rate
+        uint64_t range_start
+        uint64_t range_end
         int zero_copy
 
     struct vf_counters:
@@ -52,6 +54,7 @@ cdef extern from "vmferry.h" nogil:
         uint64_t written
         uint64_t zeroed
         uint64_t skipped
+        uint64_t done_below
 
     struct vf_copy:
         pass

@@ -108,7 +108,8 @@ cdef class Copier(_InUse):
                   str bitmap=None, str extents_from=None, bint allocated=False,
                   bint destination_is_zero=False, bint flush=False,
                   bint zero_detect=True, bint force_multi_conn=False,
-                  unsigned long long rate=0, str zero_copy="auto"):
+                  unsigned long long rate=0, unsigned long long range_start=0,
+                  unsigned long long range_end=0, str zero_copy="auto"):
         cdef vf_copy_config cfg
         cdef vf_error err
         memset(&cfg, 0, sizeof(cfg))
@@ -133,6 +134,8 @@ cdef class Copier(_InUse):
         cfg.no_zero_detect = not zero_detect
         cfg.force_multi_conn = force_multi_conn
         cfg.rate = rate
+        cfg.range_start = range_start
+        cfg.range_end = range_end
         if zero_copy not in _ZERO_COPY:
             raise errors.UsageError(f"zero_copy must be auto, on or off, not {zero_copy!r}")
         cfg.zero_copy = _ZERO_COPY[zero_copy]
@@ -159,11 +162,11 @@ cdef class Copier(_InUse):
             vf_copy_cancel(self._c)
 
     def counters(self):
-        """(total, read, written, zeroed, skipped) in bytes."""
+        """(total, read, written, zeroed, skipped, done_below) in bytes."""
         cdef vf_counters n
         self._check()
         vf_copy_counters(self._c, &n)
-        return (n.total, n.read, n.written, n.zeroed, n.skipped)
+        return (n.total, n.read, n.written, n.zeroed, n.skipped, n.done_below)
 
     @property
     def connections(self):

@@ -74,6 +74,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.exit_code
     except BrokenPipeError:
         return 1
+    except OSError as e:
+        # what the system refused (a read-only or unreadable state directory, a
+        # socket): one line like every other error, never a traceback
+        sys.stderr.write(f"vmferry: error: {os_error(e)}\n")
+        return 1
+
+
+def os_error(e: OSError) -> str:
+    """An OSError as one line naming what failed: 'PATH: Permission denied'."""
+    what = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{what}: {reason}" if what else reason
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ class CopyResult:
     connections: int = 0
     verified: Optional[bool] = None
     checksum: Optional[str] = None
+    # every byte from the copy's start up to here is copied: what a copy that
+    # stopped early (cancelled, or failed) leaves valid, to resume from
+    done_below: int = 0
     zero_copy: bool = False     # the data moved on zero-copy lanes
     zero_copy_note: str = ""    # why not, when it did not
 
@@ -71,9 +74,9 @@ ProgressFn = Callable[[CopyResult], None]
 
 
 def _snapshot(copier: "_engine.Copier", start: float) -> CopyResult:
-    total, read, written, zeroed, skipped = copier.counters()
+    total, read, written, zeroed, skipped, done_below = copier.counters()
     return CopyResult(total, read, written, zeroed, skipped,
-                      time.monotonic() - start, copier.connections,
+                      time.monotonic() - start, copier.connections, done_below=done_below,
                       zero_copy=copier.zero_copy, zero_copy_note=copier.zero_copy_note)
 
 
@@ -83,6 +86,7 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
           zero_detect: Optional[bool], force_multi_conn: bool = False,
           extents_from: Optional[str] = None,
           rate: Optional[int | str] = None,
+          span: Optional[tuple[int, int]] = None,
           zero_copy: ZeroCopy = "auto") -> "_engine.Copier":
     for name, value in (("connections", connections), ("requests", requests),
                         ("threads", threads)):
@@ -105,7 +109,9 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
         requests=requests or 0, request_size=rsize, bitmap=bitmap,
         extents_from=extents_from, allocated=allocated, destination_is_zero=destination_is_zero,
         flush=flush, zero_detect=zero_detect is not False,
-        force_multi_conn=force_multi_conn, rate=bps, zero_copy=zero_copy)
+        force_multi_conn=force_multi_conn, rate=bps,
+        range_start=span[0] if span else 0, range_end=span[1] if span else 0,
+        zero_copy=zero_copy)
 
 
 def _wait_uninterrupted(event: threading.Event) -> None:
@@ -234,6 +240,7 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      force_multi_conn: bool = False,
                      extents_from: Optional[str] = None,
                      rate: Optional[int | str] = None,
+                     span: Optional[tuple[int, int]] = None,
                      zero_copy: ZeroCopy = "auto") -> CopyResult:
     """copy() for asyncio: never blocks the loop; cancelling the task
     cancels the copy and waits for in-flight requests to drain.
@@ -242,7 +249,10 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
     QEMU block layer) serves them all.  zero_copy and zero_detect: as copy().
     extents_from: an NBD URI whose block status (with BITMAP) says what to
     copy, while the data is read from SRC (e.g. a raw image file that the
-    QEMU exporting the bitmap has open)."""
+    QEMU exporting the bitmap has open).
+    span: (start, end) bytes of the source to copy, end 0 for its end.
+    A copy that fails or is cancelled leaves its last counters (CopyResult,
+    with done_below) on the exception as .partial."""
     import asyncio   # here, not at the top: it costs the CLI 50 ms of start-up
     loop = asyncio.get_running_loop()
     if verify and dst == "null:":
@@ -251,11 +261,15 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
     copier = await loop.run_in_executor(
         None, _open, src, dst, connections, requests, request_size, bitmap, allocated,
         destination_is_zero, flush, threads, zero_detect, force_multi_conn, extents_from, rate,
-        zero_copy)
+        span, zero_copy)
     try:
         await _in_thread(loop.run_in_executor(None, copier.run), copier.cancel,
                          (lambda: progress(_snapshot(copier, start))) if progress else None)
         result = _snapshot(copier, start)
+    except BaseException as e:
+        # the run has ended (_in_thread waits for it): these counters are final
+        e.partial = _snapshot(copier, start)    # type: ignore[attr-defined]
+        raise
     finally:
         copier.close()
     if verify:

@@ -29,13 +29,14 @@ class ProtocolError(VmferryError):
     """The peer sent something that is not protocol version 1."""
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Optional[Any]:
-    """The next decoded frame, or None at a clean end of stream."""
+async def read_frame(reader: asyncio.StreamReader, eof: Any = None) -> Optional[Any]:
+    """The next decoded frame, or EOF at a clean end of stream (pass a marker
+    of your own to tell it from a frame holding null)."""
     try:
         head = await reader.readexactly(_LEN.size)
     except asyncio.IncompleteReadError as e:
         if not e.partial:
-            return None
+            return eof
         raise ProtocolError("the connection closed in the middle of a frame") from e
     (size,) = _LEN.unpack(head)
     if size > MAX_FRAME:

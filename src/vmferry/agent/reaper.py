@@ -16,16 +16,17 @@ import subprocess
 import sys
 
 
-def spawn(state_dir: str) -> subprocess.Popen:
+def spawn(state_dir: str, roots: list[str]) -> subprocess.Popen:
+    """ROOTS: the agent's storage roots, the only places it removes images from."""
     return subprocess.Popen([sys.executable, "-m", "vmferry.agent.reaper", str(os.getpid()),
-                             state_dir],
+                             state_dir, *roots],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, close_fds=True,
                             start_new_session=True)
 
 
 def main(argv: list[str]) -> int:
-    pid, state_dir = int(argv[0]), argv[1]
+    pid, state_dir, roots = int(argv[0]), argv[1], argv[2:]
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -41,9 +42,9 @@ def main(argv: list[str]) -> int:
     from vmferry.vm.state import StateDir
     # each on its own: one that fails must not keep the other from its work
     try:
-        asyncio.run(reap_orphans(StateDir(state_dir), owner=pid))
+        asyncio.run(reap_orphans(StateDir(state_dir), roots, owner=pid))
     finally:
-        presync_target.reap_orphans(StateDir(state_dir).path, owner=pid)
+        presync_target.reap_orphans(StateDir(state_dir).path, roots, owner=pid)
     return 0
 
 

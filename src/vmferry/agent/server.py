@@ -16,24 +16,26 @@ import os
 import re
 import signal
 import socket
-import ssl
 import stat
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from vmferry.agent import protocol, transport
+from vmferry.agent import listener, protocol, transport
 from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
 from vmferry.errors import UsageError, VmferryError
-from vmferry.migration.incoming import DEFAULT_PORTS, Incoming, Network, Policy
+from vmferry.migration.incoming import DEFAULT_PORTS, IMAGES, Incoming, Network, Policy
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan
 from vmferry.vm.state import StateDir
 
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
 _NODE_RE = re.compile(r"disk[0-9]{1,3}")
+_EXPORT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")      # NBD export names: the node's
+_EOF = object()             # not None: a frame of JSON null is a frame, and answered
+_TOKEN_RE = re.compile(r"[0-9a-f]{0,64}")
 # MigrateOptions fields a source may set on the destination
 WIRE_OPTIONS = {"copy_storage": str, "create_disks": bool, "overwrite_disks": bool,
                 "postcopy": bool, "parallel_connections": int, "tls": bool}
@@ -48,6 +50,11 @@ class AgentConfig:
     # extra QEMU arguments from a source's spec reach this host's QEMU command
     # line unchecked: only where the operator says so
     allow_extra_args: bool = False
+
+    def policy(self, protect_existing: bool = True) -> Policy:
+        """Images under the roots only, and never among the agent's own files."""
+        return Policy(storage_roots=self.storage_roots, protect_existing=protect_existing,
+                      state_dir=str(self.state.path))
 
 
 def _log(text: str) -> None:
@@ -97,11 +104,14 @@ class Session:
                 except (ConnectionError, OSError):
                     why = "the connection to the source broke"
                     break
-                if frame is None:
+                if frame is _EOF:
                     break
                 task = asyncio.ensure_future(self._answer(writer, frame))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                if isinstance(frame, dict) and frame.get("op") == "hello":
+                    # its keepalive must govern the very next wait, not the one after
+                    await asyncio.gather(task, return_exceptions=True)
         finally:
             for task in list(self._tasks):
                 # let a phase in progress end before undoing it
@@ -116,9 +126,9 @@ class Session:
             writer.close()
 
     async def _next(self, reader: asyncio.StreamReader) -> Any:
-        """The next frame, or None at the end of the stream or once "bye" is
-        answered (the source may keep its end open a moment longer)."""
-        read = asyncio.ensure_future(protocol.read_frame(reader))
+        """The next frame, or _EOF at the end of the stream or once "bye"
+        is answered (the source may keep its end open a moment longer)."""
+        read = asyncio.ensure_future(protocol.read_frame(reader, eof=_EOF))
         bye = asyncio.ensure_future(self._bye.wait())
         try:
             await asyncio.wait({read, bye}, return_when=asyncio.FIRST_COMPLETED)
@@ -126,7 +136,7 @@ class Session:
             bye.cancel()
             if not read.done():
                 read.cancel()
-        return read.result() if read.done() and not read.cancelled() else None
+        return read.result() if read.done() and not read.cancelled() else _EOF
 
     async def _send(self, writer: asyncio.StreamWriter, obj: Any) -> None:
         async with self._send_lock:
@@ -189,9 +199,12 @@ class Session:
         return {}
 
     async def op_prepare(self, a: Args) -> dict[str, Any]:
-        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate")
+        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "token")
         from vmferry.vm.spec import parse_spec
-        spec = parse_spec(a.get("spec", str), source="the source's VM spec")
+        try:
+            spec = parse_spec(a.get("spec", str), source="the source's VM spec")
+        except RecursionError:
+            raise ProtocolError("prepare: the VM spec is nested too deeply") from None
         disks = [_disk_plan(d, spec) for d in a.get("disks", list)]
         if len({d.node for d in disks}) != len(disks):
             raise ProtocolError("prepare: a disk is named twice")
@@ -200,21 +213,31 @@ class Session:
                              "QEMU command line: allow them with allow_extra_args = true in "
                              "the agent's agent.toml")
         opts = _options(Args("prepare options", a.get("options", dict)))
+        token = _token(a.get("token", str, ""))
         accel = a.get("accel", str, None)
         if accel not in (None, "kvm", "tcg"):
             raise ProtocolError("accel must be kvm or tcg")
-        presynced = frozenset(a.get("presynced", list, []))
+        presynced = a.get("presynced", list, [])
+        if not all(isinstance(n, str) for n in presynced):
+            raise ProtocolError("prepare: presynced is a list of disk nodes")
         nbd = self._listen(Args("prepare nbd", a.get("nbd", dict, {})))
         mig = self._listen(Args("prepare migrate", a.get("migrate", dict, {})))
         async with self._busy:
             if self.incoming is not None:
                 raise UsageError("this connection has already prepared a migration")
             tls_dir = self.cfg.pki.qemu_dir("server") if opts.tls else None
-            self.incoming = Incoming(self.cfg.state, network=Network(
+            incoming = Incoming(self.cfg.state, network=Network(
                 tcp=True, nbd=nbd, migrate=mig, tls_dir=tls_dir),
-                policy=Policy(storage_roots=self.cfg.storage_roots, protect_existing=True))
-            prepared = await self.incoming.prepare(spec, disks, opts, accel=accel,
-                                                   presynced=presynced)
+                policy=self.cfg.policy())
+            try:
+                prepared = await incoming.prepare(spec, disks, opts, accel=accel,
+                                                  presynced=frozenset(presynced), token=token)
+            except BaseException:
+                # a refused or failed prepare leaves nothing behind, and the
+                # connection free to prepare again
+                await incoming.abort()
+                raise
+            self.incoming = incoming
         return {"nbd": prepared.nbd_server, "migrate_uri": prepared.migrate_uri,
                 "exports": prepared.exports, "dest_paths": prepared.dest_paths,
                 "fresh": sorted(prepared.fresh)}
@@ -241,14 +264,19 @@ class Session:
         return {"state": state}
 
     async def op_abort(self, a: Args) -> dict[str, Any]:
-        a.only()
-        return {"outcome": await self._abort()}
+        a.only("keep")
+        keep = a.get("keep", dict, None)
+        if keep is not None and not all(
+                isinstance(n, str) and _NODE_RE.fullmatch(n) and isinstance(g, int)
+                and not isinstance(g, bool) and 0 < g < 1 << 62 for n, g in keep.items()):
+            raise ProtocolError("abort: keep maps disk nodes to presync generations")
+        return {"outcome": await self._abort(keep)}
 
-    async def _abort(self) -> str:
+    async def _abort(self, keep: Optional[dict[str, int]] = None) -> str:
         async with self._busy:
             if self.incoming is None:
                 return "destroyed"
-            return await self.incoming.abort()
+            return await self.incoming.abort(keep)
 
     # -- presync: the images served by qemu-nbd on this host's address
 
@@ -262,7 +290,7 @@ class Session:
                 raise UsageError("this connection already serves a presync")
             from vmferry.migration.presync_target import PresyncTarget
             self.presync = PresyncTarget(
-                Policy(storage_roots=self.cfg.storage_roots, protect_existing=True),
+                self.cfg.policy(),
                 tcp=(address, self.cfg.ports),
                 tls_dir=self.cfg.pki.qemu_dir("server") if tls else None,
                 record_dir=self.cfg.state.path)
@@ -294,28 +322,30 @@ class Session:
         for node, item in a.get("disks", dict).items():
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                 raise ProtocolError("presync_check: disks map nodes to [path, generation]")
-            Policy(storage_roots=self.cfg.storage_roots).check_path("image", item[0])
+            presync_target.check_paths(self.cfg.policy(False), item[0])
             out[node] = presync_target.check(item[0], item[1])
         return {"disks": out}
 
     async def op_presync_forget(self, a: Args) -> dict[str, Any]:
-        a.only("paths")
+        a.only("paths", "discard")
         from vmferry.migration import presync_target
         paths = a.get("paths", list)
+        discard = a.get("discard", bool, False)
         for path in paths:
             if not isinstance(path, str):
                 raise ProtocolError("presync_forget: paths are strings")
-            Policy(storage_roots=self.cfg.storage_roots).check_path("image", path)
+            presync_target.check_paths(self.cfg.policy(False), path)
         for path in paths:
-            presync_target.forget(path)
+            presync_target.forget(path, discard)
         return {}
 
     async def op_probe(self, a: Args) -> dict[str, Any]:
         """Where an incoming migration of NAME stands (for a source's
         'vmferry recover'); answers about VMs of this agent's state only."""
-        a.only("name")
+        a.only("name", "token")
         from vmferry.migration.incoming import probe
-        return {"state": await probe(self.cfg.state, a.get("name", str))}
+        return {"state": await probe(self.cfg.state, a.get("name", str),
+                                     _token(a.get("token", str)))}
 
     async def op_bye(self, a: Args) -> dict[str, Any]:
         a.only()          # _answer ends the session once this reply is sent
@@ -338,13 +368,20 @@ def _disk_plan(d: Any, spec: Any) -> DiskPlan:
     fmt = a.get("fmt", str)
     if fmt not in ("raw", "qcow2"):
         raise ProtocolError(f"prepare: format {fmt!r} is not raw or qcow2")
-    size = a.get("size", int)
-    if size < 0:
-        raise ProtocolError("prepare: a disk size is negative")
+    size = _size(a, "prepare")
+    export = a.get("export", str)
+    if not _EXPORT_RE.fullmatch(export):
+        raise ProtocolError(f"prepare: {export[:80]!r} is not an NBD export name")
     return DiskPlan(node=node, path=a.get("path", str), fmt=fmt, size=size,
-                    export=a.get("export", str), backing=a.get("backing", str, None),
+                    export=export, backing=a.get("backing", str, None),
                     backing_fmt=a.get("backing_fmt", str, None),
                     source_id=a.get("source_id", str, None))
+
+
+def _token(token: str) -> str:
+    if not _TOKEN_RE.fullmatch(token):
+        raise ProtocolError("a migration token is up to 64 hex digits")
+    return token
 
 
 def _presync_disk(d: Any) -> dict[str, Any]:
@@ -356,12 +393,17 @@ def _presync_disk(d: Any) -> dict[str, Any]:
     node = a.get("node", str)
     if not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}":
         raise ProtocolError(f"presync_open: {node!r} is not a disk node")
-    size = a.get("size", int)
-    if size < 0:
-        raise ProtocolError("presync_open: a disk size is negative")
+    size = _size(a, "presync_open")
     return {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
             "generation": a.get("generation", int, None),
             "source_id": a.get("source_id", str, None)}
+
+
+def _size(a: Args, op: str) -> int:
+    size = a.get("size", int)
+    if not 0 <= size < 1 << 63:        # QEMU's and the file system's limit
+        raise ProtocolError(f"{op}: disk size {size} is not 0 to 2^63 - 1 bytes")
+    return size
 
 
 def _options(a: Args) -> MigrateOptions:
@@ -409,50 +451,23 @@ async def serve_tls(cfg: AgentConfig, host: str, port: int,
                     ready: Optional[Callable[[], None]] = None) -> None:
     """A long-running agent: every connection must present a client
     certificate signed by the CA, or the handshake fails and no request is
-    ever read."""
+    ever read (listener.py bounds what such peers may hold)."""
     ctx = cfg.pki.server_context()
-    loop = asyncio.get_running_loop()
+    socks = listener.listen(host, port)
 
-    async def handshake(raw: asyncio.Transport) -> None:
-        # The handshake is ours rather than asyncio's, so that a refused peer
-        # (no certificate, a stranger's, plain TCP) is logged, not ignored.
-        peer = raw.get_extra_info("peername")
-        who = peer[0] if peer else "?"
-        reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 8)
-        proto = asyncio.StreamReaderProtocol(reader)
-        try:
-            tls = await loop.start_tls(raw, proto, ctx, server_side=True,
-                                       ssl_handshake_timeout=10)
-        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
-            _log(f"refused a connection from {who}: {_tls_reason(e)}")
-            raw.abort()
-            return
-        proto.connection_made(tls)
-        writer = asyncio.StreamWriter(tls, proto, reader, loop)
-        local = tls.get_extra_info("sockname")
-        cert = tls.get_extra_info("peercert") or {}
-        subject = dict(x[0] for x in cert.get("subject", ()) if x)
-        _log(f"connection from {who} ({subject.get('commonName', 'no name')})")
-        await Session(cfg, local[0] if local else None).serve(reader, writer)
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      local: str) -> None:
+        await Session(cfg, local or None).serve(reader, writer)
 
-    class Accept(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            # Not one byte may be read before the TLS layer is in place.
-            transport.pause_reading()
-            loop.create_task(handshake(transport))
-
-    server = await loop.create_server(Accept, host, port)
-    _log(f"listening on {host}:{port} (mutual TLS, certificates in {cfg.pki.dir})")
-    if ready:
-        ready()
-    async with server:
-        await _until_signal(server.serve_forever())
-
-
-def _tls_reason(e: BaseException) -> str:
-    if isinstance(e, asyncio.TimeoutError):
-        return "no TLS handshake within 10 s"
-    return getattr(e, "reason", None) or str(e) or type(e).__name__
+    try:
+        _log(f"listening on {host}:{port} (mutual TLS, certificates in {cfg.pki.dir})")
+        if ready:
+            ready()
+        await _until_signal(listener.Listener(ctx, session, _log,
+                                              protocol.MAX_FRAME + 8).serve(socks))
+    finally:
+        for s in socks:
+            s.close()
 
 
 async def _until_signal(work: Awaitable[None]) -> None:
@@ -472,7 +487,7 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
                 ports: Optional[tuple[int, int]] = None) -> AgentConfig:
     """Settings from the command line, else from STATE/agent.toml (what an
     ssh:// source gets, as it cannot pass options to the agent):
-        storage_roots = ["/srv/images"]     # default: the state directory alone
+        storage_roots = ["/srv/images"]     # default: STATE/images alone
         pki = "/etc/pki"                    # default: /etc/pki
         port_range = [49152, 49215]
         allow_extra_args = false            # a source spec's extra QEMU arguments
@@ -503,6 +518,8 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
     allow = data.get("allow_extra_args", False)
     if not isinstance(allow, bool):
         raise UsageError(f"{conf}: allow_extra_args must be true or false")
-    roots = [os.path.abspath(r) for r in roots] or [str(state.path)]
+    # The default root is a folder of the state directory, not all of it: the
+    # rest holds the agent's records and this file, which no source may write.
+    roots = [os.path.abspath(r) for r in roots] or [str(state.path / IMAGES)]
     return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir), ports=ports,
                        allow_extra_args=allow)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from vmferry.errors import UsageError
@@ -25,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "STATE-DIR/agent.toml, else /etc/pki)")
     p.add_argument("--storage-root", action="append", default=[], metavar="DIR",
                    help="a folder incoming disk images may be written under (repeatable; "
-                        "default: storage_roots of STATE-DIR/agent.toml, else STATE-DIR)")
+                        "default: storage_roots of STATE-DIR/agent.toml, else STATE-DIR/images; never "
+                        "the rest of STATE-DIR, which holds the agent's own records)")
     p.add_argument("--port-range", metavar="LO-HI",
                    help="TCP ports for disk and migration data (default: port_range of "
                         "STATE-DIR/agent.toml, else 49152-49215)")
@@ -45,16 +47,19 @@ def _port_range(text: str) -> tuple[int, int]:
 
 def _host_port(text: str) -> tuple[str, int]:
     from vmferry.agent.server import DEFAULT_TLS_PORT
-    host, sep, port = text.rpartition(":")
-    if not sep or "]" in port or (text.count(":") > 1 and not text.startswith("[")):
-        host, port = text, ""           # no port, or a bare IPv6 address
-    host = host.strip("[]")
+    m = re.fullmatch(r"\[([^\[\]]+)\](?::([0-9]+))?", text)    # [IPv6] or [IPv6]:PORT
+    if m:
+        host, port = m.group(1), m.group(2) or ""
+    elif text.count(":") > 1 or ":" not in text:
+        host, port = text, ""           # a bare IPv6 address, or no port
+    else:
+        host, _, port = text.partition(":")
     try:
         p = int(port) if port else DEFAULT_TLS_PORT
     except ValueError:
         p = 0
-    if not host or not 1 <= p <= 65535:
-        raise UsageError(f"--listen {text!r}: use HOST or HOST:PORT")
+    if not host or "[" in host or "]" in host or not 1 <= p <= 65535:
+        raise UsageError(f"--listen {text!r}: use HOST, HOST:PORT or [IPV6]:PORT")
     return host, p
 
 
@@ -74,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
         server.check_stdio()              # before anything is reaped or spawned
     # An agent that died before us (and its reaper) left these behind.
     try:
-        asyncio.run(reap_orphans(state))
+        asyncio.run(reap_orphans(state, cfg.storage_roots))
     finally:
-        presync_target.reap_orphans(state.path)
-    reaper.spawn(str(state.path))
+        presync_target.reap_orphans(state.path, cfg.storage_roots)
+    reaper.spawn(str(state.path), cfg.storage_roots)
     if args.stdio:
         asyncio.run(server.serve_stdio(cfg))
     else:

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import os
+import stat
+from typing import TYPE_CHECKING, Optional
+from urllib.parse import parse_qs, unquote, urlsplit
 
+from vmferry.errors import UsageError
 from vmferry.progress import make_reporter
 from vmferry.units import format_size, mib_per_second, parse_size
 
@@ -69,8 +73,37 @@ def summary(r: CopyResult) -> str:
             f"over {r.connections} connection{'s' if r.connections != 1 else ''} ({r.path})")
 
 
+def _identity(target: str) -> Optional[tuple]:
+    """What TARGET names where that can be known: a file by device and inode (a
+    block device by its number), an export of a Unix socket by the socket's.
+    None for TCP servers, whose names and addresses may alias each other."""
+    try:
+        if "://" not in target and not target.startswith("null:"):
+            st = os.stat(target)
+            if stat.S_ISBLK(st.st_mode):
+                return ("block", st.st_rdev)
+            return ("file", st.st_dev, st.st_ino)
+        u = urlsplit(target)
+        if u.scheme in ("nbd+unix", "nbds+unix"):
+            sock = parse_qs(u.query).get("socket", [""])[-1]
+            st = os.stat(sock)
+            return ("nbd", st.st_dev, st.st_ino, unquote(u.path.lstrip("/")))
+    except (OSError, ValueError):
+        pass                    # missing (to be created) or malformed: copy() says which
+    return None
+
+
+def check_not_itself(src: str, dst: str) -> None:
+    ident = _identity(src)
+    if ident is not None and ident == _identity(dst):
+        raise UsageError(f"SRC {src} and DST {dst} are the same "
+                         f"{'export' if ident[0] == 'nbd' else 'file'}: a copy onto itself "
+                         f"would read what it is overwriting")
+
+
 def run(args: argparse.Namespace) -> int:
     from vmferry.copying import copy     # the engine loads only for commands that copy
+    check_not_itself(args.src, args.dst)
     reporter = make_reporter(args.progress)
     rsize = parse_size(args.request_size, "--request-size") if args.request_size else None
     rate = mib_per_second(args.bandwidth, "--bandwidth") or None

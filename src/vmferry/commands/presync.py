@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from vmferry.commands.migrate import add_disk_options, add_host_options
     add_disk_options(p, "presync")
     add_host_options(p, memory=False)
+    p.add_argument("--discard", action="store_true",
+                   help="remove the copy on DEST that presync (or an interrupted migration) "
+                        "left, with its records and the source's dirty bitmap")
     p.add_argument("--progress", nargs="?", const="auto", default=None,
                    choices=["auto", "bar", "json"], help="show progress")
     p.set_defaults(func=run)
@@ -32,6 +35,19 @@ def run(args: argparse.Namespace) -> int:
     from vmferry.migration.options import MigrateOptions
     from vmferry.commands.migrate import common_options
     opts = MigrateOptions(**common_options(args))
+    if args.discard:
+        from vmferry.migration.api import parse_destination
+        from vmferry.migration.presync import discard
+        from vmferry.vm.qmp import run_sync
+
+        async def go() -> str:
+            dest = parse_destination(args.dest)
+            try:
+                return await discard(StateDir(args.state_dir), args.name, dest, opts)
+            finally:
+                await dest.close()
+        print(run_sync(go()), flush=True)
+        return 0
     reporter = make_reporter(args.progress)
     try:
         result = presync_vm(StateDir(args.state_dir), args.name, args.dest, opts,

@@ -42,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
         if not all(ok for _, _, ok in results):
             raise VmferryError("some migrations were not resolved (see above)")
         return 0
-    if args.resume_source:
-        print(run_sync(rec.resume_source(state, args.name)), flush=True)
-    else:
-        print(run_sync(rec.recover(state, args.name)), flush=True)
+    print(run_sync(rec.recover(state, args.name, resume_source=args.resume_source)),
+          flush=True)
     return 0

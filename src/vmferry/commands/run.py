@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vmferry.vm.process import START_TIMEOUT, start_vm   # asyncio, qemu.qmp: only here
     spec = load_spec(args.spec)
+    from vmferry.migration.journal import refuse_if_interrupted
+    refuse_if_interrupted(StateDir(args.state_dir), spec.name)
     vm = start_vm(StateDir(args.state_dir), spec, incoming=args.incoming, accel=args.accel,
                   paused=args.paused,
                   timeout=START_TIMEOUT if args.timeout is None else args.timeout)

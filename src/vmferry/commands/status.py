@@ -23,8 +23,10 @@ def run(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
     st = vm_status(state, args.name)
     note = interrupted_line(state, args.name)
+    from vmferry.migration.presync import copies
+    kept = copies(state, args.name)
     if args.json:
-        print(json.dumps(dict(st.to_dict(), migration=note)), flush=True)
+        print(json.dumps(dict(st.to_dict(), migration=note, copies=kept)), flush=True)
         return 0
     spec = st.spec
     rows = [("name", st.name), ("state", st.state), ("pid", st.pid or "-"),
@@ -34,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
     rows += [("qmp", st.qmp_socket), ("log", st.log)]
     if note:
         rows.append(("migration", note))
+    for node, c in kept.items():
+        size = next((d for i, d in enumerate(st.spec.disks) if f"disk{i}" == node), None)
+        part = (f"copied up to {format_size(c['valid_below'])}, then only what changed"
+                if c["valid_below"] is not None else "copied, then only what changed")
+        rows.append((f"{node} copy", f"{c['dest_path']} ({part}; 'vmferry presync "
+                                     f"--discard' removes it)" if size else c["dest_path"]))
     for key, value in rows:
         print(f"{key + ':':9} {value}")
     return 0

@@ -70,6 +70,7 @@ async def _migrate(state: StateDir, name: str, destination: Destination,
                    opts: MigrateOptions, progress: Optional[Callable[[JobInfo], None]],
                    warn: Callable[[str], None]) -> JobInfo:
     opts.validate()
+    journal.refuse_if_interrupted(state, name)
     rec = state.load(name)
     if opts.offline:
         from vmferry.migration.offline import migrate_offline

@@ -74,12 +74,14 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                       accel: Optional[str] = None,
-                      presynced: frozenset[str] = frozenset()) -> Prepared:
+                      presynced: frozenset[str] = frozenset(), token: str = "") -> Prepared:
         """Start QEMU waiting for the incoming migration, with a writable NBD
         export per disk, using the source's accelerator (kvm or tcg).  Raises
         UsageError for what the user must fix (a destination disk too small or
         missing) before anything starts.  PRESYNCED: nodes whose destination
-        image is a presync target, written on purpose."""
+        image is a presync target, written on purpose.  TOKEN: the journal's
+        name for this migration, which the destination keeps when it resumes
+        the guest (see probe)."""
 
     @abc.abstractmethod
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
@@ -88,11 +90,15 @@ class Destination(abc.ABC):
         guest's run state."""
 
     @abc.abstractmethod
-    async def abort(self) -> str:
+    async def abort(self, keep: Optional[dict[str, int]] = None) -> str:
         """Undo Prepare: stop the destination QEMU and remove what it created.
         Returns "destroyed"; "running" when Finish already resumed the guest
         there (nothing is undone then); "unknown" when the destination cannot
-        be reached to tell."""
+        be reached to tell.  KEEP: node -> presync generation of the images
+        to keep as partial copies; "kept" when they were (Incoming.abort)."""
+
+    async def connect(self, opts: MigrateOptions) -> None:
+        """Reach the destination now (requests that need no Prepare)."""
 
     async def close(self) -> None:
         """The migration is over, one way or the other: release the channel."""
@@ -106,17 +112,20 @@ class Destination(abc.ABC):
     # -- recovery (see recover.py): the migrating process is gone, and with it
     #    everything it knew; these work from the VM's name alone.
 
-    async def probe(self, name: str, opts: MigrateOptions) -> str:
-        """Where an incoming migration of NAME stands there (incoming.probe):
-        "absent", "incoming", "completed", "running", or "unknown" when the
-        destination cannot be asked."""
+    async def probe(self, name: str, token: str, opts: MigrateOptions) -> str:
+        """Where the incoming migration TOKEN of NAME stands there (see
+        incoming.probe); "unknown" when the destination cannot be asked."""
         return "unknown"
 
-    async def undo_orphan(self, name: str) -> None:
+    async def undo_orphan(self, name: str,
+                          keep: Optional[dict[str, tuple[str, int, str]]] = None) -> bool:
         """Undo what an incoming migration or presync of NAME whose source
-        process died left there (never a guest Finish resumed)."""
+        process died left there (never a guest Finish resumed).  KEEP: image
+        path -> (node, presync generation, format) to keep as partial copies;
+        True when they were (incoming.keep_images)."""
+        return False
 
-    async def finish_orphan(self, name: str, *, resume: bool) -> Optional[str]:
+    async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
         """Finish an incoming migration of NAME that received everything;
         None where only the agent that prepared it could (it undoes an
         unfinished migration itself when its source goes away)."""
@@ -143,5 +152,5 @@ class Destination(abc.ABC):
         """node -> '' if the image at PATH still holds presync GENERATION, else why."""
         return {node: "the destination cannot tell" for node in items}
 
-    async def presync_forget(self, paths: list[str]) -> None:
-        """Drop the records beside these images."""
+    async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
+        """Drop the records beside these images (DISCARD: the images too)."""

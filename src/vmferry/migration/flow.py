@@ -32,11 +32,6 @@ STALL_ITERATIONS = 3
 ESCALATE_MAX = 16
 
 
-def presync_bitmap() -> str:
-    from vmferry.migration.presync import BITMAP
-    return BITMAP
-
-
 class Phase(enum.Enum):
     BEGIN = "begin"
     PREPARE = "prepare"
@@ -83,6 +78,9 @@ class Migration:
         self.journal = journal
         self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._deadline: Optional[float] = None
+        self._undo_failed: list[str] = []      # undo steps that raised
+        self._unresolved = False       # where the guest runs is not known
+        self._kept = ""                # what the rollback kept of the disk copy
         self._described = False        # Begin found the VM in a state to move
         self._last_save = 0.0
 
@@ -103,10 +101,6 @@ class Migration:
         """Write down a resource before it is made (see journal.py)."""
         if self.journal is not None:
             self.journal.add(kind, **fields)
-
-    def _end_journal(self) -> None:
-        if self.journal is not None:
-            self.journal.close()
 
     def _publish(self, force: bool = False) -> None:
         self.info.tick()
@@ -136,8 +130,27 @@ class Migration:
                     continue        # finish this undo step before the next one
                 except (VmferryError, OSError):
                     break
-            if step.done() and not step.cancelled():
-                step.exception()    # retrieved: a failed undo step is not fatal
+            if step.done() and not step.cancelled() and step.exception() is not None:
+                # not fatal to the other steps, but the journal must stay
+                self._undo_failed.append(what)
+        self._settle_journal()
+
+    def _settle_journal(self) -> None:
+        """After a rollback: a clean one ends the journal; one with a failed
+        step hands it to 'vmferry recover', which redoes every step by name."""
+        if self.journal is None:
+            return
+        if self._undo_failed or self._unresolved:
+            self.journal.abandon()
+        else:
+            self.journal.close()
+
+    def _outcome(self) -> str:
+        """What a failed migration's message ends with."""
+        if self._undo_failed:
+            return (f"the rollback did not finish ({', '.join(self._undo_failed)}): run "
+                    f"'vmferry recover {self.name}'")
+        return "the source VM is running" + (f"; {self._kept}" if self._kept else "")
 
     async def _fail(self, why: str) -> None:
         self.info.status = "failed"
@@ -166,37 +179,31 @@ class Migration:
             self.info.status = "cancelled"
             self.info.error = "cancelled"
             await self._rollback()
-            self._end_journal()
             self._publish(force=True)
             await self.dest.close()
             raise Cancelled(f"migration of {self.name} cancelled in {self.phase.value}; "
-                            f"the source VM is running")
+                            f"{self._outcome()}")
         except VmferryError as e:
             await self._fail(str(e))
-            if self.phase == Phase.BEGIN and not self._described:
-                # the VM was not in a state to move: say only that
-                self._end_journal()
-                await self.dest.close()
-                raise
-            if not getattr(e, "source_paused", False):
-                # paused: unresolved, the journal stays for 'vmferry recover'
-                self._end_journal()
             await self.dest.close()
-            if isinstance(e, UsageError) or getattr(e, "source_paused", False):
+            if self.phase == Phase.BEGIN and not self._described:
+                raise       # the VM was not in a state to move: say only that
+            if getattr(e, "source_paused", False):
+                raise       # the journal went to 'vmferry recover' (_settle_journal)
+            if isinstance(e, UsageError) and not self._undo_failed:
                 raise
             if isinstance(e, MigrationError):
                 # Say the one thing a user needs next: their VM is fine.
-                raise MigrationError(f"{e}; the source VM is running",
+                raise MigrationError(f"{e}; {self._outcome()}",
                                      phase=e.phase or self.phase.value) from e
-            raise MigrationError(f"{e} (in {self.phase.value}; the source VM is running)",
+            raise MigrationError(f"{e} (in {self.phase.value}; {self._outcome()})",
                                  phase=self.phase.value) from e
         except Exception as e:
             # A bug must not leave a half-migrated VM behind either.
             await self._fail(f"internal error: {e!r}")
-            self._end_journal()
             await self.dest.close()
-            raise MigrationError(f"internal error in {self.phase.value}: {e!r}; the source "
-                                 f"VM is running", phase=self.phase.value) from e
+            raise MigrationError(f"internal error in {self.phase.value}: {e!r}; "
+                                 f"{self._outcome()}", phase=self.phase.value) from e
         try:
             await self.confirm()
         finally:
@@ -220,10 +227,11 @@ class Migration:
             return
         if outcome == "unknown":
             self.was_running = False        # rollback must not resume the source
+            self._unresolved = True         # the journal stays, for recover
             err = MigrationError(f"lost the destination during Finish ({failure or 'cancelled'}"
                                  f"): it may be running the guest; the source VM stays "
-                                 f"paused — check {self.dest!r}, then resume or stop the "
-                                 f"source", phase="finish")
+                                 f"paused — run 'vmferry recover {self.name}' once "
+                                 f"{self.dest!r} answers", phase="finish")
             err.source_paused = True
             raise err from failure
         raise failure
@@ -262,18 +270,31 @@ class Migration:
     async def begin(self) -> None:
         self._enter(Phase.BEGIN)
         self.mon = await Monitor(self.qmp_socket, "source", "begin").connect()
-        self._on_undo("close source monitor", self.mon.close)
+        self._on_undo("resume the source", self._close_source)
         status = await source.describe(self.mon)
         self._described = True
         self.was_running = status["status"] == "running"
+        if self.journal is not None:
+            self.journal.was_running = self.was_running
+            self.journal.save()
         # The destination runs the guest with the accelerator it has now:
         # a TCG guest moved onto KVM sees its clock and timing change.
         kvm = await self.mon.cmd("query-kvm")
         self.accel = "kvm" if kvm.get("enabled") else "tcg"
         self.disks = await self._plan_disks()
         if self.journal is not None:
-            self.journal.was_running = self.was_running
             self.journal.set_disks([dataclasses.asdict(d) for d in self.disks])
+
+    async def _close_source(self) -> None:
+        """The last undo step: a guest that ran must run again, or the
+        rollback is not done."""
+        try:
+            if self.was_running and self._described:
+                status = (await self.mon.cmd("query-status"))["status"]
+                if status != "running":
+                    raise MigrationError(f"the source guest is {status}, not running")
+        finally:
+            await self.mon.close()
 
     async def _plan_disks(self) -> list[DiskPlan]:
         plans = await source.plan_disks(self.mon, self.spec, self.opts)
@@ -331,11 +352,13 @@ class Migration:
 
     async def prepare(self) -> None:
         self._enter(Phase.PREPARE)
-        self._on_undo("destroy destination", self.dest.abort)
-        self.prepared = await self.dest.prepare(self.spec, self.disks, self.opts,
-                                                accel=self.accel,
-                                                presynced=frozenset(self.presynced))
+        self._on_undo("destroy destination", self._abort_destination)
+        self.prepared = await self.dest.prepare(
+            self.spec, self.disks, self.opts, accel=self.accel,
+            presynced=frozenset(self.presynced),
+            token=self.journal.token if self.journal is not None else "")
         p = self.prepared
+        self._record("destination", paths=p.dest_paths)
         self.info.destination = repr(self.dest)
         srv = p.nbd_server
         self.info.disks_address = (f"{srv.get('host')}:{srv.get('port')}" if srv.get("host")
@@ -391,27 +414,26 @@ class Migration:
             self._publish()
 
         self.info.disk_total = sum(d.size for d in self.disks)
+        from vmferry.migration import presync
         sock = self.qmp_socket.parent / "vmferry-nbd.sock"
-        self._record("native", socket=str(sock), bitmap=presync_bitmap() if self.presynced
-                     else None, presynced=sorted(self.presynced))
-        if self.presynced:
-            from vmferry.migration import presync
-            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
-                                        bitmap=presync.BITMAP, existing=True,
-                                        record=self._record, rate=self.opts.disk_rate())
-
-            async def forget() -> None:
-                # the destination images changed under the records: next time,
-                # copy in full rather than trust them
-                await presync.forget(self.presync_state, self.name, self.dest)
-            self._on_undo("drop presync records", forget)
-        else:
-            self.native = NativeStorage(self.mon, self.disks, self.prepared, sock, progress,
-                                        record=self._record, rate=self.opts.disk_rate())
+        # The bitmap is presync's: should the migration fail, what it copied so
+        # far stays on the destination as a presync would have left it
+        # (_abort_destination), and the next presync or migration moves the rest.
+        resumable = self.presync_state is not None and self.dest.presync_ok
+        self._record("native", socket=str(sock), bitmap=presync.BITMAP,
+                     presynced=sorted(self.presynced), resumable=resumable)
+        self.native = NativeStorage(
+            self.mon, self.disks, self.prepared, sock, progress, bitmap=presync.BITMAP,
+            existing=bool(self.presynced), resumable=resumable,
+            valid={d.node: presync.valid_below(self.presynced[d.node], d.size)
+                   for d in self.disks if d.node in self.presynced},
+            note=self.journal.note_valid if self.journal is not None else None,
+            record=self._record, rate=self.opts.disk_rate())
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
         await self.native.start()
         if self.presynced:
-            await self.native.pass_dirty()       # only what changed since presync
+            # only what changed since, and what an interrupted copy never got
+            await self.native.pass_dirty(rest=True)
         else:
             fresh = all(d.node in self.prepared.fresh for d in self.disks)
             await self.native.pass_all(fresh)
@@ -545,18 +567,59 @@ class Migration:
                                        not self.opts.suspend)
         self.info.action = self.info.action or f"destination {state}"
 
+    async def _abort_destination(self) -> str:
+        """Undo Prepare, keeping what the native engine copied when it is worth
+        it: the destination vouches for its images first, then the source
+        records how far each copy got (presync.py)."""
+        from vmferry.migration import presync
+        keep = self._partial_copies()
+        generation = presync.next_generation(self.presync_state, self.name) if keep else 0
+        outcome = await self.dest.abort({n: generation for n in keep} if keep else None)
+        if self.native is None or not self.native.resumable:
+            return outcome
+        if outcome == "kept":
+            pid = self.presync_state.read_pid(self.name)
+            presync.write_records(self.presync_state, self.name, generation, {
+                d.node: presync.record(d, self.prepared.dest_paths[d.node], pid, generation,
+                                       keep[d.node]) for d in self.disks})
+            done = sum(keep.values()) / max(1, sum(d.size for d in self.disks))
+            # said in the failure's one line (_outcome)
+            self._kept = (f"kept the partial copy on {self.dest!r} ({done:.0%} of the disks "
+                          f"copied): a migration or presync there moves only the rest")
+            self.info.warnings.append(self._kept)
+        else:
+            await self._drop_bitmaps()
+        return outcome
+
+    def _partial_copies(self) -> dict[str, int]:
+        """node -> how far its destination image is a copy, when every disk's
+        copy got somewhere and the destination can keep it; else {}."""
+        n = self.native
+        if n is None or not n.resumable or getattr(self, "prepared", None) is None:
+            return {}
+        valid = {d.node: n.valid.get(d.node, 0) for d in self.disks}
+        return valid if all(valid.values()) else {}
+
+    async def _drop_bitmaps(self) -> None:
+        """No partial copy is kept: the bitmap and any records go (the
+        destination images may have changed under them)."""
+        from vmferry.migration import presync
+        for d in self.disks:
+            await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
+                                   name=presync.BITMAP)
+        if self.presynced:
+            await presync.forget(self.presync_state, self.name, self.dest)
+
     async def confirm(self) -> None:
         """The destination runs the guest now: retire the source."""
         self._enter(Phase.CONFIRM)
         self._undo.clear()
         if self.native is not None:
             await self.native.cleanup()
-        if self.presynced:
-            from vmferry.migration import presync
             # a persistent bitmap would otherwise be saved into the source image
-            for node in self.presynced:
-                await self.mon.try_cmd("block-dirty-bitmap-remove", node=node,
-                                       name=presync.BITMAP)
+            await self._drop_bitmaps()
+        elif self.presynced:
+            from vmferry.migration import presync
             await presync.forget(self.presync_state, self.name, self.dest)
         try:
             await self.mon.try_cmd("quit")
@@ -565,5 +628,6 @@ class Migration:
         if self.stop_source:
             await self.stop_source()
         self.info.status = "completed"
-        self._end_journal()
+        if self.journal is not None:
+            self.journal.close()
         self._enter(Phase.DONE)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -28,10 +29,12 @@ from vmferry.migration.source import DiskPlan
 from vmferry.migration import testhooks
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm_async, stop_vm_async
+from vmferry.vm.spec import NAME_RE
 from vmferry.vm.state import StateDir, pid_alive
 
 INCOMING_TIMEOUT = 120.0
 RECORD = "incoming.json"
+RESUMED = "resumed"           # the token of the migration that resumed the guest here
 TLS_ID = "vmferry-tls"
 EXPORT_ID = "vmferry-export-"
 # libvirt's migration_port_min/max
@@ -50,25 +53,67 @@ class Network:
     tls_dir: Optional[str] = None         # QEMU tls-creds-x509 dir (server side) for --tls
 
 
+# The one folder of an agent's state directory that images may be in (and its
+# default storage root): everything else there is the agent's own records and
+# config, which a source that could write them could turn against the host.
+IMAGES = "images"
+NAME_MAX = 255                  # bytes in one path component (Linux)
+_RESERVED = (".json", ".toml", ".tmp")      # agent.toml, presync-*.json and their .tmp
+
+
 @dataclasses.dataclass
 class Policy:
     """What a destination host allows an incoming migration to write."""
 
     storage_roots: Optional[list[str]] = None   # None: anywhere (same-host moves)
     protect_existing: bool = False              # existing images need --overwrite-disks
+    # the agent's state directory: no image may resolve into it, but for IMAGES
+    state_dir: Optional[str] = None
 
     def check_path(self, what: str, path: str, remedy: str = "map it with --disk-map, or ") -> None:
         if self.storage_roots is None:
             return
+        if "\0" in path or any(len(os.fsencode(part)) > NAME_MAX for part in path.split("/")):
+            raise UsageError(f"{what} {path[:80]!r}{'...' if len(path) > 80 else ''} is not "
+                             f"a usable path (a NUL byte, or a name longer than {NAME_MAX} "
+                             f"bytes)")
+        if not os.path.isabs(path):
+            # relative to whatever the agent's cwd is, and QEMU would read a
+            # "proto:" prefix as a protocol rather than a file
+            raise UsageError(f"{what} {path} is not an absolute path")
         real = os.path.realpath(path)
+        if self.state_dir is not None:
+            state = os.path.realpath(self.state_dir)
+            if _within(real, state) and not _within(real, os.path.join(state, IMAGES)):
+                raise UsageError(f"{what} {path} is in the destination agent's own state "
+                                 f"directory {self.state_dir}, where only {IMAGES}/ may hold "
+                                 f"images: {remedy}use a storage root")
         for root in self.storage_roots:
-            root = os.path.realpath(root)
-            if real == root or real.startswith(root.rstrip("/") + "/"):
+            if _within(real, os.path.realpath(root)):
                 return
         raise UsageError(f"{what} {path} is outside the destination's storage roots "
                          f"({', '.join(self.storage_roots)}): {remedy}"
                          f"add a root there (the agent's --storage-root, or storage_roots "
                          f"in its STATE-DIR/agent.toml)")
+
+    def allows(self, path: str) -> bool:
+        try:
+            self.check_path("image", path)
+        except UsageError:
+            return False
+        return True
+
+    def check_name(self, name: str) -> None:
+        """A VM folder is the agent's to write, beside its own files: never the
+        images folder, nor a name its config or records (or their temporary
+        files) could have."""
+        if self.state_dir is not None and (name == IMAGES or name.endswith(_RESERVED)):
+            raise UsageError(f"a VM cannot be named {name!r} on this destination: the "
+                             f"agent keeps its images, config and records under such names")
+
+
+def _within(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip("/") + "/")
 
 
 def _host(addr: str) -> str:
@@ -89,6 +134,69 @@ def image_size(path: str) -> Optional[int]:
     return int(json.loads(out.stdout)["virtual-size"])
 
 
+def make_parents(path: str) -> list[str]:
+    """Create PATH's missing folders; returns those this call made, outermost
+    first, so that a failed migration can take them away again."""
+    missing = []
+    parent = Path(path).parent
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = parent.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            continue             # someone else's after all: not ours to remove
+        except OSError as e:
+            raise UsageError(f"cannot create folder {d} for destination image {path}: "
+                             f"{e.strerror}") from e
+        made.append(str(d))
+    return made
+
+
+def claim_file(path: str) -> list[int]:
+    """Create PATH empty, refusing anything already there (a symlink too), and
+    return its [st_dev, st_ino]: a record lists that, and a reaper removes the
+    path only while it is still this very file.  qemu-img create then writes
+    the image into it, keeping the inode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+    except OSError as e:
+        raise UsageError(f"cannot create destination image {path}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return [st.st_dev, st.st_ino]
+
+
+def remove_made(ids: dict[str, list[int]], dirs: list[str],
+                policy: Optional[Policy] = None) -> list[str]:
+    """Unlink each file of IDS (path -> [st_dev, st_ino]) that is still the file
+    made then and, with POLICY, a path it allows; then the folders DIRS made
+    for them, once empty.  Returns the paths removed."""
+    removed = []
+    for path, ident in ids.items():
+        if policy is not None and not policy.allows(path):
+            continue
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or [st.st_dev, st.st_ino] != list(ident):
+            continue            # replaced since: whatever is there now is not ours
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    for d in reversed(dirs):
+        if policy is None or policy.allows(d):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)     # only while empty
+    return removed
+
+
 def create_image(path: str, fmt: str, size: int, backing: Optional[str],
                  backing_fmt: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +206,8 @@ def create_image(path: str, fmt: str, size: int, backing: Optional[str],
     cmd += [path, str(size)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise UsageError(f"cannot create destination image {path}: {out.stderr.strip()}")
+        lines = out.stderr.strip().splitlines() or ["qemu-img failed"]
+        raise UsageError(f"cannot create destination image {path}: {lines[-1]}")
 
 
 class Incoming:
@@ -110,12 +219,19 @@ class Incoming:
         self.name: Optional[str] = None
         self.mon: Optional[Monitor] = None
         self.created: list[str] = []
+        self.ids: dict[str, list[int]] = {}      # created path -> [st_dev, st_ino]
+        self.dirs: list[str] = []                # folders made for them
         self.new_vm_dir = False
         self.started = False
         self.exports: list[str] = []
         self.resumed = False       # Finish resumed the guest here
         self.aborted = False
+        self.disks: list[DiskPlan] = []
+        # the source's name for this migration (journal.py), written beside the
+        # VM before the guest is resumed here: recover's proof that it was
+        self.token = ""
         self._claim: Optional[tuple[str, str]] = None
+        self.new_state_dir = False   # made by this prepare (with its .lock)
 
     # -- the record that lets someone else clean up after us -------------
 
@@ -128,6 +244,7 @@ class Incoming:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+                                   "ids": self.ids, "dirs": self.dirs,
                                    "new_vm_dir": self.new_vm_dir}))
         os.replace(tmp, path)
 
@@ -187,14 +304,19 @@ class Incoming:
         # makes the destination image stand alone.
         inc = opts.copy_storage == "inc"
         for plan in missing:
+            self.dirs += make_parents(plan.dest_path)
             self.created.append(plan.dest_path)
             self._save_record()        # before the file exists: never orphaned
+            self.ids[plan.dest_path] = claim_file(plan.dest_path)
+            self._save_record()
             create_image(plan.dest_path, plan.fmt, plan.size,
                          plan.backing if inc else None, plan.backing_fmt or "raw")
 
     def _claim_and_check(self, dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
                          presynced: set[str]) -> list[DiskPlan]:
         name = dspec.name
+        self.policy.check_name(name)
+        self.new_state_dir = not self.state.path.exists()
         with self.state.lock():
             # Claimed under the state directory's lock: two sources moving a VM
             # of the same name here at once must not share (and then delete)
@@ -215,7 +337,9 @@ class Incoming:
 
     async def prepare(self, dspec: Any, disks: list[DiskPlan],
                       opts: MigrateOptions, *, accel: Optional[str] = None,
-                      presynced: set[str] = frozenset()) -> Prepared:
+                      presynced: set[str] = frozenset(), token: str = "") -> Prepared:
+        self.token = token
+        self.disks = disks
         missing = await in_thread(self._claim_and_check, dspec, disks, opts, set(presynced))
         await in_thread(self._create_disks, missing, opts)
         vm = await start_vm_async(self.state, dspec, incoming="defer", paused=True,
@@ -340,7 +464,10 @@ class Incoming:
         if self.exports:
             await mon.cmd("nbd-server-stop")
         self.exports.clear()
+        await testhooks.hold("finishing")
         if resume:
+            if self.token:
+                _write_durably(self.state.vm_dir(self.name) / RESUMED, self.token)
             await mon.cmd("cont")
             # From here the guest has run on this side: the source must never
             # resume it too, so abort() no longer removes anything.
@@ -351,6 +478,8 @@ class Incoming:
         self.mon = None
         self.resumed = True
         self.created.clear()
+        self.ids.clear()
+        self.dirs.clear()
         self.started = False
         self.new_vm_dir = False
         self._record_path().unlink(missing_ok=True)
@@ -364,9 +493,12 @@ class Incoming:
 
     # -- rollback --------------------------------------------------------
 
-    async def abort(self) -> str:
+    async def abort(self, keep: Optional[dict[str, int]] = None) -> str:
         """Undo Prepare.  Returns "destroyed", or "running" once Finish has
-        resumed the guest here (then nothing is touched)."""
+        resumed the guest here (then nothing is touched).  KEEP: node ->
+        presync generation, images the source keeps as partial copies
+        (flow.py): stopped cleanly, they stay with their record beside them,
+        and it returns "kept" — all of them or none."""
         if self.resumed:
             # resumed here, but a QEMU that died since holds no guest either:
             # then nobody can say which side's state is the one to keep
@@ -376,15 +508,26 @@ class Incoming:
             await self.mon.close()
             self.mon = None
         if self.name is None or self.aborted:
+            if self.new_state_dir:
+                _remove_state_dir(self.state)
             return "destroyed"
         self.aborted = True
+        clean = True
         if self.started:
-            await stop_vm_async(self.state, self.name, force=True, timeout=5)
+            stopped = await stop_vm_async(self.state, self.name, force=True, timeout=5)
+            clean = stopped.how in CLEAN_STOPS
             self.started = False
-        _remove(self.state, self.name, self.created, self.new_vm_dir)
+        kept = await in_thread(keep_images, {p.dest_path: (p.node, keep[p.node], p.fmt)
+                                             for p in self.disks if keep and p.node in keep},
+                               self.name, clean, self.ids)
+        _remove(self.state, self.name, self.ids, self.dirs, self.new_vm_dir)
+        if self.new_state_dir:
+            _remove_state_dir(self.state)
         self.created.clear()
+        self.ids.clear()
+        self.dirs.clear()
         self._release()
-        return "destroyed"
+        return "kept" if kept else "destroyed"
 
 
 # (state dir, VM name) of the incoming migrations this process prepares: the
@@ -408,10 +551,42 @@ def _made_by_presync(image: str) -> bool:
     return sidecar(image).exists()
 
 
-def _remove(state: StateDir, name: str, created: list[str], new_vm_dir: bool) -> None:
-    for path in created:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+# how a QEMU stopped when it wrote back everything it cached
+CLEAN_STOPS = ("powerdown", "quit", "sigterm")
+
+
+def keep_images(keep: dict[str, tuple[str, int, str]], source: str, clean: bool,
+                ids: dict[str, list[int]]) -> bool:
+    """Vouch for KEEP's images (path -> node, presync generation, format) as
+    partial copies: fsynced, with their record beside them, and taken out of
+    IDS so that they are not removed with the rest.  All or none: a qcow2
+    image whose QEMU did not stop cleanly may lack metadata it cached, and
+    then nothing is kept.  Returns whether they were."""
+    from vmferry.migration.presync_target import forget, write_record
+    if not keep or any(fmt != "raw" and not clean for _, _, fmt in keep.values()):
+        return False
+    done = []
+    try:
+        for path, (node, generation, _) in keep.items():
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            write_record(path, source, node, generation)
+            done.append(path)
+    except OSError:
+        for path in done:
+            forget(path)
+        return False
+    for path in keep:
+        ids.pop(path, None)
+    return True
+
+
+def _remove(state: StateDir, name: str, ids: dict[str, list[int]], dirs: list[str],
+            new_vm_dir: bool, policy: Optional[Policy] = None) -> None:
+    remove_made(ids, dirs, policy)
     if new_vm_dir:
         shutil.rmtree(state.vm_dir(name), ignore_errors=True)
         run = state.runtime_dir(name)
@@ -421,65 +596,131 @@ def _remove(state: StateDir, name: str, created: list[str], new_vm_dir: bool) ->
         (state.vm_dir(name) / RECORD).unlink(missing_ok=True)
 
 
+def _remove_state_dir(state: StateDir) -> None:
+    """A state directory this prepare made, if nothing but its lock file is in it."""
+    with contextlib.suppress(OSError):
+        if set(os.listdir(state.path)) <= {".lock"}:
+            (state.path / ".lock").unlink(missing_ok=True)
+            state.path.rmdir()
+
+
+def _is_pid(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _well_formed(rec: Any) -> bool:
+    """A record as the agent writes it.  Records live where no source can
+    write, but one that is not as written is left alone rather than trusted."""
+    if not isinstance(rec, dict) or not _is_pid(rec.get("owner")):
+        return False
+    ids, dirs = rec.get("ids", {}), rec.get("dirs", [])
+    return (isinstance(rec.get("created", []), list)
+            and isinstance(ids, dict) and isinstance(dirs, list)
+            and all(isinstance(d, str) for d in dirs)
+            and all(isinstance(k, str) and isinstance(v, list) and len(v) == 2
+                    and all(isinstance(n, int) for n in v) for k, v in ids.items()))
+
+
 def orphaned(records: Iterable[Path], owner: Optional[int] = None) -> list[tuple[Path, dict]]:
-    """The records (JSON with an "owner" pid) whose owner is OWNER, or, with
-    no OWNER, whose owner is gone: the work of a process that died unfinished."""
+    """The well-formed records whose owner pid is OWNER, or, with no OWNER, a
+    pid that is gone: the work of a process that died unfinished.  An owner
+    that is not a pid is never taken for a dead one."""
     out = []
     for path in records:
         try:
             rec = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
-        pid = rec.get("owner")
+        if not _well_formed(rec):
+            continue
+        pid = rec["owner"]
         if owner is not None and pid != owner:
             continue
-        if owner is None and isinstance(pid, int) and pid_alive(pid):
+        if owner is None and pid_alive(pid):
             continue
         out.append((path, rec))
     return out
 
 
-async def reap_orphans(state: StateDir, owner: Optional[int] = None,
-                       name: Optional[str] = None) -> list[str]:
+async def reap_orphans(state: StateDir, roots: Optional[list[str]],
+                       owner: Optional[int] = None, name: Optional[str] = None,
+                       keep: Optional[dict[str, tuple[str, int, str]]] = None) -> list[str]:
     """Undo every incoming migration in STATE (or only NAME's) whose owner is
-    gone (or is OWNER): stop its QEMU, delete the images it created.  Returns
-    the VM names."""
+    gone (or is OWNER): stop its QEMU, delete the images it created (those
+    under ROOTS, None for anywhere, that are still the files it made).
+    KEEP: as for keep_images, for NAME (recover keeping a partial copy);
+    NAME is then in the result only if they were kept.  Returns the VM
+    names."""
     done: list[str] = []
     if not state.path.is_dir():
         return done
-    folders = [state.vm_dir(name)] if name else sorted(state.path.iterdir())
-    for rec_path, rec in orphaned((d / RECORD for d in folders), owner):
+    policy = Policy(storage_roots=roots,
+                    state_dir=str(state.path) if roots is not None else None)
+    dirs = [d for d in sorted(state.path.iterdir()) if d.name != IMAGES
+            and NAME_RE.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
+            and (name is None or d.name == name)]
+    for rec_path, rec in orphaned((d / RECORD for d in dirs), owner):
         vm = rec_path.parent.name
+        clean = False
         if state.read_pid(vm) is not None:
-            await stop_vm_async(state, vm, force=True, timeout=5)
-        _remove(state, vm, [str(p) for p in rec.get("created", [])],
-                bool(rec.get("new_vm_dir")))
-        done.append(vm)
+            clean = (await stop_vm_async(state, vm, force=True, timeout=5)).how in CLEAN_STOPS
+        ids = rec.get("ids", {})
+        kept = keep_images(keep or {}, vm, clean, ids) if vm == name else False
+        _remove(state, vm, ids, rec.get("dirs", []), rec.get("new_vm_dir") is True, policy)
+        if kept or not keep:
+            done.append(vm)
     return done
 
 
-async def probe(state: StateDir, name: str) -> str:
-    """Where an incoming migration of NAME stands on this host, for recover:
-    "absent" (no QEMU: never prepared, or undone), "incoming" (prepared, the
-    memory not all received), "completed" (all received, the guest not yet
-    resumed), or "running" (Finish was done: the guest is this host's)."""
-    if state.read_pid(name) is None:
-        return "absent"
-    if not (state.vm_dir(name) / RECORD).exists():
-        return "running"            # Finish removes the record
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        async with Monitor(state.qmp_socket(name), "destination", "recover") as mon:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+async def probe(state: StateDir, name: str, token: str) -> str:
+    """Where the incoming migration TOKEN of NAME stands on this host, for
+    recover:
+      "running"       it resumed the guest here, and its QEMU runs
+      "resumed-gone"  it resumed the guest here, and that QEMU has died since:
+                      nobody can say which side's state is the one to keep
+      "busy"          a session of this host's agent still works on it
+      "completed"     everything arrived, the guest was not resumed
+      "incoming"      prepared, not everything arrived
+      "absent"        nothing of it here (never prepared, or undone)
+      "unknown"       its QEMU runs but does not answer"""
+    vm_dir = state.vm_dir(name)
+    try:
+        resumed = bool(token) and (vm_dir / RESUMED).read_text() == token
+    except OSError:
+        resumed = False
+    alive = state.read_pid(name) is not None
+    if resumed:
+        return "running" if alive else "resumed-gone"
+    if not (vm_dir / RECORD).exists() or not alive:
+        return "absent"
+    if (str(state.path), name) in _CLAIMED or _claimed_elsewhere(state, name):
+        return "busy"
+    try:
+        # the CLI socket: the orchestrator's may still be held by a session
+        async with Monitor(state.cli_socket(name), "destination", "recover") as mon:
             info = await mon.cmd("query-migrate")
     except MigrationError:
-        return "incoming"
+        return "unknown"
     return "completed" if info.get("status") == "completed" else "incoming"
 
 
-async def finish_orphan(state: StateDir, name: str, *, resume: bool) -> str:
+async def finish_orphan(state: StateDir, name: str, token: str, *, resume: bool) -> str:
     """Finish an incoming migration whose source process died after the
     memory arrived: what Incoming.finish does, from the record alone."""
     inc = Incoming(state)
     inc.name = name
+    inc.token = token
     inc.started = True
     inc.mon = await Monitor(state.qmp_socket(name), "destination", "finish").connect()
     inc.exports = [e["id"] for e in await inc.mon.cmd("query-block-exports")

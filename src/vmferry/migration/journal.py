@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -60,7 +61,11 @@ class Journal:
     name: str
     dest: str
     phase: str = "begin"
-    was_running: bool = True
+    # None until Begin has seen the guest: only a guest that ran is resumed
+    was_running: Optional[bool] = None
+    # this migration's name, also kept by the destination when it resumes the
+    # guest there (incoming.probe): proof that it did, after both processes died
+    token: str = ""
     owner: int = 0
     owner_start: Optional[int] = None
     boot_id: str = ""
@@ -69,6 +74,11 @@ class Journal:
     # what recover needs of the options: suspend, undefine_source, pki_dir
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     resources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # node -> how far the destination image is a copy (the native engine's
+    # first pass), so that recover can keep a partial copy; a stale value
+    # only means more is copied again
+    valid: dict[str, int] = dataclasses.field(default_factory=dict)
+    _saved_valid: float = dataclasses.field(default=0.0, compare=False, repr=False)
     path: Optional[Path] = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -76,6 +86,7 @@ class Journal:
              options: dict[str, Any]) -> "Journal":
         """A new journal owned by this process, written at once."""
         j = cls(kind=kind, name=name, dest=dest, options=options, owner=os.getpid(),
+                token=secrets.token_hex(8),
                 owner_start=process_start(os.getpid()), boot_id=_boot_id(),
                 started=time.time(), path=state.vm_dir(name) / FILE)
         j.save()
@@ -87,7 +98,8 @@ class Journal:
         """Replace the file atomically and make it durable before returning:
         the step it records may take effect right after."""
         assert self.path is not None
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+        data = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("path", "_saved_valid")}
         tmp = self.path.with_name(FILE + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -117,6 +129,14 @@ class Journal:
             self.resources.append(item)
             self.save()
 
+    def note_valid(self, node: str, valid: int) -> None:
+        """The copy of NODE got this far; written at most once a second."""
+        self.valid[node] = valid
+        now = time.monotonic()
+        if now - self._saved_valid >= 1.0:
+            self._saved_valid = now
+            self.save()
+
     def has(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.resources if r["kind"] == kind]
 
@@ -129,13 +149,28 @@ class Journal:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
+    def abandon(self) -> None:
+        """This process gives up on the migration without resolving it (the
+        destination could not say whether it runs the guest, or an undo step
+        failed): from now on it is an interrupted migration for recover."""
+        self.owner, self.owner_start = 0, None
+        self.save()
+
+    def take_over(self) -> None:
+        """recover makes the journal its own, so that a second recover or an
+        abort waits for it rather than acts at the same time, and a recover
+        that is itself killed leaves a journal the next one can resume."""
+        self.owner, self.owner_start = os.getpid(), process_start(os.getpid())
+        self.boot_id = _boot_id()
+        self.save()
+
     # -- reading -----------------------------------------------------------
 
     @property
     def owner_alive(self) -> bool:
         """Whether the process that wrote this still runs (the same process,
         not another that got its pid, on this boot)."""
-        if self.boot_id and self.boot_id != _boot_id():
+        if self.owner <= 0 or (self.boot_id and self.boot_id != _boot_id()):
             return False
         return pid_alive(self.owner) and process_start(self.owner) == self.owner_start
 
@@ -148,17 +183,31 @@ class Journal:
         return f"{verb} to {self.dest}"
 
 
+class BadJournal(Journal):
+    """A journal that cannot be read: still an interrupted migration (every
+    command says so), of which recover can only say what to check."""
+
+    why: str = ""
+
+    def describe(self) -> str:
+        return "migration"
+
+
 def load(state: StateDir, name: str) -> Optional[Journal]:
     path = state.vm_dir(name) / FILE
     try:
         data = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(Journal)} - {"path", "_saved_valid"}
+        j = Journal(**{k: v for k, v in data.items() if k in fields})
+        if j.kind not in ("migrate", "presync") or j.phase not in PHASES or \
+                not isinstance(j.dest, str) or not isinstance(j.owner, int):
+            raise ValueError("unknown kind, phase or destination")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        # unreadable: still an interrupted migration, of which we know nothing
-        return Journal(kind="migrate", name=name, dest="an unknown destination", path=path)
-    fields = {f.name for f in dataclasses.fields(Journal)} - {"path"}
-    j = Journal(**{k: v for k, v in data.items() if k in fields})
+    except (OSError, ValueError, TypeError) as e:
+        bad = BadJournal(kind="migrate", name=name, dest="?", path=path)
+        bad.why = getattr(e, "strerror", None) or str(e)
+        return bad
     j.path = path
     return j
 
@@ -175,6 +224,16 @@ def interrupted(state: StateDir, name: str) -> Optional[Journal]:
 def hint(j: Journal) -> str:
     """What every command says about an interrupted migration."""
     return (f"{j.describe()} interrupted (process gone): run 'vmferry recover {j.name}'")
+
+
+def refuse_if_interrupted(state: StateDir, name: str) -> None:
+    """UsageError when NAME has an interrupted migration: until recover has
+    resolved it, the guest may run elsewhere, and nothing may start, move
+    or copy it here."""
+    j = interrupted(state, name)
+    if j is not None:
+        from vmferry.errors import UsageError
+        raise UsageError(hint(j))
 
 
 def interrupted_line(state: StateDir, name: str) -> Optional[str]:

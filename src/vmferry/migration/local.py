@@ -36,19 +36,19 @@ class LocalDestination(Destination):
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                       accel: Optional[str] = None,
-                      presynced: frozenset[str] = frozenset()) -> Prepared:
+                      presynced: frozenset[str] = frozenset(), token: str = "") -> Prepared:
         if opts.tls:
             raise UsageError("--tls encrypts traffic between hosts: it needs an ssh:// or "
                              "tls:// destination, not local://")
         return await self.incoming.prepare(destination_spec(spec, opts), disks, opts,
-                                           accel=accel, presynced=presynced)
+                                           accel=accel, presynced=presynced, token=token)
 
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
         return await self.incoming.finish(resume=resume)
 
-    async def abort(self) -> str:
+    async def abort(self, keep: Optional[dict[str, int]] = None) -> str:
         await self._stop_watch()
-        return await self.incoming.abort()
+        return await self.incoming.abort(keep)
 
     def lost(self) -> Optional["asyncio.Future[None]"]:
         """Fails when the destination QEMU dies before Finish: with the native
@@ -80,21 +80,24 @@ class LocalDestination(Destination):
 
     # -- recovery: this host's QEMU outlived the process that prepared it
 
-    async def probe(self, name: str, opts: MigrateOptions) -> str:
-        return await incoming_mod.probe(self.state, name)
+    async def probe(self, name: str, token: str, opts: MigrateOptions) -> str:
+        return await incoming_mod.probe(self.state, name, token)
 
-    async def undo_orphan(self, name: str) -> None:
-        await incoming_mod.reap_orphans(self.state, name=name)
-        presync_target.reap_orphans(self.state.path)
+    async def undo_orphan(self, name: str,
+                          keep: Optional[dict[str, tuple[str, int, str]]] = None) -> bool:
+        # a same-host destination: the user's own files, no storage roots
+        done = await incoming_mod.reap_orphans(self.state, None, name=name, keep=keep)
+        presync_target.reap_orphans(self.state.path, None)
+        return bool(keep) and done == [name]
 
-    async def finish_orphan(self, name: str, *, resume: bool) -> Optional[str]:
-        return await incoming_mod.finish_orphan(self.state, name, resume=resume)
+    async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
+        return await incoming_mod.finish_orphan(self.state, name, token, resume=resume)
 
     # -- presync: qemu-nbd on Unix sockets in a private folder
 
     async def presync_open(self, disks: list[dict[str, Any]],
                            opts: MigrateOptions) -> dict[str, dict[str, Any]]:
-        self._presync_dir = Path(tempfile.mkdtemp(prefix="vmferry-presync-"))
+        self._presync_dir = Path(tempfile.mkdtemp(prefix=presync_target.RUN_DIR_PREFIX))
         # the images it creates are recorded in the destination state
         # directory first, so 'vmferry recover' can remove them if this
         # process dies (its qemu-nbd dies with it)
@@ -117,6 +120,6 @@ class LocalDestination(Destination):
                             opts: MigrateOptions) -> dict[str, str]:
         return {node: presync_target.check(path, gen) for node, (path, gen) in items.items()}
 
-    async def presync_forget(self, paths: list[str]) -> None:
+    async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         for path in paths:
-            presync_target.forget(path)
+            presync_target.forget(path, discard)

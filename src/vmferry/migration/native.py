@@ -70,7 +70,9 @@ class NativeStorage:
     def __init__(self, mon: Monitor, disks: list[DiskPlan], prepared: Prepared,
                  socket: Path, on_progress: Callable[[CopyResult], None], *,
                  bitmap: str = BITMAP, existing: bool = False, rate: int = 0,
-                 record: Optional[Callable[..., None]] = None) -> None:
+                 record: Optional[Callable[..., None]] = None,
+                 resumable: bool = False, valid: Optional[dict[str, int]] = None,
+                 note: Optional[Callable[[str, int], None]] = None) -> None:
         self.mon = mon
         self.disks = disks
         self.prepared = prepared
@@ -82,6 +84,13 @@ class NativeStorage:
         # failed migration, with every bit it had).
         self.bitmap = bitmap
         self.existing = existing
+        # resumable: the bitmap (persistent for qcow2) outlives a failed
+        # migration too, so that its partial copy can be kept (flow.py);
+        # valid: node -> how far the destination image is a copy (pass 0 or
+        # an earlier, interrupted copy got that far), told to NOTE as it grows
+        self.resumable = resumable or existing
+        self.valid: dict[str, int] = dict(valid or {})
+        self._note = note or (lambda node, valid: None)
         # bytes/s for each copy (--disk-bandwidth; disks go one after another,
         # so also for all of them); 0: unlimited.  The paused final pass too:
         # a link shared with others stays shared during downtime.
@@ -144,8 +153,36 @@ class NativeStorage:
             import asyncio
             await asyncio.sleep(0.002)
 
+    def _advance(self, d: DiskPlan, done_below: int) -> None:
+        if done_below > self.valid.get(d.node, 0):
+            self.valid[d.node] = done_below
+            self._note(d.node, done_below)
+
     async def _copy(self, d: DiskPlan, bitmap: Optional[str], fresh: bool,
-                    final: bool = False) -> CopyResult:
+                    final: bool = False, span: Optional[tuple[int, int]] = None
+                    ) -> CopyResult:
+        """One copy of D: its allocated extents (of SPAN only, if given), or
+        those dirty in BITMAP.  A copy of everything moves D's valid mark
+        forward as it goes, and to where it got when it stops early."""
+        counts = bitmap is None
+        def progress(snap: CopyResult) -> None:
+            if counts:
+                self._advance(d, snap.done_below)
+            self.on_progress(snap)
+        try:
+            r = await self._copy_once(d, bitmap, fresh, final, span, progress)
+        except BaseException as e:
+            partial = getattr(e, "partial", None) or getattr(e.__cause__, "partial", None)
+            if counts and partial is not None:
+                self._advance(d, partial.done_below)
+            raise
+        if counts:
+            self._advance(d, d.size)
+        return r
+
+    async def _copy_once(self, d: DiskPlan, bitmap: Optional[str], fresh: bool,
+                         final: bool, span: Optional[tuple[int, int]],
+                         progress: Callable[[CopyResult], None]) -> CopyResult:
         # A raw image is read from its file on this host, not through the
         # source QEMU: that saves QEMU a read and a socket copy per byte (its
         # NBD server is one main-loop thread).  Only the dirty bitmap comes
@@ -182,8 +219,8 @@ class NativeStorage:
                                     connections=1 if final else tune.get("connections"),
                                     requests=tune.get("requests"),
                                     request_size=tune.get("request_size"),
-                                    rate=self.rate or None,
-                                    progress=self.on_progress)
+                                    rate=self.rate or None, span=span,
+                                    progress=progress)
         except VmferryError as e:
             raise MigrationError(f"native copy of {d.node} failed: {e}",
                                  phase="perform") from e
@@ -198,7 +235,12 @@ class NativeStorage:
         self._server = True
         if not self.existing:
             for d in self.disks:
-                await self.mon.cmd("block-dirty-bitmap-add", node=d.node, name=self.bitmap)
+                # a bitmap of an earlier presync whose records did not hold
+                for b in (FROZEN, self.bitmap):
+                    await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=b)
+                self._record("bitmap", node=d.node, name=self.bitmap)
+                await self.mon.cmd("block-dirty-bitmap-add", node=d.node, name=self.bitmap,
+                                   persistent=self.resumable and d.fmt == "qcow2")
 
     async def _freeze(self) -> None:
         """One transaction per pass: what was dirty so far becomes the frozen
@@ -241,7 +283,10 @@ class NativeStorage:
             self.stats.bytes_copied += r.bytes_written + r.bytes_zeroed
         self.stats.passes += 1
 
-    async def pass_dirty(self, final: bool = False) -> int:
+    async def pass_dirty(self, final: bool = False, rest: bool = False) -> int:
+        """Copy what the bitmap marks; with REST, first what an interrupted
+        earlier copy never got, in full (read now, so what the guest writes
+        meanwhile is in the fresh bitmap)."""
         # At the final pass the guest is paused and its I/O drained, so a count
         # of zero stays zero: one query then saves a disk its export,
         # connections and block-status round trips, which would be downtime.
@@ -254,12 +299,15 @@ class NativeStorage:
         moved = 0
         try:
             for d in self.disks:
+                if rest and self.valid.get(d.node, d.size) < d.size:
+                    r = await self._copy(d, None, False, span=(self.valid[d.node], 0))
+                    moved += r.bytes_written + r.bytes_zeroed
                 if final and not dirty.get(d.node):
                     continue
                 r = await self._copy(d, FROZEN, False, final)
                 moved += r.bytes_written + r.bytes_zeroed
         except BaseException:
-            if self.existing:
+            if self.resumable:
                 for d in self.disks:
                     await self.mon.try_cmd("block-dirty-bitmap-merge", node=d.node,
                                            target=self.bitmap, bitmaps=[FROZEN])
@@ -336,12 +384,13 @@ class NativeStorage:
             if e["id"].startswith(EXPORT):
                 await self.mon.try_cmd("block-export-del", id=e["id"], mode="hard")
         for d in self.disks:
-            if self.existing:
-                # Frozen bits not yet copied go back: a later migration needs them.
+            if self.resumable:
+                # Frozen bits not yet copied go back: a later migration needs
+                # them (whoever keeps the partial copy, or drops the bitmap)
                 await self.mon.try_cmd("block-dirty-bitmap-merge", node=d.node,
                                        target=self.bitmap, bitmaps=[FROZEN])
             await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=FROZEN)
-            if not self.existing:
+            if not self.resumable:
                 await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
                                        name=self.bitmap)
         if self._server:

@@ -8,10 +8,18 @@ a destination image to the source bitmap that tracks it:
 
   source       STATE/NAME/presync.json   node -> bitmap, image path, generation,
                                          the QEMU pid (a raw image's bitmap lives
-                                         only as long as that process)
+                                         only as long as that process), and
+                                         valid_below when only a first part of
+                                         the image was ever copied
   destination  IMAGE.vmferry-presync.json  generation and the image's identity
                                          (inode, size, mtime) when presync left it
                                          (presync_target.py, on the destination host)
+
+A migration whose native copy stops midway keeps its destination images the
+same way (flow.py, "keep the partial copy"): the bitmap records every write
+since its copy began, and valid_below says how far that copy got, so the
+next presync or migration copies the rest in full and only the bitmap's
+extents below it.
 
 A record that is missing or does not match (bitmap gone or inconsistent after
 an unclean shutdown, QEMU restarted, image replaced or touched) makes vmferry
@@ -61,6 +69,49 @@ def _source_record(state: Any, name: str) -> Path:
 
 def has_records(state: Any, name: str) -> bool:
     return _source_record(state, name).exists()
+
+
+def load_records(state: Any, name: str) -> dict:
+    """STATE/NAME/presync.json: {"generation": N, "disks": {node: record}}."""
+    return _load(_source_record(state, name))
+
+
+def next_generation(state: Any, name: str) -> int:
+    return load_records(state, name).get("generation", 0) + 1
+
+
+def write_records(state: Any, name: str, generation: int, records: dict[str, dict]) -> None:
+    """The source's half of the records (after the destination vouched for
+    its images: a failure in between leaves records that do not match, and a
+    full copy next time, never a partial one)."""
+    path = _source_record(state, name)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"generation": generation, "disks": records}, indent=1))
+    os.replace(tmp, path)
+
+
+def record(p: DiskPlan, dest_path: str, qemu_pid: Optional[int], generation: int,
+           valid_below: Optional[int] = None) -> dict:
+    r = {"bitmap": BITMAP, "dest_path": dest_path, "fmt": p.fmt, "qemu_pid": qemu_pid,
+         "generation": generation}
+    if valid_below is not None and valid_below < p.size:
+        r["valid_below"] = valid_below
+    return r
+
+
+def copies(state: Any, name: str) -> dict[str, dict]:
+    """node -> {dest_path, valid_below or None}: the destination images the
+    source's records vouch for (presynced, or kept from an interrupted
+    migration), as status shows them."""
+    return {node: {"dest_path": r.get("dest_path"), "valid_below": r.get("valid_below")}
+            for node, r in load_records(state, name).get("disks", {}).items()}
+
+
+def valid_below(r: dict, size: int) -> int:
+    """How far the copy a record vouches for got (the whole image if it says
+    nothing)."""
+    v = r.get("valid_below", size)
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= size else 0
 
 
 def _load(path: Path) -> dict:
@@ -117,16 +168,37 @@ async def valid_records(mon: Monitor, state: Any, name: str, plans: list[DiskPla
     return good
 
 
-async def forget(state: Any, name: str, dest: Any = None) -> None:
-    """Drop both records (after a migration used or invalidated them)."""
+async def forget(state: Any, name: str, dest: Any = None, discard: bool = False) -> None:
+    """Drop both records (after a migration used or invalidated them); with
+    DISCARD, the destination images they vouch for too."""
     rec = _load(_source_record(state, name))
     paths = [r["dest_path"] for r in rec.get("disks", {}).values()]
     if dest is not None and paths:
         try:
-            await dest.presync_forget(paths)
+            await dest.presync_forget(paths, discard)
         except VmferryError:
-            pass       # the source record goes anyway: alone, an image record vouches for nothing
+            if discard:
+                raise
+            # the source record goes anyway: alone, an image record vouches for nothing
     _source_record(state, name).unlink(missing_ok=True)
+
+
+async def discard(state: Any, name: str, dest: Any, opts: MigrateOptions) -> str:
+    """`vmferry presync --discard`: remove a presynced or kept partial copy,
+    its records and the source's bitmap."""
+    copied = copies(state, name)
+    if not copied:
+        raise UsageError(f"{name} has no presynced or kept copy to discard")
+    rec = state.load(name)
+    if rec.pid is not None:
+        async with Monitor(rec.qmp_socket, "source", "presync") as mon:
+            for node in copied:
+                for b in (FROZEN, BITMAP):
+                    await mon.try_cmd("block-dirty-bitmap-remove", node=node, name=b)
+    await dest.connect(opts)
+    await forget(state, name, dest, discard=True)
+    return (f"discarded the copy of {name} on {dest!r}: "
+            f"{', '.join(c['dest_path'] for c in copied.values())}")
 
 
 async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
@@ -134,6 +206,8 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                   progress: Optional[Callable[[Any], None]] = None) -> PresyncResult:
     """Copy (or refresh) the destination images of NAME's disks while it runs."""
     from vmferry.migration.destination import destination_spec
+    from vmferry.migration.journal import refuse_if_interrupted
+    refuse_if_interrupted(state, name)
     rec = state.load(name)
     if rec.pid is None:
         raise UsageError(f"{name} is not running: presync copies a running VM's disks")
@@ -161,8 +235,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         dspec = destination_spec(rec.spec, opts)
         dpaths = {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
         good = await valid_records(mon, state, name, plans, dpaths, note)
-        old = _load(_source_record(state, name))
-        generation = old.get("generation", 0) + 1
+        generation = next_generation(state, name)
         targets = await dest.presync_open(
             [{"node": p.node, "dest_path": dpaths[p.node], "fmt": p.fmt, "size": p.size,
               "source_id": p.source_id,
@@ -183,22 +256,20 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                 added.append(p.node)      # _copy_disk starts a fresh bitmap
             jr.add("presync-disk", node=p.node, fresh=p.node not in good)
             moved = await _copy_disk(mon, p, p.node in good, targets[p.node], src_sock,
-                                     dest.presync_uri, progress, opts.disk_rate())
+                                     dest.presync_uri, progress, opts.disk_rate(),
+                                     valid_below(good[p.node], p.size)
+                                     if p.node in good else p.size)
             stats.bytes_moved += moved
             stats.disks[p.node] = moved
             if p.node in good:
                 stats.incremental.append(p.node)
-            records[p.node] = {"bitmap": BITMAP, "dest_path": dpaths[p.node],
-                               "fmt": p.fmt, "qemu_pid": rec.pid, "generation": generation}
+            records[p.node] = record(p, dpaths[p.node], rec.pid, generation)
         # The destination vouches for its images first, then the source record
         # (a failure in between leaves records that do not match: a full copy
         # next time, never a partial one).
         opened = False
         await dest.presync_close({n: generation for n in records}, name)
-        path = _source_record(state, name)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"generation": generation, "disks": records}, indent=1))
-        os.replace(tmp, path)
+        write_records(state, name, generation, records)
         ok = True
         return stats
     except (UsageError, Cancelled):
@@ -230,9 +301,11 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
 
 async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[str, Any],
                      src_sock: Path, uri_of: Callable[[dict], str],
-                     progress: Optional[Callable[[Any], None]], rate: int = 0) -> int:
+                     progress: Optional[Callable[[Any], None]], rate: int = 0,
+                     valid: int = 0) -> int:
     """One disk: all of it (recording from before the copy starts), or only
-    what the bitmap marked since the last presync."""
+    what the bitmap marked since the last presync, and in full what lies
+    beyond VALID (an earlier copy stopped there)."""
     maps = (await _bitmaps(mon)).get(p.node, {})
     if not incremental:
         # Start recording before the full copy: every write from now on is
@@ -254,9 +327,16 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
     if incremental:
         export["bitmaps"] = [FROZEN]
     await mon.cmd("block-export-add", **export)
+    src, dst = f"nbd+unix:///{EXPORT}{p.node}?socket={src_sock}", uri_of(target["server"])
     try:
-        r = await copy_async(f"nbd+unix:///{EXPORT}{p.node}?socket={src_sock}",
-                             uri_of(target["server"]), bitmap=FROZEN if incremental else None,
+        moved = 0
+        if incremental and valid < p.size:
+            # the rest of an interrupted copy, read now: what the guest writes
+            # meanwhile is in the fresh bitmap
+            r = await copy_async(src, dst, span=(valid, 0), force_multi_conn=True,
+                                 progress=progress, rate=rate or None)
+            moved += r.bytes_written + r.bytes_zeroed
+        r = await copy_async(src, dst, bitmap=FROZEN if incremental else None,
                              destination_is_zero=target["created"], flush=True,
                              zero_copy="off",   # until issue 12 item 3 measures it here
                              force_multi_conn=True, progress=progress, rate=rate or None)
@@ -274,4 +354,4 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
                     break
                 await asyncio.sleep(0.005)
             await mon.try_cmd("block-dirty-bitmap-remove", node=p.node, name=FROZEN)
-    return r.bytes_written + r.bytes_zeroed
+    return moved + r.bytes_written + r.bytes_zeroed

@@ -16,6 +16,7 @@ import errno
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,9 +27,11 @@ from typing import Any, Optional
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import file_id
-from vmferry.migration.incoming import Policy, create_image, image_size, orphaned
+from vmferry.migration.incoming import (Policy, claim_file, create_image, image_size,
+                                        make_parents, orphaned, remove_made)
 
 START_TIMEOUT = 10.0
+RUN_DIR_PREFIX = "vmferry-presync-"
 TLS_ID = "vmferry-tls"
 _SEQ = itertools.count(1)
 
@@ -57,13 +60,24 @@ def check(image: str, generation: Any) -> str:
     return ""
 
 
+def check_paths(policy: Policy, image: str) -> None:
+    """IMAGE and the record beside it, which presync writes and removes too."""
+    policy.check_path("destination image", image)
+    policy.check_path("presync record", str(sidecar(image)))
+
+
 def write_record(image: str, source: str, node: str, generation: int) -> None:
     sidecar(image).write_text(json.dumps({
         "source": source, "node": node, "generation": generation,
         "identity": identity(image), "time": time.time()}))
 
 
-def forget(image: str) -> None:
+def forget(image: str, discard: bool = False) -> None:
+    """Drop IMAGE's record; with DISCARD, the image too — only one that has
+    a record, i.e. that presync or a kept partial copy wrote."""
+    if discard and sidecar(image).exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)
     sidecar(image).unlink(missing_ok=True)
 
 
@@ -196,6 +210,8 @@ class PresyncTarget:
         self.tls_dir = tls_dir
         self.servers: dict[str, _Server] = {}
         self.created: list[str] = []
+        self.ids: dict[str, list[int]] = {}      # created path -> [st_dev, st_ino]
+        self.dirs: list[str] = []                # folders made for them
         # what a reaper needs if this process dies before close() or abort()
         self.record = (record_dir / f"presync-{os.getpid()}-{next(_SEQ)}.json"
                        if record_dir is not None else None)
@@ -204,7 +220,9 @@ class PresyncTarget:
         if self.record is not None:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.record.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created}))
+            tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+                                       "ids": self.ids, "dirs": self.dirs,
+                                       "run_dir": str(self.run_dir or "")}))
             os.replace(tmp, self.record)
 
     def _drop_record(self) -> None:
@@ -218,12 +236,14 @@ class PresyncTarget:
         per node, where the image is served, whether it was created, and why
         its record does not hold ('' when it does)."""
         out: dict[str, dict[str, Any]] = {}
+        self._save_record()      # its socket folder, should this process die
+        for d in disks:
+            check_paths(self.policy, d["dest_path"])
         if len({d["node"] for d in disks}) != len(disks) or \
                 len({os.path.realpath(d["dest_path"]) for d in disks}) != len(disks):
             raise UsageError("presync names a disk or a destination image twice")
         for d in disks:
             path = d["dest_path"]
-            self.policy.check_path("destination image", path)
             if d.get("source_id") and file_id(path) == d["source_id"]:
                 raise UsageError(f"the destination image of {d['node']} is the source's own "
                                  f"file {path}: map it elsewhere with --disk-map")
@@ -244,8 +264,11 @@ class PresyncTarget:
         for d in disks:
             path = d["dest_path"]
             if out[d["node"]]["created"]:
+                self.dirs += await in_thread(make_parents, path)
                 self.created.append(path)
                 self._save_record()         # before the image exists: never a leak
+                self.ids[path] = await in_thread(claim_file, path)
+                self._save_record()
                 await in_thread(create_image, path, d["fmt"], d["size"], None, "raw")
             # A copy starts now: until close() writes a new record, the old one
             # must not vouch for a half-written image.
@@ -273,40 +296,46 @@ class PresyncTarget:
         # Images about to be vouched for leave the orphan record first: a reaper
         # must never delete an image its record says is good.
         self.created = [p for p in self.created if p not in done]
+        self.ids = {p: i for p, i in self.ids.items() if p not in done}
+        # a folder holding a vouched-for image stays (rmdir leaves it anyway)
         self._save_record()
         for node, gen in records.items():
             if node in paths:
                 write_record(paths[node], source, node, int(gen))
-        for path in self.created:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self.created.clear()
-        self._drop_record()
+        self._remove()
 
     async def abort(self) -> None:
         for srv in self.servers.values():
             await in_thread(srv.stop)
         self.servers.clear()
-        for path in self.created:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        self._remove()
+
+    def _remove(self) -> None:
+        remove_made(self.ids, self.dirs)
         self.created.clear()
+        self.ids.clear()
+        self.dirs.clear()
         self._drop_record()
 
 
-def reap_orphans(folder: Path, owner: Optional[int] = None) -> list[str]:
-    """Remove the images of every presync in FOLDER whose process is gone (or
-    is OWNER) and that never finished; returns their paths.  Their qemu-nbd
-    died with that process (parent-death signal) and their records were
-    dropped when the copy started, so nothing vouches for them."""
+def reap_orphans(folder: Path, roots: Optional[list[str]],
+                 owner: Optional[int] = None) -> list[str]:
+    """Remove the images of every presync in FOLDER (the agent's state
+    directory) whose process is gone (or is OWNER) and that never finished —
+    those under ROOTS (None: anywhere, for a local:// destination) that are
+    still the files it made; returns their paths.
+    Their qemu-nbd died with that process (parent-death signal) and their
+    records were dropped when the copy started, so nothing vouches for them."""
     removed: list[str] = []
+    policy = Policy(storage_roots=roots, state_dir=str(folder))
     for rec_path, rec in orphaned(sorted(folder.glob("presync-*.json")), owner):
-        for path in rec.get("created", []):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(str(path))
+        removed += remove_made(rec.get("ids", {}), rec.get("dirs", []), policy)
+        run_dir = rec.get("run_dir")
+        if isinstance(run_dir, str) and os.path.basename(run_dir).startswith(RUN_DIR_PREFIX):
+            # a local presync's private socket folder (see LocalDestination)
+            shutil.rmtree(run_dir, ignore_errors=True)
         rec_path.unlink(missing_ok=True)
     return removed
 
 
-__all__ = ["PresyncTarget", "check", "forget", "reap_orphans", "sidecar"]
+__all__ = ["PresyncTarget", "check", "check_paths", "forget", "reap_orphans", "sidecar"]

@@ -12,11 +12,20 @@ What the journal says was reached decides which way is safe; the two QEMUs
    may have been sent)                               asked to run the guest
   finish (asked to       running                     complete (retire the source)
   resume the guest)      completed                   complete (resume it there)
-                         absent, incoming            roll back
-                         cannot be asked             change nothing: the guest
-                                                     stays paused, one line says
-                                                     what to check
+                         absent, incoming            roll back (it keeps a
+                                                     durable mark before it
+                                                     resumes: none means never)
+                         busy (its agent still       wait, up to SETTLE_TIMEOUT
+                         works on it)
+                         cannot be asked, or it      change nothing: the guest
+                         resumed the guest and its   stays paused, one line says
+                         QEMU died since             what to check
   confirm                (runs it)                   complete
+
+Between hosts the agent undoes an unfinished incoming migration as soon as
+the channel from its source drops, so there "completed" is seen only in a
+race and the switchover row rolls back.  recover first makes the journal its
+own (journal.take_over), so two recovers or an abort never act at once.
 
 Rolling back undoes, by name, what the journal lists in the source QEMU
 (migration, mirror jobs and nodes, the native engine's exports, bitmaps,
@@ -28,47 +37,64 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-from vmferry.errors import MigrationError, UsageError
+from vmferry.errors import MigrationError, UsageError, VmferryError
 from vmferry.migration import journal as journal_mod
 from vmferry.migration.destination import Destination
-from vmferry.migration.journal import Journal
+from vmferry.migration.journal import BadJournal, Journal
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan
 from vmferry.vm.state import StateDir
 
-# how long a destination agent may take to finish a Finish it was asked for
-# before recover calls it undecided
-SETTLE_TIMEOUT = 15.0
+# how long a destination agent's session may go on working on the migration
+# (a Finish waits up to incoming.INCOMING_TIMEOUT) before recover gives up
+SETTLE_TIMEOUT = 150.0
 PAUSED = ("paused", "postmigrate", "finish-migrate", "prelaunch")
 
 
-async def recover(state: StateDir, name: str,
+def _claim(state: StateDir, name: str) -> Journal:
+    """NAME's interrupted journal, made this process's own (journal.take_over)."""
+    with state.lock():
+        j = journal_mod.load(state, name)
+        if j is None:
+            raise UsageError(f"{name} has no interrupted migration or presync to recover")
+        if isinstance(j, BadJournal):
+            raise UsageError(f"{j.path} cannot be read ({j.why}): find out where {name} "
+                             f"runs ('vmferry status {name}' here and on the destination), "
+                             f"resolve it by hand, then remove that file")
+        if j.owner_alive:
+            raise UsageError(f"the {j.describe()} of {name} is still under way (pid "
+                             f"{j.owner}): stop it with 'vmferry abort {name}'")
+        j.take_over()
+        return j
+
+
+async def recover(state: StateDir, name: str, *, resume_source: bool = False,
                   warn: Optional[Callable[[str], None]] = None) -> str:
     """Resolve NAME's interrupted migration or presync; returns the one line
     that says where the guest runs now.  UsageError when there is nothing
     to recover or its process still runs; MigrationError (the guest left
-    paused) when the destination cannot be asked after it may have resumed."""
-    j = journal_mod.load(state, name)
-    if j is None:
-        raise UsageError(f"{name} has no interrupted migration or presync to recover")
-    if j.owner_alive:
-        raise UsageError(f"the {j.describe()} of {name} is still under way (pid {j.owner}): "
-                         f"stop it with 'vmferry abort {name}'")
+    paused) when the destination cannot tell whether it resumed the guest.
+    RESUME_SOURCE: the user checked that the destination does not run it."""
+    j = _claim(state, name)
     from vmferry.migration.api import parse_destination
-    dest = parse_destination(j.dest)
     try:
-        if j.kind == "presync":
-            return await _presync(state, j, dest)
-        return await _migration(state, j, dest, warn or (lambda text: None))
-    finally:
-        await dest.close()
+        dest = parse_destination(j.dest)
+        try:
+            if j.kind == "presync":
+                return await _presync(state, j, dest)
+            return await _migration(state, j, dest, resume_source)
+        finally:
+            await dest.close()
+    except BaseException:
+        if j.path is not None and j.path.exists():
+            j.abandon()         # for the next recover, not "under way" by a dead one
+        raise
 
 
-async def recover_all(state: StateDir, warn: Optional[Callable[[str], None]] = None
-                      ) -> list[tuple[str, str, bool]]:
+async def recover_all(state: StateDir) -> list[tuple[str, str, bool]]:
     """recover() for every VM of STATE with an interrupted journal:
     (name, line, resolved) each."""
     out = []
@@ -76,8 +102,8 @@ async def recover_all(state: StateDir, warn: Optional[Callable[[str], None]] = N
         if journal_mod.interrupted(state, name) is None:
             continue
         try:
-            out.append((name, await recover(state, name, warn), True))
-        except (UsageError, MigrationError) as e:
+            out.append((name, await recover(state, name), True))
+        except VmferryError as e:
             out.append((name, str(e), False))
     return out
 
@@ -94,106 +120,135 @@ async def _source(state: StateDir, name: str) -> Optional[Monitor]:
 
 
 async def _probe(dest: Destination, j: Journal) -> str:
-    """The destination's answer; a Finish that an agent may still be carrying
-    out is waited for rather than guessed at."""
+    """The destination's answer.  Past "finish" an agent's session may still
+    be carrying the Finish out: that is waited for, never guessed at."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SETTLE_TIMEOUT
     while True:
-        where = await dest.probe(j.name, _opts(j))
-        if not (j.past("finish") and where in ("incoming", "completed")
-                and not dest.same_host and loop.time() < deadline):
-            return where
+        where = await dest.probe(j.name, j.token, _opts(j))
+        if where != "busy" or loop.time() > deadline:
+            return "unknown" if where == "busy" else where
         await asyncio.sleep(0.5)
 
 
 async def _migration(state: StateDir, j: Journal, dest: Destination,
-                     warn: Callable[[str], None]) -> str:
+                     resume_source: bool) -> str:
     mon = await _source(state, j.name)
     try:
         src_mig = (await mon.cmd("query-migrate")).get("status") if mon else None
         where = await _probe(dest, j) if j.past("prepare") else "absent"
-        resume = j.was_running and not j.options.get("suspend")
-        forward = (j.past("confirm")
-                   or (j.past("finish") and where in ("running", "completed"))
+        if resume_source:
+            if where == "running":
+                raise UsageError(f"{j.dest} says it runs {j.name}: --resume-source would "
+                                 f"run it twice; run 'vmferry recover {j.name}' instead")
+            # it may have run the guest, and written its disks: nothing is kept
+            return await _roll_back(state, j, mon, dest, keep_copy=False)
+        resume = bool(j.was_running) and not j.options.get("suspend")
+        forward = (j.past("confirm") or (j.past("finish") and where == "running")
                    or (j.past("switchover") and where == "completed"
                        and src_mig in ("completed", None)))
         if forward and where == "completed":
-            if await dest.finish_orphan(j.name, resume=resume) is None:
+            if await dest.finish_orphan(j.name, j.token, resume=resume) is None:
                 forward = False    # only its agent could, and it undoes it instead
         if forward:
             await _retire_source(state, j, mon, dest)
             j.close()
             return f"completed: {j.name} runs on {j.dest}"
-        if j.past("finish") and where == "unknown":
+        if j.past("finish") and where in ("unknown", "resumed-gone", "busy"):
+            why = ("resumed the guest, and its QEMU has died since" if where == "resumed-gone"
+                   else "cannot say whether it resumed the guest")
             raise MigrationError(
-                f"cannot reach {j.dest} to ask whether it runs {j.name}, which it was "
-                f"asked to resume: {j.name} stays paused here; once {j.dest} answers, run "
-                f"'vmferry recover {j.name}' again (or, if it surely does not run "
-                f"{j.name} there, 'vmferry recover {j.name} --resume-source')")
-        return await _roll_back(state, j, mon, dest)
+                f"{j.dest} {why}: {j.name} stays paused here; check {j.dest}, then run "
+                f"'vmferry recover {j.name}' again, or 'vmferry recover {j.name} "
+                f"--resume-source' if it surely does not run {j.name} there")
+        # only a destination known never to have run the guest keeps its copy
+        return await _roll_back(state, j, mon, dest,
+                                keep_copy=where in ("absent", "incoming", "completed"))
     finally:
         if mon is not None:
             await mon.close()
-
-
-async def resume_source(state: StateDir, name: str) -> str:
-    """The user's word that the destination does not run NAME: roll back
-    whatever the journal says was reached."""
-    j = journal_mod.load(state, name)
-    if j is None:
-        raise UsageError(f"{name} has no interrupted migration or presync to recover")
-    if j.owner_alive:
-        raise UsageError(f"the {j.describe()} of {name} is still under way (pid {j.owner})")
-    from vmferry.migration.api import parse_destination
-    dest = parse_destination(j.dest)
-    mon = await _source(state, name)
-    try:
-        return await _roll_back(state, j, mon, dest)
-    finally:
-        if mon is not None:
-            await mon.close()
-        await dest.close()
 
 
 async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
-                     dest: Destination) -> str:
+                     dest: Destination, keep_copy: bool = True) -> str:
     # The destination first: it never ran the guest, and must not hold it
-    # when the source resumes.
-    await dest.undo_orphan(j.name)
+    # when the source resumes.  What the native engine copied stays there as a
+    # partial copy where it can (as the live rollback keeps it, flow.py).
+    from vmferry.migration import presync
+    keep = _partial_copies(j) if mon is not None and keep_copy else {}
+    generation = presync.next_generation(state, j.name) if keep else 0
+    paths = next((r["paths"] for r in j.has("destination")), {})
+    fmts = {d["node"]: d["fmt"] for d in j.disks}
+    kept = await dest.undo_orphan(j.name, {paths[n]: (n, generation, fmts[n])
+                                           for n in keep} if keep else None)
+    await _undo_native(state, j, mon, dest, (generation, keep) if kept else None)
+    note = (f" (the partial copy on {j.dest} is kept: a migration or presync there "
+            f"moves only the rest)" if kept else "")
     if mon is None:
         j.close()
         return (f"rolled back: the destination holds nothing of {j.name}, but its QEMU "
                 f"on this host is gone too: start it with 'vmferry run'")
     from vmferry.migration import source
     await source.rollback(mon, resume=False)
-    await _undo_native(state, j, mon, dest)
     if j.was_running:
         status = (await mon.cmd("query-status"))["status"]
         if status in PAUSED:
             await mon.cmd("cont")
     j.close()
-    return f"rolled back: {j.name} runs on this host"
+    return f"rolled back: {j.name} runs on this host{note}"
 
 
 def _disks(j: Journal) -> list[DiskPlan]:
     return [DiskPlan(**d) for d in j.disks]
 
 
-async def _undo_native(state: StateDir, j: Journal, mon: Monitor, dest: Destination) -> None:
-    """The native engine's exports, bitmaps, throttles and NBD server."""
+def _partial_copies(j: Journal) -> dict[str, int]:
+    """node -> how far its destination image is a copy (the journal's last
+    word on it), when the native engine ran resumable, a local destination
+    holds the images and every disk's copy got somewhere; else {}."""
+    res = j.has("native")
+    if not res or not res[0].get("resumable") or not j.has("destination") or \
+            not j.dest.startswith("local://"):
+        return {}
+    valid = {d["node"]: int(j.valid.get(d["node"], 0)) for d in j.disks}
+    return valid if valid and all(valid.values()) else {}
+
+
+async def _undo_native(state: StateDir, j: Journal, mon: Optional[Monitor],
+                       dest: Destination, kept: Optional[tuple[int, dict[str, int]]] = None
+                       ) -> None:
+    """The native engine's exports, throttles and NBD server.  Its bitmap
+    stays with the records of a partial copy the destination KEPT
+    (generation, node -> valid); otherwise it goes, and so do the records of
+    a presync it used (the destination images changed under them)."""
+    from vmferry.migration import presync
     for res in j.has("native"):
-        from vmferry.migration.native import NativeStorage
         existing = bool(res.get("presynced"))
-        ns = NativeStorage(mon, _disks(j), None, Path(res["socket"]), lambda snap: None,
-                           bitmap=res.get("bitmap") or "vmferry-dirty", existing=existing)
-        ns._server = True
-        for t in j.has("throttle"):
-            ns.devices = t["devices"]
-            ns.throttled_at = [0]
-        await ns.cleanup()
+        if mon is not None:
+            from vmferry.migration.native import NativeStorage
+            ns = NativeStorage(mon, _disks(j), None, Path(res["socket"]), lambda snap: None,
+                               bitmap=res.get("bitmap") or presync.BITMAP, existing=existing,
+                               resumable=bool(res.get("resumable")))
+            ns._server = True
+            for t in j.has("throttle"):
+                ns.devices = t["devices"]
+                ns.throttled_at = [0]
+            await ns.cleanup()
+        Path(res["socket"]).unlink(missing_ok=True)
+        if kept is not None:
+            generation, valid = kept
+            paths = next(r["paths"] for r in j.has("destination"))
+            pid = state.read_pid(j.name)
+            presync.write_records(state, j.name, generation, {
+                d.node: presync.record(d, paths[d.node], pid, generation, valid[d.node])
+                for d in _disks(j)})
+            continue
+        if mon is not None:
+            for d in j.disks:
+                # a persistent bitmap would otherwise stay in the source image
+                await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
+                                  name=res.get("bitmap") or presync.BITMAP)
         if existing:
-            from vmferry.migration import presync
-            # the destination images may have changed under their records
             await presync.forget(state, j.name, dest)
 
 
@@ -201,8 +256,8 @@ async def _retire_source(state: StateDir, j: Journal, mon: Optional[Monitor],
                          dest: Destination) -> None:
     """What Confirm does: the destination runs the guest, the source goes."""
     from vmferry.vm.process import stop_vm_async
+    await _undo_native(state, j, mon, dest)
     if mon is not None:
-        await _undo_native(state, j, mon, dest)
         await mon.try_cmd("quit")
         await mon.close()
     await stop_vm_async(state, j.name, force=True, timeout=5)
@@ -241,4 +296,4 @@ async def _presync(state: StateDir, j: Journal, dest: Destination) -> str:
             f"next presync or migration copies its disks in full")
 
 
-__all__ = ["recover", "recover_all", "resume_source"]
+__all__ = ["recover", "recover_all"]

@@ -25,6 +25,8 @@ from vmferry.migration.options import MigrateOptions, parse_tcp_uri
 from vmferry.migration.source import DiskPlan
 
 CONNECT_TIMEOUT = 30.0
+PROBE_STATES = ("running", "resumed-gone", "busy", "completed", "incoming", "absent",
+                "unknown")
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 
@@ -212,11 +214,14 @@ class RemoteDestination(Destination):
     def lost(self) -> Optional[asyncio.Future]:
         return self.channel.lost if self.channel else None
 
+    async def connect(self, opts: MigrateOptions) -> None:
+        await self._connect(opts)
+
     # -- the phases ------------------------------------------------------
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                       accel: Optional[str] = None,
-                      presynced: frozenset[str] = frozenset()) -> Prepared:
+                      presynced: frozenset[str] = frozenset(), token: str = "") -> Prepared:
         dspec = destination_spec(spec, opts)
         tls_dir = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
         ch = await self._connect(opts)
@@ -235,7 +240,7 @@ class RemoteDestination(Destination):
             options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
                      "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
                      "parallel_connections": opts.parallel_connections, "tls": opts.tls},
-            accel=accel, presynced=sorted(presynced),
+            accel=accel, presynced=sorted(presynced), token=token,
             nbd={"address": listen or dhost, "port": dport},
             migrate={"address": listen or mhost, "port": mport})
         for d in disks:
@@ -266,17 +271,18 @@ class RemoteDestination(Destination):
         r = await self.channel.call("finish", resume=resume)
         return str(r.get("state", "unknown"))
 
-    async def abort(self) -> str:
+    async def abort(self, keep: Optional[dict[str, int]] = None) -> str:
         if self.channel is None:
             return "destroyed"      # nothing was prepared
         if self.channel.lost.done():
             return "unknown"        # the agent tears down by itself if it must
         try:
-            r = await asyncio.wait_for(self.channel.call("abort"), 60)
+            r = await asyncio.wait_for(self.channel.call(
+                "abort", **({"keep": keep} if keep else {})), 60)
         except (MigrationError, UsageError, protocol.ProtocolError, asyncio.TimeoutError):
             return "unknown"
         outcome = r.get("outcome")
-        return outcome if outcome in ("destroyed", "running") else "unknown"
+        return outcome if outcome in ("destroyed", "running", "kept") else "unknown"
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -289,14 +295,16 @@ class RemoteDestination(Destination):
     # -- recovery: the agent undid an unfinished migration when the source
     #    process that drove it went away; it only has to say where NAME is
 
-    async def probe(self, name: str, opts: MigrateOptions) -> str:
+    async def probe(self, name: str, token: str, opts: MigrateOptions) -> str:
         try:
             ch = await self._connect(opts)
-            r = await asyncio.wait_for(ch.call("probe", name=name), CONNECT_TIMEOUT)
-        except (MigrationError, UsageError, protocol.ProtocolError, asyncio.TimeoutError):
+            r = await asyncio.wait_for(ch.call("probe", name=name, token=token),
+                                       CONNECT_TIMEOUT)
+        except (MigrationError, UsageError, protocol.ProtocolError, asyncio.TimeoutError,
+                OSError):
             return "unknown"
         state = r.get("state")
-        return state if state in ("absent", "incoming", "completed", "running") else "unknown"
+        return state if state in PROBE_STATES else "unknown"
 
     # -- presync: the agent serves the images with qemu-nbd on its address
 
@@ -331,9 +339,10 @@ class RemoteDestination(Destination):
         r = await ch.call("presync_check", disks={n: list(v) for n, v in items.items()})
         return {n: str(v) for n, v in r.get("disks", {}).items()}
 
-    async def presync_forget(self, paths: list[str]) -> None:
+    async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         if self.channel is not None:
-            await self.channel.call("presync_forget", paths=paths)
+            await self.channel.call("presync_forget", paths=paths,
+                                    **({"discard": True} if discard else {}))
 
 
 def _end(proc: subprocess.Popen) -> None:

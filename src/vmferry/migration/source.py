@@ -138,8 +138,11 @@ def _check_jobs(jobs: dict[str, dict[str, Any]], expected: list[str], phase: str
         if j is None:
             raise MigrationError(f"storage mirror {jid} vanished", phase=phase)
         if j.get("error"):
-            raise MigrationError(f"storage mirror of {jid[len(PREFIX):]} failed: {j['error']} "
-                                 f"(is the destination still there?)", phase=phase)
+            # a full destination says so itself; anything else is most likely
+            # the destination gone
+            hint = "" if "No space left" in j["error"] else " (is the destination still there?)"
+            raise MigrationError(f"storage mirror of {jid[len(PREFIX):]} failed: "
+                                 f"{j['error']}{hint}", phase=phase)
         if j["status"] in ("aborting", "concluded", "null") and not j.get("error"):
             if j["status"] != "concluded":
                 raise MigrationError(f"storage mirror {jid} stopped ({j['status']})",

@@ -4,7 +4,8 @@ VMFERRY_TEST_HOLD=POINT:SECONDS makes a migration wait that long at POINT, so
 a test can kill a process or send a signal at a moment no timing could hit
 reliably.  Points: "prepare", "perform" and "finish" (before those phases,
 flow.py), "switchover" (the source paused at pre-switchover, before the disks
-are settled, flow.py),
+are settled, flow.py), "finishing" (the destination's Finish saw everything
+arrive and is about to resume the guest, incoming.py),
 "final-pass" (the source paused at pre-switchover, before the native engine's
 last pass, flow.py) and "resumed" (the destination has just resumed the
 guest, incoming.py).
