@@ -107,6 +107,9 @@ struct raw_rw {
   uint32_t rx_slot;           /* the read they answer */
   bool rx_done;               /* its chunk had the DONE flag */
 
+  /* A transfer came up short: the socket is drained (or full), so trying
+   * again before poll says so would only earn EAGAIN. */
+  bool short_in, short_out;
   struct zc_pipe pipe;        /* a source's; rfd -1 on destinations */
   struct raw_rw *feeder;      /* the source whose pipe our writes drain */
 };
@@ -336,6 +339,8 @@ send_payload(struct raw_rw *r)
   r->pay_done += n;
   if (r->pay_done == cmd->length)
     r->opay = NULL;
+  else if (cmd->payload != PAYLOAD_PIPE || (size_t)n < left)
+    r->short_out = true;   /* (a pipe write may just have run out of bytes) */
   return n;
 }
 
@@ -343,7 +348,8 @@ send_payload(struct raw_rw *r)
 static int
 try_send(struct raw_rw *r)
 {
-  while (!r->dead) {
+  r->short_out = false;
+  while (!r->dead && !r->short_out) {
     if (r->osent == r->olen && r->opay == NULL && !pack(r))
       return 0;
     if (r->osent < r->olen) {
@@ -359,13 +365,14 @@ try_send(struct raw_rw *r)
         return -1;
       }
       r->osent += n;
+      r->short_out = r->osent < r->olen;
       continue;
     }
     ssize_t n = send_payload(r);
     if (n <= 0)
       return (int)n;
   }
-  return -1;
+  return r->dead ? -1 : 0;
 }
 
 static bool
@@ -533,6 +540,8 @@ pump(struct raw_rw *r)
   }
   r->rx_left -= n;
   p->queued += n;
+  if ((size_t)n < want)
+    r->short_in = true;
   if (r->rx_file >= 0) {
     while (p->queued > 0) {
       loff_t off = (loff_t)r->rx_off;
@@ -569,8 +578,11 @@ pump(struct raw_rw *r)
 static int
 try_recv(struct raw_rw *r)
 {
+  r->short_in = false;
   while (!r->dead) {
     if (r->rx_left > 0) {
+      if (r->short_in)
+        return 0;
       ssize_t n = pump(r);
       if (n <= 0)
         return (int)n;
@@ -588,7 +600,7 @@ try_recv(struct raw_rw *r)
       r->ilen -= need;
       continue;
     }
-    if (r->outstanding == 0 && r->ilen == 0)
+    if ((r->outstanding == 0 && r->ilen == 0) || r->short_in)
       return 0;
     /* With a read outstanding, never read past the head in hand: its
      * payload must stay in the socket.  Without, take what is there.  When
@@ -619,6 +631,8 @@ try_recv(struct raw_rw *r)
       return -1;
     }
     r->ilen += n;
+    if ((size_t)n < want)
+      r->short_in = true;
   }
   return -1;
 }
