@@ -49,6 +49,11 @@ struct vf_error {
  * 256 KiB; depth changes little at 256 KiB, and 16 keeps less in flight. */
 #define VF_ZC_REQUEST_SIZE       (256 * 1024)
 #define VF_ZC_REQUESTS           16
+/* From a file the source side costs nothing per request, and the
+ * destination server's cost falls with size (file -> qemu-nbd, 1 GiB, 3
+ * rounds: both servers' CPU 1.09 s at 256 KiB, 0.84 s at 1 MiB over Unix;
+ * 1.20 and 0.97 s over TCP): 1 MiB. */
+#define VF_ZC_FILE_REQUEST_SIZE  (1024 * 1024)
 
 /* Which lanes carry the data (vf_copy_config.zero_copy). */
 enum vf_zero_copy {
