@@ -23,8 +23,8 @@ What the journal says was reached decides which way is safe; the two QEMUs
   confirm                (runs it)                   complete
 
 Between hosts the agent undoes an unfinished incoming migration as soon as
-the channel from its source drops, so there "completed" is seen only in a
-race and the switchover row rolls back.  recover first makes the journal its
+the channel from its source drops, unless everything had arrived: it keeps
+that one (Incoming.keep_for_recover) for recover to finish or undo.  recover first makes the journal its
 own (journal.take_over), so two recovers or an abort never act at once.
 
 Rolling back undoes, by name, what the journal lists in the source QEMU
@@ -179,8 +179,8 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
     generation = presync.next_generation(state, j.name) if keep else 0
     paths = next((r["paths"] for r in j.has("destination")), {})
     fmts = {d["node"]: d["fmt"] for d in j.disks}
-    kept = await dest.undo_orphan(j.name, {paths[n]: (n, generation, fmts[n])
-                                           for n in keep} if keep else None)
+    kept = await dest.undo_orphan(j.name, j.token, {paths[n]: (n, generation, fmts[n])
+                                                    for n in keep} if keep else None)
     await _undo_native(state, j, mon, dest, (generation, keep) if kept else None)
     note = (f" (the partial copy on {j.dest} is kept: a migration or presync there "
             f"moves only the rest)" if kept else "")
@@ -269,7 +269,7 @@ async def _presync(state: StateDir, j: Journal, dest: Destination) -> str:
     """A presync has no point of no return: undo it, and let the next presync
     or migration copy in full (its records no longer vouch for anything)."""
     from vmferry.migration import presync
-    await dest.undo_orphan(j.name)
+    await dest.undo_orphan(j.name, j.token)
     mon = await _source(state, j.name)
     if mon is not None:
         try:
