@@ -78,6 +78,7 @@ class Session:
         self.finished = False
         self._bye = asyncio.Event()
         self.keepalive = DEFAULT_KEEPALIVE
+        self.keep_generation = 0                 # see op_keep_partial
         self._busy = asyncio.Lock()              # one phase at a time
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -122,8 +123,12 @@ class Session:
                          f"VM {self.incoming.name} paused for its source's 'vmferry recover'")
                     await self.incoming.keep_for_recover()
                 else:
-                    _log(f"{why}: removing the incoming VM {self.incoming.name}")
-                    await self._abort()
+                    _log(f"{why}: removing the incoming VM {self.incoming.name}"
+                         + (" (its disk images stay as a partial copy)"
+                            if self.keep_generation else ""))
+                    await self._abort({d.node: self.keep_generation
+                                       for d in self.incoming.disks}
+                                      if self.keep_generation else None)
             if self.presync is not None:
                 _log(f"{why}: stopping an unfinished presync")
                 await self.presync.abort()
@@ -352,6 +357,19 @@ class Session:
         return {"state": await probe(self.cfg.state, a.get("name", str),
                                      _token(a.get("token", str)))}
 
+    async def op_keep_partial(self, a: Args) -> dict[str, Any]:
+        """Should this session end unfinished, keep the disk images as partial
+        copies of presync generation GENERATION: the source's native engine
+        knows how far it got and records that itself (recover, flow.py)."""
+        a.only("generation")
+        generation = a.get("generation", int)
+        if not 0 < generation < 1 << 62:
+            raise ProtocolError("keep_partial: a generation is a positive integer")
+        if self.incoming is None:
+            raise UsageError("keep_partial before prepare")
+        self.keep_generation = generation
+        return {}
+
     async def op_finish_orphan(self, a: Args) -> dict[str, Any]:
         """recover on the source completes a migration that arrived here and
         whose source went away (keep_for_recover)."""
@@ -379,7 +397,8 @@ class Session:
         "abort": op_abort, "bye": op_bye, "presync_open": op_presync_open,
         "presync_close": op_presync_close, "presync_check": op_presync_check,
         "presync_forget": op_presync_forget, "probe": op_probe,
-        "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan}
+        "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,
+        "keep_partial": op_keep_partial}
 
 
 def _disk_plan(d: Any, spec: Any) -> DiskPlan:

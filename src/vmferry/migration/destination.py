@@ -97,6 +97,12 @@ class Destination(abc.ABC):
         be reached to tell.  KEEP: node -> presync generation of the images
         to keep as partial copies; "kept" when they were (Incoming.abort)."""
 
+    async def keep_on_loss(self, generation: int) -> None:
+        """Should the source be lost (its process killed, the link cut), the
+        destination keeps the disk images as partial copies of GENERATION
+        instead of removing them.  Only an agent needs telling: on this host,
+        recover itself does it."""
+
     async def connect(self, opts: MigrateOptions) -> None:
         """Reach the destination now (requests that need no Prepare)."""
 

@@ -217,6 +217,10 @@ class RemoteDestination(Destination):
     async def connect(self, opts: MigrateOptions) -> None:
         await self._connect(opts)
 
+    async def keep_on_loss(self, generation: int) -> None:
+        assert self.channel is not None
+        await self.channel.call("keep_partial", generation=generation)
+
     # -- the phases ------------------------------------------------------
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
