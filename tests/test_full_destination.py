@@ -11,20 +11,10 @@ from pathlib import Path
 import pytest
 
 from migrate_helpers import QEMU, Lab, make_image
-from vmferry.guest import build_guest, find_qboot
+from test_migrate import kernel  # noqa: F401  (the fixture)
+from vmferry.guest import find_qboot
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which(QEMU) is None or shutil.which("qemu-img") is None,
-                       reason="needs qemu-system-x86_64 and qemu-img"),
-    pytest.mark.timeout(180),
-]
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> Path:
-    if not (shutil.which("as") and shutil.which("ld")):
-        pytest.skip("GNU binutils (as, ld) not installed: cannot build the test guest")
-    return build_guest(tmp_path_factory.mktemp("guest"))
+pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture

@@ -121,13 +121,20 @@ def test_killed_before_finish_completes_on_the_destination(lab, engine):
     lab.wait_progress(serial, last + 2, 30)          # the guest goes on, over there
 
 
-def test_killed_after_the_destination_resumed_completes(lab):
+def _killed_after_the_destination_resumed(lab: Lab):
+    """The migrating process dies just after the destination resumed the guest."""
     src, h, dst, serial = _failing_setup(lab)
     lab.env["VMFERRY_TEST_HOLD"] = "resumed:60"
     p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
     lab.wait_for("the destination to resume", lambda: _dest_state(lab) == "running", 60,
                  proc=p)
     _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    return src, h
+
+
+def test_killed_after_the_destination_resumed_completes(lab):
+    _killed_after_the_destination_resumed(lab)
     _recover(lab, "completed: web1 runs on")
     assert qemu_pids(lab.A) == []
     assert _dest_state(lab) == "running"
@@ -235,13 +242,7 @@ def test_destination_resumed_then_died_leaves_the_source_paused(lab):
     """The destination resumed the guest and its QEMU died since: which side's
     state is the one to keep, nobody can say.  recover changes nothing and
     says what to check; --resume-source is the user's word that it is gone."""
-    src, h, dst, serial = _failing_setup(lab)
-    lab.env["VMFERRY_TEST_HOLD"] = "resumed:60"
-    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
-    lab.wait_for("the destination to resume", lambda: _dest_state(lab) == "running", 60,
-                 proc=p)
-    _kill(p)
-    lab.env.pop("VMFERRY_TEST_HOLD")
+    src, h = _killed_after_the_destination_resumed(lab)
     os.kill(lab.dest_pid(), signal.SIGKILL)
     lab.wait_for("the destination QEMU to die", lambda: lab.dest_pid() is None, 10)
     line = lab.one_error(lab.vmferry("recover", "web1"), code=1)
@@ -255,12 +256,7 @@ def test_destination_resumed_then_died_leaves_the_source_paused(lab):
 
 
 def test_resume_source_is_refused_while_the_destination_runs_it(lab):
-    src, h, dst, serial = _failing_setup(lab)
-    lab.env["VMFERRY_TEST_HOLD"] = "resumed:60"
-    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
-    lab.wait_for("the destination to resume", lambda: _dest_state(lab) == "running", 60,
-                 proc=p)
-    _kill(p)
+    _killed_after_the_destination_resumed(lab)
     line = lab.one_error(lab.vmferry("recover", "web1", "--resume-source"), code=2)
     assert "would run it twice" in line, line
     _recover(lab, "completed: web1 runs on")

@@ -78,6 +78,7 @@ class Session:
         self.finished = False
         self._bye = asyncio.Event()
         self.keepalive = DEFAULT_KEEPALIVE
+        self.keep_generation = 0                 # see op_keep_partial
         self._busy = asyncio.Lock()              # one phase at a time
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -117,8 +118,17 @@ class Session:
                 # let a phase in progress end before undoing it
                 await asyncio.gather(task, return_exceptions=True)
             if self.incoming is not None and not self.finished:
-                _log(f"{why}: removing the incoming VM {self.incoming.name}")
-                await self._abort()
+                if await self.incoming.arrived():
+                    _log(f"{why} after the whole migration arrived: keeping the incoming "
+                         f"VM {self.incoming.name} paused for its source's 'vmferry recover'")
+                    await self.incoming.keep_for_recover()
+                else:
+                    _log(f"{why}: removing the incoming VM {self.incoming.name}"
+                         + (" (its disk images stay as a partial copy)"
+                            if self.keep_generation else ""))
+                    await self._abort({d.node: self.keep_generation
+                                       for d in self.incoming.disks}
+                                      if self.keep_generation else None)
             if self.presync is not None:
                 _log(f"{why}: stopping an unfinished presync")
                 await self.presync.abort()
@@ -347,6 +357,37 @@ class Session:
         return {"state": await probe(self.cfg.state, a.get("name", str),
                                      _token(a.get("token", str)))}
 
+    async def op_keep_partial(self, a: Args) -> dict[str, Any]:
+        """Should this session end unfinished, keep the disk images as partial
+        copies of presync generation GENERATION: the source's native engine
+        knows how far it got and records that itself (recover, flow.py)."""
+        a.only("generation")
+        generation = a.get("generation", int)
+        if not 0 < generation < 1 << 62:
+            raise ProtocolError("keep_partial: a generation is a positive integer")
+        if self.incoming is None:
+            raise UsageError("keep_partial before prepare")
+        self.keep_generation = generation
+        return {}
+
+    async def op_finish_orphan(self, a: Args) -> dict[str, Any]:
+        """recover on the source completes a migration that arrived here and
+        whose source went away (keep_for_recover)."""
+        a.only("name", "token", "resume")
+        from vmferry.migration.incoming import finish_orphan, kept_record
+        name, token = a.get("name", str), _token(a.get("token", str))
+        kept_record(self.cfg.state, name, token)
+        return {"state": await finish_orphan(self.cfg.state, name, token,
+                                             resume=a.get("resume", bool))}
+
+    async def op_undo_orphan(self, a: Args) -> dict[str, Any]:
+        """recover on the source rolls such a migration back."""
+        a.only("name", "token")
+        from vmferry.migration.incoming import undo_kept
+        await undo_kept(self.cfg.state, self.cfg.storage_roots, a.get("name", str),
+                        _token(a.get("token", str)))
+        return {}
+
     async def op_bye(self, a: Args) -> dict[str, Any]:
         a.only()          # _answer ends the session once this reply is sent
         return {}
@@ -355,7 +396,9 @@ class Session:
         "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "finish": op_finish,
         "abort": op_abort, "bye": op_bye, "presync_open": op_presync_open,
         "presync_close": op_presync_close, "presync_check": op_presync_check,
-        "presync_forget": op_presync_forget, "probe": op_probe}
+        "presync_forget": op_presync_forget, "probe": op_probe,
+        "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,
+        "keep_partial": op_keep_partial}
 
 
 def _disk_plan(d: Any, spec: Any) -> DiskPlan:

@@ -97,6 +97,12 @@ class Destination(abc.ABC):
         be reached to tell.  KEEP: node -> presync generation of the images
         to keep as partial copies; "kept" when they were (Incoming.abort)."""
 
+    async def keep_on_loss(self, generation: int) -> None:
+        """Should the source be lost (its process killed, the link cut), the
+        destination keeps the disk images as partial copies of GENERATION
+        instead of removing them.  Only an agent needs telling: on this host,
+        recover itself does it."""
+
     async def connect(self, opts: MigrateOptions) -> None:
         """Reach the destination now (requests that need no Prepare)."""
 
@@ -117,7 +123,7 @@ class Destination(abc.ABC):
         incoming.probe); "unknown" when the destination cannot be asked."""
         return "unknown"
 
-    async def undo_orphan(self, name: str,
+    async def undo_orphan(self, name: str, token: str = "",
                           keep: Optional[dict[str, tuple[str, int, str]]] = None) -> bool:
         """Undo what an incoming migration or presync of NAME whose source
         process died left there (never a guest Finish resumed).  KEEP: image
@@ -126,9 +132,9 @@ class Destination(abc.ABC):
         return False
 
     async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
-        """Finish an incoming migration of NAME that received everything;
-        None where only the agent that prepared it could (it undoes an
-        unfinished migration itself when its source goes away)."""
+        """Finish the incoming migration TOKEN of NAME that received
+        everything, and return the guest's state there; None when the
+        destination no longer has it."""
         return None
 
     # -- presync (see presync.py); destinations that cannot be pre-seeded

@@ -81,6 +81,7 @@ class Migration:
         self._undo_failed: list[str] = []      # undo steps that raised
         self._unresolved = False       # where the guest runs is not known
         self._kept = ""                # what the rollback kept of the disk copy
+        self._keep_generation = 0      # see NativeStorage setup, keep_on_loss
         self._described = False        # Begin found the VM in a state to move
         self._last_save = 0.0
 
@@ -430,6 +431,12 @@ class Migration:
             note=self.journal.note_valid if self.journal is not None else None,
             record=self._record, rate=self.opts.disk_rate())
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
+        if resumable and not self.dest.same_host:
+            # an agent cannot know how far the copy got: it keeps the images
+            # under a generation given now, and the source records the rest
+            self._keep_generation = presync.next_generation(self.presync_state, self.name)
+            self._record("keep", generation=self._keep_generation)
+            await self.dest.keep_on_loss(self._keep_generation)
         await self.native.start()
         if self.presynced:
             # only what changed since, and what an interrupted copy never got
@@ -573,11 +580,14 @@ class Migration:
         records how far each copy got (presync.py)."""
         from vmferry.migration import presync
         keep = self._partial_copies()
-        generation = presync.next_generation(self.presync_state, self.name) if keep else 0
+        generation = (self._keep_generation or presync.next_generation(self.presync_state,
+                                                                       self.name)) if keep else 0
         outcome = await self.dest.abort({n: generation for n in keep} if keep else None)
         if self.native is None or not self.native.resumable:
             return outcome
-        if outcome == "kept":
+        # an agent we lost keeps them as it was told (keep_on_loss), if it can:
+        # the records say so, and the next migration checks before trusting them
+        if outcome == "kept" or (keep and outcome == "unknown" and self._keep_generation):
             pid = self.presync_state.read_pid(self.name)
             presync.write_records(self.presync_state, self.name, generation, {
                 d.node: presync.record(d, self.prepared.dest_paths[d.node], pid, generation,

@@ -227,6 +227,7 @@ class Incoming:
         self.resumed = False       # Finish resumed the guest here
         self.aborted = False
         self.disks: list[DiskPlan] = []
+        self.kept = False          # left for recover (keep_for_recover)
         # the source's name for this migration (journal.py), written beside the
         # VM before the guest is resumed here: recover's proof that it was
         self.token = ""
@@ -245,8 +246,29 @@ class Incoming:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
                                    "ids": self.ids, "dirs": self.dirs,
-                                   "new_vm_dir": self.new_vm_dir}))
+                                   "new_vm_dir": self.new_vm_dir, "token": self.token,
+                                   "completed": self.kept}))
         os.replace(tmp, path)
+
+    async def arrived(self) -> bool:
+        """Whether the whole migration arrived here (the guest not resumed)."""
+        if self.mon is None or self.resumed or self.aborted:
+            return False
+        info = await self.mon.try_cmd("query-migrate") or {}
+        return info.get("status") == "completed"
+
+    async def keep_for_recover(self) -> None:
+        """The source went away after everything arrived: this paused VM may
+        now hold the only complete state of the guest (the source host may
+        be gone too), so it stays, marked in its record, until the source's
+        'vmferry recover' finishes it (finish_orphan) or undoes it
+        (undo_kept).  Reapers leave it alone."""
+        self.kept = True
+        self._save_record()
+        if self.mon is not None:
+            await self.mon.close()
+            self.mon = None
+        self._release()
 
     # -- Prepare ---------------------------------------------------------
 
@@ -615,6 +637,8 @@ def _well_formed(rec: Any) -> bool:
         return False
     ids, dirs = rec.get("ids", {}), rec.get("dirs", [])
     return (isinstance(rec.get("created", []), list)
+            and isinstance(rec.get("token", ""), str)
+            and isinstance(rec.get("completed", False), bool)
             and isinstance(ids, dict) and isinstance(dirs, list)
             and all(isinstance(d, str) for d in dirs)
             and all(isinstance(k, str) and isinstance(v, list) and len(v) == 2
@@ -660,6 +684,8 @@ async def reap_orphans(state: StateDir, roots: Optional[list[str]],
             and NAME_RE.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
             and (name is None or d.name == name)]
     for rec_path, rec in orphaned((d / RECORD for d in dirs), owner):
+        if rec.get("completed") is True:
+            continue        # the only complete state, perhaps: recover decides
         vm = rec_path.parent.name
         clean = False
         if state.read_pid(vm) is not None:
@@ -713,6 +739,31 @@ async def probe(state: StateDir, name: str, token: str) -> str:
     except MigrationError:
         return "unknown"
     return "completed" if info.get("status") == "completed" else "incoming"
+
+
+def kept_record(state: StateDir, name: str, token: str) -> dict:
+    """The record of NAME's incoming migration TOKEN that keep_for_recover
+    left; UsageError when there is none (another migration's, or none)."""
+    try:
+        rec = json.loads((state.vm_dir(name) / RECORD).read_text())
+    except (OSError, ValueError):
+        rec = None
+    if not (_well_formed(rec) and rec.get("completed") is True and token
+            and rec.get("token") == token):
+        raise UsageError(f"no migration of {name} that arrived here is waiting for its "
+                         f"source's recover")
+    return rec
+
+
+async def undo_kept(state: StateDir, roots: Optional[list[str]], name: str,
+                    token: str) -> None:
+    """Undo an incoming migration keep_for_recover left (the source rolls back)."""
+    rec = kept_record(state, name, token)
+    if state.read_pid(name) is not None:
+        await stop_vm_async(state, name, force=True, timeout=5)
+    _remove(state, name, rec.get("ids", {}), rec.get("dirs", []),
+            rec.get("new_vm_dir") is True,
+            Policy(storage_roots=roots, state_dir=str(state.path) if roots else None))
 
 
 async def finish_orphan(state: StateDir, name: str, token: str, *, resume: bool) -> str:

@@ -83,7 +83,7 @@ class LocalDestination(Destination):
     async def probe(self, name: str, token: str, opts: MigrateOptions) -> str:
         return await incoming_mod.probe(self.state, name, token)
 
-    async def undo_orphan(self, name: str,
+    async def undo_orphan(self, name: str, token: str = "",
                           keep: Optional[dict[str, tuple[str, int, str]]] = None) -> bool:
         # a same-host destination: the user's own files, no storage roots
         done = await incoming_mod.reap_orphans(self.state, None, name=name, keep=keep)

@@ -215,19 +215,31 @@ class PresyncTarget:
         # what a reaper needs if this process dies before close() or abort()
         self.record = (record_dir / f"presync-{os.getpid()}-{next(_SEQ)}.json"
                        if record_dir is not None else None)
+        # a state directory made only to hold the record goes with it
+        self._made_record_dir = record_dir is not None and not record_dir.exists()
 
     def _save_record(self) -> None:
         if self.record is not None:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.record.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
-                                       "ids": self.ids, "dirs": self.dirs,
-                                       "run_dir": str(self.run_dir or "")}))
-            os.replace(tmp, self.record)
+            try:
+                tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+                                           "ids": self.ids, "dirs": self.dirs,
+                                           "run_dir": str(self.run_dir or "")}))
+                os.replace(tmp, self.record)
+            except OSError:
+                tmp.unlink(missing_ok=True)      # a full file system keeps nothing of it
+                raise
 
     def _drop_record(self) -> None:
         if self.record is not None:
             self.record.unlink(missing_ok=True)
+            if self._made_record_dir:
+                folder = self.record.parent
+                with contextlib.suppress(OSError):
+                    if set(os.listdir(folder)) <= {".lock"}:
+                        (folder / ".lock").unlink(missing_ok=True)
+                        folder.rmdir()
 
     async def open(self, disks: list[dict[str, Any]], *, create: bool,
                    overwrite: bool) -> dict[str, dict[str, Any]]:
@@ -297,8 +309,11 @@ class PresyncTarget:
         # must never delete an image its record says is good.
         self.created = [p for p in self.created if p not in done]
         self.ids = {p: i for p, i in self.ids.items() if p not in done}
-        # a folder holding a vouched-for image stays (rmdir leaves it anyway)
-        self._save_record()
+        # a folder holding a vouched-for image stays (rmdir leaves it anyway);
+        # with nothing to vouch for there is nothing to save (on a full file
+        # system it could not be, and the removal below must still happen)
+        if done:
+            self._save_record()
         for node, gen in records.items():
             if node in paths:
                 write_record(paths[node], source, node, int(gen))

@@ -23,8 +23,8 @@ What the journal says was reached decides which way is safe; the two QEMUs
   confirm                (runs it)                   complete
 
 Between hosts the agent undoes an unfinished incoming migration as soon as
-the channel from its source drops, so there "completed" is seen only in a
-race and the switchover row rolls back.  recover first makes the journal its
+the channel from its source drops, unless everything had arrived: it keeps
+that one (Incoming.keep_for_recover) for recover to finish or undo.  recover first makes the journal its
 own (journal.take_over), so two recovers or an abort never act at once.
 
 Rolling back undoes, by name, what the journal lists in the source QEMU
@@ -176,11 +176,15 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
     # partial copy where it can (as the live rollback keeps it, flow.py).
     from vmferry.migration import presync
     keep = _partial_copies(j) if mon is not None and keep_copy else {}
-    generation = presync.next_generation(state, j.name) if keep else 0
+    told = next((r["generation"] for r in j.has("keep")), 0)
+    generation = (told or presync.next_generation(state, j.name)) if keep else 0
     paths = next((r["paths"] for r in j.has("destination")), {})
     fmts = {d["node"]: d["fmt"] for d in j.disks}
-    kept = await dest.undo_orphan(j.name, {paths[n]: (n, generation, fmts[n])
-                                           for n in keep} if keep else None)
+    kept = await dest.undo_orphan(j.name, j.token, {paths[n]: (n, generation, fmts[n])
+                                                    for n in keep} if keep else None)
+    # an agent kept them when the source went away, as it was told, if it
+    # could: the next migration checks its records before trusting them
+    kept = kept or bool(keep and told and not dest.same_host)
     await _undo_native(state, j, mon, dest, (generation, keep) if kept else None)
     note = (f" (the partial copy on {j.dest} is kept: a migration or presync there "
             f"moves only the rest)" if kept else "")
@@ -208,7 +212,7 @@ def _partial_copies(j: Journal) -> dict[str, int]:
     holds the images and every disk's copy got somewhere; else {}."""
     res = j.has("native")
     if not res or not res[0].get("resumable") or not j.has("destination") or \
-            not j.dest.startswith("local://"):
+            not (j.dest.startswith("local://") or j.has("keep")):
         return {}
     valid = {d["node"]: int(j.valid.get(d["node"], 0)) for d in j.disks}
     return valid if valid and all(valid.values()) else {}
@@ -269,7 +273,7 @@ async def _presync(state: StateDir, j: Journal, dest: Destination) -> str:
     """A presync has no point of no return: undo it, and let the next presync
     or migration copy in full (its records no longer vouch for anything)."""
     from vmferry.migration import presync
-    await dest.undo_orphan(j.name)
+    await dest.undo_orphan(j.name, j.token)
     mon = await _source(state, j.name)
     if mon is not None:
         try:

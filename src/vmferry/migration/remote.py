@@ -217,6 +217,10 @@ class RemoteDestination(Destination):
     async def connect(self, opts: MigrateOptions) -> None:
         await self._connect(opts)
 
+    async def keep_on_loss(self, generation: int) -> None:
+        assert self.channel is not None
+        await self.channel.call("keep_partial", generation=generation)
+
     # -- the phases ------------------------------------------------------
 
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
@@ -305,6 +309,23 @@ class RemoteDestination(Destination):
             return "unknown"
         state = r.get("state")
         return state if state in PROBE_STATES else "unknown"
+
+    async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:
+        """The agent kept a migration that arrived when its source went away
+        (Incoming.keep_for_recover); anything else it has undone itself."""
+        try:
+            r = await self.channel.call("finish_orphan", name=name, token=token,
+                                        resume=resume) if self.channel else {}
+        except UsageError:
+            return None
+        return str(r.get("state", "unknown"))
+
+    async def undo_orphan(self, name: str, token: str = "",
+                          keep: Optional[dict[str, tuple[str, int, str]]] = None) -> bool:
+        if self.channel is not None and token:
+            with contextlib.suppress(UsageError):
+                await self.channel.call("undo_orphan", name=name, token=token)
+        return False
 
     # -- presync: the agent serves the images with qemu-nbd on its address
 

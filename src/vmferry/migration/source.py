@@ -132,16 +132,32 @@ async def block_jobs(mon: Monitor) -> list[dict[str, Any]]:
     return await mon.cmd("query-block-jobs")
 
 
-def _check_jobs(jobs: dict[str, dict[str, Any]], expected: list[str], phase: str) -> None:
+def _note_error(event: Any, ops: dict[str, str]) -> None:
+    """Keep which side a mirror's first I/O error came from (BLOCK_JOB_ERROR
+    says: a read is the source disk, a write the destination)."""
+    if event.get("event") == "BLOCK_JOB_ERROR":
+        data = event.get("data", {})
+        ops.setdefault(data.get("device", ""), data.get("operation", ""))
+
+
+def _check_jobs(jobs: dict[str, dict[str, Any]], expected: list[str], phase: str,
+                ops: Optional[dict[str, str]] = None) -> None:
     for jid in expected:
         j = jobs.get(jid)
         if j is None:
             raise MigrationError(f"storage mirror {jid} vanished", phase=phase)
         if j.get("error"):
-            # a full destination says so itself; anything else is most likely
-            # the destination gone
-            hint = "" if "No space left" in j["error"] else " (is the destination still there?)"
-            raise MigrationError(f"storage mirror of {jid[len(PREFIX):]} failed: "
+            op = (ops or {}).get(jid)
+            if op == "read":
+                where = " reading the source disk"
+                hint = ""
+            else:
+                # a full destination says so itself; anything else written is
+                # most likely the destination gone
+                where = " writing to the destination" if op == "write" else ""
+                hint = ("" if "No space left" in j["error"]
+                        else " (is the destination still there?)")
+            raise MigrationError(f"storage mirror of {jid[len(PREFIX):]} failed{where}: "
                                  f"{j['error']}{hint}", phase=phase)
         if j["status"] in ("aborting", "concluded", "null") and not j.get("error"):
             if j["status"] != "concluded":
@@ -158,9 +174,12 @@ async def wait_mirrors_ready(mon: Monitor, disks: list[DiskPlan],
     # Woken by job events at once, and every 100 ms for the progress display.
     with mon.listener(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR",
                        "JOB_STATUS_CHANGE")) as events:
+        ops: dict[str, str] = {}
         while True:
+            while not events.empty():
+                _note_error(await events.get(), ops)
             jobs = await job_states(mon)
-            _check_jobs(jobs, ids, "perform")
+            _check_jobs(jobs, ids, "perform", ops)
             on_progress(await block_jobs(mon))
             if all(jobs[i]["status"] == "ready" for i in ids):
                 return
@@ -168,7 +187,7 @@ async def wait_mirrors_ready(mon: Monitor, disks: list[DiskPlan],
                 raise MigrationError("storage copy did not finish before --timeout",
                                      phase="perform")
             try:
-                await asyncio.wait_for(events.get(), 0.1)
+                _note_error(await asyncio.wait_for(events.get(), 0.1), ops)
             except asyncio.TimeoutError:
                 pass
 
