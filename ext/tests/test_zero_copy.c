@@ -38,7 +38,11 @@ static char dir[] = "/tmp/vmferry-zctest-XXXXXX";
     }                                                           \
   } while (0)
 
-#define SIZE ((2u << 20) + 12345)
+/* The fake disk's size; the one test that must fill socket buffers makes it
+ * larger before it starts its servers (which inherit it). */
+#define SMALL_SIZE ((2u << 20) + 12345)
+static uint64_t image_size = SMALL_SIZE;
+#define SIZE image_size
 
 static uint8_t
 pattern(uint64_t o)
@@ -363,10 +367,11 @@ now(void)
 static uint64_t last_done_below;
 
 static int
-copy(const char *src, const char *dst, struct vf_error *err, int *zero_copy)
+copy_with(const char *src, const char *dst, unsigned requests, uint32_t request_size,
+          struct vf_error *err, int *zero_copy)
 {
   struct vf_copy_config cfg = { .src = src, .dst = dst, .connections = 1,
-                                .requests = 8, .request_size = 64 * 1024,
+                                .requests = requests, .request_size = request_size,
                                 .zero_copy = VF_ZERO_COPY_ON, .flush = 1 };
   memset(err, 0, sizeof *err);
   struct vf_copy *c = vf_copy_open(&cfg, err);
@@ -380,6 +385,12 @@ copy(const char *src, const char *dst, struct vf_error *err, int *zero_copy)
     *zero_copy = vf_copy_zero_copy(c);
   vf_copy_close(c);
   return r;
+}
+
+static int
+copy(const char *src, const char *dst, struct vf_error *err, int *zero_copy)
+{
+  return copy_with(src, dst, 8, 64 * 1024, err, zero_copy);
 }
 
 static void
@@ -508,6 +519,34 @@ test_hang_up_mid_payload(bool structured)
   }
 }
 
+/* More in flight (32 x 1 MiB) than the client's socket buffers hold, into a
+ * server that reads slowly: every sendfile, header send and splice into the
+ * socket comes up short or with EAGAIN at some point. */
+static void
+test_full_socket_buffers(void)
+{
+  struct behaviour src = { .fail_at = -1, .hang_up_at = -1 };
+  struct behaviour slow = { .tiny_rcvbuf = true, .fail_at = -1, .hang_up_at = -1 };
+  struct vf_error err;
+  int zc = 0;
+
+  image_size = 40u << 20;
+  make_pattern_file(path("big"));
+  pid_t d = start_server(path("d.sock"), &slow, true, path("d.img"));
+  int r = copy_with(path("big"), uri_of(path("d.sock")), 32, 1 << 20, &err, &zc);
+  CHECK(r == 0 && zc, "file -> slow nbd: %s", err.msg);
+  CHECK(wait_server(d) == 0, "the fake destination failed");
+  CHECK(holds_pattern(path("d.img")), "file -> slow nbd: the destination differs");
+
+  pid_t s = start_server(path("s.sock"), &src, false, NULL);
+  d = start_server(path("d.sock"), &slow, true, path("d.img"));
+  r = copy_with(uri_of(path("s.sock")), uri_of(path("d.sock")), 32, 1 << 20, &err, &zc);
+  CHECK(r == 0 && zc, "nbd -> slow nbd: %s", err.msg);
+  CHECK(wait_server(s) == 0 && wait_server(d) == 0, "a fake server failed");
+  CHECK(holds_pattern(path("d.img")), "nbd -> slow nbd: the destination differs");
+  image_size = SMALL_SIZE;
+}
+
 /* A real server (nbdkit, from ctest): zero-copy both ways, and off. */
 static void
 test_real_server(const char *uri)
@@ -549,6 +588,7 @@ main(int argc, char **argv)
       test_error_replies(structured);
       test_hang_up_mid_payload(structured);
     }
+    test_full_socket_buffers();
   }
   char cmd[300];
   snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
