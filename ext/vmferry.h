@@ -38,21 +38,23 @@ struct vf_error {
 /* Data buffers of all connections together never exceed this, which is
  * what keeps peak RSS flat whatever the disk size. */
 #define VF_DEFAULT_BUFFER_BYTES  (16 * 1024 * 1024)
-/* Zero-copy lanes, chosen by bench/bench_zc_sizes.py (qemu-nbd -> qemu-nbd,
- * Unix sockets, 1 GiB, medians of 3 interleaved rounds on a shared 2-core
- * machine; wall s, client CPU s/GiB, both servers' CPU s/GiB):
- *   64K x16: 1.73 0.41 1.70    256K x16: 1.47 0.31 1.49   1M x16: 2.34 0.30 1.88
- *   4M x16:  2.31 0.27 1.76    1M x4:    2.18 0.27 1.80   1M x64: 2.23 0.27 1.97
- *   256K x64: 1.41 0.33 1.48
- * Larger requests barely lower the client's cost (no buffers to fill) and
- * raise the servers' (qemu-nbd allocates each request's buffer afresh), so
- * 256 KiB; depth changes little at 256 KiB, and 16 keeps less in flight. */
+/* Zero-copy lanes, chosen by bench/bench_zc_sizes.py (bench/results/
+ * zc_sizes.md: 1 GiB over Unix sockets into qemu-nbd, medians of 3
+ * interleaved rounds on the shared 2-core machine; wall s, client CPU s/GiB,
+ * both servers' CPU s/GiB):
+ *   from qemu-nbd  64K x16: 1.36 0.39 1.67   256K x16: 1.30 0.32 1.61
+ *                  1M x16:  1.69 0.31 2.07   4M x16:   1.78 0.31 2.21
+ *                  1M x4:   1.49 0.29 1.82   1M x64:   1.64 0.31 1.99
+ *                  256K x64: 1.27 0.31 1.52
+ *   from a file    256K x16: 1.01 0.25 1.07  1M x16: 0.94 0.22 0.88
+ *                  4M x16:   0.99 0.22 0.91
+ * From an NBD source, larger requests barely lower the client's cost (it
+ * fills no buffers) and raise the servers' (qemu-nbd allocates every
+ * request's buffer afresh): 256 KiB; depth changes little there, and 16
+ * keeps less in flight.  From a file the source side costs nothing per
+ * request and the destination server's cost falls with size: 1 MiB. */
 #define VF_ZC_REQUEST_SIZE       (256 * 1024)
 #define VF_ZC_REQUESTS           16
-/* From a file the source side costs nothing per request, and the
- * destination server's cost falls with size (file -> qemu-nbd, 1 GiB, 3
- * rounds: both servers' CPU 1.09 s at 256 KiB, 0.84 s at 1 MiB over Unix;
- * 1.20 and 0.97 s over TCP): 1 MiB. */
 #define VF_ZC_FILE_REQUEST_SIZE  (1024 * 1024)
 
 /* Which lanes carry the data (vf_copy_config.zero_copy). */
