@@ -49,9 +49,9 @@ struct vf_error {
  *   from a file    256K x16: 1.01 0.25 1.07  1M x16: 0.94 0.22 0.88
  *                  4M x16:   0.99 0.22 0.91
  * From an NBD source, larger requests barely lower the client's cost (it
- * fills no buffers) and raise the servers' (qemu-nbd allocates every
- * request's buffer afresh): 256 KiB; depth changes little there, and 16
- * keeps less in flight.  From a file the source side costs nothing per
+ * fills no buffers) and raise the servers' (not explained yet; fresh
+ * large buffers in qemu-nbd are the suspect): 256 KiB; depth changes
+ * little there, and 16 keeps less in flight.  From a file the source side costs nothing per
  * request and the destination server's cost falls with size: 1 MiB. */
 #define VF_ZC_REQUEST_SIZE       (256 * 1024)
 #define VF_ZC_REQUESTS           16
