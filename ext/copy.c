@@ -445,7 +445,10 @@ zc_read_done(struct command *cmd, int err)
   struct vf_error e = { 0 };
 
   if (err) {
-    report_io_error(cmd, err, "reading from", l->src->name);
+    if (cmd->sink_failed)
+      report_io_error(cmd, err, "writing to", l->dst->name);
+    else
+      report_io_error(cmd, err, "reading from", l->src->name);
     command_put(cmd);
     return;
   }

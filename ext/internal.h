@@ -61,6 +61,7 @@ struct command {
   int fd;                     /* PAYLOAD_FILE source, or a zero-copy read's file */
   struct zc_pipe *pipe;       /* PAYLOAD_PIPE source */
   bool allocate;              /* CMD_ZERO: leave no hole */
+  bool sink_failed;           /* a zero-copy read failed writing into its file */
   /* The endpoint kind's own bookkeeping while the command is queued. */
   uint64_t cookie;
   struct command *next_queued;

@@ -553,6 +553,8 @@ pump(struct raw_rw *r)
         struct slot *s = &r->slots[r->rx_slot];
         if (!s->err)
           s->err = e;
+        if (s->cmd)
+          s->cmd->sink_failed = true;
         /* what cannot be written is thrown away to keep the stream */
         char sink[4096];
         while (p->queued > 0) {
