@@ -26,9 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connections", type=int, metavar="N",
                    help="connections per side (default 4 when both allow multi-conn, else 1)")
     p.add_argument("--requests", type=int, metavar="N",
-                   help="requests in flight per connection (default 64)")
+                   help="requests in flight per connection (default 64; 16 on zero-copy lanes)")
     p.add_argument("--request-size", metavar="SIZE",
-                   help="bytes per data request, e.g. 256K (default), 1M")
+                   help="bytes per data request, e.g. 256K (default), 1M (the default on "
+                        "zero-copy lanes from a file)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="worker threads, each driving several connections (default: half "
                         "the CPUs between two NBD servers, else all; at most one per "
