@@ -102,16 +102,19 @@ test_file_copies(void)
   };
   size_t size = make_source(path("src"), (3 << 20) + 123);
 
-  for (size_t i = 0; i < sizeof settings / sizeof settings[0]; i++) {
+  /* both lanes: copy_file_range (zero-copy) and buffers (libnbd's kind) */
+  for (size_t k = 0; k < 2 * sizeof settings / sizeof settings[0]; k++) {
+    size_t i = k / 2;
     struct vf_copy_config cfg = {
       .src = path("src"), .dst = path("dst"), .connections = settings[i].conns,
       .requests = settings[i].reqs, .request_size = settings[i].rsize,
+      .zero_copy = k % 2 ? VF_ZERO_COPY_OFF : VF_ZERO_COPY_ON,
     };
     struct vf_error err;
     struct vf_counters n;
     unlink(path("dst"));
     int r = run_copy(&cfg, &err, &n);
-    CHECK(r == 0, "copy %zu failed: %s", i, err.msg);
+    CHECK(r == 0, "copy %zu (zero-copy %d) failed: %s", i, cfg.zero_copy, err.msg);
     expect_same(path("src"), path("dst"));
     CHECK(n.total == size, "total %llu", (unsigned long long)n.total);
     CHECK(n.written + n.zeroed + n.skipped == size, "counters do not add up");
