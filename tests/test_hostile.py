@@ -315,6 +315,22 @@ ARGUMENTS: dict[str, tuple[Callable[[Host], tuple[str, dict]], str]] = {
     "presync-format-bogus": (lambda h: presync_open(str(h.images / "p.img"), fmt="vpc"),
                              "not raw or qcow2"),
     "presync-relative-path": (lambda h: presync_open("images/p.img"), "not an absolute"),
+    # recover's requests: another migration's VM, or none, is never touched
+    "token-not-hex": (lambda h: ("probe", {"name": "web1", "token": "../x"}), "token"),
+    "token-of-300": (lambda h: ("probe", {"name": "web1", "token": "a" * 300}), "token"),
+    "probe-name-dotdot": (lambda h: ("probe", {"name": "..", "token": "ab"}), "VM name"),
+    "finish-orphan-none-kept": (lambda h: ("finish_orphan", {"name": "web1", "token": "ab",
+                                                              "resume": True}),
+                                "waiting for its source"),
+    "undo-orphan-none-kept": (lambda h: ("undo_orphan", {"name": "web1", "token": "ab"}),
+                              "waiting for its source"),
+    "undo-orphan-name-with-slash": (lambda h: ("undo_orphan", {"name": "a/b", "token": "ab"}),
+                                    "VM name"),
+    "keep-partial-before-prepare": (lambda h: ("keep_partial", {"generation": 1}),
+                                    "before prepare"),
+    "keep-partial-generation-negative": (lambda h: ("keep_partial", {"generation": -1}),
+                                         "generation"),
+    "abort-keep-bogus": (lambda h: ("abort", {"keep": {"../x": 1}}), "keep maps"),
 }
 
 
