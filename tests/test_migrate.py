@@ -773,3 +773,19 @@ def test_native_engine_throttles_a_guest_that_outwrites_it(lab):
     assert sha256(src) == want and sha256(dst) == want, images_identical(src, dst, "raw")
     # a throttle is the source's business: the destination guest runs unthrottled
     assert all(b.get("inserted", {}).get("bps_wr", 0) == 0 for b in throttle), throttle
+
+
+def test_a_virsh_command_line_works_unchanged(lab):
+    """virsh migrate --live --p2p --copy-storage-all --verbose, with --xml for the
+    destination spec and --migrateuri: the spellings a virsh user types."""
+    src = fill_image(lab.root / "src.raw", 16)
+    dst = lab.root / "dst.raw"
+    lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="idle", hb=200))
+    xml = lab.spec(disk=dst, memory="64M", mem="8M", dirty="idle", hb=200,
+                   file=lab.root / "dest.toml")
+    cp = lab.migrate("--live", "--p2p", "--copy-storage-all", "--verbose", "--xml", xml,
+                     "--create-disks")
+    assert cp.returncode == 0, cp.stderr
+    assert "migrated web1" in cp.stdout, cp.stdout
+    assert images_identical(src, dst, "raw") == ""
+    assert lab.status(state=lab.B)["state"] == "running"

@@ -36,6 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--shared-storage", dest="copy_storage", action="store_const",
                     const="none", help="copy no disks: both hosts see the same images")
     add_disk_options(p, "copy")
+    # virsh's spellings of what vmferry always does: a live migration that the
+    # source host drives against the destination (peer to peer)
+    p.add_argument("--live", action="store_true",
+                   help="a live migration (always; accepted for virsh compatibility)")
+    p.add_argument("--p2p", action="store_true",
+                   help="the source host drives the destination (always; accepted for virsh "
+                        "compatibility)")
     p.add_argument("--persistent", action="store_true",
                    help="keep the spec on the destination (always done; accepted for "
                         "virsh compatibility)")
@@ -91,7 +98,8 @@ def add_disk_options(p: argparse.ArgumentParser, verb: str) -> None:
                    help=f"comma-separated disks to {verb} (disk0,... or paths)")
     p.add_argument("--disk-map", action="append", default=[], metavar="SRC=DST",
                    help="destination image path for a source image (repeatable)")
-    p.add_argument("--dest-spec", metavar="FILE", help="a spec file for the destination "
+    p.add_argument("--dest-spec", "--xml", metavar="FILE",
+                   help="a spec file for the destination "
                    "(its disk and serial paths are used)")
     p.add_argument("--create-disks", action="store_true",
                    help="create missing destination images with the right size and format")
@@ -128,7 +136,7 @@ def add_host_options(p: argparse.ArgumentParser, *, memory: bool) -> None:
     net.add_argument("--disks-uri", metavar="tcp://HOST[:PORT]",
                      help="destination address (and port) for the disks' NBD traffic")
     if memory:
-        net.add_argument("--migrate-uri", metavar="tcp://HOST[:PORT]",
+        net.add_argument("--migrate-uri", "--migrateuri", metavar="tcp://HOST[:PORT]",
                          help="destination address (and port) for the migration stream")
     net.add_argument("--overwrite-disks", action="store_true",
                      help="let a remote destination write into images that already exist "
