@@ -34,7 +34,7 @@ $(VPY): .stamp-deps
 	$(VPY) -m pip install -q --upgrade pip
 
 .stamp-venv: $(VPY) pyproject.toml
-	$(VPY) -m pip install -q "Cython>=3.0" "setuptools>=64" wheel
+	$(VPY) -m pip install -q "Cython>=3.0" "setuptools>=77" wheel
 	$(VPY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
