@@ -29,7 +29,9 @@ all: build
 
 deps: .stamp-deps
 
-$(VPY): .stamp-deps
+# Order-only: a venv made once is kept (its python is a link to the system's,
+# older than any stamp, so a normal prerequisite would remake it every run).
+$(VPY): | .stamp-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 
