@@ -14,18 +14,9 @@
 #include <unistd.h>
 
 #include "vmferry.h"
+#include "check.h"
 
-static int failures;
 static char dir[] = "/tmp/vmferry-ctest-XXXXXX";
-
-#define CHECK(cond, ...) do {                                   \
-    if (!(cond)) {                                              \
-      fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                             \
-      fputc('\n', stderr);                                      \
-      failures++;                                               \
-    }                                                           \
-  } while (0)
 
 static char *
 path(const char *name)

@@ -25,18 +25,9 @@
 #include <unistd.h>
 
 #include "vmferry.h"
+#include "check.h"
 
-static int failures;
 static char dir[] = "/tmp/vmferry-zctest-XXXXXX";
-
-#define CHECK(cond, ...) do {                                   \
-    if (!(cond)) {                                              \
-      fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                             \
-      fputc('\n', stderr);                                      \
-      failures++;                                               \
-    }                                                           \
-  } while (0)
 
 /* The fake disk's size; the one test that must fill socket buffers makes it
  * larger before it starts its servers (which inherit it). */
