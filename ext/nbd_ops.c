@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 
 #include <libnbd.h>
+#include <pthread.h>
 
 #include "internal.h"
 
@@ -407,3 +408,25 @@ static const struct rw_ops nbd_ops = {
   .pwrite = nbd_sync_pwrite,
   .zero = nbd_sync_zero,
 };
+
+/* libnbd reports its version through a handle; one is made once for it. */
+static char libnbd_version[32] = "unknown";
+static pthread_once_t libnbd_version_once = PTHREAD_ONCE_INIT;
+
+static void
+read_libnbd_version(void)
+{
+  struct nbd_handle *h = nbd_create();
+  const char *v = h ? nbd_get_version(h) : NULL;
+  if (v)
+    snprintf(libnbd_version, sizeof libnbd_version, "%s", v);
+  if (h)
+    nbd_close(h);
+}
+
+const char *
+vf_libnbd_version(void)
+{
+  pthread_once(&libnbd_version_once, read_libnbd_version);
+  return libnbd_version;
+}

@@ -144,6 +144,9 @@ int vf_endpoint_zero(struct vf_endpoint *ep, uint64_t count, uint64_t offset,
 int vf_endpoint_flush(struct vf_endpoint *ep, struct vf_error *err);
 void vf_endpoint_close(struct vf_endpoint *ep);
 
+/* The version of the libnbd this engine runs with ("1.14.2"), or "unknown". */
+const char *vf_libnbd_version(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -222,3 +222,20 @@ def test_ctrl_c(workdir, nbdkit):
         assert not any(l.startswith("copied ") for l in out.splitlines()), out
     finally:
         terminate_vmferry(p)
+
+
+def test_version_names_vmferry_qemu_and_libnbd():
+    """What a bug report needs: vmferry's version and those of the QEMU and
+    libnbd it found (the engine's own libnbd, not a tool's)."""
+    import shutil
+    import subprocess
+    from vmferry import __version__
+    cp = run_vmferry("--version")
+    assert cp.returncode == 0, cp.stderr
+    lines = cp.stdout.splitlines()
+    assert lines[0] == f"vmferry {__version__}", lines
+    qemu = subprocess.run([shutil.which("qemu-system-x86_64"), "--version"],
+                          capture_output=True, text=True).stdout.split()
+    assert lines[1].startswith(f"QEMU {qemu[qemu.index('version') + 1]} ("), lines
+    nbdinfo = subprocess.run(["nbdinfo", "--version"], capture_output=True, text=True).stdout
+    assert lines[2] in nbdinfo.splitlines(), (lines, nbdinfo)     # "libnbd 1.14.2"

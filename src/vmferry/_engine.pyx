@@ -324,3 +324,8 @@ cdef class Endpoint(_InUse):
     def __dealloc__(self):
         if self._ep != NULL:
             vf_endpoint_close(self._ep)
+
+
+def libnbd_version() -> str:
+    """The version of the libnbd the engine runs with."""
+    return vf_libnbd_version().decode()

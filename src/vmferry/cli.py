@@ -37,10 +37,36 @@ def _version() -> str:
     return __version__
 
 
+class _Versions(argparse.Action):
+    """--version: vmferry's, and those of the QEMU and libnbd it found, which
+    decide what a migration can do (and what a bug report needs)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        import subprocess
+        lines = [f"vmferry {_version()}"]
+        try:
+            from vmferry.vm.qemu import qemu_binary
+            qemu = qemu_binary()
+            out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout.split()
+            v = out[out.index("version") + 1] if "version" in out else "(unknown version)"
+            lines.append(f"QEMU {v} ({qemu})")
+        except (VmferryError, OSError, subprocess.SubprocessError) as e:
+            lines.append(f"QEMU: {e}")
+        try:
+            from vmferry import _engine
+            lines.append(f"libnbd {_engine.libnbd_version()}")
+        except ImportError as e:
+            lines.append(f"libnbd: the engine cannot load ({e})")
+        print("\n".join(lines), flush=True)
+        raise SystemExit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vmferry",
                      description="Live-migrate QEMU VMs and move disk data, fast.")
-    parser.add_argument("--version", action="version", version=f"vmferry {_version()}")
+    parser.add_argument("--version", action=_Versions, nargs=0,
+                        help="the versions of vmferry and of the QEMU and libnbd it uses")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir(), metavar="DIR",
                         help="where VMs keep their spec, sockets, pid and log (default: "
                              "$VMFERRY_STATE_DIR, else /var/lib/vmferry for root, else "
