@@ -23,6 +23,8 @@ engine = Extension(
     "vmferry._engine",
     sources=sources,
     include_dirs=["ext"],
+    # headers are part of the build: rebuilt when they change, shipped in an sdist
+    depends=sorted(glob.glob("ext/*.h")),
     libraries=libs + ["pthread"],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wno-unused-function"] + cflags,
 )

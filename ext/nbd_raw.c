@@ -39,6 +39,7 @@
 
 #include <libnbd.h>
 
+#include "byteorder.h"
 #include "internal.h"
 
 #define REQUEST_MAGIC     0x25609513u
@@ -118,21 +119,6 @@ static const struct rw_ops raw_ops;
 
 static void fail_all(struct raw_rw *r, int errnum, const char *fmt, ...)
   __attribute__((format(printf, 3, 4)));
-
-/* ---- byte order --------------------------------------------------------- */
-
-static void
-put16(unsigned char *p, uint16_t v) { p[0] = v >> 8; p[1] = v; }
-static void
-put32(unsigned char *p, uint32_t v) { put16(p, v >> 16); put16(p + 2, v); }
-static void
-put64(unsigned char *p, uint64_t v) { put32(p, v >> 32); put32(p + 4, v); }
-static uint16_t
-get16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t
-get32(const unsigned char *p) { return (uint32_t)get16(p) << 16 | get16(p + 2); }
-static uint64_t
-get64(const unsigned char *p) { return (uint64_t)get32(p) << 32 | get32(p + 4); }
 
 /* ---- the cookie table --------------------------------------------------- */
 

@@ -4,6 +4,7 @@
 #define VMFERRY_TESTS_CHECK_H
 
 #include <stdio.h>
+#include <stdlib.h>
 
 static int failures;
 
@@ -15,5 +16,19 @@ static int failures;
       failures++;                                               \
     }                                                           \
   } while (0)
+
+/* The end of a test program: its scratch folder goes, and the exit status
+ * says whether every check held. */
+static inline int
+finish(const char *scratch)
+{
+  char cmd[300];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", scratch);
+  if (system(cmd) != 0)
+    fprintf(stderr, "could not remove %s\n", scratch);
+  if (failures)
+    fprintf(stderr, "%d check(s) failed\n", failures);
+  return failures ? 1 : 0;
+}
 
 #endif

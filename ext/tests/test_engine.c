@@ -393,11 +393,5 @@ main(int argc, char **argv)
     test_rate_limit();
     test_range_and_done_below();
   }
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-  if (system(cmd) != 0)
-    fprintf(stderr, "could not remove %s\n", dir);
-  if (failures)
-    fprintf(stderr, "%d check(s) failed\n", failures);
-  return failures ? 1 : 0;
+  return finish(dir);
 }

@@ -26,6 +26,7 @@
 
 #include "vmferry.h"
 #include "check.h"
+#include "byteorder.h"
 
 static char dir[] = "/tmp/vmferry-zctest-XXXXXX";
 
@@ -51,17 +52,6 @@ struct behaviour {
   int64_t fail_at;            /* this offset's request gets EIO; -1: none */
   int64_t hang_up_at;         /* close half-way through this read's payload */
 };
-
-static void
-put16(unsigned char *p, uint16_t v) { p[0] = v >> 8; p[1] = v; }
-static void
-put32(unsigned char *p, uint32_t v) { put16(p, v >> 16); put16(p + 2, v); }
-static void
-put64(unsigned char *p, uint64_t v) { put32(p, v >> 32); put32(p + 4, v); }
-static uint32_t
-get32(const unsigned char *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
-static uint64_t
-get64(const unsigned char *p) { return (uint64_t)get32(p) << 32 | get32(p + 4); }
 
 static bool
 read_full(int fd, void *buf, size_t n)
@@ -581,11 +571,5 @@ main(int argc, char **argv)
     }
     test_full_socket_buffers();
   }
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-  if (system(cmd) != 0)
-    fprintf(stderr, "could not remove %s\n", dir);
-  if (failures)
-    fprintf(stderr, "%d check(s) failed\n", failures);
-  return failures ? 1 : 0;
+  return finish(dir);
 }
