@@ -84,10 +84,11 @@ async def _migrate(state: StateDir, name: str, destination: Destination,
         if opts.undefine_source:
             state.spec_path(name).unlink(missing_ok=True)
 
+    # opts were validated above: the constructor cannot fail after the journal opens
     m = Migration(name, rec.qmp_socket, rec.spec, destination, opts,
                   job_file=job_file(state, name), progress=progress,
-                  stop_source=retire_source, presync_state=state, warn=warn)
-    m.journal = open_journal(state, "migrate", name, destination, opts)
+                  stop_source=retire_source, presync_state=state, warn=warn,
+                  journal=open_journal(state, "migrate", name, destination, opts))
     return await m.run()
 
 
