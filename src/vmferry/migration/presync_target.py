@@ -81,6 +81,49 @@ def forget(image: str, discard: bool = False) -> None:
     sidecar(image).unlink(missing_ok=True)
 
 
+def unwritten(image: str, fmt: str) -> Optional[list[list[int]]]:
+    """The spans of IMAGE that hold nothing written (holes, or zero clusters
+    of a qcow2), coalesced: what a mirror into this fresh image may not have
+    copied.  None when the file system cannot tell holes from data (it then
+    claims more data than the file has blocks): such an image vouches for
+    nothing.  Read with the image's QEMU stopped."""
+    from vmferry.migration.spans import coalesce
+    size = image_size(image) if fmt == "qcow2" else os.path.getsize(image)
+    if size is None:
+        return None
+    holes: list[tuple[int, int]] = []
+    if fmt == "raw":
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data, pos = 0, 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno != errno.ENXIO:      # ENXIO: only a hole is left
+                        raise
+                    start = size
+                if start > pos:
+                    holes.append((pos, start))
+                if start >= size:
+                    break
+                pos = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+                data += pos - start
+            if data > os.fstat(fd).st_blocks * 512 + (1 << 20):
+                return None
+        finally:
+            os.close(fd)
+    else:
+        out = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", fmt, image],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            return None
+        for m in json.loads(out.stdout):
+            if not m.get("data") or m.get("zero"):
+                holes.append((m["start"], m["start"] + m["length"]))
+    return [[s, e] for s, e in coalesce(holes)]
+
+
 def _die_with_parent() -> None:
     # qemu-nbd must not outlive whoever started it (a killed agent or presync)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -353,4 +396,5 @@ def reap_orphans(folder: Path, roots: Optional[list[str]],
     return removed
 
 
-__all__ = ["PresyncTarget", "check", "check_paths", "forget", "reap_orphans", "sidecar"]
+__all__ = ["PresyncTarget", "check", "check_paths", "forget", "reap_orphans", "sidecar",
+           "unwritten"]
