@@ -32,27 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from vmferry.vm.state import StateDir, pid_alive
+from vmferry.vm.state import StateDir, boot_id as _boot_id, pid_alive, process_start
 
 FILE = "journal.json"
 PHASES = ("begin", "prepare", "perform", "switchover", "finish", "confirm")
-
-
-def process_start(pid: int) -> Optional[int]:
-    """PID's start time in clock ticks since boot (/proc/PID/stat field 22):
-    with the pid, it names one process even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 @dataclasses.dataclass

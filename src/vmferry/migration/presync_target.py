@@ -29,6 +29,7 @@ from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import file_id
 from vmferry.migration.incoming import (Policy, claim_file, create_image, image_size,
                                         make_parents, orphaned, remove_made)
+from vmferry.vm.state import owner_record
 
 START_TIMEOUT = 10.0
 RUN_DIR_PREFIX = "vmferry-presync-"
@@ -266,7 +267,7 @@ class PresyncTarget:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.record.with_suffix(".tmp")
             try:
-                tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+                tmp.write_text(json.dumps({**owner_record(), "created": self.created,
                                            "ids": self.ids, "dirs": self.dirs,
                                            "run_dir": str(self.run_dir or "")}))
                 os.replace(tmp, self.record)

@@ -153,6 +153,8 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
         if forward:
             await _retire_source(state, j, mon, dest)
             j.close()
+            if j.was_running and not resume:
+                return f"completed: {j.name} is on {j.dest}, paused as --suspend asked"
             return f"completed: {j.name} runs on {j.dest}"
         if j.past("finish") and where in ("unknown", "resumed-gone", "busy"):
             why = ("resumed the guest, and its QEMU has died since" if where == "resumed-gone"
