@@ -130,3 +130,41 @@ def test_detached_migration_on_this_host(rlab):
     # and a migration that cannot start says why, as in the foreground
     line = rlab.one_error(rlab.migrate("--detach", "--disk-map", f"{src}={dst}"), code=2)
     assert "web1" in line, line
+
+
+@pytest.fixture(scope="module")
+def far(netlab, tmp_path_factory):
+    """A third host: its own namespace and sshd, cabled straight to the source's
+    (netlab's) namespace; this namespace only manages."""
+    from netlab import NetLab, join, start_sshd
+    with NetLab() as lab:
+        join(netlab, lab)
+        sshd = start_sshd(lab, tmp_path_factory.mktemp("far-sshd"))
+        yield lab, sshd
+        sshd.stop()
+
+
+def test_p2p_migration_driven_from_a_third_host(rlab, far):
+    """Management here, source and destination two other hosts: the source
+    host's vmferry migrates to the destination's agent over ssh, straight
+    across their own cable; this host only started it and watched."""
+    net, sshd = far
+    S, uri, src, dst, serial = _vm(rlab, 64)
+    D = rlab.root / "D"
+    D.mkdir()
+    (D / "agent.toml").write_text(f'storage_roots = ["{rlab.root}", "{rlab.kernel.parent}"]\n'
+                                  f'allow_extra_args = true\n')
+    q = (f"keyfile={quote(str(sshd.key))}&known_hosts={quote(str(sshd.known_hosts))}"
+         f"&agent={quote(AGENT)}")
+    dest = f"ssh://{sshd.user}@{sshd.host}:{sshd.port}{D}?{q}"
+    out = rlab.ok(_on(rlab, uri, "migrate", "--live", "--p2p", "web1", dest,
+                      "--disk-map", f"{src}={dst}", "--create-disks"))
+    assert out.startswith("migrated web1 in "), out
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], net.ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    assert qemu_pids(S) == []
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
