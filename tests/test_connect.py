@@ -168,3 +168,45 @@ def test_p2p_migration_driven_from_a_third_host(rlab, far):
     assert qemu_pids(S) == []
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
     assert images_identical(src, dst, "raw") == ""
+
+
+def test_commands_through_a_tls_agent(rlab):
+    """tls://: an agent that takes commands (--allow-control) runs them against
+    its own state directory; one that does not refuses in one line."""
+    from test_remote import TLS_PORT
+    S = rlab.root / "S"
+    S.mkdir()
+    (S / "agent.toml").write_text(f'storage_roots = ["{rlab.root}", "{rlab.kernel.parent}"]\n'
+                                  f'pki = "{rlab.pki.dir}"\nallow_extra_args = true\n')
+    log = open(rlab.root / "agent.log", "wb")
+    listen = ["--state-dir", S, "agent", "--listen", f"{rlab.net.dest_ip}:{TLS_PORT}"]
+    p = rlab.net.popen([AGENT, *map(str, listen)], stdout=log, stderr=subprocess.STDOUT,
+                       env=rlab.env)
+    rlab.procs.append(p)
+    rlab.wait_for("the agent", lambda: b"listening on" in (rlab.root / "agent.log")
+                  .read_bytes(), 20, proc=p)
+    uri = f"tls://{rlab.net.dest_ip}:{TLS_PORT}?pki={quote(str(rlab.pki.dir))}"
+    line = rlab.one_error(_on(rlab, uri, "list"), code=2)
+    assert "takes no commands" in line and "--allow-control" in line, line
+    p.terminate()
+    p.wait(10)
+    (rlab.root / "agent.log").write_bytes(b"")
+    p = rlab.net.popen([AGENT, *map(str, listen), "--allow-control"], stdout=log,
+                       stderr=subprocess.STDOUT, env=rlab.env)
+    rlab.procs.append(p)
+    rlab.wait_for("the agent", lambda: b"listening on" in (rlab.root / "agent.log")
+                  .read_bytes(), 20, proc=p)
+    src = fill_image(rlab.root / "src.raw", 32)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    rlab.ok(_on(rlab, uri, "run", spec))
+    st = json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))
+    assert st["state"] == "running" and _in_namespace(st["pid"], rlab.net.ns), st
+    line = rlab.one_error(_on(rlab, uri, "status", "nosuch"), code=2)
+    assert "nosuch" in line, line
+    out = rlab.ok(_on(rlab, uri, "migrate", "web1", f"local://{rlab.B}",
+                      "--disk-map", f"{src}={dst}", "--create-disks"))
+    assert out.startswith("migrated web1 in "), out
+    assert rlab.status(state=rlab.B)["state"] == "running"
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
+    assert images_identical(src, dst, "raw") == ""

@@ -19,7 +19,7 @@ from vmferry.errors import UsageError
 DEFAULT_KEEPALIVE = 5.0             # seconds between the source's pings
 KEEPALIVE_COUNT = 3                 # missed pings before a peer is gone
 _OPTIONS = {"ssh": ("keyfile", "known_hosts", "no_verify", "agent", "keepalive"),
-            "tls": ("keepalive",)}
+            "tls": ("keepalive", "pki")}
 
 
 @dataclasses.dataclass(frozen=True)

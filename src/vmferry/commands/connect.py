@@ -6,6 +6,9 @@ status it has there.
   ssh://[USER@]HOST[:PORT][/STATE-DIR]  vmferry on HOST, through the system ssh
                                         (URI options as a migration's: keyfile,
                                         known_hosts, no_verify, agent=PATH)
+  tls://HOST[:PORT][?pki=DIR]           an agent run with --allow-control, over
+                                        mutual TLS (DIR: this host's certificates,
+                                        default /etc/pki)
 
 A migration started this way runs detached on that host (`migrate
 --detach`): this command only follows it, so a dropped connection leaves it
@@ -47,9 +50,8 @@ def run(args: argparse.Namespace) -> int:
         argv.insert(1, "--detach")
     from vmferry.agent import transport
     t = transport.parse(uri)
-    if t.scheme != "ssh":
-        raise UsageError(f"--connect {uri!r}: use ssh://[USER@]HOST[:PORT][/STATE-DIR] or "
-                         f"local:///STATE-DIR")
+    if t.scheme == "tls":
+        return _over_tls(uri, argv)
     return _over_ssh(t, argv)
 
 
@@ -86,3 +88,39 @@ def _over_ssh(t: Target, argv: list[str]) -> int:
         sys.stderr.write(line + "\n")
     return rc
 
+
+def _over_tls(uri: str, argv: list[str]) -> int:
+    """Through an agent run with --allow-control: its output streams back as
+    it comes; Ctrl-C is passed on (a migration then aborts)."""
+    import asyncio
+    import signal
+    from vmferry.migration.options import MigrateOptions
+    from vmferry.migration.remote import RemoteDestination
+    if sys.stderr.isatty():
+        # the agent's command has no terminal: ask it for the bar ours would show
+        argv = [a.replace("=auto", "=bar") if a.startswith(("--progress=", "--verbose="))
+                else a for a in argv]
+
+    def out(stream: str, text: str) -> None:
+        f = sys.stderr if stream == "stderr" else sys.stdout
+        f.write(text)
+        f.flush()
+
+    async def go() -> int:
+        agent = RemoteDestination(uri)
+        ch = await agent._connect(MigrateOptions())
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task] = set()
+
+        def interrupt() -> None:
+            task = asyncio.ensure_future(ch.call("command_signal", signal="INT"))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        try:
+            r = await ch.call("command", argv=argv, on_output=out)
+            return int(r.get("rc", 1))
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            await agent.close()
+    return asyncio.run(go())
