@@ -221,7 +221,8 @@ class Session:
         return {}
 
     async def op_prepare(self, a: Args) -> dict[str, Any]:
-        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "token")
+        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "token",
+               "tunnel")
         from vmferry.vm.spec import parse_spec
         try:
             spec = parse_spec(a.get("spec", str), source="the source's VM spec")
@@ -244,12 +245,15 @@ class Session:
             raise ProtocolError("prepare: presynced is a list of disk nodes")
         nbd = self._listen(Args("prepare nbd", a.get("nbd", dict, {})))
         mig = self._listen(Args("prepare migrate", a.get("migrate", dict, {})))
+        # --tunnelled: Unix sockets in the VM's folder, which the source's ssh
+        # forwards to; nothing listens on the network
+        tunnel = a.get("tunnel", bool, False)
         async with self._busy:
             if self.incoming is not None:
                 raise UsageError("this connection has already prepared a migration")
             tls_dir = self.cfg.pki.qemu_dir("server") if opts.tls else None
             incoming = Incoming(self.cfg.state, network=Network(
-                tcp=True, nbd=nbd, migrate=mig, tls_dir=tls_dir),
+                tcp=not tunnel, tunnel=tunnel, nbd=nbd, migrate=mig, tls_dir=tls_dir),
                 policy=self.cfg.policy())
             try:
                 prepared = await incoming.prepare(spec, disks, opts, accel=accel,

@@ -79,6 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_host_options(p, memory=True)
     p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
                    choices=["auto", "bar", "json"], help="show progress")
+    p.add_argument("--tunnelled", "--tunneled", action="store_true",
+                   help="ssh:// destinations: carry the disks and the memory stream "
+                        "inside the ssh connection, so that only ssh need be open "
+                        "between the hosts")
     p.add_argument("--detach", action="store_true",
                    help="run the migration in a session of its own and follow it: a "
                         "hang-up leaves it running ('jobinfo --follow' re-attaches), "
@@ -176,7 +180,8 @@ def options_from(args: argparse.Namespace) -> MigrateOptions:
         max_downtime=args.max_downtime, escalate_downtime=not args.no_escalate,
         auto_converge=args.auto_converge, parallel_connections=args.parallel_connections,
         postcopy=args.postcopy, compressed=args.compressed,
-        storage_engine=args.storage_engine, migrate_uri=args.migrate_uri)
+        storage_engine=args.storage_engine, migrate_uri=args.migrate_uri,
+        tunnelled=args.tunnelled)
 
 
 class MigrationDisplay:
@@ -245,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         # ssh's handshake and the remote agent's start-up take longer than
         # loading the rest of vmferry here: let them overlap.
         from vmferry.agent import transport
-        ssh = transport.spawn_ssh(transport.parse(args.dest))
+        ssh = transport.spawn_ssh(transport.parse(args.dest), tunnel=opts.tunnelled)
     from vmferry.migration.api import migrate_vm   # asyncio, qemu.qmp: only here
     dest: Any = args.dest
     if ssh is not None:

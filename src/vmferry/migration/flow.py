@@ -82,6 +82,7 @@ class Migration:
         self._unresolved = False       # where the guest runs is not known
         self._kept = ""                # what the rollback kept of the disk copy
         self._keep_generation = 0      # see _arm_keep
+        self._mirror_bitmaps = False   # the mirror's resumable bitmaps were added
         self._mirror_kept = False      # the mirror copies into a copy a failure keeps
         self._described = False        # Begin found the VM in a state to move
         self._last_save = 0.0
@@ -389,11 +390,13 @@ class Migration:
             self._record("mirror", resumable=resumable)
             if resumable:
                 await self._arm_keep()
+                self._mirror_bitmaps = True
                 await self._start_bitmaps(presync.BITMAP)
-                self._mirror_kept = True
             undo: list = []
             await source.start_mirrors(mon, self.disks, self.prepared, sync, undo,
                                        speed=self.opts.disk_rate())
+            # from here on the destination images may hold what a mirror wrote
+            self._mirror_kept = resumable
             await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
                                             self._deadline_for_storage())
         if self.native is not None:
@@ -609,11 +612,14 @@ class Migration:
         """Undo Prepare, keeping what the native engine copied when it is worth
         it: the destination vouches for its images first, then the source
         records how far each copy got (presync.py)."""
-        keep = self._partial_copies()
+        # A copy that filled its file system would only keep it full: the
+        # next attempt there fails the same way, so it goes with the rest.
+        full = "No space left on device" in (self.info.error or "")
+        keep = {} if full else self._partial_copies()
         generation = (self._keep_generation or presync.next_generation(self.presync_state,
                                                                        self.name)) if keep else 0
         outcome = await self.dest.abort({n: generation for n in keep} if keep else None)
-        if not self._mirror_kept and (self.native is None or not self.native.resumable):
+        if not self._mirror_bitmaps and (self.native is None or not self.native.resumable):
             return outcome
         # an agent we lost keeps them as it was told (keep_on_loss), if it can:
         # the records say so, and the next migration checks before trusting them
@@ -621,14 +627,21 @@ class Migration:
             pid = self.presync_state.read_pid(self.name)
             presync.write_records(self.presync_state, self.name, generation, {
                 d.node: presync.record(d, self.prepared.dest_paths[d.node], pid, generation,
-                                       keep[d.node]) for d in self.disks})
+                                       keep[d.node], confirmed=outcome == "kept")
+                for d in self.disks})
             if self.native is not None:
-                done = f"{1 - self.native.lacking() / max(1, sum(d.size for d in self.disks)):.0%}"
+                size = max(1, sum(d.size for d in self.disks))
+                done = f"{1 - self.native.lacking() / size:.0%} of the disks copied"
             else:
-                done = "what the mirror wrote"
-            # said in the failure's one line (_outcome)
-            self._kept = (f"kept the partial copy on {self.dest!r} ({done} of the disks "
-                          f"copied): a migration or presync there moves only the rest")
+                done = "as far as the mirror got"
+            # said in the failure's one line (_outcome); a lost agent kept the
+            # images if it could (a killed one could not): the next migration
+            # checks before it trusts them
+            self._kept = (f"kept the partial copy on {self.dest!r} ({done}): a migration "
+                          f"or presync there moves only the rest" if outcome == "kept" else
+                          f"the partial copy on {self.dest!r} ({done}) is kept if its agent "
+                          f"could: a migration or presync there checks, then moves only "
+                          f"the rest")
             self.info.warnings.append(self._kept)
         else:
             await self._drop_bitmaps()
@@ -662,7 +675,7 @@ class Migration:
         self._undo.clear()
         if self.native is not None:
             await self.native.cleanup()
-        if self.native is not None or self._mirror_kept:
+        if self.native is not None or self._mirror_bitmaps:
             # a persistent bitmap would otherwise be saved into the source image
             await self._drop_bitmaps()
         elif self.presynced:

@@ -51,6 +51,8 @@ class Network:
     nbd: tuple[str, tuple[int, int]] = ("0.0.0.0", DEFAULT_PORTS)
     migrate: tuple[str, tuple[int, int]] = ("0.0.0.0", DEFAULT_PORTS)
     tls_dir: Optional[str] = None         # QEMU tls-creds-x509 dir (server side) for --tls
+    # Unix sockets for a source on another host, through its ssh (--tunnelled)
+    tunnel: bool = False
 
 
 # The one folder of an agent's state directory that images may be in (and its
@@ -397,7 +399,7 @@ class Incoming:
                         exports={p.node: p.export for p in disks},
                         dest_paths={p.node: p.dest_path for p in disks},
                         fresh={p.node for p in disks if p.dest_path in self.created},
-                        same_host=not net.tcp)
+                        same_host=not (net.tcp or net.tunnel))
 
     async def _export_disks(self, disks: list[DiskPlan]) -> None:
         for plan in disks:

@@ -100,11 +100,14 @@ Missing = Union[list[Span], str, None]
 
 
 def record(p: DiskPlan, dest_path: str, qemu_pid: Optional[int], generation: int,
-           missing: Missing = None) -> dict:
+           missing: Missing = None, confirmed: bool = True) -> dict:
     """The source's record of a copy; MISSING: the spans it lacks, UNWRITTEN,
-    or nothing for a complete one."""
+    or nothing for a complete one.  Not CONFIRMED: the destination was lost
+    before it could say it kept the image (it may not have)."""
     r = {"bitmap": BITMAP, "dest_path": dest_path, "fmt": p.fmt, "qemu_pid": qemu_pid,
          "generation": generation}
+    if not confirmed:
+        r["unconfirmed"] = True
     if missing == UNWRITTEN:
         r["missing"] = UNWRITTEN
     elif missing:

@@ -179,6 +179,7 @@ class RemoteDestination(Destination):
         self.channel: Optional[Channel] = None
         self.info: dict[str, Any] = {}
         self._presync_tls: Optional[str] = None
+        self._tunnel_dir: Optional[str] = None    # --tunnelled: our forwards' sockets
 
     def __repr__(self) -> str:
         return str(self.target)
@@ -188,9 +189,14 @@ class RemoteDestination(Destination):
     async def _connect(self, opts: MigrateOptions) -> Channel:
         if self.channel is not None:
             return self.channel
+        if opts.tunnelled and self.target.scheme != "ssh":
+            raise UsageError(f"--tunnelled needs an ssh:// destination, not {self}: "
+                             f"a tls:// agent relays nothing yet")
         where = f"{self.host}"
         if self.target.scheme == "ssh":
-            proc, self._ssh = self._ssh or transport.spawn_ssh(self.target), None
+            proc, self._ssh = self._ssh or transport.spawn_ssh(self.target,
+                                                               tunnel=opts.tunnelled), None
+            self._tunnel_dir = getattr(proc, "tunnel_dir", None)
             reader, writer = await transport.pipe_streams(proc.stdout, proc.stdin,
                                                           protocol.MAX_FRAME + 8)
             err = asyncio.StreamReader()
@@ -248,6 +254,9 @@ class RemoteDestination(Destination):
         if opts.tls and not self.info.get("tls"):
             raise UsageError(f"--tls: the destination {self} has no QEMU server "
                              f"certificates (its PKI/qemu/server-cert.pem)")
+        if opts.tunnelled and not self._tunnel_dir:
+            raise UsageError(f"--tunnelled: the ssh connection to {self} was made without "
+                             f"a control socket for its forwards")
         dhost, dport = _uri_host(opts.disks_uri, "--disks-uri")
         mhost, mport = _uri_host(opts.migrate_uri, "--migrate-uri")
         listen = opts.listen_address
@@ -262,9 +271,12 @@ class RemoteDestination(Destination):
                      "parallel_connections": opts.parallel_connections, "tls": opts.tls},
             accel=accel, presynced=sorted(presynced), token=token,
             nbd={"address": listen or dhost, "port": dport},
-            migrate={"address": listen or mhost, "port": mport})
+            migrate={"address": listen or mhost, "port": mport},
+            **({"tunnel": True} if opts.tunnelled else {}))
         for d in disks:
             d.dest_path = r.get("dest_paths", {}).get(d.node, "")
+        if opts.tunnelled:
+            return await self._tunnel(r)
         nbd = dict(r.get("nbd") or {})
         if nbd:
             nbd["host"] = self._connect_host(dhost, nbd.get("host"))
@@ -276,6 +288,29 @@ class RemoteDestination(Destination):
                         dest_paths=dict(r.get("dest_paths", {})),
                         fresh=set(r.get("fresh", [])), tls_dir=tls_dir,
                         tls_hostname=tls_host if opts.tls else None)
+
+    async def _tunnel(self, r: dict[str, Any]) -> Prepared:
+        """--tunnelled: the agent's QEMU listens on Unix sockets of its host;
+        ssh forwards a socket of ours in a private folder to each, so the
+        source's QEMU reaches them through the ssh connection alone."""
+        assert self._tunnel_dir is not None
+        nbd = dict(r.get("nbd") or {})
+        mig = str(r.get("migrate_uri", ""))
+        if (nbd and nbd.get("type") != "unix") or not mig.startswith("unix:"):
+            raise MigrationError("the agent did not listen on Unix sockets for --tunnelled",
+                                 phase="prepare")
+        local_mig = f"{self._tunnel_dir}/migrate.sock"
+        ends = [(local_mig, mig[len("unix:"):])]
+        if nbd:
+            ends.append((f"{self._tunnel_dir}/nbd.sock", str(nbd.get("path"))))
+            nbd = {"type": "unix", "path": ends[-1][0]}
+        for local, remote in ends:
+            await asyncio.get_running_loop().run_in_executor(
+                None, transport.forward, self.target, self._tunnel_dir, local, remote)
+        return Prepared(migrate_uri=f"unix:{local_mig}", nbd_server=nbd,
+                        exports=dict(r.get("exports", {})),
+                        dest_paths=dict(r.get("dest_paths", {})),
+                        fresh=set(r.get("fresh", [])))
 
     def _connect_host(self, asked: Optional[str], listening: Optional[str]) -> str:
         """Where the source dials: the host the user named for this stream,
@@ -309,8 +344,13 @@ class RemoteDestination(Destination):
             await self.channel.close()
             self.channel = None
         if self._ssh is not None:          # started early, never used
+            self._tunnel_dir = getattr(self._ssh, "tunnel_dir", None)
             _end(self._ssh)
             self._ssh = None
+        if self._tunnel_dir:
+            import shutil
+            shutil.rmtree(self._tunnel_dir, ignore_errors=True)
+            self._tunnel_dir = None
 
     # -- recovery: the agent undid an unfinished migration when the source
     #    process that drove it went away; it only has to say where NAME is
