@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
+from vmferry.eta import Estimator
 from vmferry.migration import source
 from vmferry.migration.destination import Destination
 from vmferry.migration.journal import Journal
@@ -64,6 +65,8 @@ class Migration:
         self.phase = Phase.BEGIN
         self.info = JobInfo(name=name, pid=os.getpid(), started=time.time(),
                             status="running")
+        # until memory migration starts, the guest's RAM is the work it will be
+        self._estimator = Estimator(memory_expected=spec.memory)
         self.mon: Optional[Monitor] = None
         self.disks: list[DiskPlan] = []
         self.was_running = True
@@ -104,7 +107,7 @@ class Migration:
             self.journal.add(kind, **fields)
 
     def _publish(self, force: bool = False) -> None:
-        self.info.tick()
+        self.info.tick(self._estimator)
         if self.progress:
             self.progress(self.info)
         now = time.monotonic()
@@ -544,6 +547,9 @@ class Migration:
                     info = await mon.cmd("query-migrate")
                 self.info.update_memory(info)
                 self.info.memory_remaining = 0
+                if self.disks:
+                    # settled at switchover: the targets equal the sources
+                    self.info.disk_remaining = 0
                 self._publish(force=True)
                 return
             elif status in ("failed", "cancelled"):
