@@ -411,7 +411,10 @@ class Migration:
         from vmferry.migration.native import NativeStorage
         def progress(snap: Any) -> None:
             moved = self.native.stats.bytes_copied + snap.bytes_written + snap.bytes_zeroed
-            left = snap.bytes_total - snap.bytes_done
+            # a copy of every disk takes them one after another: those it has
+            # not reached yet are left too, not just the one under way
+            unreached = sum(d.size - self.native.valid.get(d.node, 0) for d in self.disks)
+            left = max(snap.bytes_total - snap.bytes_done, unreached)
             self.info.disk_processed = moved
             self.info.disk_remaining = left
             self.info.disk_total = max(self.info.disk_total, moved + left)
