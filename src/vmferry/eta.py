@@ -29,7 +29,8 @@ What is shown never runs backwards
 A raw estimate jumps: a rate changes, dirty pages are found, a disk's
 copy turns out longer.  So the shown values are clamped:
 
-* the percentage never decreases, and stays below 100 while any byte is left;
+* the percentage never decreases, and stays below 100 until the caller
+  says everything has moved (``Sample.finished``);
 * the ETA drops as soon as the raw one does, but rises by at most ``rise``
   times the wall time since the last shown ETA: an estimate that was too
   hopeful is corrected slowly, never by a jump;
@@ -66,7 +67,7 @@ class Sample:
     memory_left: int = 0
     memory_started: bool = False   # False: memory_left is the expected RAM size
     memory_iteration: int = 0      # QEMU's dirty-sync-count
-    finished: bool = False         # everything moved, whatever the counters say
+    finished: bool = False         # everything moved: the only way to 100%
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +77,6 @@ class Estimate:
     converging: bool
     storage_rate: float            # smoothed bytes/s; 0 until measured
     memory_rate: float
-
-    def eta_text(self) -> str:
-        """'ETA 1:05', 'converging…' or 'ETA --:--' (for a progress bar)."""
-        if self.converging:
-            return "converging…"
-        return "ETA " + format_eta(self.eta_s)
 
 
 def format_eta(seconds: Optional[float]) -> str:
@@ -137,10 +132,14 @@ class Estimator:
                           max(s.memory_left, self.memory_expected))
         left = 0 if s.finished else storage_left + memory_left
         done = max(0, s.storage_done) + max(0, s.memory_done)
-        converging = left > 0 and self._converging(s)
+        converging = self._converging(s) and left > 0
 
-        if left == 0:
-            raw_pct = 100.0 if (done or s.finished) else self._percent
+        if s.finished:
+            raw_pct = 100.0
+        elif left == 0:
+            # all known work moved, but the end is not confirmed: QEMU reports
+            # no memory left between iterations too
+            raw_pct = 99.9 if done else 0.0
         else:
             raw_pct = min(99.9, 100.0 * done / (done + left))
         self._percent = max(self._percent, round(raw_pct, 1))
