@@ -15,9 +15,10 @@ percentage does not race to 100 on the disks alone and then stall.
 Each part's rate is measured from its own byte counter: bytes moved over
 the time they took, both weighted down exponentially with age (an
 exponentially weighted moving average whose weights follow the time between
-samples, not how often they come).  A part's rate is only measured while it has work
-left: a finished or not yet started part is idle, not slow.  A part whose
-rate is not known yet borrows the other's (both cross the same link)::
+samples, not how often they come).  A part is measured only while it has
+work left or moves: a finished or not yet started part is idle, not slow.
+A part whose rate is not known yet borrows the other's (both cross the
+same link)::
 
     raw percent = done / (done + left)        done: bytes moved, both parts
     raw ETA     = storage left / storage rate + memory left / memory rate
@@ -164,9 +165,11 @@ class Estimator:
             dt = now - then
             if dt < MIN_DT:
                 return
-            if p.storage_left > 0:
+            # a part is measured while it has work or moves (its first bytes
+            # may come before its first count of what is left)
+            if p.storage_left > 0 or s.storage_done > p.storage_done:
                 self._storage.add(s.storage_done - p.storage_done, dt)
-            if p.memory_started and p.memory_left > 0:
+            if p.memory_started and (p.memory_left > 0 or s.memory_done > p.memory_done):
                 self._memory.add(s.memory_done - p.memory_done, dt)
         self._prev = (now, s)
 
