@@ -118,11 +118,11 @@ def run(args: argparse.Namespace) -> int:
                       zero_detect=args.zero_detect, extents_from=args.extents_from,
                       rate=rate, zero_copy=args.zero_copy,
                       progress=shown)
+        # a bar ends full; in JSON this is the last line
+        reporter.update(shown.event(result, "done"))
     finally:
         reporter.close()
-    if args.progress == "json":
-        reporter.update(shown.event(result, "done"))
-    else:
+    if args.progress != "json":
         print(summary(result), flush=True)
         if result.verified:
             print(f"verified {format_size(result.bytes_total)}: both sides hold the same bytes "
