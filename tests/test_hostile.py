@@ -228,6 +228,9 @@ REQUESTS: dict[str, tuple[Any, str]] = {
                                 "records map nodes"),
     "check-bad-shape": ({"id": 1, "op": "presync_check", "args": {"disks": {"disk0": "x"}}},
                         "map nodes to"),
+    "unwritten-bad-format": ({"id": 1, "op": "presync_unwritten",
+                              "args": {"disks": {"disk0": ["/x.img", "vmdk"]}}},
+                             "map nodes to [path, raw|qcow2]"),
     "forget-not-strings": ({"id": 1, "op": "presync_forget", "args": {"paths": [1]}},
                            "paths are strings"),
     "abort-with-arguments": ({"id": 1, "op": "abort", "args": {"force": True}},
@@ -387,12 +390,14 @@ def _field_request(field: str, path: str, h: Host) -> tuple[str, dict]:
         return presync_open(path)
     if field == "presync-check":
         return "presync_check", {"disks": {"disk0": [path, 1]}}
+    if field == "presync-unwritten":
+        return "presync_unwritten", {"disks": {"disk0": [path, "raw"]}}
     assert field == "presync-forget"
     return "presync_forget", {"paths": [path]}
 
 
 PATH_FIELDS = ("disk", "kernel", "initrd", "serial", "backing", "presync-dest",
-               "presync-check", "presync-forget")
+               "presync-check", "presync-unwritten", "presync-forget")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -404,6 +409,21 @@ def test_every_path_field_stays_in_the_roots(agents, host, field, kind, mode):
     op, args = _field_request(field, path, host)
     refused(peer.call(op, **args), words)
     serves(peer)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_only_a_kept_copy_s_holes_are_told(agents, host, mode):
+    """What an image holds is told only of one presync or a kept copy left:
+    any other file under the roots is none of a peer's business."""
+    peer = agents("stdio", mode)
+    image = host.images / "someone-elses.img"
+    image.write_bytes(b"x" * 4096)
+    try:
+        refused(peer.call("presync_unwritten", disks={"disk0": [str(image), "raw"]}),
+                "is no presynced or kept copy")
+        serves(peer)
+    finally:
+        image.unlink()
 
 
 # --------------------------------------------------------------------------- the critical attacks
