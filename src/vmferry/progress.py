@@ -9,7 +9,7 @@ import json
 import shutil
 import sys
 import time
-from typing import Any, Protocol, TextIO
+from typing import Any, Optional, Protocol, TextIO
 
 from vmferry.eta import Estimator, Sample, format_eta
 from vmferry.units import format_size
@@ -31,8 +31,9 @@ class NullReporter:
 class JsonReporter:
     """One JSON object per line; 'event' says what kind."""
 
-    def __init__(self, out: TextIO = sys.stdout) -> None:
-        self.out = out
+    def __init__(self, out: Optional[TextIO] = None) -> None:
+        # looked up now, not at import: whoever swapped sys.stdout since wins
+        self.out = out or sys.stdout
 
     def update(self, event: dict[str, Any]) -> None:
         self.out.write(json.dumps(event, separators=(",", ":")) + "\n")
@@ -51,8 +52,8 @@ class BarReporter:
     event has them, become "ETA m:ss" or "converging…".
     """
 
-    def __init__(self, out: TextIO = sys.stderr, min_interval: float = 0.1) -> None:
-        self.out = out
+    def __init__(self, out: Optional[TextIO] = None, min_interval: float = 0.1) -> None:
+        self.out = out or sys.stderr
         self.min_interval = min_interval
         self._last_draw = 0.0
         self._best = 0.0
