@@ -182,7 +182,7 @@ def options_from(args: argparse.Namespace) -> MigrateOptions:
 
 class MigrationDisplay:
     """virsh migrate --verbose, with storage and memory in one bar: one
-    percentage and one ETA for the whole migration (JobInfo.tick, eta.py),
+    percentage and one ETA for the whole migration (JobInfo.estimate, eta.py),
     labelled with the part that is moving."""
 
     def __init__(self, mode: str | None) -> None:

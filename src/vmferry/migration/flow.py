@@ -108,7 +108,8 @@ class Migration:
             self.journal.add(kind, **fields)
 
     def _publish(self, force: bool = False) -> None:
-        self.info.tick(self._estimator)
+        self.info.tick()
+        self.info.estimate(self._estimator)
         if self.progress:
             self.progress(self.info)
         now = time.monotonic()

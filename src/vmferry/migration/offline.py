@@ -60,7 +60,8 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
                 def on_progress(snap: Any, base: int = done_before) -> None:
                     info.disk_processed = base + snap.bytes_done
                     info.disk_remaining = info.disk_total - info.disk_processed
-                    info.tick(est)
+                    info.tick()
+                    info.estimate(est)
                     if progress:
                         progress(info)
                 r = await copy_async(d.path, t.path, progress=on_progress, flush=True,
@@ -79,7 +80,8 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
     info.status = "completed"
     info.phase = "done"
     info.disk_remaining = 0
-    info.tick(est)
+    info.tick()
+    info.estimate(est)
     if progress:
         progress(info)
     return info

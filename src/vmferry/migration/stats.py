@@ -119,12 +119,15 @@ class JobInfo:
         self.disk_processed = max(self.disk_processed, done)
         self.disk_remaining = max(0, total - done)
 
-    def tick(self, est: Estimator) -> None:
-        """Elapsed time, and percent, ETA and rates from the counters as they
-        are now.  The estimator's clock is elapsed_ms, so whoever reads the
-        record can hold the ETA against it."""
+    def tick(self) -> None:
         if self.started:
             self.elapsed_ms = int((time.time() - self.started) * 1000)
+
+    def estimate(self, est: Estimator) -> None:
+        """Percent, ETA and rates from the counters as they are now, on the
+        clock of elapsed_ms (tick first), so whoever reads the record can hold
+        the ETA against it.  Only the process running the job estimates:
+        the record carries the result to everyone else."""
         e = est.update(self.elapsed_ms / 1000, Sample(
             storage_done=self.disk_processed, storage_left=self.disk_remaining,
             memory_done=self.memory_processed, memory_left=self.memory_remaining,
