@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.errors import UsageError
+from vmferry.eta import format_eta
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.stats import JobInfo
 from vmferry.progress import BarReporter, JsonReporter, NullReporter
@@ -185,15 +186,15 @@ def options_from(args: argparse.Namespace) -> MigrateOptions:
 
 
 class MigrationDisplay:
-    """virsh migrate --verbose, but storage and memory shown apart: one bar
-    per part, each of which only moves forward."""
+    """virsh migrate --verbose, with storage and memory in one bar: one
+    percentage and one ETA for the whole migration (JobInfo.estimate, eta.py),
+    labelled with the part that is moving."""
 
     def __init__(self, mode: str | None) -> None:
         self.mode = mode
         self.json = JsonReporter() if mode == "json" else None
         self.tty = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        self.bar: Any = NullReporter()
-        self.part = ""
+        self.bar: Any = BarReporter() if self.tty else NullReporter()
         self.phase = ""
 
     def __call__(self, info: JobInfo) -> None:
@@ -208,23 +209,14 @@ class MigrationDisplay:
             self.phase = info.phase
             if not self.tty:
                 sys.stderr.write(f"migrate: {info.phase}\n")
-        if info.phase != "perform":
+        if info.phase in ("begin", "prepare"):
             return
-        part = "memory" if info.memory_total else "storage"
-        if part != self.part:
-            if self.part == "storage":
-                # memory only starts once every disk is copied: show it so
-                self.bar.update({"label": "storage", "done": 1, "total": 1, "event": "done"})
-            self.bar.close()
-            self.part = part
-            self.bar = BarReporter() if self.tty else NullReporter()
-        if part == "storage":
-            done, total = info.disk_processed, info.disk_total
-        else:
-            done = info.memory_processed
-            total = info.memory_processed + info.memory_remaining
-        self.bar.update({"label": f"{part:7}", "done": done, "total": total,
-                         "rate": info.memory_bandwidth if part == "memory" else None})
+        memory = info.memory_total > 0
+        label = info.phase if info.phase != "perform" else "memory" if memory else "storage"
+        self.bar.update({"label": f"{label:7}", "percent": info.percent,
+                         "rate": info.memory_rate if memory else info.disk_rate,
+                         "eta_s": info.eta_s, "converging": info.converging,
+                         "event": "done" if info.phase == "done" else "progress"})
 
     def close(self) -> None:
         self.bar.close()
@@ -284,12 +276,16 @@ def jobinfo(args: argparse.Namespace) -> int:
     if info.status == "running" and not pid_alive(info.pid):
         info.status = "failed"
         info.error = info.error or "the vmferry process running it died"
+        info.eta_s, info.converging = None, False
     if args.json:
         print(json.dumps(info.as_dict(), indent=1))
         return 0
     rows = [
         ("Job type", "migration"), ("Status", info.status), ("Phase", info.phase),
         ("Time elapsed", f"{info.elapsed_ms} ms"),
+        ("Progress", f"{info.percent:.1f}%"),
+        ("Time remaining", "converging…" if info.converging else
+         format_eta(info.eta_s) if info.eta_s is not None else "unknown"),
         ("Data processed", format_size(info.data_processed)),
         ("Data remaining", format_size(info.data_remaining)),
         ("Data total", format_size(info.data_total)),
@@ -297,11 +293,13 @@ def jobinfo(args: argparse.Namespace) -> int:
         ("Memory remaining", format_size(info.memory_remaining)),
         ("Memory total", format_size(info.memory_total)),
         ("Memory bandwidth", f"{format_size(info.memory_bandwidth)}/s"),
+        ("Memory rate", f"{format_size(info.memory_rate)}/s"),
         ("Dirty rate", f"{info.dirty_rate} pages/s"),
         ("Iteration", str(info.iteration)),
         ("File processed", format_size(info.disk_processed)),
         ("File remaining", format_size(info.disk_remaining)),
         ("File total", format_size(info.disk_total)),
+        ("File rate", f"{format_size(info.disk_rate)}/s"),
         ("File bandwidth cap", f"{format_size(info.disk_bandwidth)}/s per disk"
          if info.disk_bandwidth else "unlimited"),
         ("Expected downtime", f"{info.expected_downtime_ms} ms"),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
+from vmferry.eta import Estimator
 from vmferry.migration import presync, source
 from vmferry.migration.destination import Destination
 from vmferry.migration.journal import Journal
@@ -64,6 +65,8 @@ class Migration:
         self.phase = Phase.BEGIN
         self.info = JobInfo(name=name, pid=os.getpid(), started=time.time(),
                             status="running")
+        # until memory migration starts, the guest's RAM is the work it will be
+        self._estimator = Estimator(memory_expected=spec.memory)
         self.mon: Optional[Monitor] = None
         self.disks: list[DiskPlan] = []
         self.was_running = True
@@ -107,6 +110,7 @@ class Migration:
 
     def _publish(self, force: bool = False) -> None:
         self.info.tick()
+        self.info.estimate(self._estimator)
         if self.progress:
             self.progress(self.info)
         now = time.monotonic()
@@ -420,7 +424,9 @@ class Migration:
         from vmferry.migration.native import NativeStorage
         def progress(snap: Any) -> None:
             moved = self.native.stats.bytes_copied + snap.bytes_written + snap.bytes_zeroed
-            left = snap.bytes_total - snap.bytes_done
+            # a copy of every disk takes them one after another: those it has
+            # not reached yet are left too, not just the one under way
+            left = max(snap.bytes_total - snap.bytes_done, self.native.lacking())
             self.info.disk_processed = moved
             self.info.disk_remaining = left
             self.info.disk_total = max(self.info.disk_total, moved + left)
@@ -578,6 +584,9 @@ class Migration:
                     info = await mon.cmd("query-migrate")
                 self.info.update_memory(info)
                 self.info.memory_remaining = 0
+                if self.disks:
+                    # settled at switchover: the targets equal the sources
+                    self.info.disk_remaining = 0
                 self._publish(force=True)
                 return
             elif status in ("failed", "cancelled"):
