@@ -19,8 +19,9 @@ from typing import Any, Optional
 from vmferry.agent import protocol, transport
 from vmferry.agent.pki import Pki
 from vmferry.agent.transport import KEEPALIVE_COUNT, Target
-from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.destination import Destination, Prepared, destination_spec
+from vmferry.errors import MigrationError, UsageError, VmferryError
+from vmferry.migration.destination import (Destination, DestinationCheck, Prepared,
+                                            destination_spec)
 from vmferry.migration.options import MigrateOptions, parse_tcp_uri
 from vmferry.migration.source import DiskPlan
 
@@ -28,6 +29,7 @@ CONNECT_TIMEOUT = 30.0
 PROBE_STATES = ("running", "resumed-gone", "busy", "completed", "incoming", "absent",
                 "unknown")
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+PROBE_FRAME = 256 << 10         # well below the agent's frame limit
 
 
 class Channel:
@@ -229,24 +231,13 @@ class RemoteDestination(Destination):
         dspec = destination_spec(spec, opts)
         tls_dir = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
         ch = await self._connect(opts)
-        if opts.tls and not self.info.get("tls"):
-            raise UsageError(f"--tls: the destination {self} has no QEMU server "
-                             f"certificates (its PKI/qemu/server-cert.pem)")
-        dhost, dport = _uri_host(opts.disks_uri, "--disks-uri")
-        mhost, mport = _uri_host(opts.migrate_uri, "--migrate-uri")
-        listen = opts.listen_address
-        r = await ch.call(
-            "prepare", spec=dspec.to_toml(),
-            disks=[{"node": d.node, "path": d.path, "fmt": d.fmt, "size": d.size,
-                    "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt,
-                    "source_id": d.source_id}
-                   for d in disks],
-            options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
-                     "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
-                     "parallel_connections": opts.parallel_connections, "tls": opts.tls},
-            accel=accel, presynced=sorted(presynced), token=token,
-            nbd={"address": listen or dhost, "port": dport},
-            migrate={"address": listen or mhost, "port": mport})
+        problem = self._tls_problem(opts)
+        if problem:
+            raise UsageError(problem)
+        dhost, _ = _uri_host(opts.disks_uri, "--disks-uri")
+        mhost, _ = _uri_host(opts.migrate_uri, "--migrate-uri")
+        r = await ch.call("prepare", **_prepare_args(dspec, disks, opts, accel, presynced),
+                          token=token)
         for d in disks:
             d.dest_path = r.get("dest_paths", {}).get(d.node, "")
         nbd = dict(r.get("nbd") or {})
@@ -260,6 +251,49 @@ class RemoteDestination(Destination):
                         dest_paths=dict(r.get("dest_paths", {})),
                         fresh=set(r.get("fresh", [])), tls_dir=tls_dir,
                         tls_hostname=tls_host if opts.tls else None)
+
+    def _tls_problem(self, opts: MigrateOptions) -> str:
+        if opts.tls and not self.info.get("tls"):
+            return (f"--tls: the destination {self} has no QEMU server certificates (its "
+                    f"PKI/qemu/server-cert.pem)")
+        return ""
+
+    async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
+                    accel: Optional[str] = None,
+                    presynced: frozenset[str] = frozenset()) -> DestinationCheck:
+        try:
+            dspec = destination_spec(spec, opts)
+            ch = await self._connect(opts)
+            r = await ch.call("check", **_prepare_args(dspec, disks, opts, accel, presynced,
+                                                       allocated=True))
+        except (VmferryError, OSError) as e:
+            return DestinationCheck(problems=[str(e)])
+        out = DestinationCheck.from_wire(r)
+        if self._tls_problem(opts):
+            out.problems.append(self._tls_problem(opts))
+        return out
+
+    def transport(self, opts: MigrateOptions) -> str:
+        return (f"agent over {self.target.scheme}; disks and memory QEMU to QEMU over TCP"
+                + (" with TLS" if opts.tls else ""))
+
+    async def probe_link(self, seconds: float) -> Optional[float]:
+        """What the agent's channel carries towards the destination: padded
+        pings, each answered only once it arrived in full.  Through ssh's
+        encryption or TLS, a lower bound of what QEMU's own streams get."""
+        if self.channel is None or self.channel.lost.done():
+            return None
+        pad = "x" * PROBE_FRAME
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sent = 0
+        try:
+            while loop.time() - start < seconds:
+                await asyncio.wait_for(self.channel.call("ping", pad=pad), seconds * 4)
+                sent += PROBE_FRAME
+        except (VmferryError, asyncio.TimeoutError):
+            return None
+        return sent / max(loop.time() - start, 1e-6)
 
     def _connect_host(self, asked: Optional[str], listening: Optional[str]) -> str:
         """Where the source dials: the host the user named for this stream,
@@ -364,6 +398,29 @@ class RemoteDestination(Destination):
         if self.channel is not None:
             await self.channel.call("presync_forget", paths=paths,
                                     **({"discard": True} if discard else {}))
+
+
+def _prepare_args(dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
+                  accel: Optional[str], presynced: frozenset[str],
+                  allocated: bool = False) -> dict[str, Any]:
+    """A prepare's (or, with ALLOCATED, a check's) arguments as the agent reads
+    them."""
+    dhost, dport = _uri_host(opts.disks_uri, "--disks-uri")
+    mhost, mport = _uri_host(opts.migrate_uri, "--migrate-uri")
+    listen = opts.listen_address
+    return dict(
+        spec=dspec.to_toml(),
+        disks=[{"node": d.node, "path": d.path, "fmt": d.fmt, "size": d.size,
+                "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt,
+                "source_id": d.source_id,
+                **({"allocated": d.allocated} if allocated else {})}
+               for d in disks],
+        options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
+                 "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
+                 "parallel_connections": opts.parallel_connections, "tls": opts.tls},
+        accel=accel, presynced=sorted(presynced),
+        nbd={"address": listen or dhost, "port": dport},
+        migrate={"address": listen or mhost, "port": mport})
 
 
 def _end(proc: subprocess.Popen) -> None:
