@@ -14,7 +14,7 @@ import enum
 import os
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
 from vmferry.migration import source
@@ -25,6 +25,9 @@ from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import PREFIX, DiskPlan
 from vmferry.migration.stats import JobInfo
 from vmferry.migration.testhooks import hold as _test_hold
+
+if TYPE_CHECKING:
+    from vmferry.migration.dryrun import DryRun
 
 # Raise the downtime limit after this many iterations without progress,
 # doubling each time, up to ESCALATE_MAX times the starting limit.
@@ -285,6 +288,75 @@ class Migration:
         self.disks = await self._plan_disks()
         if self.journal is not None:
             self.journal.set_disks([dataclasses.asdict(d) for d in self.disks])
+
+    async def check(self) -> "DryRun":
+        """Begin's and Prepare's checks, every one and on both hosts, changing
+        nothing there — no journal or job file, no QEMU object, no file on the
+        destination — and the plan they would carry out (a dry run)."""
+        from vmferry.aio import in_thread
+        from vmferry.migration import probe
+        from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun
+        run = DryRun(name=self.name, destination=repr(self.dest),
+                     transport=self.dest.transport(self.opts))
+        self.warn = None                    # warnings go into the plan
+        reached = True
+        try:
+            await self.dest.connect(self.opts)
+        except (VmferryError, OSError) as e:
+            run.add_problems([str(e)])
+            reached = False
+        try:
+            self.mon = await Monitor(self.qmp_socket, "source", "check").connect()
+        except VmferryError as e:
+            run.add_problems([str(e)])
+        else:
+            try:
+                await self._check_source(run)
+            finally:
+                await self.mon.close()
+        run.engine = self.opts.storage_engine if self.disks else ""
+        found = None
+        if reached:
+            found = await self.dest.check(self.spec, self.disks, self.opts, accel=self.accel,
+                                          presynced=frozenset(self.presynced))
+            run.add_problems(found.problems)
+            run.warnings += found.warnings
+            run.target = {"version": found.version, "qemu": found.qemu, "accel": found.accel,
+                          "listen": found.listen}
+        run.warnings = self.info.warnings + run.warnings
+        run.disks = [DiskMove(node=d.node, path=d.path, fmt=d.fmt, size=d.size,
+                              allocated=d.allocated,
+                              dest_path=(found.dest_paths.get(d.node, "") if found else ""),
+                              create=bool(found and d.node in found.create))
+                     for d in self.disks]
+        from vmferry.migration.dryrun import options_in_effect
+        run.options = options_in_effect(self.opts)
+        if run.ok:
+            # a second at most, shared by the link and the disks
+            run.link_rate = await self.dest.probe_link(PROBE_SECONDS / 2)
+            run.disk_read_rate = await in_thread(probe.disk_read_rate,
+                                                 [d.path for d in self.disks],
+                                                 PROBE_SECONDS / 2)
+            run.estimate(self.opts)
+        return run
+
+    async def _check_source(self, run: Any) -> None:
+        """Begin's checks of the source QEMU, every problem of them."""
+        status, problems = await source.state_problems(self.mon)
+        run.add_problems(problems)
+        self._described = True
+        self.was_running = status["status"] == "running"
+        kvm = await self.mon.cmd("query-kvm")
+        self.accel = "kvm" if kvm.get("enabled") else "tcg"
+        version = (await self.mon.cmd("query-version")).get("qemu", {})
+        memory = await self.mon.try_cmd("query-memory-size-summary") or {}
+        run.source = {"qemu": "{major}.{minor}.{micro}".format(**version) if version else "",
+                      "accel": self.accel, "machine": getattr(self.spec, "machine", ""),
+                      "memory": memory.get("base-memory", 0), "status": status["status"]}
+        try:
+            self.disks = await self._plan_disks()
+        except VmferryError as e:
+            run.add_problems([str(e)])
 
     async def _close_source(self) -> None:
         """The last undo step: a guest that ran must run again, or the
