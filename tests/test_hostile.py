@@ -175,6 +175,12 @@ def prepare(spec_text: str, disks: list | None = None, **over: Any) -> tuple[str
     return "prepare", args
 
 
+def check(spec_text: str, disks: list | None = None, **over: Any) -> tuple[str, dict]:
+    """A prepare's dry run: the same arguments, less the token."""
+    op, args = prepare(spec_text, disks, **over)
+    return "check", args
+
+
 def presync_open(dest: str, **over: Any) -> tuple[str, dict]:
     d = {"node": "disk0", "dest_path": dest, "fmt": "raw", "size": MiB, **over}
     return "presync_open", {"disks": [d], "create_disks": True, "overwrite_disks": True,
@@ -331,6 +337,20 @@ ARGUMENTS: dict[str, tuple[Callable[[Host], tuple[str, dict]], str]] = {
     "keep-partial-generation-negative": (lambda h: ("keep_partial", {"generation": -1}),
                                          "generation"),
     "abort-keep-bogus": (lambda h: ("abort", {"keep": {"../x": 1}}), "keep maps"),
+    # a dry run's check is validated as its prepare
+    "check-allocated-negative": (lambda h: check(spec(disk=str(h.images / "a.img")),
+                                                 [disk(allocated=-1)]), "disk size"),
+    "check-allocated-2^64": (lambda h: check(spec(disk=str(h.images / "a.img")),
+                                             [disk(allocated=2 ** 64)]), "disk size"),
+    "check-allocated-a-string": (lambda h: check(spec(disk=str(h.images / "a.img")),
+                                                 [disk(allocated="1")]), "wrong type"),
+    "check-with-a-token": (lambda h: check(spec(), token="ab"), "unknown arguments token"),
+    "check-node-bogus": (lambda h: check(spec(disk=str(h.images / "a.img")),
+                                         [disk(node="disk0/../x")]), "not a disk"),
+    "check-spec-extra-args": (lambda h: check(spec() + 'extra_args = ["-S"]\n'),
+                              "allow_extra_args"),
+    "check-port-zero": (lambda h: check(spec(), nbd={"port": 0}), "not a TCP port"),
+    "ping-pad-not-a-string": (lambda h: ("ping", {"pad": 1}), "wrong type"),
 }
 
 
@@ -403,6 +423,31 @@ def test_every_path_field_stays_in_the_roots(agents, host, field, kind, mode):
     path, words = _paths(host)[kind]
     op, args = _field_request(field, path, host)
     refused(peer.call(op, **args), words)
+    serves(peer)
+
+
+CHECK_FIELDS = ("disk", "kernel", "initrd", "serial", "backing")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", PATH_KINDS)
+@pytest.mark.parametrize("field", CHECK_FIELDS)
+def test_a_check_names_each_path_outside_the_roots_once(agents, host, field, kind, mode):
+    """A dry run's check answers with the refusal prepare would give, as one of
+    its problems, said once, and looks no further at that path."""
+    peer = agents("stdio", mode)
+    path, words = _paths(host)[kind]
+    op, args = _field_request(field, path, host)
+    reply = peer.call("check", **{k: v for k, v in args.items() if k != "token"})
+    if reply.get("ok") is False:
+        refused(reply, words)       # the spec itself cannot hold such a path
+    else:
+        found = reply["result"]["problems"]
+        named = [p for p in found if words in p]
+        assert len(named) == 1, found
+        assert all("\n" not in p and len(p) < 600 and "internal error" not in p
+                   for p in found)
+    assert sorted(os.listdir(host.images)) == ["out"]
     serves(peer)
 
 

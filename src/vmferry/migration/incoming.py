@@ -289,17 +289,20 @@ class Incoming:
         image inspected only once the policy allows it."""
         missing: list[DiskPlan] = []
         problems: list[str] = []
+        refused: set[str] = set()      # each path's refusal said once
 
-        def allowed(check: Callable[[], None]) -> None:
+        def allowed(check: Callable[[], None], path: str) -> None:
             try:
                 check()
             except UsageError as e:
                 problems.append(str(e))
+                refused.add(path)
         by_node = {f"disk{i}": d for i, d in enumerate(dspec.disks)}
         if dspec.serial:
-            allowed(lambda: self.policy.check_path("the serial log", dspec.serial))
+            allowed(lambda: self.policy.check_path("the serial log", dspec.serial),
+                    dspec.serial)
         for d in dspec.disks:           # copied or not, the destination QEMU opens it
-            allowed(lambda: self.policy.check_path("disk image", d.path))
+            allowed(lambda: self.policy.check_path("disk image", d.path), d.path)
         for what in ("kernel", "initrd"):
             # QEMU only reads these, but into guest memory: a file outside the
             # roots (an initrd of /etc/shadow) would be handed to whoever
@@ -307,13 +310,17 @@ class Incoming:
             path = getattr(dspec, what)
             if path:
                 allowed(lambda: self.policy.check_path(
-                    f"the {what}", path, remedy="the destination reads it at the same path; "))
+                    f"the {what}", path, remedy="the destination reads it at the same path; "),
+                    path)
         for plan in disks:
             if plan.backing and opts.copy_storage == "inc":
-                allowed(lambda: self.policy.check_path("backing image", plan.backing))
+                allowed(lambda: self.policy.check_path("backing image", plan.backing),
+                        plan.backing)
         for plan in disks:
             target = by_node[plan.node].path
             plan.dest_path = target
+            if target in refused:
+                continue
             try:
                 if self._check_image(plan, target, opts, presynced) == "missing":
                     missing.append(plan)
