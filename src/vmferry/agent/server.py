@@ -318,6 +318,28 @@ class Session:
 
     # -- presync: the images served by qemu-nbd on this host's address
 
+    async def op_presync_check_open(self, a: Args) -> dict[str, Any]:
+        """A presync's dry run: presync_open's checks, reading only, with no
+        record written (dest_check.py)."""
+        a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
+        disks = [_presync_disk(d, "presync_check_open", allocated=True)
+                 for d in a.get("disks", list)]
+        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        tls_problem = ""
+        if a.get("tls", bool, False):
+            try:
+                self.cfg.pki.qemu_dir("server")
+            except UsageError as e:
+                tls_problem = f"--tls: {e}"
+        from vmferry.aio import in_thread
+        from vmferry.migration.dest_check import check_presync_target
+        from vmferry.migration.presync_target import PresyncTarget
+        target = PresyncTarget(self.cfg.policy(), tcp=(address, self.cfg.ports))
+        found = await in_thread(lambda: check_presync_target(
+            target, disks, create=a.get("create_disks", bool, False),
+            overwrite=a.get("overwrite_disks", bool, False), tls_problem=tls_problem))
+        return dataclasses.asdict(found)
+
     async def op_presync_open(self, a: Args) -> dict[str, Any]:
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
         disks = [_presync_disk(d) for d in a.get("disks", list)]
@@ -425,7 +447,8 @@ class Session:
         "finish": op_finish,
         "abort": op_abort, "bye": op_bye, "presync_open": op_presync_open,
         "presync_close": op_presync_close, "presync_check": op_presync_check,
-        "presync_forget": op_presync_forget, "probe": op_probe,
+        "presync_forget": op_presync_forget, "presync_check_open": op_presync_check_open,
+        "probe": op_probe,
         "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,
         "keep_partial": op_keep_partial}
 
@@ -459,19 +482,23 @@ def _token(token: str) -> str:
     return token
 
 
-def _presync_disk(d: Any) -> dict[str, Any]:
-    a = Args("presync_open disks", d)
-    a.only("node", "dest_path", "fmt", "size", "generation", "source_id")
+def _presync_disk(d: Any, op: str = "presync_open", allocated: bool = False) -> dict[str, Any]:
+    a = Args(f"{op} disks", d)
+    a.only("node", "dest_path", "fmt", "size", "generation", "source_id",
+           *(("allocated",) if allocated else ()))
     fmt = a.get("fmt", str)
     if fmt not in ("raw", "qcow2"):
-        raise ProtocolError(f"presync_open: format {fmt!r} is not raw or qcow2")
+        raise ProtocolError(f"{op}: format {fmt!r} is not raw or qcow2")
     node = a.get("node", str)
     if not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}":
-        raise ProtocolError(f"presync_open: {node!r} is not a disk node")
-    size = _size(a, "presync_open")
-    return {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
-            "generation": a.get("generation", int, None),
-            "source_id": a.get("source_id", str, None)}
+        raise ProtocolError(f"{op}: {node!r} is not a disk node")
+    size = _size(a, op)
+    out = {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
+           "generation": a.get("generation", int, None),
+           "source_id": a.get("source_id", str, None)}
+    if allocated and a.get("allocated", int, None) is not None:
+        out["allocated"] = _size(a, op, "allocated")
+    return out
 
 
 def _size(a: Args, op: str, key: str = "size") -> int:

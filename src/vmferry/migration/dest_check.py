@@ -1,15 +1,17 @@
-"""A dry run on the destination host: every check Prepare makes (incoming.py),
-and the ones only a dry run can afford to make ahead (free space, free
-ports), without changing anything — no QEMU, image, folder, record or lock
-file.  LocalDestination runs it in the migrating process, the agent for a
-source on another host (its "check" request), under the same storage policy
-as Prepare: a path is looked at only once the policy allows it.
+"""A dry run on the destination host: every check Prepare (incoming.py) or a
+presync's opening (presync_target.py) makes, and those only a dry run can
+afford to make ahead (free space, free ports), without changing anything —
+no QEMU, qemu-nbd, image, folder, record or lock file.  LocalDestination runs
+it in the migrating process, the agent for a source on another host (its
+"check" and "presync_check_open" requests), under the same storage policy as
+the real thing: a path is looked at only once the policy allows it.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
 import os
+import shutil
 import socket
 from typing import Any, Optional
 
@@ -17,6 +19,7 @@ from vmferry.errors import UsageError, VmferryError
 from vmferry.migration.destination import DestinationCheck
 from vmferry.migration.incoming import Incoming, Network
 from vmferry.migration.options import MigrateOptions
+from vmferry.migration.presync_target import PresyncTarget
 from vmferry.migration.source import DiskPlan
 from vmferry.units import format_size
 
@@ -37,7 +40,8 @@ def check_incoming(inc: Incoming, dspec: Any, disks: list[DiskPlan], opts: Migra
     problems += disk_problems
     out.dest_paths = {p.node: p.dest_path for p in disks}
     out.create = [p.node for p in missing]
-    problems += _space_problems(missing, out.free)
+    problems += _space_problems([(p.node, p.dest_path, _need(p.allocated, p.size))
+                                 for p in missing], out.free)
     problems += _qemu_problems(out, dspec, accel)
     if not disk_problems:
         # files the spec names that must already be there; only once the
@@ -57,29 +61,74 @@ def check_incoming(inc: Incoming, dspec: Any, disks: list[DiskPlan], opts: Migra
     return out
 
 
-def _space_problems(missing: list[DiskPlan], free: dict[str, int]) -> list[str]:
-    """Each file system that would hold new images must have room for what
-    the source holds of them (its allocated bytes: holes stay holes)."""
-    need: dict[int, list[DiskPlan]] = {}
+def check_presync_target(target: PresyncTarget, disks: list[dict[str, Any]], *,
+                         create: bool, overwrite: bool,
+                         tls_problem: str = "") -> DestinationCheck:
+    """What PresyncTarget.open would refuse, all of it, and what it would do:
+    DISKS as open() takes them, each with the source's allocated bytes."""
+    from vmferry import __version__
+    out = DestinationCheck(version=__version__)
+    found, out.problems = target.check(disks, create, overwrite)
+    out.dest_paths = {d["node"]: d["dest_path"] for d in disks}
+    out.create = [n for n, f in found.items() if f["created"]]
+    out.warnings = [f"the presync record of {n} does not hold: {f['stale']}"
+                    for n, f in found.items() if f["stale"] not in ("", "first")]
+    out.problems += _space_problems([(d["node"], d["dest_path"],
+                                      _need(d.get("allocated"), d["size"]))
+                                     for d in disks if d["node"] in out.create], out.free)
+    if shutil.which("qemu-nbd") is None:
+        out.problems.append("qemu-nbd not found on the destination: install qemu-utils")
+    if tls_problem:
+        out.problems.append(tls_problem)
+    if target.tcp is not None:
+        addr, (lo, hi) = target.tcp
+        ports: list[int] = []
+        try:
+            for _ in disks:
+                port = _first_bindable(addr, lo, hi, skip=set(ports))
+                if port is None:
+                    out.problems.append(f"no free port in {lo}-{hi} on {addr} for "
+                                        f"{len(disks)} qemu-nbd servers: widen the agent's "
+                                        f"--port-range")
+                    break
+                ports.append(port)
+        except OSError as e:
+            out.problems.append(f"the destination cannot listen on {addr}: {e.strerror}: "
+                                f"pick another --listen-address")
+        else:
+            out.listen = {d["node"]: f"{addr}:{port}" for d, port in zip(disks, ports)}
+    return out
+
+
+def _need(allocated: Optional[int], size: int) -> int:
+    # what the source holds of an image is what a full copy writes (holes
+    # stay holes); the virtual size when the source could not say
+    return allocated if allocated is not None else size
+
+
+def _space_problems(new: list[tuple[str, str, int]], free: dict[str, int]) -> list[str]:
+    """Each file system that would hold new images (node, path, bytes) must
+    have room for them."""
+    need: dict[int, list[tuple[str, str, int]]] = {}
     avail: dict[int, int] = {}
-    for plan in missing:
-        folder = _existing_folder(plan.dest_path)
+    for node, path, size in new:
+        folder = _existing_folder(path)
         try:
             st = os.statvfs(folder)
             dev = os.stat(folder).st_dev
         except OSError as e:
-            return [f"cannot tell the free space for {plan.dest_path}: {e.strerror}"]
+            return [f"cannot tell the free space for {path}: {e.strerror}"]
         avail[dev] = st.f_bavail * st.f_frsize
-        free[plan.node] = avail[dev]
-        need.setdefault(dev, []).append(plan)
+        free[node] = avail[dev]
+        need.setdefault(dev, []).append((node, path, size))
     problems = []
-    for dev, plans in need.items():
-        want = sum(p.allocated if p.allocated is not None else p.size for p in plans)
+    for dev, images in need.items():
+        want = sum(size for _, _, size in images)
         if want > avail[dev]:
-            names = ", ".join(p.dest_path for p in plans)
+            names = ", ".join(path for _, path, _ in images)
             problems.append(f"not enough space for {names}: {format_size(want)} to copy, "
                             f"{format_size(avail[dev])} free there: free some space or map "
-                            f"the disk{'s' if len(plans) > 1 else ''} elsewhere with "
+                            f"the disk{'s' if len(images) > 1 else ''} elsewhere with "
                             f"--disk-map")
     return problems
 
@@ -128,7 +177,7 @@ def _port_problems(net: Network, disks: bool, listen: dict[str, str]) -> list[st
         if key == "disks" and not disks:
             continue
         try:
-            port = _first_bindable(addr, lo, hi, skip=taken)
+            port = _first_bindable(addr, lo, hi, skip={taken})
         except OSError as e:
             problems.append(f"the destination cannot listen on {addr} for {what}: "
                             f"{e.strerror}: pick another --listen-address")
@@ -142,10 +191,10 @@ def _port_problems(net: Network, disks: bool, listen: dict[str, str]) -> list[st
     return problems
 
 
-def _first_bindable(addr: str, lo: int, hi: int, skip: int = 0) -> Optional[int]:
+def _first_bindable(addr: str, lo: int, hi: int, skip: set[int]) -> Optional[int]:
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     for port in range(lo, hi + 1):
-        if port == skip:
+        if port in skip:
             continue
         with socket.socket(family, socket.SOCK_STREAM) as s:
             # as QEMU binds: a port in TIME_WAIT is free to it

@@ -198,6 +198,13 @@ class Destination(abc.ABC):
         presync_target.PresyncTarget.open)."""
         raise UsageError(f"presync cannot write to {self!r}")
 
+    async def presync_check_open(self, disks: list[dict[str, Any]],
+                                 opts: MigrateOptions) -> DestinationCheck:
+        """presync_open's checks, all of them, and what it would do, changing
+        nothing (a dry run); DISKS as for presync_open, each with the source's
+        allocated bytes."""
+        return DestinationCheck(problems=[f"presync cannot write to {self!r}"])
+
     def presync_uri(self, server: dict[str, Any]) -> str:
         """The engine's URI for a server presync_open returned."""
         raise UsageError(f"presync cannot write to {self!r}")

@@ -135,6 +135,13 @@ class LocalDestination(Destination):
             shutil.rmtree(self._presync_dir, ignore_errors=True)
             raise
 
+    async def presync_check_open(self, disks: list[dict[str, Any]],
+                                 opts: MigrateOptions) -> DestinationCheck:
+        from vmferry.migration.dest_check import check_presync_target
+        # no run or record folder: a target that only checks makes neither
+        return await in_thread(lambda: check_presync_target(
+            PresyncTarget(), disks, create=opts.create_disks, overwrite=True))
+
     def presync_uri(self, server: dict[str, Any]) -> str:
         return f"nbd+unix:///?socket={server['path']}"
 

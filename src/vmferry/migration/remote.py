@@ -370,13 +370,20 @@ class RemoteDestination(Destination):
         ch = await self._connect(opts)
         self._presync_tls = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
         host, _ = _uri_host(opts.disks_uri, "--disks-uri")
-        r = await ch.call("presync_open", disks=disks, create_disks=opts.create_disks,
-                          overwrite_disks=opts.overwrite_disks, tls=opts.tls,
-                          address=opts.listen_address or host)
+        r = await ch.call("presync_open", **_presync_args(disks, opts))
         out = dict(r.get("disks", {}))
         for t in out.values():
             t["server"]["host"] = self._connect_host(host, t["server"].get("host"))
         return out
+
+    async def presync_check_open(self, disks: list[dict[str, Any]],
+                                 opts: MigrateOptions) -> DestinationCheck:
+        try:
+            ch = await self._connect(opts)
+            r = await ch.call("presync_check_open", **_presync_args(disks, opts))
+        except (VmferryError, OSError) as e:
+            return DestinationCheck(problems=[str(e)])
+        return DestinationCheck.from_wire(r)
 
     def presync_uri(self, server: dict[str, Any]) -> str:
         host = _bracket(server["host"])
@@ -421,6 +428,14 @@ def _prepare_args(dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
         accel=accel, presynced=sorted(presynced),
         nbd={"address": listen or dhost, "port": dport},
         migrate={"address": listen or mhost, "port": mport})
+
+
+def _presync_args(disks: list[dict[str, Any]], opts: MigrateOptions) -> dict[str, Any]:
+    """A presync_open's (or its check's) arguments as the agent reads them."""
+    host, _ = _uri_host(opts.disks_uri, "--disks-uri")
+    return dict(disks=disks, create_disks=opts.create_disks,
+                overwrite_disks=opts.overwrite_disks, tls=opts.tls,
+                address=opts.listen_address or host)
 
 
 def _end(proc: subprocess.Popen) -> None:
