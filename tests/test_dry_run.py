@@ -173,3 +173,44 @@ def test_a_vm_that_is_not_running_is_a_problem(lab):
     assert after["nodes"] == before["nodes"] and after["status"] == "running"
     assert not os.path.exists(lab.B)
 
+
+
+def test_presync_dry_run(lab):
+    """presync --dry-run: the plan, or a full destination in one line; no
+    bitmap, export or NBD server on the source, no image or qemu-nbd there."""
+    before = snapshot(lab)
+    dst = lab.root / "B-images" / "web1.raw"
+    cp = lab.vmferry("presync", "web1", f"local://{lab.B}", "--disk-map", f"{lab.src}={dst}",
+                     "--create-disks", "--dry-run", "--json")
+    plan = json.loads(lab.ok(cp))
+    assert plan["ok"] is True and plan["kind"] == "presync", plan
+    assert plan["disks"][0]["create"] is True and plan["estimate_s"] > 0, plan
+    out = lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", "--disk-map",
+                             f"{lab.src}={dst}", "--create-disks", "--dry-run"))
+    assert out.startswith("dry run: web1 would presync to "), out
+    if lab.small is not None:
+        full = lab.small / "web1.raw"
+        cp = lab.vmferry("presync", "web1", f"local://{lab.B}", "--disk-map",
+                         f"{lab.src}={full}", "--create-disks", "--dry-run")
+        (line,) = problems(cp)
+        assert "not enough space" in line and str(full) in line, line
+    unchanged(lab, before)
+    assert not (lab.A / "web1" / "presync.json").exists()
+    assert not dst.parent.exists()
+
+
+def test_dry_run_from_python(lab, monkeypatch):
+    import vmferry
+    for k, v in lab.env.items():
+        monkeypatch.setenv(k, v)        # the lab's QEMU (a TCG wrapper, perhaps)
+    before = snapshot(lab)
+    dst = lab.root / "B-images" / "web1.raw"
+    plan = vmferry.dry_run(lab.A, "web1", f"local://{lab.B}",
+                           vmferry.MigrateOptions(disk_map={str(lab.src): str(dst)}))
+    assert isinstance(plan, vmferry.DryRun) and not plan.ok, plan
+    (problem,) = plan.problems
+    assert "does not exist" in problem, problem
+    plan = vmferry.dry_run(lab.A, "web1", f"local://{lab.B}", vmferry.MigrateOptions(
+        disk_map={str(lab.src): str(dst)}, create_disks=True), kind="presync")
+    assert plan.ok and plan.kind == "presync" and plan.disks[0].create, plan
+    unchanged(lab, before)

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Optional, TypeVar
 
 from vmferry.errors import Cancelled, UsageError, VmferryError
 from vmferry.migration.destination import Destination
@@ -120,18 +120,23 @@ def journal_problem(state: StateDir, name: str) -> str:
 
 
 async def dry_run_vm_async(state: StateDir, name: str, dest: str | Destination,
-                           opts: Optional[MigrateOptions] = None) -> "DryRun":
-    """Check a live migration of VM `name` to `dest` without making it: every
-    check Begin and Prepare make, on both hosts, and none of their actions (no
-    journal, no QEMU object on the source, nothing on the destination).
-    Returns the plan, with every problem found (`ok` when there is none) and
-    an estimate of its time from a probe of about a second."""
+                           opts: Optional[MigrateOptions] = None, *,
+                           kind: Literal["migrate", "presync"] = "migrate") -> "DryRun":
+    """Check a live migration (or a presync) of VM `name` to `dest` without
+    making it: every check Begin and Prepare (or presync) make, on both hosts,
+    and none of their actions (no journal, no QEMU object on the source,
+    nothing on the destination).  Returns the plan, with every problem found
+    (`ok` when there is none) and an estimate of its time from a probe of
+    about a second."""
     from vmferry.migration.dryrun import DryRun
     destination = parse_destination(dest) if isinstance(dest, str) else dest
     # the check settles the storage engine on its own copy
     opts = dataclasses.replace(opts or MigrateOptions())
     try:
         opts.validate()
+        if kind == "presync":
+            from vmferry.migration import presync
+            return await presync.check(state, name, destination, opts)
         if opts.offline:
             raise UsageError("--dry-run checks live migrations: --offline has no dry run")
         rec = state.load(name)
@@ -157,11 +162,12 @@ async def dry_run_vm_async(state: StateDir, name: str, dest: str | Destination,
 
 
 def dry_run_vm(state: StateDir | str, name: str, dest: str | Destination,
-               opts: Optional[MigrateOptions] = None) -> "DryRun":
+               opts: Optional[MigrateOptions] = None, *,
+               kind: Literal["migrate", "presync"] = "migrate") -> "DryRun":
     """Blocking dry_run_vm_async."""
     if not isinstance(state, StateDir):
         state = StateDir(state)
-    return _run_cancellable(lambda: dry_run_vm_async(state, name, dest, opts))
+    return _run_cancellable(lambda: dry_run_vm_async(state, name, dest, opts, kind=kind))
 
 
 def migrate_vm(state: StateDir | str, name: str, dest: str | Destination,

@@ -110,10 +110,12 @@ class DryRun:
                          f"{src.get('machine', '?')}, {format_size(src.get('memory', 0))} "
                          f"of memory")
         if dst:
+            parts = [f"vmferry {dst.get('version') or '?'}"]
+            if self.kind == "migrate":
+                parts += [f"QEMU {dst.get('qemu') or '?'}", dst.get("accel") or "?"]
             listen = ", ".join(f"{k} on {v}" for k, v in dst.get("listen", {}).items())
-            lines.append(f"  destination: vmferry {dst.get('version') or '?'}, QEMU "
-                         f"{dst.get('qemu') or '?'}, {dst.get('accel') or '?'}"
-                         + (f"; {listen}" if listen else ""))
+            lines.append(f"  destination: {', '.join(parts)}"
+                         + (f"; listening: {listen}" if listen else ""))
         if self.estimate_s is not None:
             probe = []
             if self.disk_read_rate:
