@@ -81,3 +81,24 @@ def test_remote_problems_one_line_each(rlab):
     (line,) = problems(cp)
     assert "already exists" in line and "--overwrite-disks" in line, line
     unchanged(rlab, before)
+
+
+def test_remote_presync_dry_run(rlab):
+    """presync --dry-run over ssh: the plan of a good one; an image outside the
+    roots one line; no qemu-nbd started, no image or record made there."""
+    src = _vm(rlab)
+    dest = ssh_uri(rlab)
+    dst = rlab.root / "dst" / "web1.qcow2"
+    before = snapshot(rlab)
+    cp = rlab.vmferry("presync", "web1", dest, "--pki", rlab.pki.dir, "--disk-map",
+                      f"{src}={dst}", "--create-disks", "--dry-run", "--json", timeout=60)
+    plan = json.loads(rlab.ok(cp))
+    assert plan["ok"] is True and plan["disks"][0]["create"] is True, plan
+    assert list(plan["target"]["listen"]) == ["disk0"], plan
+    outside = f"/var/tmp/vmferry-dry-run-{rlab.root.name}/web1.qcow2"
+    cp = rlab.vmferry("presync", "web1", dest, "--pki", rlab.pki.dir, "--disk-map",
+                      f"{src}={outside}", "--create-disks", "--dry-run", timeout=60)
+    (line,) = problems(cp)
+    assert "outside the destination's storage roots" in line, line
+    unchanged(rlab, before)
+    assert not dst.parent.exists() and not Path(outside).parent.exists()

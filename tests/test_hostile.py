@@ -187,6 +187,13 @@ def presync_open(dest: str, **over: Any) -> tuple[str, dict]:
                             "address": "127.0.0.1"}
 
 
+def presync_check_open(dest: str, **over: Any) -> tuple[str, dict]:
+    """A presync's dry run: presync_open's arguments, each disk with its
+    allocated bytes."""
+    op, args = presync_open(dest, **over)
+    return "presync_check_open", args
+
+
 # --------------------------------------------------------------------------- requests
 
 def _nested(depth: int) -> Any:
@@ -351,6 +358,14 @@ ARGUMENTS: dict[str, tuple[Callable[[Host], tuple[str, dict]], str]] = {
                               "allow_extra_args"),
     "check-port-zero": (lambda h: check(spec(), nbd={"port": 0}), "not a TCP port"),
     "ping-pad-not-a-string": (lambda h: ("ping", {"pad": 1}), "wrong type"),
+    "presync-check-size-2^64": (lambda h: presync_check_open(str(h.images / "p.img"),
+                                                             size=2 ** 64), "disk size"),
+    "presync-check-allocated-negative": (lambda h: presync_check_open(
+        str(h.images / "p.img"), allocated=-1), "disk size"),
+    "presync-check-node-bogus": (lambda h: presync_check_open(str(h.images / "p.img"),
+                                                              node="../x"), "not a disk node"),
+    "presync-check-unknown-argument": (lambda h: ("presync_check_open", {
+        "disks": [], "serve": True}), "unknown arguments serve"),
 }
 
 
@@ -426,7 +441,7 @@ def test_every_path_field_stays_in_the_roots(agents, host, field, kind, mode):
     serves(peer)
 
 
-CHECK_FIELDS = ("disk", "kernel", "initrd", "serial", "backing")
+CHECK_FIELDS = ("disk", "kernel", "initrd", "serial", "backing", "presync-dest")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -438,7 +453,8 @@ def test_a_check_names_each_path_outside_the_roots_once(agents, host, field, kin
     peer = agents("stdio", mode)
     path, words = _paths(host)[kind]
     op, args = _field_request(field, path, host)
-    reply = peer.call("check", **{k: v for k, v in args.items() if k != "token"})
+    op = "presync_check_open" if op == "presync_open" else "check"
+    reply = peer.call(op, **{k: v for k, v in args.items() if k != "token"})
     if reply.get("ok") is False:
         refused(reply, words)       # the spec itself cannot hold such a path
     else:
