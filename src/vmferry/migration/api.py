@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Optional, T
 
 from vmferry.errors import Cancelled, UsageError, VmferryError
 from vmferry.migration.destination import Destination
+from vmferry.migration.dryrun import DryRun
 from vmferry.migration import journal
 from vmferry.migration.flow import Migration
 from vmferry.migration.journal import Journal
@@ -20,7 +21,6 @@ from vmferry.vm.process import stop_vm_async
 from vmferry.vm.state import StateDir
 
 if TYPE_CHECKING:
-    from vmferry.migration.dryrun import DryRun
     from vmferry.migration.presync import PresyncResult
 
 JOB_FILE = "job.json"
@@ -121,14 +121,13 @@ def journal_problem(state: StateDir, name: str) -> str:
 
 async def dry_run_vm_async(state: StateDir, name: str, dest: str | Destination,
                            opts: Optional[MigrateOptions] = None, *,
-                           kind: Literal["migrate", "presync"] = "migrate") -> "DryRun":
+                           kind: Literal["migrate", "presync"] = "migrate") -> DryRun:
     """Check a live migration (or a presync) of VM `name` to `dest` without
     making it: every check Begin and Prepare (or presync) make, on both hosts,
     and none of their actions (no journal, no QEMU object on the source,
     nothing on the destination).  Returns the plan, with every problem found
     (`ok` when there is none) and an estimate of its time from a probe of
     about a second."""
-    from vmferry.migration.dryrun import DryRun
     destination = parse_destination(dest) if isinstance(dest, str) else dest
     # the check settles the storage engine on its own copy
     opts = dataclasses.replace(opts or MigrateOptions())
@@ -163,7 +162,7 @@ async def dry_run_vm_async(state: StateDir, name: str, dest: str | Destination,
 
 def dry_run_vm(state: StateDir | str, name: str, dest: str | Destination,
                opts: Optional[MigrateOptions] = None, *,
-               kind: Literal["migrate", "presync"] = "migrate") -> "DryRun":
+               kind: Literal["migrate", "presync"] = "migrate") -> DryRun:
     """Blocking dry_run_vm_async."""
     if not isinstance(state, StateDir):
         state = StateDir(state)

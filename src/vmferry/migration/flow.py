@@ -14,20 +14,19 @@ import enum
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
+from vmferry.aio import in_thread
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
-from vmferry.migration import source
+from vmferry.migration import probe, source
 from vmferry.migration.destination import Destination
+from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
 from vmferry.migration.journal import Journal
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import PREFIX, DiskPlan
 from vmferry.migration.stats import JobInfo
 from vmferry.migration.testhooks import hold as _test_hold
-
-if TYPE_CHECKING:
-    from vmferry.migration.dryrun import DryRun
 
 # Raise the downtime limit after this many iterations without progress,
 # doubling each time, up to ESCALATE_MAX times the starting limit.
@@ -288,21 +287,15 @@ class Migration:
         if self.journal is not None:
             self.journal.was_running = self.was_running
             self.journal.save()
-        # The destination runs the guest with the accelerator it has now:
-        # a TCG guest moved onto KVM sees its clock and timing change.
-        kvm = await self.mon.cmd("query-kvm")
-        self.accel = "kvm" if kvm.get("enabled") else "tcg"
+        self.accel = await source.accelerator(self.mon)
         self.disks = await self._plan_disks()
         if self.journal is not None:
             self.journal.set_disks([dataclasses.asdict(d) for d in self.disks])
 
-    async def check(self) -> "DryRun":
+    async def check(self) -> DryRun:
         """Begin's and Prepare's checks, every one and on both hosts, changing
         nothing there — no journal or job file, no QEMU object, no file on the
         destination — and the plan they would carry out (a dry run)."""
-        from vmferry.aio import in_thread
-        from vmferry.migration import probe
-        from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun
         run = DryRun(name=self.name, destination=repr(self.dest),
                      transport=self.dest.transport(self.opts))
         self.warn = None                    # warnings go into the plan
@@ -340,7 +333,6 @@ class Migration:
                               dest_path=(found.dest_paths.get(d.node, "") if found else ""),
                               create=bool(found and d.node in found.create))
                      for d in self.disks]
-        from vmferry.migration.dryrun import options_in_effect
         run.options = options_in_effect(self.opts)
         if run.ok:
             # a second at most, shared by the link and the disks
@@ -351,18 +343,17 @@ class Migration:
             run.estimate(self.opts)
         return run
 
-    async def _check_source(self, run: Any) -> None:
+    async def _check_source(self, run: DryRun) -> None:
         """Begin's checks of the source QEMU, every problem of them."""
         status, problems = await source.state_problems(self.mon)
         run.add_problems(problems)
         self._described = True
         self.was_running = status["status"] == "running"
-        kvm = await self.mon.cmd("query-kvm")
-        self.accel = "kvm" if kvm.get("enabled") else "tcg"
+        self.accel = await source.accelerator(self.mon)
         version = (await self.mon.cmd("query-version")).get("qemu", {})
         memory = await self.mon.try_cmd("query-memory-size-summary") or {}
         run.source = {"qemu": "{major}.{minor}.{micro}".format(**version) if version else "",
-                      "accel": self.accel, "machine": getattr(self.spec, "machine", ""),
+                      "accel": self.accel, "machine": self.spec.machine,
                       "memory": memory.get("base-memory", 0), "status": status["status"]}
         try:
             self.disks = await self._plan_disks()

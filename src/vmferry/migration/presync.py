@@ -33,17 +33,17 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
-from vmferry.aio import uncancellable
+from vmferry.aio import in_thread, uncancellable
 from vmferry.copying import copy_async
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
+from vmferry.migration import probe
+from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan, plan_disks
 
-if TYPE_CHECKING:
-    from vmferry.migration.dryrun import DryRun
 
 BITMAP = "vmferry-presync"
 FROZEN = "vmferry-presync-frozen"
@@ -308,16 +308,13 @@ def _targets(plans: list[DiskPlan], dpaths: dict[str, str], good: dict[str, dict
             for p in plans]
 
 
-async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> "DryRun":
+async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRun:
     """presync()'s checks, every one and on both hosts, changing nothing: no
     journal, bitmap, export or NBD server on the source, no image, record or
     qemu-nbd on the destination (a dry run).  A disk whose records hold
     would move only what its bitmap marks."""
-    from vmferry.aio import in_thread
-    from vmferry.migration import probe
     from vmferry.migration.api import journal_problem
     from vmferry.migration.destination import destination_spec
-    from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
     rec = state.load(name)
     run = DryRun(name=name, destination=repr(dest), kind="presync",
                  transport=dest.transport(opts), engine="native",

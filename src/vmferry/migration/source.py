@@ -66,6 +66,13 @@ async def state_problems(mon: Monitor) -> tuple[dict[str, Any], list[str]]:
     return status, problems
 
 
+async def accelerator(mon: Monitor) -> str:
+    """"kvm" or "tcg": the destination runs the guest with the accelerator it
+    has now (a TCG guest moved onto KVM sees its clock and timing change)."""
+    kvm = await mon.cmd("query-kvm")
+    return "kvm" if kvm.get("enabled") else "tcg"
+
+
 async def node_sizes(mon: Monitor) -> dict[str, dict[str, Any]]:
     """node-name -> image info (virtual-size, backing) for every named node."""
     nodes = await mon.cmd("query-named-block-nodes", flat=True)
