@@ -81,6 +81,17 @@ def test_remote_problems_one_line_each(rlab):
     (line,) = problems(cp)
     assert "already exists" in line and "--overwrite-disks" in line, line
     unchanged(rlab, before)
+    # both at once, with --tls but no client certificates here: every one said
+    nopki = rlab.root / "no-pki"
+    nopki.mkdir()
+    before = snapshot(rlab)
+    cp = rlab.remote(dest, "--disk-map", f"{src}={outside}", "--create-disks", "--tls",
+                     "--pki", nopki, "--dry-run", timeout=60)
+    lines = problems(cp)
+    assert len(lines) == 2, lines
+    assert any("outside the destination's storage roots" in x for x in lines), lines
+    assert any(str(nopki) in x for x in lines), lines
+    unchanged(rlab, before)
 
 
 def test_remote_presync_dry_run(rlab):

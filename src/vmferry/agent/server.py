@@ -246,7 +246,14 @@ class Session:
             raise ProtocolError(f"{a.op}: presynced is a list of disk nodes")
         nbd = self._listen(Args(f"{a.op} nbd", a.get("nbd", dict, {})))
         mig = self._listen(Args(f"{a.op} migrate", a.get("migrate", dict, {})))
-        tls_dir = self.cfg.pki.qemu_dir("server") if opts.tls else None
+        tls_dir = None
+        if opts.tls:
+            try:
+                tls_dir = self.cfg.pki.qemu_dir("server")
+            except UsageError:
+                if not check:
+                    raise
+                # a check lists it with the rest (dest_check.py)
         incoming = Incoming(self.cfg.state, network=Network(
             tcp=True, nbd=nbd, migrate=mig, tls_dir=tls_dir), policy=self.cfg.policy())
         return _IncomingRequest(incoming, spec, disks, opts, accel, frozenset(presynced))

@@ -15,20 +15,23 @@ import shutil
 import socket
 from typing import Any, Optional
 
+from vmferry import __version__
 from vmferry.errors import UsageError, VmferryError
 from vmferry.migration.destination import DestinationCheck
-from vmferry.migration.incoming import Incoming, Network
+from vmferry.migration.incoming import NO_TLS_CERTS, Incoming, Network
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.presync_target import PresyncTarget
 from vmferry.migration.source import DiskPlan
 from vmferry.units import format_size
+from vmferry.vm.process import check_accel, preflight
+from vmferry.vm.qemu import (detect_accel, machine_supported, qemu_binary, qemu_version,
+                             unsupported_machine)
 
 
 def check_incoming(inc: Incoming, dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
                    *, accel: Optional[str] = None,
                    presynced: frozenset[str] = frozenset()) -> DestinationCheck:
     """What Incoming.prepare would refuse, all of it, and what it would do."""
-    from vmferry import __version__
     out = DestinationCheck(version=__version__)
     problems = out.problems
     try:
@@ -46,7 +49,6 @@ def check_incoming(inc: Incoming, dspec: Any, disks: list[DiskPlan], opts: Migra
     if not disk_problems:
         # files the spec names that must already be there; only once the
         # policy allowed every path, so no answer says what lies outside it
-        from vmferry.vm.process import preflight
         creating = {p.dest_path for p in missing}
         try:
             preflight(dataclasses.replace(
@@ -54,8 +56,7 @@ def check_incoming(inc: Incoming, dspec: Any, disks: list[DiskPlan], opts: Migra
         except UsageError as e:
             problems.append(str(e))
     if opts.tls and inc.network.tcp and not inc.network.tls_dir:
-        problems.append("--tls: the destination has no QEMU certificates (PKI/qemu with "
-                        "ca-cert.pem, server-cert.pem, server-key.pem)")
+        problems.append(NO_TLS_CERTS)
     if inc.network.tcp:
         problems += _port_problems(inc.network, bool(disks), out.listen)
     return out
@@ -66,7 +67,6 @@ def check_presync_target(target: PresyncTarget, disks: list[dict[str, Any]], *,
                          tls_problem: str = "") -> DestinationCheck:
     """What PresyncTarget.open would refuse, all of it, and what it would do:
     DISKS as open() takes them, each with the source's allocated bytes."""
-    from vmferry import __version__
     out = DestinationCheck(version=__version__)
     found, out.problems = target.check(disks, create, overwrite)
     out.dest_paths = {d["node"]: d["dest_path"] for d in disks}
@@ -144,9 +144,6 @@ def _existing_folder(path: str) -> str:
 def _qemu_problems(out: DestinationCheck, dspec: Any, accel: Optional[str]) -> list[str]:
     """This host's QEMU: there, able to run the machine type and accelerator
     the guest runs with now (a migration cannot change either)."""
-    from vmferry.vm.process import check_accel
-    from vmferry.vm.qemu import (detect_accel, machine_supported, qemu_binary, qemu_version,
-                                 unsupported_machine)
     try:
         binary = qemu_binary()
     except UsageError as e:

@@ -39,6 +39,8 @@ TLS_ID = "vmferry-tls"
 EXPORT_ID = "vmferry-export-"
 # libvirt's migration_port_min/max
 DEFAULT_PORTS = (49152, 49215)
+NO_TLS_CERTS = ("--tls: the destination has no QEMU certificates (PKI/qemu with ca-cert.pem, "
+                "server-cert.pem, server-key.pem)")
 
 
 @dataclasses.dataclass
@@ -411,9 +413,7 @@ class Incoming:
         tls = bool(opts.tls)
         if tls:
             if not net.tls_dir:
-                raise UsageError("--tls: the destination has no QEMU certificates "
-                                 "(PKI/qemu with ca-cert.pem, server-cert.pem, "
-                                 "server-key.pem)")
+                raise UsageError(NO_TLS_CERTS)
             await self.mon.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID,
                                                 "dir": net.tls_dir, "endpoint": "server",
                                                 "verify-peer": True})

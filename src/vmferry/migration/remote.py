@@ -231,9 +231,9 @@ class RemoteDestination(Destination):
         dspec = destination_spec(spec, opts)
         tls_dir = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
         ch = await self._connect(opts)
-        problem = self._tls_problem(opts)
-        if problem:
-            raise UsageError(problem)
+        if opts.tls and not self.info.get("tls"):
+            raise UsageError(f"--tls: the destination {self} has no QEMU server "
+                             f"certificates (its PKI/qemu/server-cert.pem)")
         dhost, _ = _uri_host(opts.disks_uri, "--disks-uri")
         mhost, _ = _uri_host(opts.migrate_uri, "--migrate-uri")
         r = await ch.call("prepare", **_prepare_args(dspec, disks, opts, accel, presynced),
@@ -252,12 +252,6 @@ class RemoteDestination(Destination):
                         fresh=set(r.get("fresh", [])), tls_dir=tls_dir,
                         tls_hostname=tls_host if opts.tls else None)
 
-    def _tls_problem(self, opts: MigrateOptions) -> str:
-        if opts.tls and not self.info.get("tls"):
-            return (f"--tls: the destination {self} has no QEMU server certificates (its "
-                    f"PKI/qemu/server-cert.pem)")
-        return ""
-
     async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                     accel: Optional[str] = None,
                     presynced: frozenset[str] = frozenset()) -> DestinationCheck:
@@ -267,10 +261,10 @@ class RemoteDestination(Destination):
             r = await ch.call("check", **_prepare_args(dspec, disks, opts, accel, presynced,
                                                        allocated=True))
         except (VmferryError, OSError) as e:
-            return DestinationCheck(problems=[str(e)])
+            return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
+        # the agent says itself whether it has QEMU certificates for --tls
         out = DestinationCheck.from_wire(r)
-        if self._tls_problem(opts):
-            out.problems.append(self._tls_problem(opts))
+        out.problems += _client_tls_problems(opts)
         return out
 
     def transport(self, opts: MigrateOptions) -> str:
@@ -382,8 +376,10 @@ class RemoteDestination(Destination):
             ch = await self._connect(opts)
             r = await ch.call("presync_check_open", **_presync_args(disks, opts))
         except (VmferryError, OSError) as e:
-            return DestinationCheck(problems=[str(e)])
-        return DestinationCheck.from_wire(r)
+            return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
+        out = DestinationCheck.from_wire(r)
+        out.problems += _client_tls_problems(opts)
+        return out
 
     def presync_uri(self, server: dict[str, Any]) -> str:
         host = _bracket(server["host"])
@@ -428,6 +424,18 @@ def _prepare_args(dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
         accel=accel, presynced=sorted(presynced),
         nbd={"address": listen or dhost, "port": dport},
         migrate={"address": listen or mhost, "port": mport})
+
+
+def _client_tls_problems(opts: MigrateOptions) -> list[str]:
+    """--tls: this host's QEMU client certificates, which prepare and
+    presync_open look up first."""
+    if not opts.tls:
+        return []
+    try:
+        Pki(opts.pki_dir).qemu_dir("client")
+    except UsageError as e:
+        return [str(e)]
+    return []
 
 
 def _presync_args(disks: list[dict[str, Any]], opts: MigrateOptions) -> dict[str, Any]:
