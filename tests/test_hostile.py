@@ -241,6 +241,9 @@ REQUESTS: dict[str, tuple[Any, str]] = {
                                 "records map nodes"),
     "check-bad-shape": ({"id": 1, "op": "presync_check", "args": {"disks": {"disk0": "x"}}},
                         "map nodes to"),
+    "unwritten-bad-format": ({"id": 1, "op": "presync_unwritten",
+                              "args": {"disks": {"disk0": ["/x.img", "vmdk"]}}},
+                             "map nodes to [path, raw|qcow2]"),
     "forget-not-strings": ({"id": 1, "op": "presync_forget", "args": {"paths": [1]}},
                            "paths are strings"),
     "abort-with-arguments": ({"id": 1, "op": "abort", "args": {"force": True}},
@@ -422,12 +425,14 @@ def _field_request(field: str, path: str, h: Host) -> tuple[str, dict]:
         return presync_open(path)
     if field == "presync-check":
         return "presync_check", {"disks": {"disk0": [path, 1]}}
+    if field == "presync-unwritten":
+        return "presync_unwritten", {"disks": {"disk0": [path, "raw"]}}
     assert field == "presync-forget"
     return "presync_forget", {"paths": [path]}
 
 
 PATH_FIELDS = ("disk", "kernel", "initrd", "serial", "backing", "presync-dest",
-               "presync-check", "presync-forget")
+               "presync-check", "presync-unwritten", "presync-forget")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -465,6 +470,21 @@ def test_a_check_names_each_path_outside_the_roots_once(agents, host, field, kin
                    for p in found)
     assert sorted(os.listdir(host.images)) == ["out"]
     serves(peer)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_only_a_kept_copy_s_holes_are_told(agents, host, mode):
+    """What an image holds is told only of one presync or a kept copy left:
+    any other file under the roots is none of a peer's business."""
+    peer = agents("stdio", mode)
+    image = host.images / "someone-elses.img"
+    image.write_bytes(b"x" * 4096)
+    try:
+        refused(peer.call("presync_unwritten", disks={"disk0": [str(image), "raw"]}),
+                "is no presynced or kept copy")
+        serves(peer)
+    finally:
+        image.unlink()
 
 
 # --------------------------------------------------------------------------- the critical attacks

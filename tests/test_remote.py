@@ -508,12 +508,14 @@ def test_migrating_process_killed_then_recovered(rlab, transport, point):
     rlab.wait_progress(serial, at + 2, 30)
 
 
-@pytest.mark.parametrize("how", ["kill", "sigint"])
-def test_partial_copy_to_another_host_is_kept(rlab, how):
-    """The native engine copies to the agent's NBD export over the link; the
+@pytest.mark.parametrize("how,engine", [("kill", "native"), ("sigint", "native"),
+                                        ("kill", "mirror")])
+def test_partial_copy_to_another_host_is_kept(rlab, how, engine):
+    """The disks are copied to the agent's NBD export over the link; the
     migrating process is stopped midway (killed, then recover; or Ctrl-C):
     the agent keeps the images it was told to keep, the source records how far
-    the copy got, and the next migration moves only the rest."""
+    the copy got (after a mirror: the agent says what its image holds), and
+    the next migration moves only the rest."""
     MiB = 1 << 20
     src = rlab.root / "src.raw"
     src.write_bytes(os.urandom(MiB) * 96)
@@ -523,7 +525,7 @@ def test_partial_copy_to_another_host_is_kept(rlab, how):
     rlab.run_vm(spec)
     dmap = ("--disk-map", f"{src}={dst}")
     p = rlab.start("migrate", "web1", rlab.ssh_uri(), "--pki", rlab.pki.dir, *dmap,
-                   "--create-disks", "--storage-engine", "native", "--disk-bandwidth", "16")
+                   "--create-disks", "--storage-engine", engine, "--disk-bandwidth", "16")
     rlab.wait_for("60% of the disk", lambda: rlab.job_file().get("disk_processed", 0)
                   >= 58 * MiB, 60, proc=p, poll=0.05)
     if how == "kill":

@@ -393,6 +393,23 @@ class Session:
             out[node] = presync_target.check(item[0], item[1])
         return {"disks": out}
 
+    async def op_presync_unwritten(self, a: Args) -> dict[str, Any]:
+        """What a kept copy's image has not written: only of an image that
+        presync or a kept copy left (its record beside it), under the roots."""
+        a.only("disks")
+        from vmferry.aio import in_thread
+        from vmferry.migration import presync_target
+        out = {}
+        for node, item in a.get("disks", dict).items():
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and item[1] in ("raw", "qcow2")):
+                raise ProtocolError("presync_unwritten: disks map nodes to [path, raw|qcow2]")
+            presync_target.check_paths(self.cfg.policy(False), item[0])
+            if not presync_target.sidecar(item[0]).exists():
+                raise UsageError(f"{item[0]} is no presynced or kept copy")
+            out[node] = await in_thread(presync_target.unwritten, item[0], item[1])
+        return {"disks": out}
+
     async def op_presync_forget(self, a: Args) -> dict[str, Any]:
         a.only("paths", "discard")
         from vmferry.migration import presync_target
@@ -454,6 +471,7 @@ class Session:
         "finish": op_finish,
         "abort": op_abort, "bye": op_bye, "presync_open": op_presync_open,
         "presync_close": op_presync_close, "presync_check": op_presync_check,
+        "presync_unwritten": op_presync_unwritten,
         "presync_forget": op_presync_forget, "presync_check_open": op_presync_check_open,
         "probe": op_probe,
         "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,

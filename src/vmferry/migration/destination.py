@@ -217,5 +217,11 @@ class Destination(abc.ABC):
         """node -> '' if the image at PATH still holds presync GENERATION, else why."""
         return {node: "the destination cannot tell" for node in items}
 
+    async def presync_unwritten(self, items: dict[str, tuple[str, str]],
+                                opts: MigrateOptions) -> dict[str, Optional[list]]:
+        """node -> the spans of the image at PATH (of format FMT) that hold
+        nothing written (presync_target.unwritten), or None if it cannot tell."""
+        return {node: None for node in items}
+
     async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         """Drop the records beside these images (DISCARD: the images too)."""

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
-from vmferry.migration import probe, source
+from vmferry.migration import presync, probe, source
 from vmferry.migration.destination import Destination
 from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
 from vmferry.migration.journal import Journal
@@ -90,7 +90,8 @@ class Migration:
         self._undo_failed: list[str] = []      # undo steps that raised
         self._unresolved = False       # where the guest runs is not known
         self._kept = ""                # what the rollback kept of the disk copy
-        self._keep_generation = 0      # see NativeStorage setup, keep_on_loss
+        self._keep_generation = 0      # see _arm_keep
+        self._mirror_kept = False      # the mirror copies into a copy a failure keeps
         self._described = False        # Begin found the VM in a state to move
         self._last_save = 0.0
 
@@ -375,7 +376,6 @@ class Migration:
         plans = await source.plan_disks(self.mon, self.spec, self.opts)
         opts = self.opts
         if plans and (opts.copy_storage == "inc" or opts.storage_engine != "mirror"):
-            from vmferry.migration import presync
             self.presynced = await presync.valid_records(
                 self.mon, self.presync_state if self.dest.presync_ok else None, self.name,
                 plans, self.dest_spec_paths(plans), self._warn, dest=self.dest,
@@ -455,7 +455,16 @@ class Migration:
             await self._native_storage()
         elif self.disks:
             sync = "top" if self.opts.copy_storage == "inc" else "full"
-            self._record("mirror")
+            # Into images it created, what a mirror wrote is what the image
+            # holds: a failure keeps them, as native copies are kept, with a
+            # bitmap of every write from before the mirror reads anything.
+            resumable = (sync == "full" and self._resumable()
+                         and all(d.node in self.prepared.fresh for d in self.disks))
+            self._record("mirror", resumable=resumable)
+            if resumable:
+                await self._arm_keep()
+                await self._start_bitmaps(presync.BITMAP)
+                self._mirror_kept = True
             undo: list = []
             await source.start_mirrors(mon, self.disks, self.prepared, sync, undo,
                                        speed=self.opts.disk_rate())
@@ -489,28 +498,27 @@ class Migration:
             self._publish()
 
         self.info.disk_total = sum(d.size for d in self.disks)
-        from vmferry.migration import presync
         sock = self.qmp_socket.parent / "vmferry-nbd.sock"
         # The bitmap is presync's: should the migration fail, what it copied so
         # far stays on the destination as a presync would have left it
         # (_abort_destination), and the next presync or migration moves the rest.
-        resumable = self.presync_state is not None and self.dest.presync_ok
+        resumable = self._resumable()
         self._record("native", socket=str(sock), bitmap=presync.BITMAP,
                      presynced=sorted(self.presynced), resumable=resumable)
         self.native = NativeStorage(
             self.mon, self.disks, self.prepared, sock, progress, bitmap=presync.BITMAP,
             existing=bool(self.presynced), resumable=resumable,
-            valid={d.node: presync.valid_below(self.presynced[d.node], d.size)
-                   for d in self.disks if d.node in self.presynced},
-            note=self.journal.note_valid if self.journal is not None else None,
+            missing={d.node: presync.missing(self.presynced[d.node], d.size) or []
+                     for d in self.disks if d.node in self.presynced},
+            note=self.journal.note_missing if self.journal is not None else None,
             record=self._record, rate=self.opts.disk_rate())
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
-        if resumable and not self.dest.same_host:
-            # an agent cannot know how far the copy got: it keeps the images
-            # under a generation given now, and the source records the rest
-            self._keep_generation = presync.next_generation(self.presync_state, self.name)
-            self._record("keep", generation=self._keep_generation)
-            await self.dest.keep_on_loss(self._keep_generation)
+        if self.journal is not None:
+            for node, m in self.native.missing.items():
+                self.journal.note_missing(node, m)
+            self.journal.save()
+        if resumable:
+            await self._arm_keep()
         await self.native.start()
         if self.presynced:
             # only what changed since, and what an interrupted copy never got
@@ -530,6 +538,29 @@ class Migration:
         self.info.storage_passes = self.native.stats.passes
         self.info.disk_total = self.info.disk_processed = self.native.stats.bytes_copied
         self.info.disk_remaining = 0
+
+    def _resumable(self) -> bool:
+        """Whether a disk copy that stops midway can be kept (presync's records
+        on both sides)."""
+        return self.presync_state is not None and self.dest.presync_ok
+
+    async def _arm_keep(self) -> None:
+        """Between hosts, the agent keeps a copy should this process vanish:
+        it cannot know how far the copy got, so it keeps the images under a
+        generation given now, and the source records the rest."""
+        if not self.dest.same_host:
+            self._keep_generation = presync.next_generation(self.presync_state, self.name)
+            self._record("keep", generation=self._keep_generation)
+            await self.dest.keep_on_loss(self._keep_generation)
+
+    async def _start_bitmaps(self, name: str) -> None:
+        """A fresh bitmap on each disk (persistent for qcow2, to outlive this
+        QEMU as the copy does), replacing one whose records did not hold."""
+        for d in self.disks:
+            await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=name)
+            self._record("bitmap", node=d.node, name=name)
+            await self.mon.cmd("block-dirty-bitmap-add", node=d.node, name=name,
+                               persistent=d.fmt == "qcow2")
 
     def _deadline_for_storage(self) -> Optional[float]:
         # A timeout's action applies to memory; storage that cannot even reach
@@ -652,12 +683,11 @@ class Migration:
         """Undo Prepare, keeping what the native engine copied when it is worth
         it: the destination vouches for its images first, then the source
         records how far each copy got (presync.py)."""
-        from vmferry.migration import presync
         keep = self._partial_copies()
         generation = (self._keep_generation or presync.next_generation(self.presync_state,
                                                                        self.name)) if keep else 0
         outcome = await self.dest.abort({n: generation for n in keep} if keep else None)
-        if self.native is None or not self.native.resumable:
+        if not self._mirror_kept and (self.native is None or not self.native.resumable):
             return outcome
         # an agent we lost keeps them as it was told (keep_on_loss), if it can:
         # the records say so, and the next migration checks before trusting them
@@ -666,28 +696,34 @@ class Migration:
             presync.write_records(self.presync_state, self.name, generation, {
                 d.node: presync.record(d, self.prepared.dest_paths[d.node], pid, generation,
                                        keep[d.node]) for d in self.disks})
-            done = sum(keep.values()) / max(1, sum(d.size for d in self.disks))
+            if self.native is not None:
+                done = f"{1 - self.native.lacking() / max(1, sum(d.size for d in self.disks)):.0%}"
+            else:
+                done = "what the mirror wrote"
             # said in the failure's one line (_outcome)
-            self._kept = (f"kept the partial copy on {self.dest!r} ({done:.0%} of the disks "
+            self._kept = (f"kept the partial copy on {self.dest!r} ({done} of the disks "
                           f"copied): a migration or presync there moves only the rest")
             self.info.warnings.append(self._kept)
         else:
             await self._drop_bitmaps()
         return outcome
 
-    def _partial_copies(self) -> dict[str, int]:
-        """node -> how far its destination image is a copy, when every disk's
-        copy got somewhere and the destination can keep it; else {}."""
-        n = self.native
-        if n is None or not n.resumable or getattr(self, "prepared", None) is None:
+    def _partial_copies(self) -> dict[str, presync.Missing]:
+        """node -> what its destination image lacks (spans, or UNWRITTEN after
+        a mirror), when a copy got somewhere and the destination can keep
+        it; else {}."""
+        if getattr(self, "prepared", None) is None:
             return {}
-        valid = {d.node: n.valid.get(d.node, 0) for d in self.disks}
-        return valid if all(valid.values()) else {}
+        if self._mirror_kept:
+            return {d.node: presync.UNWRITTEN for d in self.disks}
+        n = self.native
+        if n is None or not n.resumable or n.lacking() >= sum(d.size for d in self.disks):
+            return {}
+        return {d.node: n.missing[d.node] for d in self.disks}
 
     async def _drop_bitmaps(self) -> None:
         """No partial copy is kept: the bitmap and any records go (the
         destination images may have changed under them)."""
-        from vmferry.migration import presync
         for d in self.disks:
             await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
                                    name=presync.BITMAP)
@@ -700,10 +736,10 @@ class Migration:
         self._undo.clear()
         if self.native is not None:
             await self.native.cleanup()
+        if self.native is not None or self._mirror_kept:
             # a persistent bitmap would otherwise be saved into the source image
             await self._drop_bitmaps()
         elif self.presynced:
-            from vmferry.migration import presync
             await presync.forget(self.presync_state, self.name, self.dest)
         try:
             await self.mon.try_cmd("quit")

@@ -30,7 +30,7 @@ from vmferry.migration import testhooks
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm_async, stop_vm_async
 from vmferry.vm.spec import NAME_RE
-from vmferry.vm.state import StateDir, pid_alive
+from vmferry.vm.state import StateDir, owner_alive, owner_record
 
 INCOMING_TIMEOUT = 120.0
 RECORD = "incoming.json"
@@ -246,7 +246,7 @@ class Incoming:
         path = self._record_path()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+        tmp.write_text(json.dumps({**owner_record(), "created": self.created,
                                    "ids": self.ids, "dirs": self.dirs,
                                    "new_vm_dir": self.new_vm_dir, "token": self.token,
                                    "completed": self.kept}))
@@ -599,10 +599,10 @@ _CLAIMED: set[tuple[str, str]] = set()
 def _claimed_elsewhere(state: StateDir, name: str) -> bool:
     """An incoming.json whose owner is another live process."""
     try:
-        owner = json.loads((state.vm_dir(name) / RECORD).read_text()).get("owner")
-    except (OSError, ValueError):
+        rec = json.loads((state.vm_dir(name) / RECORD).read_text())
+    except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(owner, int) and owner != os.getpid() and pid_alive(owner)
+    return isinstance(rec, dict) and rec.get("owner") != os.getpid() and owner_alive(rec)
 
 
 def _made_by_presync(image: str) -> bool:
@@ -676,6 +676,8 @@ def _well_formed(rec: Any) -> bool:
         return False
     ids, dirs = rec.get("ids", {}), rec.get("dirs", [])
     return (isinstance(rec.get("created", []), list)
+            and (rec.get("owner_start") is None or _is_pid(rec["owner_start"]))
+            and isinstance(rec.get("boot_id", ""), str)
             and isinstance(rec.get("token", ""), str)
             and isinstance(rec.get("completed", False), bool)
             and isinstance(ids, dict) and isinstance(dirs, list)
@@ -696,10 +698,9 @@ def orphaned(records: Iterable[Path], owner: Optional[int] = None) -> list[tuple
             continue
         if not _well_formed(rec):
             continue
-        pid = rec["owner"]
-        if owner is not None and pid != owner:
+        if owner is not None and rec["owner"] != owner:
             continue
-        if owner is None and pid_alive(pid):
+        if owner is None and owner_alive(rec):
             continue
         out.append((path, rec))
     return out

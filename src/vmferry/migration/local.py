@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
 from vmferry.aio import in_thread
 from vmferry.migration.destination import (Destination, DestinationCheck, Prepared,
@@ -152,6 +153,11 @@ class LocalDestination(Destination):
     async def presync_check(self, items: dict[str, tuple[str, Any]],
                             opts: MigrateOptions) -> dict[str, str]:
         return {node: presync_target.check(path, gen) for node, (path, gen) in items.items()}
+
+    async def presync_unwritten(self, items: dict[str, tuple[str, str]],
+                                opts: MigrateOptions) -> dict[str, Optional[list]]:
+        return {node: await in_thread(presync_target.unwritten, path, fmt)
+                for node, (path, fmt) in items.items()}
 
     async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         for path in paths:

@@ -29,6 +29,7 @@ from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import file_id
 from vmferry.migration.incoming import (Policy, claim_file, create_image, image_size,
                                         make_parents, orphaned, remove_made)
+from vmferry.vm.state import owner_record
 
 START_TIMEOUT = 10.0
 RUN_DIR_PREFIX = "vmferry-presync-"
@@ -79,6 +80,49 @@ def forget(image: str, discard: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)
     sidecar(image).unlink(missing_ok=True)
+
+
+def unwritten(image: str, fmt: str) -> Optional[list[list[int]]]:
+    """The spans of IMAGE that hold nothing written (holes, or zero clusters
+    of a qcow2), coalesced: what a mirror into this fresh image may not have
+    copied.  None when the file system cannot tell holes from data (it then
+    claims more data than the file has blocks): such an image vouches for
+    nothing.  Read with the image's QEMU stopped."""
+    from vmferry.migration.spans import coalesce
+    size = image_size(image) if fmt == "qcow2" else os.path.getsize(image)
+    if size is None:
+        return None
+    holes: list[tuple[int, int]] = []
+    if fmt == "raw":
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data, pos = 0, 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno != errno.ENXIO:      # ENXIO: only a hole is left
+                        raise
+                    start = size
+                if start > pos:
+                    holes.append((pos, start))
+                if start >= size:
+                    break
+                pos = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+                data += pos - start
+            if data > os.fstat(fd).st_blocks * 512 + (1 << 20):
+                return None
+        finally:
+            os.close(fd)
+    else:
+        out = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", fmt, image],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            return None
+        for m in json.loads(out.stdout):
+            if not m.get("data") or m.get("zero"):
+                holes.append((m["start"], m["start"] + m["length"]))
+    return [[s, e] for s, e in coalesce(holes)]
 
 
 def _die_with_parent() -> None:
@@ -223,7 +267,7 @@ class PresyncTarget:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.record.with_suffix(".tmp")
             try:
-                tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+                tmp.write_text(json.dumps({**owner_record(), "created": self.created,
                                            "ids": self.ids, "dirs": self.dirs,
                                            "run_dir": str(self.run_dir or "")}))
                 os.replace(tmp, self.record)
@@ -376,4 +420,5 @@ def reap_orphans(folder: Path, roots: Optional[list[str]],
     return removed
 
 
-__all__ = ["PresyncTarget", "check", "check_paths", "forget", "reap_orphans", "sidecar"]
+__all__ = ["PresyncTarget", "check", "check_paths", "forget", "reap_orphans", "sidecar",
+           "unwritten"]

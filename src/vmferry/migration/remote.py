@@ -397,6 +397,13 @@ class RemoteDestination(Destination):
         r = await ch.call("presync_check", disks={n: list(v) for n, v in items.items()})
         return {n: str(v) for n, v in r.get("disks", {}).items()}
 
+    async def presync_unwritten(self, items: dict[str, tuple[str, str]],
+                                opts: MigrateOptions) -> dict[str, Optional[list]]:
+        ch = await self._connect(opts)
+        r = await ch.call("presync_unwritten", disks={n: list(v) for n, v in items.items()})
+        got = r.get("disks", {})
+        return {n: got.get(n) if isinstance(got.get(n), list) else None for n in items}
+
     async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         if self.channel is not None:
             await self.channel.call("presync_forget", paths=paths,
