@@ -113,3 +113,29 @@ def test_remote_presync_dry_run(rlab):
     assert "outside the destination's storage roots" in line, line
     unchanged(rlab, before)
     assert not dst.parent.exists() and not Path(outside).parent.exists()
+
+
+def test_an_agent_from_before_dry_runs_is_named():
+    """An older agent refuses the check by name: the problem says to update it."""
+    import asyncio
+    from vmferry.agent.protocol import ProtocolError
+    from vmferry.migration.options import MigrateOptions
+    from vmferry.migration.remote import RemoteDestination
+    from vmferry.vm.spec import parse_spec
+
+    class OldAgent:
+        async def call(self, op, **args):
+            raise ProtocolError(f"destination agent refused {op}: unknown request {op!r}")
+
+    dest = RemoteDestination("tls://192.0.2.1")
+    dest.info = {"version": "0.0.1"}
+
+    async def connect(opts):
+        return OldAgent()
+    dest._connect = connect
+    spec = parse_spec('name = "web1"\nmemory = "64M"\n', source="a test spec")
+    found = asyncio.run(dest.check(spec, [], MigrateOptions()))
+    (problem,) = found.problems
+    assert "vmferry 0.0.1" in problem and "install vmferry" in problem, problem
+    found = asyncio.run(dest.presync_check_open([], MigrateOptions()))
+    assert "cannot check a presync" in found.problems[0], found

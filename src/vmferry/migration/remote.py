@@ -260,12 +260,21 @@ class RemoteDestination(Destination):
             ch = await self._connect(opts)
             r = await ch.call("check", **_prepare_args(dspec, disks, opts, accel, presynced,
                                                        allocated=True))
+        except protocol.ProtocolError as e:
+            return DestinationCheck(problems=[self._too_old(e, "a migration")])
         except (VmferryError, OSError) as e:
             return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
         # the agent says itself whether it has QEMU certificates for --tls
         out = DestinationCheck.from_wire(r)
         out.problems += _client_tls_problems(opts)
         return out
+
+    def _too_old(self, e: Exception, what: str) -> str:
+        """An agent from before dry runs refuses the request by name."""
+        if "unknown request" in str(e):
+            return (f"the agent at {self} (vmferry {self.info.get('version', '?')}) cannot "
+                    f"check {what} without making it: install vmferry {_version()} there")
+        return str(e)
 
     def transport(self, opts: MigrateOptions) -> str:
         return (f"agent over {self.target.scheme}; disks and memory QEMU to QEMU over TCP"
@@ -375,6 +384,8 @@ class RemoteDestination(Destination):
         try:
             ch = await self._connect(opts)
             r = await ch.call("presync_check_open", **_presync_args(disks, opts))
+        except protocol.ProtocolError as e:
+            return DestinationCheck(problems=[self._too_old(e, "a presync")])
         except (VmferryError, OSError) as e:
             return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
         out = DestinationCheck.from_wire(r)
