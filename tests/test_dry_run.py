@@ -100,7 +100,7 @@ def test_a_good_dry_run_prints_the_plan(lab):
     assert cp.stderr == "", cp.stderr
     assert out.startswith("dry run: web1 would migrate to "), out
     assert str(lab.src) in out and f"{dst} (to create)" in out, out
-    assert "engine: native" in out and "estimate: about" in out, out
+    assert "by the native engine" in out and "estimate: about" in out, out
     unchanged(lab, before)
     assert not dst.parent.exists()
 
@@ -213,4 +213,18 @@ def test_dry_run_from_python(lab, monkeypatch):
     plan = vmferry.dry_run(lab.A, "web1", f"local://{lab.B}", vmferry.MigrateOptions(
         disk_map={str(lab.src): str(dst)}, create_disks=True), kind="presync")
     assert plan.ok and plan.kind == "presync" and plan.disks[0].create, plan
+    unchanged(lab, before)
+
+
+def test_after_a_presync_only_the_delta_is_counted(lab):
+    """Last: it leaves a presynced copy (and its bitmap) behind."""
+    dst = lab.root / "presynced" / "web1.raw"
+    dmap = ("--disk-map", f"{lab.src}={dst}")
+    lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", *dmap, "--create-disks"))
+    before = snapshot(lab)
+    plan = json.loads(lab.ok(dry_run(lab, f"local://{lab.B}", *dmap, "--copy-storage-inc",
+                                     "--json")))
+    (disk,) = plan["disks"]
+    assert disk["engine"] == "native" and disk["create"] is False, disk
+    assert disk["moves"] < disk["allocated"], disk
     unchanged(lab, before)

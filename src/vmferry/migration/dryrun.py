@@ -24,6 +24,10 @@ class DiskMove:
     allocated: Optional[int]      # what the source image holds: what a full copy moves
     dest_path: str
     create: bool                  # the destination image would be created
+    engine: str                   # who would copy it: native or mirror
+    # bytes the copy would move: what the source holds for a full copy, what
+    # the dirty bitmap marks (and a kept copy lacks) for a presynced one
+    moves: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -68,8 +72,7 @@ class DryRun:
         for a guest that does."""
         if not self.disk_read_rate and not self.link_rate:
             return
-        disk_bytes = sum(d.allocated if d.allocated is not None else d.size
-                         for d in self.disks)
+        disk_bytes = sum(d.moves if d.moves is not None else d.size for d in self.disks)
         rates = [r for r in (self.disk_read_rate, self.link_rate) if r]
         cap = opts.disk_rate()
         if cap and self.disks:
@@ -94,12 +97,15 @@ class DryRun:
         for d in self.disks:
             held = (f", {format_size(d.allocated)} allocated" if d.allocated is not None
                     else "")
+            if d.moves is not None and d.moves != d.allocated:
+                held += f", {format_size(d.moves)} to move since the last copy"
             to = d.dest_path or "?"
             lines.append(f"  {d.node}: {d.path} ({d.fmt}, {format_size(d.size)}{held}) -> "
-                         f"{to}{' (to create)' if d.create else ''}")
+                         f"{to}{' (to create)' if d.create else ''}"
+                         + (f" by the {d.engine} engine" if d.engine else ""))
         if not self.disks:
             lines.append("  no disks to copy")
-        lines.append(f"  engine: {self.engine or '-'}; transport: {self.transport}")
+        lines.append(f"  transport: {self.transport}")
         # the disks' lines show where each goes
         on = ", ".join(f"{k}={v}" for k, v in self.options.items()
                        if k not in ("disk_map", "dest_spec"))

@@ -93,6 +93,7 @@ class Migration:
         self._keep_generation = 0      # see _arm_keep
         self._mirror_kept = False      # the mirror copies into a copy a failure keeps
         self._described = False        # Begin found the VM in a state to move
+        self._moves: dict[str, int] = {}   # a dry run's bytes to move of presynced disks
         self._last_save = 0.0
 
     # -- bookkeeping ---------------------------------------------------
@@ -332,7 +333,8 @@ class Migration:
         run.disks = [DiskMove(node=d.node, path=d.path, fmt=d.fmt, size=d.size,
                               allocated=d.allocated,
                               dest_path=(found.dest_paths.get(d.node, "") if found else ""),
-                              create=bool(found and d.node in found.create))
+                              create=bool(found and d.node in found.create),
+                              engine=run.engine, moves=self._moves.get(d.node, d.allocated))
                      for d in self.disks]
         run.options = options_in_effect(self.opts)
         if run.ok:
@@ -360,6 +362,8 @@ class Migration:
             self.disks = await self._plan_disks()
         except VmferryError as e:
             run.add_problems([str(e)])
+        if self.presynced:
+            self._moves = await presync.delta(self.mon, self.presynced, self.disks)
 
     async def _close_source(self) -> None:
         """The last undo step: a guest that ran must run again, or the

@@ -155,6 +155,19 @@ async def _bitmaps(mon: Monitor) -> dict[str, dict[str, Any]]:
                              if b["name"] in (BITMAP, FROZEN)} for n in nodes}
 
 
+async def delta(mon: Monitor, good: dict[str, dict], plans: list[DiskPlan]) -> dict[str, int]:
+    """node -> bytes an incremental copy of each disk in GOOD (node -> its
+    record) moves: what its bitmap marks, and what the copy still lacks."""
+    maps = await _bitmaps(mon)
+    out = {}
+    for p in plans:
+        if p.node in good:
+            dirty = maps.get(p.node, {}).get(BITMAP, {}).get("count", 0)
+            lacking = spans.total(missing(good[p.node], p.size) or [])
+            out[p.node] = min(p.size, dirty + lacking)
+    return out
+
+
 async def valid_records(mon: Monitor, state: Any, name: str, plans: list[DiskPlan],
                         dest_paths: dict[str, str], warn: Callable[[str], None],
                         dest: Any = None, opts: Optional[MigrateOptions] = None
@@ -374,6 +387,7 @@ async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRu
     plans: list[DiskPlan] = []
     good: dict[str, dict] = {}
     dpaths: dict[str, str] = {}
+    moves: dict[str, int] = {}
     try:
         async with Monitor(rec.qmp_socket, "source", "check") as mon:
             plans = await plan_disks(mon, rec.spec, opts)
@@ -381,6 +395,7 @@ async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRu
             dpaths = {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
             good = await valid_records(mon, state, name, plans, dpaths, run.warnings.append,
                                        dest=dest if dest.presync_ok else None, opts=opts)
+            moves = await delta(mon, good, plans)
     except VmferryError as e:
         run.add_problems([str(e)])
     found = None
@@ -392,11 +407,9 @@ async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRu
         run.target = {"version": found.version, "listen": found.listen}
     run.disks = [DiskMove(node=p.node, path=p.path, fmt=p.fmt, size=p.size,
                           allocated=p.allocated, dest_path=dpaths.get(p.node, ""),
-                          create=bool(found and p.node in found.create))
+                          create=bool(found and p.node in found.create), engine="native",
+                          moves=moves.get(p.node, p.allocated))
                  for p in plans]
-    if good:
-        run.warnings.append(f"only what changed since the last presync moves for "
-                            f"{', '.join(sorted(good))}: the estimate counts all of it")
     if run.ok:
         run.link_rate = await dest.probe_link(PROBE_SECONDS / 2)
         run.disk_read_rate = await in_thread(probe.disk_read_rate, [p.path for p in plans],
