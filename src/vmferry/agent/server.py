@@ -11,6 +11,7 @@ allows, as libvirt destroys an incoming domain whose client went away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -50,6 +51,9 @@ class AgentConfig:
     # extra QEMU arguments from a source's spec reach this host's QEMU command
     # line unchecked: only where the operator says so
     allow_extra_args: bool = False
+    # vmferry commands from any client it accepts (--connect tls://): the power
+    # of this agent's user over its VMs, so only where the operator says so
+    allow_control: bool = False
 
     def policy(self, protect_existing: bool = True) -> Policy:
         """Images under the roots only, and never among the agent's own files."""
@@ -92,6 +96,7 @@ class Session:
         self._busy = asyncio.Lock()              # one phase at a time
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self.commands: set[asyncio.subprocess.Process] = set()   # op_command's
 
     # -- the connection --------------------------------------------------
 
@@ -139,6 +144,10 @@ class Session:
                     await self._abort({d.node: self.keep_generation
                                        for d in self.incoming.disks}
                                       if self.keep_generation else None)
+            for proc in self.commands:
+                # as a terminal's hang-up: a detached migration it follows goes on
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
             if self.presync is not None:
                 _log(f"{why}: stopping an unfinished presync")
                 await self.presync.abort()
@@ -179,7 +188,10 @@ class Session:
                 raise ProtocolError(f"unknown request {op!r}")
             if op != "hello" and not self.greeted:
                 raise ProtocolError("the first request must be hello")
-            result = await handler(self, Args(op, frame.get("args", {})))
+            if op == "command":
+                result = await self._command(writer, rid, Args(op, frame.get("args", {})))
+            else:
+                result = await handler(self, Args(op, frame.get("args", {})))
             reply = {"id": rid, "ok": True, "result": result}
             if op == "bye":
                 await self._send(writer, reply)
@@ -466,6 +478,55 @@ class Session:
         a.only()          # _answer ends the session once this reply is sent
         return {}
 
+    async def _command(self, writer: asyncio.StreamWriter, rid: int,
+                       a: Args) -> dict[str, Any]:
+        """`vmferry --connect tls://...`: one vmferry command run against this
+        agent's state directory, its output streamed back as it comes (frames
+        with this request's id and "output"), then its exit status."""
+        a.only("argv")
+        if not self.cfg.allow_control:
+            raise UsageError("this agent takes no commands: start it with --allow-control "
+                             "(or allow_control = true in its agent.toml)")
+        argv = a.get("argv", list)
+        from vmferry.commands.connect import COMMANDS
+        if not (argv and len(argv) <= 256 and all(isinstance(x, str) and "\0" not in x
+                                                   and len(x) <= 4096 for x in argv)):
+            raise ProtocolError("command: argv is a list of at most 256 strings")
+        if argv[0] not in COMMANDS:
+            raise UsageError(f"'{argv[0][:40]}' does not run through --connect (these do: "
+                             f"{', '.join(COMMANDS)})")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "vmferry", "--state-dir", str(self.cfg.state.path), *argv,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        self.commands.add(proc)
+
+        async def pump(stream: asyncio.StreamReader, name: str) -> None:
+            while chunk := await stream.read(65536):
+                await self._send(writer, {"id": rid, "output": name,
+                                          "data": chunk.decode(errors="replace")})
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            await asyncio.gather(pump(proc.stdout, "stdout"), pump(proc.stderr, "stderr"))
+            return {"rc": await proc.wait()}
+        finally:
+            self.commands.discard(proc)
+
+    async def op_command_signal(self, a: Args) -> dict[str, Any]:
+        """Ctrl-C at the client: to this session's commands (a migration it
+        follows is then aborted, as at a terminal)."""
+        a.only("signal")
+        sig = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(a.get("signal", str))
+        if sig is None:
+            raise ProtocolError("command_signal: signal is INT or TERM")
+        for proc in self.commands:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+        return {}
+
+    async def op_command(self, a: Args) -> dict[str, Any]:
+        raise AssertionError("answered by _command")      # (it needs the request id)
+
     OPS: dict[str, Callable[["Session", Args], Awaitable[dict[str, Any]]]] = {
         "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "check": op_check,
         "finish": op_finish,
@@ -475,7 +536,8 @@ class Session:
         "presync_forget": op_presync_forget, "presync_check_open": op_presync_check_open,
         "probe": op_probe,
         "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,
-        "keep_partial": op_keep_partial}
+        "keep_partial": op_keep_partial, "command": op_command,
+        "command_signal": op_command_signal}
 
 
 def _disk_plan(d: Any, spec: Any, op: str = "prepare", allocated: bool = False) -> DiskPlan:
@@ -611,13 +673,15 @@ async def _until_signal(work: Awaitable[None]) -> None:
 
 
 def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
-                ports: Optional[tuple[int, int]] = None) -> AgentConfig:
+                ports: Optional[tuple[int, int]] = None,
+                allow_control: bool = False) -> AgentConfig:
     """Settings from the command line, else from STATE/agent.toml (what an
     ssh:// source gets, as it cannot pass options to the agent):
         storage_roots = ["/srv/images"]     # default: STATE/images alone
         pki = "/etc/pki"                    # default: /etc/pki
         port_range = [49152, 49215]
         allow_extra_args = false            # a source spec's extra QEMU arguments
+        allow_control = false               # vmferry commands from clients (--connect)
     """
     conf = state.path / "agent.toml"
     data: dict[str, Any] = {}
@@ -645,8 +709,11 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
     allow = data.get("allow_extra_args", False)
     if not isinstance(allow, bool):
         raise UsageError(f"{conf}: allow_extra_args must be true or false")
+    control = data.get("allow_control", False) or allow_control
+    if not isinstance(control, bool):
+        raise UsageError(f"{conf}: allow_control must be true or false")
     # The default root is a folder of the state directory, not all of it: the
     # rest holds the agent's records and this file, which no source may write.
     roots = [os.path.abspath(r) for r in roots] or [str(state.path / IMAGES)]
     return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir), ports=ports,
-                       allow_extra_args=allow)
+                       allow_extra_args=allow, allow_control=control)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import subprocess
-from typing import IO, Any, Optional
+from typing import IO, Any, Optional, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from vmferry.errors import UsageError
@@ -19,7 +19,7 @@ from vmferry.errors import UsageError
 DEFAULT_KEEPALIVE = 5.0             # seconds between the source's pings
 KEEPALIVE_COUNT = 3                 # missed pings before a peer is gone
 _OPTIONS = {"ssh": ("keyfile", "known_hosts", "no_verify", "agent", "keepalive"),
-            "tls": ("keepalive",)}
+            "tls": ("keepalive", "pki")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +68,11 @@ def parse(uri: str) -> Target:
                   query=query, keepalive=keepalive)
 
 
-def ssh_argv(t: Target) -> list[str]:
-    argv = ["ssh", "-o", "BatchMode=yes", "-T",
+def ssh_argv(t: Target, command: Sequence[str] = ("agent", "--stdio"),
+             tty: bool = False) -> list[str]:
+    """ssh running vmferry COMMAND on T's host (its agent, by default); TTY:
+    with a terminal there, for a command a user watches."""
+    argv = ["ssh", "-o", "BatchMode=yes", "-t" if tty else "-T",
             # ssh's own keepalive ends a session whose link died, so the
             # agent sees its stdin close even if we are gone too
             "-o", f"ServerAliveInterval={max(1, int(t.keepalive))}",
@@ -87,7 +90,7 @@ def ssh_argv(t: Target) -> list[str]:
     remote = [t.query.get("agent") or "vmferry"]
     if t.state_dir:
         remote += ["--state-dir", t.state_dir]
-    remote += ["agent", "--stdio"]
+    remote += list(command)
     return argv + [t.host, "--", shlex.join(remote)]
 
 

@@ -79,12 +79,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_host_options(p, memory=True)
     p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
                    choices=["auto", "bar", "json"], help="show progress")
+    p.add_argument("--detach", action="store_true",
+                   help="run the migration in a session of its own and follow it: a "
+                        "hang-up leaves it running ('jobinfo --follow' re-attaches), "
+                        "Ctrl-C aborts it (what --connect does)")
     add_dry_run_options(p, "migration")
     p.set_defaults(func=run, copy_storage="all")
 
     j = sub.add_parser("jobinfo", help="statistics of a VM's current or last migration")
     j.add_argument("name", metavar="NAME")
     j.add_argument("--json", action="store_true")
+    j.add_argument("--follow", action="store_true",
+                   help="show the running migration as 'migrate' does until it ends, "
+                        "with its last line and exit status (Ctrl-C aborts it)")
+    j.add_argument("--progress", nargs="?", const="auto", choices=["auto", "bar", "json"],
+                   help="with --follow: how to show it (default: auto)")
     j.set_defaults(func=jobinfo)
 
     a = sub.add_parser("abort", help="cancel a running migration; the source resumes")
@@ -251,6 +260,11 @@ def run(args: argparse.Namespace) -> int:
     opts.validate()
     if args.json and not args.dry_run:
         raise UsageError("--json goes with --dry-run (a migration's progress: --progress=json)")
+    if args.detach and not args.dry_run:
+        # a dry run changes nothing and ends within seconds: nothing to detach
+        from vmferry.commands import detached
+        return detached.start(StateDir(args.state_dir), args.name, args.command_argv,
+                              args.progress)
     ssh = None
     if args.dest.startswith("ssh://"):
         # ssh's handshake and the remote agent's start-up take longer than
@@ -282,6 +296,10 @@ def run(args: argparse.Namespace) -> int:
 
 def jobinfo(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
+    if args.follow:
+        from vmferry.commands import detached
+        return detached.follow(state, args.name, "json" if args.json else
+                               (args.progress or "auto"))
     path = job_file(state, args.name)
     if not path.exists():
         raise UsageError(f"{args.name} has no migration job to show")

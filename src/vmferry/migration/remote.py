@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import itertools
 import subprocess
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from vmferry.agent import protocol, transport
 from vmferry.agent.pki import Pki
@@ -48,6 +49,8 @@ class Channel:
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        # request id -> where its output frames go (the agent's "command")
+        self._streams: dict[int, Callable[[str, str], None]] = {}
         self._tasks = [asyncio.ensure_future(self._read()),
                        asyncio.ensure_future(self._ping())]
         self.stderr_tail: list[str] = []
@@ -78,6 +81,9 @@ class Channel:
                     self._lose("the connection closed")
                     return
                 rid = frame.get("id") if isinstance(frame, dict) else None
+                if isinstance(frame, dict) and "output" in frame and rid in self._streams:
+                    self._streams[rid](str(frame["output"]), str(frame.get("data", "")))
+                    continue
                 fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
                 if fut is None:
                     # id null: the agent refuses the connection itself (a late
@@ -110,12 +116,17 @@ class Channel:
             except MigrationError:
                 return
 
-    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+    async def call(self, op: str, *, on_output: Optional[Callable[[str, str], None]] = None,
+                   **args: Any) -> dict[str, Any]:
+        """The reply to OP; ON_OUTPUT(stream, text) takes the output frames
+        that come before it (the agent's "command")."""
         if self.lost.done():
             raise self.lost.exception()
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        if on_output is not None:
+            self._streams[rid] = on_output
         try:
             try:
                 self.writer.write(protocol.encode({"id": rid, "op": op, "args": args}))
@@ -125,6 +136,7 @@ class Channel:
             reply = await fut
         finally:
             self._pending.pop(rid, None)
+            self._streams.pop(rid, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()           # retrieved, whoever stopped waiting
         if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
@@ -188,7 +200,11 @@ class RemoteDestination(Destination):
                 lambda: asyncio.StreamReaderProtocol(err), proc.stderr)
             self.channel = Channel(reader, writer, f"ssh://{where}", self.keepalive, proc, err)
         else:
-            ctx = Pki(opts.pki_dir).client_context()
+            # pki= in the URI: this host's certificates for the control channel
+            # (what --connect has; a migration's --pki otherwise)
+            pki_dir = Path(self.target.query["pki"]) if "pki" in self.target.query \
+                else opts.pki_dir
+            ctx = Pki(pki_dir).client_context()
             port = self.target.port or 16514
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
