@@ -120,6 +120,17 @@ def test_json_output_parses(lab):
     unchanged(lab, before)
 
 
+def test_a_dry_run_is_never_detached(lab):
+    """--connect runs migrate with --detach; a dry run still answers at once."""
+    before = snapshot(lab)
+    dst = lab.root / "B-images" / "web1.raw"
+    cp = dry_run(lab, f"local://{lab.B}", "--disk-map", f"{lab.src}={dst}", "--create-disks",
+                 "--detach", "--json")
+    assert json.loads(lab.ok(cp))["ok"] is True
+    unchanged(lab, before)
+    assert not (lab.A / "web1" / "migrate.log").exists()
+
+
 def test_a_full_destination_is_one_line(lab):
     if lab.small is None:
         pytest.skip("cannot mount a tmpfs (needs root)")
