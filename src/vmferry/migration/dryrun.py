@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from vmferry import __version__
+from vmferry.migration.destination import DestinationCheck
 from vmferry.migration.options import MigrateOptions
 from vmferry.units import format_size
 
@@ -64,6 +66,22 @@ class DryRun:
         for p in found:
             if p not in self.problems:
                 self.problems.append(p)
+
+    def heard(self, found: DestinationCheck) -> None:
+        """What the destination said of itself and of the plan."""
+        self.add_problems(found.problems)
+        self.warnings += found.warnings
+        self.target = {"version": found.version, "listen": found.listen}
+        if self.kind == "migrate":
+            self.target.update(qemu=found.qemu, accel=found.accel)
+        if found.version and found.version != __version__:
+            self.warnings.append(f"the destination runs vmferry {found.version}, this host "
+                                 f"{__version__}")
+        source_qemu = self.source.get("qemu", "")
+        if _older(found.qemu, source_qemu):
+            self.warnings.append(f"the destination's QEMU {found.qemu} is older than the "
+                                 f"source's {source_qemu}: QEMU promises migrations to the "
+                                 f"same version or a newer one only")
 
     def estimate(self, opts: MigrateOptions) -> None:
         """Disks at the slower of their read and the link (capped as asked),
@@ -133,6 +151,13 @@ class DryRun:
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
+
+
+def _older(version: str, than: str) -> bool:
+    """"7.2.0" < "8.0.1"; False when either does not say."""
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split(".") if x.isdigit())
+    return bool(parts(version)) and bool(parts(than)) and parts(version) < parts(than)
 
 
 def _duration(s: float) -> str:

@@ -34,13 +34,6 @@ STALL_ITERATIONS = 3
 ESCALATE_MAX = 16
 
 
-def _older(version: str, than: str) -> bool:
-    """"7.2.0" < "8.0.1"; False when either does not say."""
-    def parts(v: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in v.split(".") if x.isdigit())
-    return bool(parts(version)) and bool(parts(than)) and parts(version) < parts(than)
-
-
 class Phase(enum.Enum):
     BEGIN = "begin"
     PREPARE = "prepare"
@@ -321,14 +314,7 @@ class Migration:
         if reached:
             found = await self.dest.check(self.spec, self.disks, self.opts, accel=self.accel,
                                           presynced=frozenset(self.presynced))
-            run.add_problems(found.problems)
-            run.warnings += found.warnings
-            run.target = {"version": found.version, "qemu": found.qemu, "accel": found.accel,
-                          "listen": found.listen}
-            if _older(found.qemu, run.source.get("qemu", "")):
-                run.warnings.append(f"the destination's QEMU {found.qemu} is older than the "
-                                    f"source's {run.source['qemu']}: QEMU promises migrations "
-                                    f"to the same version or a newer one only")
+            run.heard(found)
         run.warnings = self.info.warnings + run.warnings
         run.disks = [DiskMove(node=d.node, path=d.path, fmt=d.fmt, size=d.size,
                               allocated=d.allocated,

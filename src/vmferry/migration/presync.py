@@ -402,9 +402,7 @@ async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRu
     if plans and dest.presync_ok and run.ok:
         found = await dest.presync_check_open(_targets(plans, dpaths, good, allocated=True),
                                               opts)
-        run.add_problems(found.problems)
-        run.warnings += found.warnings
-        run.target = {"version": found.version, "listen": found.listen}
+        run.heard(found)
     run.disks = [DiskMove(node=p.node, path=p.path, fmt=p.fmt, size=p.size,
                           allocated=p.allocated, dest_path=dpaths.get(p.node, ""),
                           create=bool(found and p.node in found.create), engine="native",
