@@ -30,6 +30,7 @@ class DiskMove:
     # bytes the copy would move: what the source holds for a full copy, what
     # the dirty bitmap marks (and a kept copy lacks) for a presynced one
     moves: Optional[int] = None
+    dest_free: Optional[int] = None   # bytes free where an image would be created
 
 
 @dataclasses.dataclass
@@ -118,9 +119,12 @@ class DryRun:
             if d.moves is not None and d.moves != d.allocated:
                 held += f", {format_size(d.moves)} to move since the last copy"
             to = d.dest_path or "?"
+            if d.create:
+                free = (f", {format_size(d.dest_free)} free there" if d.dest_free is not None
+                        else "")
+                to += f" (to create{free})"
             lines.append(f"  {d.node}: {d.path} ({d.fmt}, {format_size(d.size)}{held}) -> "
-                         f"{to}{' (to create)' if d.create else ''}"
-                         + (f" by the {d.engine} engine" if d.engine else ""))
+                         f"{to}" + (f" by the {d.engine} engine" if d.engine else ""))
         if not self.disks:
             lines.append("  no disks to copy")
         lines.append(f"  transport: {self.transport}")

@@ -320,7 +320,8 @@ class Migration:
                               allocated=d.allocated,
                               dest_path=(found.dest_paths.get(d.node, "") if found else ""),
                               create=bool(found and d.node in found.create),
-                              engine=run.engine, moves=self._moves.get(d.node, d.allocated))
+                              engine=run.engine, moves=self._moves.get(d.node, d.allocated),
+                              dest_free=found.free.get(d.node) if found else None)
                      for d in self.disks]
         run.options = options_in_effect(self.opts)
         if run.ok:

@@ -406,7 +406,8 @@ async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRu
     run.disks = [DiskMove(node=p.node, path=p.path, fmt=p.fmt, size=p.size,
                           allocated=p.allocated, dest_path=dpaths.get(p.node, ""),
                           create=bool(found and p.node in found.create), engine="native",
-                          moves=moves.get(p.node, p.allocated))
+                          moves=moves.get(p.node, p.allocated),
+                          dest_free=found.free.get(p.node) if found else None)
                  for p in plans]
     if run.ok:
         run.link_rate = await dest.probe_link(PROBE_SECONDS / 2)
