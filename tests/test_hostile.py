@@ -450,6 +450,36 @@ def test_every_path_field_stays_in_the_roots(agents, host, field, kind, mode):
     serves(peer)
 
 
+ADDRESSES = {"with-nul": "a\0b", "of-300": "x" * 300, "not-here": "203.0.113.9",
+             "no-such-host": "no-such-host.invalid", "bad-ipv6": "::zz"}
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
+@pytest.mark.parametrize("op", ["prepare", "check", "presync_open", "presync_check_open"])
+def test_an_address_to_listen_on_is_checked(agents, host, op, address):
+    """One that cannot be an address is refused; one the host cannot listen on
+    is a check's problem (and QEMU's or qemu-nbd's one-line error otherwise)."""
+    peer = agents("stdio")
+    addr = ADDRESSES[address]
+    if op in ("prepare", "check"):
+        _, args = check(spec(), [], migrate={"address": addr})
+    else:
+        _, args = presync_open(str(host.images / "p.img"))
+        args["address"] = addr
+    reply = peer.call(op, **args)
+    if address in ("with-nul", "of-300"):
+        refused(reply, "is not a host name or IP address")
+    elif op.endswith("check") or op == "presync_check_open":
+        assert reply.get("ok") is True, reply
+        found = [p for p in reply["result"]["problems"] if "cannot listen on" in p]
+        assert len(found) == 1 and len(found[0]) < 600, reply
+    else:
+        refused_or_failed = reply.get("ok") is False and "internal error" not in str(reply)
+        assert refused_or_failed, reply
+    assert sorted(os.listdir(host.images)) == ["out"]
+    serves(peer)
+
+
 CHECK_FIELDS = ("disk", "kernel", "initrd", "serial", "backing", "presync-dest")
 
 

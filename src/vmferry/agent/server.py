@@ -301,7 +301,7 @@ class Session:
 
     def _listen(self, a: Args) -> tuple[str, tuple[int, int]]:
         a.only("address", "port")
-        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        address = _address(a) or self.local_address or "0.0.0.0"
         port = a.get("port", int, None)
         if port is not None and not 1 <= port <= 65535:
             raise UsageError(f"port {port} is not a TCP port")
@@ -343,7 +343,7 @@ class Session:
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
         disks = [_presync_disk(d, "presync_check_open", allocated=True)
                  for d in a.get("disks", list)]
-        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        address = _address(a) or self.local_address or "0.0.0.0"
         tls_problem = ""
         if a.get("tls", bool, False):
             try:
@@ -363,7 +363,7 @@ class Session:
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
         disks = [_presync_disk(d) for d in a.get("disks", list)]
         tls = a.get("tls", bool, False)
-        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        address = _address(a) or self.local_address or "0.0.0.0"
         async with self._busy:
             if self.presync is not None:
                 raise UsageError("this connection already serves a presync")
@@ -561,6 +561,16 @@ def _disk_plan(d: Any, spec: Any, op: str = "prepare", allocated: bool = False) 
                     source_id=a.get("source_id", str, None),
                     allocated=_size(a, op, "allocated") if a.get("allocated", int, None)
                     is not None else None)
+
+
+def _address(a: Args) -> Optional[str]:
+    """An address to listen on, as a source may name it: a host name or IP
+    address, which the system (or QEMU) then resolves or refuses."""
+    address = a.get("address", str, None)
+    if address is not None and ("\0" in address or len(address) > 255):
+        raise ProtocolError(f"{a.op}: address {address[:80]!r} is not a host name or "
+                            f"IP address")
+    return address
 
 
 def _token(token: str) -> str:

@@ -92,9 +92,10 @@ def check_presync_target(target: PresyncTarget, disks: list[dict[str, Any]], *,
                                         f"--port-range")
                     break
                 ports.append(port)
-        except OSError as e:
-            out.problems.append(f"the destination cannot listen on {addr}: {e.strerror}: "
-                                f"pick another --listen-address")
+        except (OSError, ValueError) as e:
+            out.problems.append(f"the destination cannot listen on {addr[:80]!r}: "
+                                f"{getattr(e, 'strerror', None) or e}: pick another "
+                                f"--listen-address")
         else:
             out.listen = {d["node"]: f"{addr}:{port}" for d, port in zip(disks, ports)}
     return out
@@ -175,9 +176,10 @@ def _port_problems(net: Network, disks: bool, listen: dict[str, str]) -> list[st
             continue
         try:
             port = _first_bindable(addr, lo, hi, skip={taken})
-        except OSError as e:
-            problems.append(f"the destination cannot listen on {addr} for {what}: "
-                            f"{e.strerror}: pick another --listen-address")
+        except (OSError, ValueError) as e:
+            problems.append(f"the destination cannot listen on {addr[:80]!r} for {what}: "
+                            f"{getattr(e, 'strerror', None) or e}: pick another "
+                            f"--listen-address")
             continue
         if port is None:
             problems.append(f"no free port in {lo}-{hi} on {addr} for {what}: widen the "
