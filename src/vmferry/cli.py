@@ -42,16 +42,12 @@ class _Versions(argparse.Action):
     decide what a migration can do (and what a bug report needs)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
-        import subprocess
         lines = [f"vmferry {_version()}"]
         try:
-            from vmferry.vm.qemu import qemu_binary
+            from vmferry.vm.qemu import qemu_binary, qemu_version
             qemu = qemu_binary()
-            out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
-                                 timeout=10).stdout.split()
-            v = out[out.index("version") + 1] if "version" in out else "(unknown version)"
-            lines.append(f"QEMU {v} ({qemu})")
-        except (VmferryError, OSError, subprocess.SubprocessError) as e:
+            lines.append(f"QEMU {qemu_version(qemu) or '(unknown version)'} ({qemu})")
+        except VmferryError as e:
             lines.append(f"QEMU: {e}")
         try:
             from vmferry import _engine

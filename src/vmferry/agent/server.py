@@ -70,6 +70,16 @@ def _log(text: str) -> None:
         pass
 
 
+@dataclasses.dataclass
+class _IncomingRequest:
+    incoming: Incoming
+    spec: Any
+    disks: list[DiskPlan]
+    opts: MigrateOptions
+    accel: Optional[str]
+    presynced: frozenset[str]
+
+
 class Session:
     """One controlling connection and the (at most one) migration it drives."""
 
@@ -217,47 +227,72 @@ class Session:
                 "storage_roots": self.cfg.storage_roots}
 
     async def op_ping(self, a: Args) -> dict[str, Any]:
-        a.only()
+        # PAD: a dry run's probe of the link (the frame limit bounds it)
+        a.only("pad")
+        a.get("pad", str, "")
         return {}
 
-    async def op_prepare(self, a: Args) -> dict[str, Any]:
-        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "token",
-               "tunnel")
+    def _incoming_request(self, a: Args, *, check: bool = False) -> _IncomingRequest:
+        """A prepare's arguments (or a check's: the same, less the token, with
+        each disk's allocated bytes), validated, and the Incoming to run it."""
+        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "tunnel",
+               *(() if check else ("token",)))
         from vmferry.vm.spec import parse_spec
         try:
             spec = parse_spec(a.get("spec", str), source="the source's VM spec")
         except RecursionError:
-            raise ProtocolError("prepare: the VM spec is nested too deeply") from None
-        disks = [_disk_plan(d, spec) for d in a.get("disks", list)]
+            raise ProtocolError(f"{a.op}: the VM spec is nested too deeply") from None
+        disks = [_disk_plan(d, spec, a.op, allocated=check) for d in a.get("disks", list)]
         if len({d.node for d in disks}) != len(disks):
-            raise ProtocolError("prepare: a disk is named twice")
+            raise ProtocolError(f"{a.op}: a disk is named twice")
         if spec.extra_args and not self.cfg.allow_extra_args:
             raise UsageError("the VM spec has extra_args, which would reach the destination's "
                              "QEMU command line: allow them with allow_extra_args = true in "
                              "the agent's agent.toml")
-        opts = _options(Args("prepare options", a.get("options", dict)))
-        token = _token(a.get("token", str, ""))
+        opts = _options(Args(f"{a.op} options", a.get("options", dict)))
         accel = a.get("accel", str, None)
         if accel not in (None, "kvm", "tcg"):
             raise ProtocolError("accel must be kvm or tcg")
         presynced = a.get("presynced", list, [])
         if not all(isinstance(n, str) for n in presynced):
-            raise ProtocolError("prepare: presynced is a list of disk nodes")
-        nbd = self._listen(Args("prepare nbd", a.get("nbd", dict, {})))
-        mig = self._listen(Args("prepare migrate", a.get("migrate", dict, {})))
+            raise ProtocolError(f"{a.op}: presynced is a list of disk nodes")
+        nbd = self._listen(Args(f"{a.op} nbd", a.get("nbd", dict, {})))
+        mig = self._listen(Args(f"{a.op} migrate", a.get("migrate", dict, {})))
         # --tunnelled: Unix sockets in the VM's folder, which the source's ssh
         # forwards to; nothing listens on the network
         tunnel = a.get("tunnel", bool, False)
+        tls_dir = None
+        if opts.tls:
+            try:
+                tls_dir = self.cfg.pki.qemu_dir("server")
+            except UsageError:
+                if not check:
+                    raise
+                # a check lists it with the rest (dest_check.py)
+        incoming = Incoming(self.cfg.state, network=Network(
+            tcp=not tunnel, tunnel=tunnel, nbd=nbd, migrate=mig, tls_dir=tls_dir),
+            policy=self.cfg.policy())
+        return _IncomingRequest(incoming, spec, disks, opts, accel, frozenset(presynced))
+
+    async def op_check(self, a: Args) -> dict[str, Any]:
+        """A prepare's dry run: every check, reading only (dest_check.py)."""
+        r = self._incoming_request(a, check=True)
+        from vmferry.aio import in_thread
+        from vmferry.migration.dest_check import check_incoming
+        found = await in_thread(lambda: check_incoming(r.incoming, r.spec, r.disks, r.opts,
+                                                       accel=r.accel, presynced=r.presynced))
+        return dataclasses.asdict(found)
+
+    async def op_prepare(self, a: Args) -> dict[str, Any]:
+        r = self._incoming_request(a)
+        token = _token(a.get("token", str, ""))
         async with self._busy:
             if self.incoming is not None:
                 raise UsageError("this connection has already prepared a migration")
-            tls_dir = self.cfg.pki.qemu_dir("server") if opts.tls else None
-            incoming = Incoming(self.cfg.state, network=Network(
-                tcp=not tunnel, tunnel=tunnel, nbd=nbd, migrate=mig, tls_dir=tls_dir),
-                policy=self.cfg.policy())
+            incoming = r.incoming
             try:
-                prepared = await incoming.prepare(spec, disks, opts, accel=accel,
-                                                  presynced=frozenset(presynced), token=token)
+                prepared = await incoming.prepare(r.spec, r.disks, r.opts, accel=r.accel,
+                                                  presynced=r.presynced, token=token)
             except BaseException:
                 # a refused or failed prepare leaves nothing behind, and the
                 # connection free to prepare again
@@ -270,7 +305,7 @@ class Session:
 
     def _listen(self, a: Args) -> tuple[str, tuple[int, int]]:
         a.only("address", "port")
-        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        address = _address(a) or self.local_address or "0.0.0.0"
         port = a.get("port", int, None)
         if port is not None and not 1 <= port <= 65535:
             raise UsageError(f"port {port} is not a TCP port")
@@ -306,11 +341,33 @@ class Session:
 
     # -- presync: the images served by qemu-nbd on this host's address
 
+    async def op_presync_check_open(self, a: Args) -> dict[str, Any]:
+        """A presync's dry run: presync_open's checks, reading only, with no
+        record written (dest_check.py)."""
+        a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
+        disks = [_presync_disk(d, "presync_check_open", allocated=True)
+                 for d in a.get("disks", list)]
+        address = _address(a) or self.local_address or "0.0.0.0"
+        tls_problem = ""
+        if a.get("tls", bool, False):
+            try:
+                self.cfg.pki.qemu_dir("server")
+            except UsageError as e:
+                tls_problem = f"--tls: {e}"
+        from vmferry.aio import in_thread
+        from vmferry.migration.dest_check import check_presync_target
+        from vmferry.migration.presync_target import PresyncTarget
+        target = PresyncTarget(self.cfg.policy(), tcp=(address, self.cfg.ports))
+        found = await in_thread(lambda: check_presync_target(
+            target, disks, create=a.get("create_disks", bool, False),
+            overwrite=a.get("overwrite_disks", bool, False), tls_problem=tls_problem))
+        return dataclasses.asdict(found)
+
     async def op_presync_open(self, a: Args) -> dict[str, Any]:
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
         disks = [_presync_disk(d) for d in a.get("disks", list)]
         tls = a.get("tls", bool, False)
-        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        address = _address(a) or self.local_address or "0.0.0.0"
         async with self._busy:
             if self.presync is not None:
                 raise UsageError("this connection already serves a presync")
@@ -475,34 +532,49 @@ class Session:
         raise AssertionError("answered by _command")      # (it needs the request id)
 
     OPS: dict[str, Callable[["Session", Args], Awaitable[dict[str, Any]]]] = {
-        "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "finish": op_finish,
+        "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "check": op_check,
+        "finish": op_finish,
         "abort": op_abort, "bye": op_bye, "presync_open": op_presync_open,
         "presync_close": op_presync_close, "presync_check": op_presync_check,
         "presync_unwritten": op_presync_unwritten,
-        "presync_forget": op_presync_forget, "probe": op_probe,
+        "presync_forget": op_presync_forget, "presync_check_open": op_presync_check_open,
+        "probe": op_probe,
         "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,
         "keep_partial": op_keep_partial, "command": op_command,
         "command_signal": op_command_signal}
 
 
-def _disk_plan(d: Any, spec: Any) -> DiskPlan:
-    a = Args("prepare disks", d)
-    a.only("node", "path", "fmt", "size", "export", "backing", "backing_fmt", "source_id")
+def _disk_plan(d: Any, spec: Any, op: str = "prepare", allocated: bool = False) -> DiskPlan:
+    a = Args(f"{op} disks", d)
+    a.only("node", "path", "fmt", "size", "export", "backing", "backing_fmt", "source_id",
+           *(("allocated",) if allocated else ()))
     node = a.get("node", str)
     if (not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}"
             or int(node[4:]) >= len(spec.disks)):
-        raise ProtocolError(f"prepare: {node!r} is not a disk of the spec")
+        raise ProtocolError(f"{op}: {node!r} is not a disk of the spec")
     fmt = a.get("fmt", str)
     if fmt not in ("raw", "qcow2"):
-        raise ProtocolError(f"prepare: format {fmt!r} is not raw or qcow2")
-    size = _size(a, "prepare")
+        raise ProtocolError(f"{op}: format {fmt!r} is not raw or qcow2")
+    size = _size(a, op)
     export = a.get("export", str)
     if not _EXPORT_RE.fullmatch(export):
-        raise ProtocolError(f"prepare: {export[:80]!r} is not an NBD export name")
+        raise ProtocolError(f"{op}: {export[:80]!r} is not an NBD export name")
     return DiskPlan(node=node, path=a.get("path", str), fmt=fmt, size=size,
                     export=export, backing=a.get("backing", str, None),
                     backing_fmt=a.get("backing_fmt", str, None),
-                    source_id=a.get("source_id", str, None))
+                    source_id=a.get("source_id", str, None),
+                    allocated=_size(a, op, "allocated") if a.get("allocated", int, None)
+                    is not None else None)
+
+
+def _address(a: Args) -> Optional[str]:
+    """An address to listen on, as a source may name it: a host name or IP
+    address, which the system (or QEMU) then resolves or refuses."""
+    address = a.get("address", str, None)
+    if address is not None and ("\0" in address or len(address) > 255):
+        raise ProtocolError(f"{a.op}: address {address[:80]!r} is not a host name or "
+                            f"IP address")
+    return address
 
 
 def _token(token: str) -> str:
@@ -511,23 +583,27 @@ def _token(token: str) -> str:
     return token
 
 
-def _presync_disk(d: Any) -> dict[str, Any]:
-    a = Args("presync_open disks", d)
-    a.only("node", "dest_path", "fmt", "size", "generation", "source_id")
+def _presync_disk(d: Any, op: str = "presync_open", allocated: bool = False) -> dict[str, Any]:
+    a = Args(f"{op} disks", d)
+    a.only("node", "dest_path", "fmt", "size", "generation", "source_id",
+           *(("allocated",) if allocated else ()))
     fmt = a.get("fmt", str)
     if fmt not in ("raw", "qcow2"):
-        raise ProtocolError(f"presync_open: format {fmt!r} is not raw or qcow2")
+        raise ProtocolError(f"{op}: format {fmt!r} is not raw or qcow2")
     node = a.get("node", str)
     if not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}":
-        raise ProtocolError(f"presync_open: {node!r} is not a disk node")
-    size = _size(a, "presync_open")
-    return {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
-            "generation": a.get("generation", int, None),
-            "source_id": a.get("source_id", str, None)}
+        raise ProtocolError(f"{op}: {node!r} is not a disk node")
+    size = _size(a, op)
+    out = {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
+           "generation": a.get("generation", int, None),
+           "source_id": a.get("source_id", str, None)}
+    if allocated and a.get("allocated", int, None) is not None:
+        out["allocated"] = _size(a, op, "allocated")
+    return out
 
 
-def _size(a: Args, op: str) -> int:
-    size = a.get("size", int)
+def _size(a: Args, op: str, key: str = "size") -> int:
+    size = a.get(key, int)
     if not 0 <= size < 1 << 63:        # QEMU's and the file system's limit
         raise ProtocolError(f"{op}: disk size {size} is not 0 to 2^63 - 1 bytes")
     return size

@@ -88,6 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run the migration in a session of its own and follow it: a "
                         "hang-up leaves it running ('jobinfo --follow' re-attaches), "
                         "Ctrl-C aborts it (what --connect does)")
+    add_dry_run_options(p, "migration")
     p.set_defaults(func=run, copy_storage="all")
 
     j = sub.add_parser("jobinfo", help="statistics of a VM's current or last migration")
@@ -120,6 +121,27 @@ def add_disk_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--disk-bandwidth", type=int, metavar="MiB/s",
                    help="cap each disk's copy at this rate, as libvirt caps each disk's "
                         "mirror: N disks may move N times as much (default: unlimited)")
+
+
+def add_dry_run_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"check everything the {what} needs on both hosts, change nothing, "
+                        f"and print the plan with an estimate of its time; exit status 1 "
+                        f"(one line per problem) when it would not start")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: print the plan and its problems as JSON")
+
+
+def print_dry_run(plan: Any, as_json: bool) -> int:
+    """The plan on stdout; each problem on a line of its own on stderr (in
+    the JSON with --json)."""
+    if as_json:
+        print(json.dumps(plan.as_dict(), indent=1), flush=True)
+    else:
+        print(plan.text(), flush=True)
+        for problem in plan.problems:
+            sys.stderr.write(f"vmferry: error: {problem}\n")
+    return 0 if plan.ok else 1
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -233,7 +255,10 @@ def summary(info: JobInfo) -> str:
 def run(args: argparse.Namespace) -> int:
     opts = options_from(args)
     opts.validate()
-    if args.detach:
+    if args.json and not args.dry_run:
+        raise UsageError("--json goes with --dry-run (a migration's progress: --progress=json)")
+    if args.detach and not args.dry_run:
+        # a dry run changes nothing and ends within seconds: nothing to detach
         from vmferry.commands import detached
         return detached.start(StateDir(args.state_dir), args.name, args.command_argv,
                               args.progress)
@@ -249,6 +274,9 @@ def run(args: argparse.Namespace) -> int:
         from vmferry.migration.remote import RemoteDestination
         dest = RemoteDestination(args.dest, ssh=ssh)
     state = StateDir(args.state_dir)
+    if args.dry_run:
+        from vmferry.migration.api import dry_run_vm
+        return print_dry_run(dry_run_vm(state, args.name, dest, opts), args.json)
     display = MigrationDisplay(args.progress)
     try:
         info = migrate_vm(state, args.name, dest, opts, progress=display)

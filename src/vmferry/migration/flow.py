@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
+from vmferry.aio import in_thread
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
 from vmferry.eta import Estimator
-from vmferry.migration import presync, source
+from vmferry.migration import presync, probe, source
 from vmferry.migration.destination import Destination
+from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
 from vmferry.migration.journal import Journal
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
@@ -88,6 +90,7 @@ class Migration:
         self._mirror_bitmaps = False   # the mirror's resumable bitmaps were added
         self._mirror_kept = False      # the mirror copies into a copy a failure keeps
         self._described = False        # Begin found the VM in a state to move
+        self._moves: dict[str, int] = {}   # a dry run's bytes to move of presynced disks
         self._last_save = 0.0
 
     # -- bookkeeping ---------------------------------------------------
@@ -284,13 +287,75 @@ class Migration:
         if self.journal is not None:
             self.journal.was_running = self.was_running
             self.journal.save()
-        # The destination runs the guest with the accelerator it has now:
-        # a TCG guest moved onto KVM sees its clock and timing change.
-        kvm = await self.mon.cmd("query-kvm")
-        self.accel = "kvm" if kvm.get("enabled") else "tcg"
+        self.accel = await source.accelerator(self.mon)
         self.disks = await self._plan_disks()
         if self.journal is not None:
             self.journal.set_disks([dataclasses.asdict(d) for d in self.disks])
+
+    async def check(self) -> DryRun:
+        """Begin's and Prepare's checks, every one and on both hosts, changing
+        nothing there — no journal or job file, no QEMU object, no file on the
+        destination — and the plan they would carry out (a dry run)."""
+        run = DryRun(name=self.name, destination=repr(self.dest),
+                     transport=self.dest.transport(self.opts))
+        self.warn = None                    # warnings go into the plan
+        reached = True
+        try:
+            await self.dest.connect(self.opts)
+        except (VmferryError, OSError) as e:
+            run.add_problems([str(e)])
+            reached = False
+        try:
+            self.mon = await Monitor(self.qmp_socket, "source", "check").connect()
+        except VmferryError as e:
+            run.add_problems([str(e)])
+        else:
+            try:
+                await self._check_source(run)
+            finally:
+                await self.mon.close()
+        run.engine = self.opts.storage_engine if self.disks else ""
+        found = None
+        if reached:
+            found = await self.dest.check(self.spec, self.disks, self.opts, accel=self.accel,
+                                          presynced=frozenset(self.presynced))
+            run.heard(found)
+        run.warnings = self.info.warnings + run.warnings
+        run.disks = [DiskMove(node=d.node, path=d.path, fmt=d.fmt, size=d.size,
+                              allocated=d.allocated,
+                              dest_path=(found.dest_paths.get(d.node, "") if found else ""),
+                              create=bool(found and d.node in found.create),
+                              engine=run.engine, moves=self._moves.get(d.node, d.allocated),
+                              dest_free=found.free.get(d.node) if found else None)
+                     for d in self.disks]
+        run.options = options_in_effect(self.opts)
+        if run.ok:
+            # a second at most, shared by the link and the disks
+            run.link_rate = await self.dest.probe_link(PROBE_SECONDS / 2)
+            run.disk_read_rate = await in_thread(probe.disk_read_rate,
+                                                 [d.path for d in self.disks],
+                                                 PROBE_SECONDS / 2)
+            run.estimate(self.opts)
+        return run
+
+    async def _check_source(self, run: DryRun) -> None:
+        """Begin's checks of the source QEMU, every problem of them."""
+        status, problems = await source.state_problems(self.mon)
+        run.add_problems(problems)
+        self._described = True
+        self.was_running = status["status"] == "running"
+        self.accel = await source.accelerator(self.mon)
+        version = (await self.mon.cmd("query-version")).get("qemu", {})
+        memory = await self.mon.try_cmd("query-memory-size-summary") or {}
+        run.source = {"qemu": "{major}.{minor}.{micro}".format(**version) if version else "",
+                      "accel": self.accel, "machine": self.spec.machine,
+                      "memory": memory.get("base-memory", 0), "status": status["status"]}
+        try:
+            self.disks = await self._plan_disks()
+        except VmferryError as e:
+            run.add_problems([str(e)])
+        if self.presynced:
+            self._moves = await presync.delta(self.mon, self.presynced, self.disks)
 
     async def _close_source(self) -> None:
         """The last undo step: a guest that ran must run again, or the

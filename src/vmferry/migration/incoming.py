@@ -18,7 +18,7 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
@@ -39,6 +39,8 @@ TLS_ID = "vmferry-tls"
 EXPORT_ID = "vmferry-export-"
 # libvirt's migration_port_min/max
 DEFAULT_PORTS = (49152, 49215)
+NO_TLS_CERTS = ("--tls: the destination has no QEMU certificates (PKI/qemu with ca-cert.pem, "
+                "server-cert.pem, server-key.pem)")
 
 
 @dataclasses.dataclass
@@ -278,50 +280,85 @@ class Incoming:
                      presynced: set[str]) -> list[DiskPlan]:
         """Refuse what the user must fix before anything starts; returns the
         disks whose destination image is missing (to be created)."""
-        missing = []
+        missing, problems = self.disk_problems(dspec, disks, opts, presynced)
+        if problems:
+            raise UsageError(problems[0])
+        return missing
+
+    def disk_problems(self, dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
+                      presynced: set[str]) -> tuple[list[DiskPlan], list[str]]:
+        """Every disk, path and image problem, not just the first (a dry run
+        lists them all, Prepare refuses at the first), and the disks whose
+        destination image is missing.  Reads only: a path is stat'ed or its
+        image inspected only once the policy allows it."""
+        missing: list[DiskPlan] = []
+        problems: list[str] = []
+        refused: set[str] = set()      # each path's refusal said once
+
+        def allowed(check: Callable[[], None], path: str) -> None:
+            try:
+                check()
+            except UsageError as e:
+                problems.append(str(e))
+                refused.add(path)
         by_node = {f"disk{i}": d for i, d in enumerate(dspec.disks)}
         if dspec.serial:
-            self.policy.check_path("the serial log", dspec.serial)
+            allowed(lambda: self.policy.check_path("the serial log", dspec.serial),
+                    dspec.serial)
         for d in dspec.disks:           # copied or not, the destination QEMU opens it
-            self.policy.check_path("disk image", d.path)
+            allowed(lambda: self.policy.check_path("disk image", d.path), d.path)
         for what in ("kernel", "initrd"):
             # QEMU only reads these, but into guest memory: a file outside the
             # roots (an initrd of /etc/shadow) would be handed to whoever
             # controls the guest.
             path = getattr(dspec, what)
             if path:
-                self.policy.check_path(f"the {what}", path,
-                                       remedy="the destination reads it at the same path; ")
+                allowed(lambda: self.policy.check_path(
+                    f"the {what}", path, remedy="the destination reads it at the same path; "),
+                    path)
         for plan in disks:
             if plan.backing and opts.copy_storage == "inc":
-                self.policy.check_path("backing image", plan.backing)
+                allowed(lambda: self.policy.check_path("backing image", plan.backing),
+                        plan.backing)
         for plan in disks:
             target = by_node[plan.node].path
             plan.dest_path = target
-            self.policy.check_path("destination image", target)
-            if (file_id(target) or os.path.realpath(target)) == \
-                    (plan.source_id or os.path.realpath(plan.path)):
-                raise UsageError(f"the destination image of {plan.node} is the source's own "
-                                 f"file {target}: map it elsewhere with --disk-map "
-                                 f"{plan.path}=NEWPATH")
-            size = image_size(target)
-            if size is None:
-                if not opts.create_disks:
-                    raise UsageError(f"destination image {target} does not exist: create it "
-                                     f"or pass --create-disks")
-                missing.append(plan)
-            elif size < plan.size:
-                raise UsageError(f"destination image {target} is smaller "
-                                 f"({format_size(size)}) than {plan.path} "
-                                 f"({format_size(plan.size)}): grow it, or remove it and "
-                                 f"pass --create-disks")
-            elif (self.policy.protect_existing and not opts.overwrite_disks
-                  and opts.copy_storage == "all" and plan.node not in presynced
-                  and not _made_by_presync(target)):
-                raise UsageError(f"destination image {target} already exists: pass "
-                                 f"--overwrite-disks to replace its contents, or map the "
-                                 f"disk elsewhere with --disk-map")
-        return missing
+            if target in refused:
+                continue
+            try:
+                if self._check_image(plan, target, opts, presynced) == "missing":
+                    missing.append(plan)
+            except UsageError as e:
+                problems.append(str(e))
+        return missing, problems
+
+    def _check_image(self, plan: DiskPlan, target: str, opts: MigrateOptions,
+                     presynced: set[str]) -> Optional[str]:
+        """"missing" when the image is to be created."""
+        self.policy.check_path("destination image", target)
+        if (file_id(target) or os.path.realpath(target)) == \
+                (plan.source_id or os.path.realpath(plan.path)):
+            raise UsageError(f"the destination image of {plan.node} is the source's own "
+                             f"file {target}: map it elsewhere with --disk-map "
+                             f"{plan.path}=NEWPATH")
+        size = image_size(target)
+        if size is None:
+            if not opts.create_disks:
+                raise UsageError(f"destination image {target} does not exist: create it "
+                                 f"or pass --create-disks")
+            return "missing"
+        if size < plan.size:
+            raise UsageError(f"destination image {target} is smaller "
+                             f"({format_size(size)}) than {plan.path} "
+                             f"({format_size(plan.size)}): grow it, or remove it and "
+                             f"pass --create-disks")
+        elif (self.policy.protect_existing and not opts.overwrite_disks
+              and opts.copy_storage == "all" and plan.node not in presynced
+              and not _made_by_presync(target)):
+            raise UsageError(f"destination image {target} already exists: pass "
+                             f"--overwrite-disks to replace its contents, or map the "
+                             f"disk elsewhere with --disk-map")
+        return None
 
     def _create_disks(self, missing: list[DiskPlan], opts: MigrateOptions) -> None:
         # Only an incremental copy keeps the shared backing file; a full copy
@@ -345,12 +382,8 @@ class Incoming:
             # Claimed under the state directory's lock: two sources moving a VM
             # of the same name here at once must not share (and then delete)
             # one VM folder.
-            if self.state.read_pid(name) is not None:
-                raise UsageError(f"a VM named {name} already runs in {self.state.path}")
+            self.check_free(name)
             key = (str(self.state.path), name)
-            if key in _CLAIMED or _claimed_elsewhere(self.state, name):
-                raise UsageError(f"an incoming migration of {name} is already under way in "
-                                 f"{self.state.path}")
             missing = self._check_disks(dspec, disks, opts, presynced)
             _CLAIMED.add(key)
             self._claim = key
@@ -358,6 +391,14 @@ class Incoming:
             self.new_vm_dir = not self.state.vm_dir(name).exists()
             self._save_record()
         return missing
+
+    def check_free(self, name: str) -> None:
+        """No VM of that name runs here, nor does another incoming migration of it."""
+        if self.state.read_pid(name) is not None:
+            raise UsageError(f"a VM named {name} already runs in {self.state.path}")
+        if (str(self.state.path), name) in _CLAIMED or _claimed_elsewhere(self.state, name):
+            raise UsageError(f"an incoming migration of {name} is already under way in "
+                             f"{self.state.path}")
 
     async def prepare(self, dspec: Any, disks: list[DiskPlan],
                       opts: MigrateOptions, *, accel: Optional[str] = None,
@@ -374,9 +415,7 @@ class Incoming:
         tls = bool(opts.tls)
         if tls:
             if not net.tls_dir:
-                raise UsageError("--tls: the destination has no QEMU certificates "
-                                 "(PKI/qemu with ca-cert.pem, server-cert.pem, "
-                                 "server-key.pem)")
+                raise UsageError(NO_TLS_CERTS)
             await self.mon.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID,
                                                 "dir": net.tls_dir, "endpoint": "server",
                                                 "verify-peer": True})

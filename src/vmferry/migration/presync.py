@@ -37,10 +37,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from vmferry.aio import uncancellable
+from vmferry.aio import in_thread, uncancellable
 from vmferry.copying import copy_async
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
-from vmferry.migration import spans
+from vmferry.migration import probe, spans
+from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan, plan_disks
@@ -155,6 +156,19 @@ async def _bitmaps(mon: Monitor) -> dict[str, dict[str, Any]]:
     nodes = await mon.cmd("query-named-block-nodes", flat=True)
     return {n["node-name"]: {b["name"]: b for b in n.get("dirty-bitmaps", [])
                              if b["name"] in (BITMAP, FROZEN)} for n in nodes}
+
+
+async def delta(mon: Monitor, good: dict[str, dict], plans: list[DiskPlan]) -> dict[str, int]:
+    """node -> bytes an incremental copy of each disk in GOOD (node -> its
+    record) moves: what its bitmap marks, and what the copy still lacks."""
+    maps = await _bitmaps(mon)
+    out = {}
+    for p in plans:
+        if p.node in good:
+            dirty = maps.get(p.node, {}).get(BITMAP, {}).get("count", 0)
+            lacking = spans.total(missing(good[p.node], p.size) or [])
+            out[p.node] = min(p.size, dirty + lacking)
+    return out
 
 
 async def valid_records(mon: Monitor, state: Any, name: str, plans: list[DiskPlan],
@@ -281,11 +295,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         good = await valid_records(mon, state, name, plans, dpaths, note, dest=dest,
                                    opts=opts)
         generation = next_generation(state, name)
-        targets = await dest.presync_open(
-            [{"node": p.node, "dest_path": dpaths[p.node], "fmt": p.fmt, "size": p.size,
-              "source_id": p.source_id,
-              "generation": good[p.node].get("generation") if p.node in good else None}
-             for p in plans], opts)
+        targets = await dest.presync_open(_targets(plans, dpaths, good), opts)
         opened = True
         jr.enter("perform")
         for node, t in targets.items():
@@ -342,6 +352,72 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                 await dest.close()
             jr.close()
         await uncancellable(teardown())
+
+
+def _targets(plans: list[DiskPlan], dpaths: dict[str, str], good: dict[str, dict],
+             allocated: bool = False) -> list[dict[str, Any]]:
+    """The destination images presync_open (or, with ALLOCATED, its check) asks for."""
+    return [{"node": p.node, "dest_path": dpaths[p.node], "fmt": p.fmt, "size": p.size,
+             "source_id": p.source_id,
+             "generation": good[p.node].get("generation") if p.node in good else None,
+             **({"allocated": p.allocated} if allocated else {})}
+            for p in plans]
+
+
+async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRun:
+    """presync()'s checks, every one and on both hosts, changing nothing: no
+    journal, bitmap, export or NBD server on the source, no image, record or
+    qemu-nbd on the destination (a dry run).  A disk whose records hold
+    would move only what its bitmap marks."""
+    from vmferry.migration.api import journal_problem
+    from vmferry.migration.destination import destination_spec
+    rec = state.load(name)
+    run = DryRun(name=name, destination=repr(dest), kind="presync",
+                 transport=dest.transport(opts), engine="native",
+                 options=options_in_effect(opts))
+    problem = journal_problem(state, name)
+    if problem:
+        run.add_problems([problem])
+    if not dest.presync_ok:
+        run.add_problems([f"presync cannot write to {dest!r}"])
+    try:
+        await dest.connect(opts)
+    except (VmferryError, OSError) as e:
+        run.add_problems([str(e)])
+    if rec.pid is None:
+        run.add_problems([f"{name} is not running: presync copies a running VM's disks"])
+        return run
+    plans: list[DiskPlan] = []
+    good: dict[str, dict] = {}
+    dpaths: dict[str, str] = {}
+    moves: dict[str, int] = {}
+    try:
+        async with Monitor(rec.qmp_socket, "source", "check") as mon:
+            plans = await plan_disks(mon, rec.spec, opts)
+            dspec = destination_spec(rec.spec, opts)
+            dpaths = {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
+            good = await valid_records(mon, state, name, plans, dpaths, run.warnings.append,
+                                       dest=dest if dest.presync_ok else None, opts=opts)
+            moves = await delta(mon, good, plans)
+    except VmferryError as e:
+        run.add_problems([str(e)])
+    found = None
+    if plans and dest.presync_ok and run.ok:
+        found = await dest.presync_check_open(_targets(plans, dpaths, good, allocated=True),
+                                              opts)
+        run.heard(found)
+    run.disks = [DiskMove(node=p.node, path=p.path, fmt=p.fmt, size=p.size,
+                          allocated=p.allocated, dest_path=dpaths.get(p.node, ""),
+                          create=bool(found and p.node in found.create), engine="native",
+                          moves=moves.get(p.node, p.allocated),
+                          dest_free=found.free.get(p.node) if found else None)
+                 for p in plans]
+    if run.ok:
+        run.link_rate = await dest.probe_link(PROBE_SECONDS / 2)
+        run.disk_read_rate = await in_thread(probe.disk_read_rate, [p.path for p in plans],
+                                             PROBE_SECONDS / 2)
+        run.estimate(opts)
+    return run
 
 
 async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[str, Any],

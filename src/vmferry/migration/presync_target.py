@@ -285,38 +285,61 @@ class PresyncTarget:
                         (folder / ".lock").unlink(missing_ok=True)
                         folder.rmdir()
 
+    def check(self, disks: list[dict[str, Any]], create: bool,
+              overwrite: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """What open() refuses, every problem of it (a dry run lists them all,
+        open() refuses at the first), and per node whether its image would be
+        created and why its record does not hold.  Reads only, and only the
+        paths the policy allows."""
+        out: dict[str, dict[str, Any]] = {}
+        problems: list[str] = []
+        allowed = []
+        for d in disks:
+            try:
+                check_paths(self.policy, d["dest_path"])
+                allowed.append(d)
+            except UsageError as e:
+                problems.append(str(e))
+        if len({d["node"] for d in disks}) != len(disks) or \
+                len({os.path.realpath(d["dest_path"]) for d in allowed}) != len(allowed):
+            problems.append("presync names a disk or a destination image twice")
+        for d in allowed:
+            try:
+                out[d["node"]] = self._check_image(d, create, overwrite)
+            except UsageError as e:
+                problems.append(str(e))
+        return out, problems
+
+    def _check_image(self, d: dict[str, Any], create: bool, overwrite: bool) -> dict[str, Any]:
+        path = d["dest_path"]
+        if d.get("source_id") and file_id(path) == d["source_id"]:
+            raise UsageError(f"the destination image of {d['node']} is the source's own "
+                             f"file {path}: map it elsewhere with --disk-map")
+        stale = check(path, d.get("generation")) if d.get("generation") else "first"
+        have = image_size(path)
+        if have is None:
+            if not create:
+                raise UsageError(f"destination image {path} does not exist: create it "
+                                 f"or pass --create-disks")
+        elif have < d["size"]:
+            raise UsageError(f"destination image {path} is smaller than the source's "
+                             f"disk: grow it or remove it and pass --create-disks")
+        elif (self.policy.protect_existing and not overwrite
+              and not sidecar(path).exists()):
+            raise UsageError(f"destination image {path} already exists and was not made "
+                             f"by presync: pass --overwrite-disks to replace its contents")
+        return {"created": have is None, "stale": stale}
+
     async def open(self, disks: list[dict[str, Any]], *, create: bool,
                    overwrite: bool) -> dict[str, dict[str, Any]]:
         """DISKS: node, dest_path, fmt, size and the presync generation the
         source believes the image holds (None for a first presync).  Returns,
         per node, where the image is served, whether it was created, and why
         its record does not hold ('' when it does)."""
-        out: dict[str, dict[str, Any]] = {}
         self._save_record()      # its socket folder, should this process die
-        for d in disks:
-            check_paths(self.policy, d["dest_path"])
-        if len({d["node"] for d in disks}) != len(disks) or \
-                len({os.path.realpath(d["dest_path"]) for d in disks}) != len(disks):
-            raise UsageError("presync names a disk or a destination image twice")
-        for d in disks:
-            path = d["dest_path"]
-            if d.get("source_id") and file_id(path) == d["source_id"]:
-                raise UsageError(f"the destination image of {d['node']} is the source's own "
-                                 f"file {path}: map it elsewhere with --disk-map")
-            stale = check(path, d.get("generation")) if d.get("generation") else "first"
-            have = await in_thread(image_size, path)
-            if have is None:
-                if not create:
-                    raise UsageError(f"destination image {path} does not exist: create it "
-                                     f"or pass --create-disks")
-            elif have < d["size"]:
-                raise UsageError(f"destination image {path} is smaller than the source's "
-                                 f"disk: grow it or remove it and pass --create-disks")
-            elif (self.policy.protect_existing and not overwrite
-                  and not sidecar(path).exists()):
-                raise UsageError(f"destination image {path} already exists and was not made "
-                                 f"by presync: pass --overwrite-disks to replace its contents")
-            out[d["node"]] = {"created": have is None, "stale": stale}
+        out, problems = await in_thread(self.check, disks, create, overwrite)
+        if problems:
+            raise UsageError(problems[0])
         for d in disks:
             path = d["dest_path"]
             if out[d["node"]]["created"]:

@@ -20,8 +20,9 @@ from typing import Any, Callable, Optional
 from vmferry.agent import protocol, transport
 from vmferry.agent.pki import Pki
 from vmferry.agent.transport import KEEPALIVE_COUNT, Target
-from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.destination import Destination, Prepared, destination_spec
+from vmferry.errors import MigrationError, UsageError, VmferryError
+from vmferry.migration.destination import (Destination, DestinationCheck, Prepared,
+                                            destination_spec)
 from vmferry.migration.options import MigrateOptions, parse_tcp_uri
 from vmferry.migration.source import DiskPlan
 
@@ -29,6 +30,7 @@ CONNECT_TIMEOUT = 30.0
 PROBE_STATES = ("running", "resumed-gone", "busy", "completed", "incoming", "absent",
                 "unknown")
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+PROBE_FRAME = 256 << 10         # well below the agent's frame limit
 
 
 class Channel:
@@ -257,22 +259,10 @@ class RemoteDestination(Destination):
         if opts.tunnelled and not self._tunnel_dir:
             raise UsageError(f"--tunnelled: the ssh connection to {self} was made without "
                              f"a control socket for its forwards")
-        dhost, dport = _uri_host(opts.disks_uri, "--disks-uri")
-        mhost, mport = _uri_host(opts.migrate_uri, "--migrate-uri")
-        listen = opts.listen_address
-        r = await ch.call(
-            "prepare", spec=dspec.to_toml(),
-            disks=[{"node": d.node, "path": d.path, "fmt": d.fmt, "size": d.size,
-                    "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt,
-                    "source_id": d.source_id}
-                   for d in disks],
-            options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
-                     "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
-                     "parallel_connections": opts.parallel_connections, "tls": opts.tls},
-            accel=accel, presynced=sorted(presynced), token=token,
-            nbd={"address": listen or dhost, "port": dport},
-            migrate={"address": listen or mhost, "port": mport},
-            **({"tunnel": True} if opts.tunnelled else {}))
+        dhost, _ = _uri_host(opts.disks_uri, "--disks-uri")
+        mhost, _ = _uri_host(opts.migrate_uri, "--migrate-uri")
+        r = await ch.call("prepare", **_prepare_args(dspec, disks, opts, accel, presynced),
+                          token=token)
         for d in disks:
             d.dest_path = r.get("dest_paths", {}).get(d.node, "")
         if opts.tunnelled:
@@ -311,6 +301,52 @@ class RemoteDestination(Destination):
                         exports=dict(r.get("exports", {})),
                         dest_paths=dict(r.get("dest_paths", {})),
                         fresh=set(r.get("fresh", [])))
+
+    async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
+                    accel: Optional[str] = None,
+                    presynced: frozenset[str] = frozenset()) -> DestinationCheck:
+        try:
+            dspec = destination_spec(spec, opts)
+            ch = await self._connect(opts)
+            r = await ch.call("check", **_prepare_args(dspec, disks, opts, accel, presynced,
+                                                       allocated=True))
+        except protocol.ProtocolError as e:
+            return DestinationCheck(problems=[self._too_old(e, "a migration")])
+        except (VmferryError, OSError) as e:
+            return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
+        # the agent says itself whether it has QEMU certificates for --tls
+        out = DestinationCheck.from_wire(r)
+        out.problems += _client_tls_problems(opts)
+        return out
+
+    def _too_old(self, e: Exception, what: str) -> str:
+        """An agent from before dry runs refuses the request by name."""
+        if "unknown request" in str(e):
+            return (f"the agent at {self} (vmferry {self.info.get('version', '?')}) cannot "
+                    f"check {what} without making it: install vmferry {_version()} there")
+        return str(e)
+
+    def transport(self, opts: MigrateOptions) -> str:
+        return (f"agent over {self.target.scheme}; disks and memory QEMU to QEMU over TCP"
+                + (" with TLS" if opts.tls else ""))
+
+    async def probe_link(self, seconds: float) -> Optional[float]:
+        """What the agent's channel carries towards the destination: padded
+        pings, each answered only once it arrived in full.  Through ssh's
+        encryption or TLS, a lower bound of what QEMU's own streams get."""
+        if self.channel is None or self.channel.lost.done():
+            return None
+        pad = "x" * PROBE_FRAME
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sent = 0
+        try:
+            while loop.time() - start < seconds:
+                await asyncio.wait_for(self.channel.call("ping", pad=pad), seconds * 4)
+                sent += PROBE_FRAME
+        except (VmferryError, asyncio.TimeoutError):
+            return None
+        return sent / max(loop.time() - start, 1e-6)
 
     def _connect_host(self, asked: Optional[str], listening: Optional[str]) -> str:
         """Where the source dials: the host the user named for this stream,
@@ -392,12 +428,23 @@ class RemoteDestination(Destination):
         ch = await self._connect(opts)
         self._presync_tls = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
         host, _ = _uri_host(opts.disks_uri, "--disks-uri")
-        r = await ch.call("presync_open", disks=disks, create_disks=opts.create_disks,
-                          overwrite_disks=opts.overwrite_disks, tls=opts.tls,
-                          address=opts.listen_address or host)
+        r = await ch.call("presync_open", **_presync_args(disks, opts))
         out = dict(r.get("disks", {}))
         for t in out.values():
             t["server"]["host"] = self._connect_host(host, t["server"].get("host"))
+        return out
+
+    async def presync_check_open(self, disks: list[dict[str, Any]],
+                                 opts: MigrateOptions) -> DestinationCheck:
+        try:
+            ch = await self._connect(opts)
+            r = await ch.call("presync_check_open", **_presync_args(disks, opts))
+        except protocol.ProtocolError as e:
+            return DestinationCheck(problems=[self._too_old(e, "a presync")])
+        except (VmferryError, OSError) as e:
+            return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
+        out = DestinationCheck.from_wire(r)
+        out.problems += _client_tls_problems(opts)
         return out
 
     def presync_uri(self, server: dict[str, Any]) -> str:
@@ -427,6 +474,50 @@ class RemoteDestination(Destination):
         if self.channel is not None:
             await self.channel.call("presync_forget", paths=paths,
                                     **({"discard": True} if discard else {}))
+
+
+def _prepare_args(dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
+                  accel: Optional[str], presynced: frozenset[str],
+                  allocated: bool = False) -> dict[str, Any]:
+    """A prepare's (or, with ALLOCATED, a check's) arguments as the agent reads
+    them."""
+    dhost, dport = _uri_host(opts.disks_uri, "--disks-uri")
+    mhost, mport = _uri_host(opts.migrate_uri, "--migrate-uri")
+    listen = opts.listen_address
+    return dict(
+        spec=dspec.to_toml(),
+        disks=[{"node": d.node, "path": d.path, "fmt": d.fmt, "size": d.size,
+                "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt,
+                "source_id": d.source_id,
+                **({"allocated": d.allocated} if allocated else {})}
+               for d in disks],
+        options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
+                 "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
+                 "parallel_connections": opts.parallel_connections, "tls": opts.tls},
+        accel=accel, presynced=sorted(presynced),
+        nbd={"address": listen or dhost, "port": dport},
+        migrate={"address": listen or mhost, "port": mport},
+        **({"tunnel": True} if opts.tunnelled else {}))
+
+
+def _client_tls_problems(opts: MigrateOptions) -> list[str]:
+    """--tls: this host's QEMU client certificates, which prepare and
+    presync_open look up first."""
+    if not opts.tls:
+        return []
+    try:
+        Pki(opts.pki_dir).qemu_dir("client")
+    except UsageError as e:
+        return [str(e)]
+    return []
+
+
+def _presync_args(disks: list[dict[str, Any]], opts: MigrateOptions) -> dict[str, Any]:
+    """A presync_open's (or its check's) arguments as the agent reads them."""
+    host, _ = _uri_host(opts.disks_uri, "--disks-uri")
+    return dict(disks=disks, create_disks=opts.create_disks,
+                overwrite_disks=opts.overwrite_disks, tls=opts.tls,
+                address=opts.listen_address or host)
 
 
 def _end(proc: subprocess.Popen) -> None:
