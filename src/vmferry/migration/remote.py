@@ -305,13 +305,18 @@ class RemoteDestination(Destination):
     async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                     accel: Optional[str] = None,
                     presynced: frozenset[str] = frozenset()) -> DestinationCheck:
+        dspec = destination_spec(spec, opts)
+        return await self._check("check", "a migration", opts, lambda: _prepare_args(
+            dspec, disks, opts, accel, presynced, allocated=True))
+
+    async def _check(self, op: str, what: str, opts: MigrateOptions,
+                     args: Callable[[], dict[str, Any]]) -> DestinationCheck:
+        """The agent's read-only OP (a dry run of WHAT), every problem as a line."""
         try:
-            dspec = destination_spec(spec, opts)
             ch = await self._connect(opts)
-            r = await ch.call("check", **_prepare_args(dspec, disks, opts, accel, presynced,
-                                                       allocated=True))
+            r = await ch.call(op, **args())
         except protocol.ProtocolError as e:
-            return DestinationCheck(problems=[self._too_old(e, "a migration")])
+            return DestinationCheck(problems=[self._too_old(e, what)])
         except (VmferryError, OSError) as e:
             return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
         # the agent says itself whether it has QEMU certificates for --tls
@@ -436,16 +441,8 @@ class RemoteDestination(Destination):
 
     async def presync_check_open(self, disks: list[dict[str, Any]],
                                  opts: MigrateOptions) -> DestinationCheck:
-        try:
-            ch = await self._connect(opts)
-            r = await ch.call("presync_check_open", **_presync_args(disks, opts))
-        except protocol.ProtocolError as e:
-            return DestinationCheck(problems=[self._too_old(e, "a presync")])
-        except (VmferryError, OSError) as e:
-            return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
-        out = DestinationCheck.from_wire(r)
-        out.problems += _client_tls_problems(opts)
-        return out
+        return await self._check("presync_check_open", "a presync", opts,
+                                 lambda: _presync_args(disks, opts))
 
     def presync_uri(self, server: dict[str, Any]) -> str:
         host = _bracket(server["host"])
