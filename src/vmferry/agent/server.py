@@ -219,10 +219,10 @@ class Session:
             raise UsageError("keepalive must be 0.1 to 600 seconds")
         self.keepalive = float(keepalive)
         self.greeted = True
-        from vmferry.cli import _version
+        from vmferry import __version__
         from vmferry.vm.qemu import detect_accel
         tls = (self.cfg.pki.dir / "qemu" / "server-cert.pem").is_file()
-        return {"protocol": protocol.PROTOCOL, "version": _version(),
+        return {"protocol": protocol.PROTOCOL, "version": __version__,
                 "host": socket.gethostname(), "accel": detect_accel(), "tls": tls,
                 "storage_roots": self.cfg.storage_roots}
 
@@ -321,7 +321,7 @@ class Session:
                 state = await self.incoming.finish(resume=resume)
             finally:
                 # resumed here, even if a later step failed: never torn down
-                self.finished = self.incoming.resumed
+                self.finished = self.incoming.handed_over
         return {"state": state}
 
     async def op_abort(self, a: Args) -> dict[str, Any]:

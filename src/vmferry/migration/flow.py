@@ -198,7 +198,7 @@ class Migration:
             await self.dest.close()
             if self.phase == Phase.BEGIN and not self._described:
                 raise       # the VM was not in a state to move: say only that
-            if getattr(e, "source_paused", False):
+            if isinstance(e, MigrationError) and e.source_paused:
                 raise       # the journal went to 'vmferry recover' (_settle_journal)
             if isinstance(e, UsageError) and not self._undo_failed:
                 raise
@@ -241,8 +241,8 @@ class Migration:
             err = MigrationError(f"lost the destination during Finish ({failure or 'cancelled'}"
                                  f"): it may be running the guest; the source VM stays "
                                  f"paused — run 'vmferry recover {self.name}' once "
-                                 f"{self.dest!r} answers", phase="finish")
-            err.source_paused = True
+                                 f"{self.dest!r} answers", phase="finish",
+                                 source_paused=True)
             raise err from failure
         raise failure
 

@@ -228,7 +228,9 @@ class Incoming:
         self.new_vm_dir = False
         self.started = False
         self.exports: list[str] = []
-        self.resumed = False       # Finish resumed the guest here
+        # Finish gave the guest to this side (resumed, or paused as asked):
+        # from then on nothing here is ever undone
+        self.handed_over = False
         self.aborted = False
         self.disks: list[DiskPlan] = []
         self.kept = False          # left for recover (keep_for_recover)
@@ -256,7 +258,7 @@ class Incoming:
 
     async def arrived(self) -> bool:
         """Whether the whole migration arrived here (the guest not resumed)."""
-        if self.mon is None or self.resumed or self.aborted:
+        if self.mon is None or self.handed_over or self.aborted:
             return False
         info = await self.mon.try_cmd("query-migrate") or {}
         return info.get("status") == "completed"
@@ -534,12 +536,12 @@ class Incoming:
             await mon.cmd("cont")
             # From here the guest has run on this side: the source must never
             # resume it too, so abort() no longer removes anything.
-            self.resumed = True
+            self.handed_over = True
             await testhooks.hold("resumed")
         status = (await mon.cmd("query-status"))["status"]
         await mon.close()
         self.mon = None
-        self.resumed = True
+        self.handed_over = True
         self.created.clear()
         self.ids.clear()
         self.dirs.clear()
@@ -562,7 +564,7 @@ class Incoming:
         presync generation, images the source keeps as partial copies
         (flow.py): stopped cleanly, they stay with their record beside them,
         and it returns "kept" — all of them or none."""
-        if self.resumed:
+        if self.handed_over:
             # resumed here, but a QEMU that died since holds no guest either:
             # then nobody can say which side's state is the one to keep
             alive = self.name is not None and self.state.read_pid(self.name) is not None

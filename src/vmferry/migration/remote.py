@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from vmferry import __version__
 from vmferry.agent import protocol, transport
 from vmferry.agent.pki import Pki
 from vmferry.agent.transport import KEEPALIVE_COUNT, Target
@@ -222,7 +223,7 @@ class RemoteDestination(Destination):
             self.channel = Channel(reader, writer, f"tls://{where}:{port}", self.keepalive)
         try:
             self.info = await asyncio.wait_for(self.channel.call(
-                "hello", protocol=protocol.PROTOCOL, version=_version(),
+                "hello", protocol=protocol.PROTOCOL, version=__version__,
                 keepalive=self.keepalive), CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
             await self.channel.close()
@@ -328,7 +329,7 @@ class RemoteDestination(Destination):
         """An agent from before dry runs refuses the request by name."""
         if "unknown request" in str(e):
             return (f"the agent at {self} (vmferry {self.info.get('version', '?')}) cannot "
-                    f"check {what} without making it: install vmferry {_version()} there")
+                    f"check {what} without making it: install vmferry {__version__} there")
         return str(e)
 
     def transport(self, opts: MigrateOptions) -> str:
@@ -544,8 +545,3 @@ def _uri_host(uri: Optional[str], flag: str) -> tuple[Optional[str], Optional[in
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _version() -> str:
-    from vmferry.cli import _version as v
-    return v()
