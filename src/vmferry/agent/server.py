@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from vmferry.agent import listener, protocol, transport
+from vmferry.agent import listener, protocol, transport, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
@@ -33,13 +33,8 @@ from vmferry.migration.source import DiskPlan
 from vmferry.vm.state import StateDir
 
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
-_NODE_RE = re.compile(r"disk[0-9]{1,3}")
-_EXPORT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")      # NBD export names: the node's
 _EOF = object()             # not None: a frame of JSON null is a frame, and answered
 _TOKEN_RE = re.compile(r"[0-9a-f]{0,64}")
-# MigrateOptions fields a source may set on the destination
-WIRE_OPTIONS = {"copy_storage": str, "create_disks": bool, "overwrite_disks": bool,
-                "postcopy": bool, "parallel_connections": int, "tls": bool}
 
 
 @dataclasses.dataclass
@@ -242,14 +237,14 @@ class Session:
             spec = parse_spec(a.get("spec", str), source="the source's VM spec")
         except RecursionError:
             raise ProtocolError(f"{a.op}: the VM spec is nested too deeply") from None
-        disks = [_disk_plan(d, spec, a.op, allocated=check) for d in a.get("disks", list)]
+        disks = [wire.disk_plan(d, spec, a.op, allocated=check) for d in a.get("disks", list)]
         if len({d.node for d in disks}) != len(disks):
             raise ProtocolError(f"{a.op}: a disk is named twice")
         if spec.extra_args and not self.cfg.allow_extra_args:
             raise UsageError("the VM spec has extra_args, which would reach the destination's "
                              "QEMU command line: allow them with allow_extra_args = true in "
                              "the agent's agent.toml")
-        opts = _options(Args(f"{a.op} options", a.get("options", dict)))
+        opts = wire.options(Args(f"{a.op} options", a.get("options", dict)))
         accel = a.get("accel", str, None)
         if accel not in (None, "kvm", "tcg"):
             raise ProtocolError("accel must be kvm or tcg")
@@ -328,7 +323,7 @@ class Session:
         a.only("keep")
         keep = a.get("keep", dict, None)
         if keep is not None and not all(
-                isinstance(n, str) and _NODE_RE.fullmatch(n) and isinstance(g, int)
+                isinstance(n, str) and wire.NODE_RE.fullmatch(n) and isinstance(g, int)
                 and not isinstance(g, bool) and 0 < g < 1 << 62 for n, g in keep.items()):
             raise ProtocolError("abort: keep maps disk nodes to presync generations")
         return {"outcome": await self._abort(keep)}
@@ -345,7 +340,7 @@ class Session:
         """A presync's dry run: presync_open's checks, reading only, with no
         record written (dest_check.py)."""
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
-        disks = [_presync_disk(d, "presync_check_open", allocated=True)
+        disks = [wire.presync_disk(d, "presync_check_open", allocated=True)
                  for d in a.get("disks", list)]
         address = _address(a) or self.local_address or "0.0.0.0"
         tls_problem = ""
@@ -365,7 +360,7 @@ class Session:
 
     async def op_presync_open(self, a: Args) -> dict[str, Any]:
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
-        disks = [_presync_disk(d) for d in a.get("disks", list)]
+        disks = [wire.presync_disk(d) for d in a.get("disks", list)]
         tls = a.get("tls", bool, False)
         address = _address(a) or self.local_address or "0.0.0.0"
         async with self._busy:
@@ -544,29 +539,6 @@ class Session:
         "command_signal": op_command_signal}
 
 
-def _disk_plan(d: Any, spec: Any, op: str = "prepare", allocated: bool = False) -> DiskPlan:
-    a = Args(f"{op} disks", d)
-    a.only("node", "path", "fmt", "size", "export", "backing", "backing_fmt", "source_id",
-           *(("allocated",) if allocated else ()))
-    node = a.get("node", str)
-    if (not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}"
-            or int(node[4:]) >= len(spec.disks)):
-        raise ProtocolError(f"{op}: {node!r} is not a disk of the spec")
-    fmt = a.get("fmt", str)
-    if fmt not in ("raw", "qcow2"):
-        raise ProtocolError(f"{op}: format {fmt!r} is not raw or qcow2")
-    size = _size(a, op)
-    export = a.get("export", str)
-    if not _EXPORT_RE.fullmatch(export):
-        raise ProtocolError(f"{op}: {export[:80]!r} is not an NBD export name")
-    return DiskPlan(node=node, path=a.get("path", str), fmt=fmt, size=size,
-                    export=export, backing=a.get("backing", str, None),
-                    backing_fmt=a.get("backing_fmt", str, None),
-                    source_id=a.get("source_id", str, None),
-                    allocated=_size(a, op, "allocated") if a.get("allocated", int, None)
-                    is not None else None)
-
-
 def _address(a: Args) -> Optional[str]:
     """An address to listen on, as a source may name it: a host name or IP
     address, which the system (or QEMU) then resolves or refuses."""
@@ -581,40 +553,6 @@ def _token(token: str) -> str:
     if not _TOKEN_RE.fullmatch(token):
         raise ProtocolError("a migration token is up to 64 hex digits")
     return token
-
-
-def _presync_disk(d: Any, op: str = "presync_open", allocated: bool = False) -> dict[str, Any]:
-    a = Args(f"{op} disks", d)
-    a.only("node", "dest_path", "fmt", "size", "generation", "source_id",
-           *(("allocated",) if allocated else ()))
-    fmt = a.get("fmt", str)
-    if fmt not in ("raw", "qcow2"):
-        raise ProtocolError(f"{op}: format {fmt!r} is not raw or qcow2")
-    node = a.get("node", str)
-    if not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}":
-        raise ProtocolError(f"{op}: {node!r} is not a disk node")
-    size = _size(a, op)
-    out = {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
-           "generation": a.get("generation", int, None),
-           "source_id": a.get("source_id", str, None)}
-    if allocated and a.get("allocated", int, None) is not None:
-        out["allocated"] = _size(a, op, "allocated")
-    return out
-
-
-def _size(a: Args, op: str, key: str = "size") -> int:
-    size = a.get(key, int)
-    if not 0 <= size < 1 << 63:        # QEMU's and the file system's limit
-        raise ProtocolError(f"{op}: disk size {size} is not 0 to 2^63 - 1 bytes")
-    return size
-
-
-def _options(a: Args) -> MigrateOptions:
-    a.only(*WIRE_OPTIONS)
-    opts = MigrateOptions(**{k: a.get(k, t) for k, t in WIRE_OPTIONS.items() if k in a.args
-                             and a.args[k] is not None})
-    opts.validate()
-    return opts
 
 
 # -- transports ----------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from vmferry import __version__
-from vmferry.agent import protocol, transport
+from vmferry.agent import protocol, transport, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.transport import KEEPALIVE_COUNT, Target
 from vmferry.errors import MigrationError, UsageError, VmferryError
@@ -484,14 +484,8 @@ def _prepare_args(dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
     listen = opts.listen_address
     return dict(
         spec=dspec.to_toml(),
-        disks=[{"node": d.node, "path": d.path, "fmt": d.fmt, "size": d.size,
-                "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt,
-                "source_id": d.source_id,
-                **({"allocated": d.allocated} if allocated else {})}
-               for d in disks],
-        options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
-                 "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
-                 "parallel_connections": opts.parallel_connections, "tls": opts.tls},
+        disks=[wire.encode_disk(d, allocated) for d in disks],
+        options=wire.encode_options(opts),
         accel=accel, presynced=sorted(presynced),
         nbd={"address": listen or dhost, "port": dport},
         migrate={"address": listen or mhost, "port": mport},
