@@ -14,7 +14,7 @@ DEB_PKGS := build-essential pkg-config cmake python3-venv python3-dev nftables \
 EXT_SRC := $(wildcard ext/*.c ext/*.h) src/vmferry/_engine.pyx src/vmferry/_engine.pxd setup.py
 SO := $(firstword $(wildcard src/vmferry/_engine*.so))
 
-.PHONY: all deps venv build test test-c test-py demo bench clean
+.PHONY: all deps venv build test test-c test-py demo bench bench-presync clean
 
 all: build
 
@@ -63,8 +63,14 @@ test: test-c test-py
 demo: .stamp-build
 	$(VPY) -m vmferry demo
 
+# Every bench/bench_*.py: copy, zerocopy, zc_sizes, migrate, remote, storage and
+# presync; each writes bench/results/<name>.{md,json,png}.
 bench: .stamp-build
 	$(VPY) -m pytest -q bench -p no:cacheprovider
+
+# One group on its own: issue 12's pre-seeding target (1 Gbit/s link, 8 GiB disk).
+bench-presync: .stamp-build
+	$(VPY) -m pytest -q -s bench/bench_presync.py -p no:cacheprovider
 
 clean:
 	rm -rf build build-asan .stamp-build src/vmferry/_engine.c src/vmferry/_engine*.so

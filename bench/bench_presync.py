@@ -365,6 +365,9 @@ class PresyncBench:
         finally:
             stop_all(a, b, timeout=5)
         try:
+            # how much of the destination image the copy allocated (a mirror's zero
+            # writes may fill the holes; presync and the native engine skip them)
+            result["dst_allocated_mib"] = dst.stat().st_blocks * 512 / MiB
             diff = _qemu_img_compare(self.src_disk, dst)
             assert diff == "", f"{tool}: destination image differs from the source: {diff}"
             result["checks"] = {"dest_in_netns": True, "qemu_img_compare": "identical"}
