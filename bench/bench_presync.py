@@ -487,8 +487,8 @@ def test_presync_side_by_side(pbench: PresyncBench) -> None:
         "mode": (f"QUICK MODE (VMFERRY_BENCH_SCALE={SCALE:g}, {ROUNDS} rounds): not the "
                  f"target's configuration" if QUICK else "full (scale 1)"),
         "vmferry commit": _vmferry_version(),
-        "VM": f"{RAM}B RAM, 1 vCPU, idle test guest ({GUEST_FILL}B filled once, heartbeat "
-              f"every 100 ms)",
+        "VM": f"{RAM[:-1]} MiB RAM, 1 vCPU, idle test guest ({GUEST_FILL[:-1]} MiB filled once, "
+              f"heartbeat every 100 ms)",
         "disk": f"{DISK // MiB} MiB raw on tmpfs, the first {DATA // MiB} MiB random data",
         "rewritten after the presync": f"{N_WRITES} writes of {WRITE_SIZE // KiB} KiB spread "
                                        f"over the data = {REWRITTEN // MiB} MiB "
