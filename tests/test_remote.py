@@ -149,6 +149,31 @@ def test_migration_to_tls_agent(rlab, tls):
     assert agent.poll() is None, "the long-running agent exited after one migration"
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_native_engine_between_hosts_takes_zero_copy_lanes(rlab, tls):
+    """The native engine reads a raw image from its file and sends it over the
+    link to the destination's NBD export: on zero-copy lanes (sendfile from
+    the file into the TCP socket) in plain NBD, on libnbd lanes, which speak
+    TLS, with --tls; jobinfo says which carried the bytes."""
+    src = make_image(rlab.root / "src.raw", "raw", 64)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, fmt="raw", memory="128M", mem="64M")
+    rlab.run_vm(spec, wait_pass=2)
+    extra = ["--tls"] if tls else []
+    out = rlab.ok(rlab.remote(rlab.ssh_uri(), "--disk-map", f"{src}={dst}", "--create-disks",
+                              "--storage-engine", "native", *extra))
+    assert out.startswith("migrated web1 in "), out
+    info = rlab.jobinfo()
+    assert info["storage_engine"] == "native" and info["tls"] == tls, info
+    lanes = info["storage_lanes"]
+    used, unused = ("libnbd", "zero-copy") if tls else ("zero-copy", "libnbd")
+    assert lanes.get(used, 0) >= 32 << 20 and not lanes.get(unused), info
+    if tls:
+        assert "TLS" in info["storage_lanes_note"], info
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
+    assert images_identical(src, dst, "raw") == ""
+
+
 def _slow_migration(lab: RemoteLab, dest: str) -> tuple[subprocess.Popen, Path, str]:
     """A migration stuck in its disk copy long enough to break something: a
     256 MiB disk over a link shaped to 40 Mbit/s."""

@@ -454,8 +454,14 @@ class Migration:
                                 f"{self.native.throttled_at[-1] / (1 << 20):.1f} MiB/s "
                                 f"so storage could converge")
         self.info.storage_passes = self.native.stats.passes
+        self._note_lanes()
         self.info.disk_total = self.info.disk_processed = self.native.stats.bytes_copied
         self.info.disk_remaining = 0
+
+    def _note_lanes(self) -> None:
+        st = self.native.stats
+        self.info.storage_lanes = dict(st.lanes)
+        self.info.storage_lanes_note = st.lanes_note
 
     def _deadline_for_storage(self) -> Optional[float]:
         # A timeout's action applies to memory; storage that cannot even reach
@@ -528,6 +534,7 @@ class Migration:
                         self.info.storage_passes = st.passes
                         self.info.final_pass_ms = st.final_ms
                         self.info.final_pass_bytes = st.final_bytes
+                        self._note_lanes()
                     elif self.disks:
                         await source.settle_mirrors(mon, self.disks)
                     # from here the destination may hold the whole state

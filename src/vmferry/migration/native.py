@@ -45,16 +45,19 @@ THROTTLE_STEPS = 4
 MIN_THROTTLE = 1 << 20
 
 
-def _tuning() -> dict[str, int]:
-    """VMFERRY_NATIVE_TUNING="connections=N,requests=N,request_size=BYTES,direct=0|1":
-    limits on the engine's passes, for hosts where storage traffic must stay
-    small (and for the tests, which need a guest that out-writes the engine);
-    direct=0 reads raw images through the source QEMU, as qcow2 is read."""
-    out: dict[str, int] = {}
+def _tuning() -> dict[str, Any]:
+    """VMFERRY_NATIVE_TUNING="connections=N,requests=N,request_size=BYTES,direct=0|1,
+    zero_copy=auto|on|off": limits on the engine's passes, for hosts where
+    storage traffic must stay small (and for the tests, which need a guest
+    that out-writes the engine); direct=0 reads raw images through the source
+    QEMU, as qcow2 is read; zero_copy picks the engine's lanes (copy_async)."""
+    out: dict[str, Any] = {}
     for item in filter(None, os.environ.get("VMFERRY_NATIVE_TUNING", "").split(",")):
         key, _, value = item.partition("=")
         if key in ("connections", "requests", "request_size", "direct"):
             out[key] = int(value)
+        elif key == "zero_copy":
+            out[key] = value
     return out
 
 
@@ -64,6 +67,15 @@ class NativeStats:
     bytes_copied: int = 0          # written + zeroed by the engine, all passes
     final_bytes: int = 0           # moved during the final (paused) pass
     final_ms: int = 0
+    # bytes moved per kind of lane ("zero-copy", "libnbd"), and why a copy
+    # did not take the zero-copy ones (the engine's note, the last one)
+    lanes: dict[str, int] = dataclasses.field(default_factory=dict)
+    lanes_note: str = ""
+
+    def count(self, r: CopyResult) -> None:
+        self.lanes[r.path] = self.lanes.get(r.path, 0) + r.bytes_written + r.bytes_zeroed
+        if r.zero_copy_note:
+            self.lanes_note = r.zero_copy_note
 
 
 class NativeStorage:
@@ -178,6 +190,7 @@ class NativeStorage:
             raise
         if counts:
             self._advance(d, d.size)
+        self.stats.count(r)
         return r
 
     async def _copy_once(self, d: DiskPlan, bitmap: Optional[str], fresh: bool,
@@ -208,9 +221,12 @@ class NativeStorage:
             # The final pass runs with the guest paused and has little to move:
             # one connection saves three handshakes of downtime.
             dst = self._dst_uri(d)
+            # auto: zero-copy lanes where both ends are plain (a file, NBD over
+            # Unix or TCP), so the bytes never pass through this process;
+            # TLS takes the libnbd lanes.  Those lanes plan from extents
+            # alone: zeroes the image holds as allocated data move as data.
             return await copy_async(src, dst, bitmap=bitmap, extents_from=extents_from,
-                                    # zero-copy lanes here await their own benchmark (issue 12, item 3)
-                                    zero_copy="off",
+                                    zero_copy=tune.get("zero_copy", "auto"),
                                     destination_is_zero=fresh and bitmap is None,
                                     force_multi_conn=not final,
                                     # written around QEMU: durable before it runs,
