@@ -330,13 +330,19 @@ class Migration:
         return plans
 
     def _pick_engine(self, plans: list[DiskPlan]) -> str:
-        """Where the native engine wins the storage benchmark it is the default:
-        full copies of raw images to this host, which it writes directly
-        (bench/results/storage.md).  QEMU's mirror everywhere else: qcow2 goes
-        through the destination QEMU either way, a backing chain needs sync=top,
-        and between hosts the link, not the copier, sets the pace."""
-        if (plans and self.dest.same_host and self.opts.copy_storage == "all"
-                and all(p.fmt == "raw" for p in plans)):
+        """Where the native engine wins the storage benchmarks it is the default:
+        full copies of raw images, to this host, which it writes directly
+        (bench/results/storage.md), and to another host over plain NBD, where
+        it sends the image file into the TCP connection (zero-copy lanes):
+        faster than QEMU's mirror where the link is not the limit, as fast
+        where it is, at a third of the source host's CPU or less
+        (bench/results/native_remote.md).  QEMU's mirror everywhere else:
+        qcow2 goes through both QEMUs either way, a backing chain needs
+        sync=top, and with --tls the engine's lanes are libnbd's, not
+        measured against the mirror."""
+        if (plans and self.opts.copy_storage == "all"
+                and all(p.fmt == "raw" for p in plans)
+                and (self.dest.same_host or not self.opts.tls)):
             return "native"
         return "mirror"
 
@@ -593,7 +599,12 @@ class Migration:
         if self.native is None or not self.native.resumable:
             return outcome
         # an agent we lost keeps them as it was told (keep_on_loss), if it can:
-        # the records say so, and the next migration checks before trusting them
+        # the records say so, and the next migration checks before trusting them.
+        # Also a copy that has no valid prefix yet: the agent keeps it all the
+        # same, and without records nothing would ever claim or remove it.
+        if outcome == "unknown" and self._keep_generation and not keep:
+            keep = {d.node: self.native.valid.get(d.node, 0) for d in self.disks}
+            generation = self._keep_generation
         if outcome == "kept" or (keep and outcome == "unknown" and self._keep_generation):
             pid = self.presync_state.read_pid(self.name)
             presync.write_records(self.presync_state, self.name, generation, {
