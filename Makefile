@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian 12 packages: the engine's build and the real servers tests run.
-DEB_PKGS := build-essential pkg-config cmake python3-venv python3-dev \
+DEB_PKGS := build-essential pkg-config cmake python3-venv python3-dev nftables \
             libnbd-dev libnbd-bin nbdkit qemu-utils qemu-system-x86 binutils \
             openssh-server openssh-client iproute2 openssl
 

@@ -336,6 +336,23 @@ class NetLab:
         return f"NetLab(ns={self.ns!r}, host_ip={self.host_ip!r}, dest_ip={self.dest_ip!r})"
 
 
+def join(a: NetLab, b: NetLab) -> None:
+    """A cable straight between the two labs' hosts, so that each reaches the other's
+    dest_ip without this (management) namespace forwarding anything: a veth pair from
+    A's namespace to B's, and a host route over it each way.  It goes with the
+    namespaces."""
+    ip = a._ip
+    tag = f"{a.subnet}-{b.subnet}"
+    ends = (f"vfj{tag}a", f"vfj{tag}b")
+    assert all(len(e) <= 15 for e in ends), ends
+    _run([ip, "link", "add", ends[0], "netns", a.ns, "type", "veth",
+          "peer", "name", ends[1], "netns", b.ns])
+    for lab, end, other in ((a, ends[0], b), (b, ends[1], a)):
+        _run([ip, "-n", lab.ns, "link", "set", end, "up"])
+        _run([ip, "-n", lab.ns, "route", "add", f"{other.dest_ip}/32", "dev", end,
+              "src", lab.dest_ip])
+
+
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
           "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
 

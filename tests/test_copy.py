@@ -406,7 +406,8 @@ def test_verify_detects_mismatch(workdir, nbdkit):
 
 
 def test_progress_json(workdir, nbdkit):
-    """--progress=json: one JSON object per line, counters never go down, a final done."""
+    """--progress=json: one JSON object per line, counters and percent never go down,
+    an ETA, a final done."""
     size = 32 * MiB
     src = nbdkit("sparse-random", f"size={size}", "seed=1", "percent=40",
                  "rdelay=2ms", filters=["delay"])
@@ -421,7 +422,33 @@ def test_progress_json(workdir, nbdkit):
         assert seq == sorted(seq), f"{k} decreased: {seq}"
         assert all(isinstance(v, int) for v in seq), seq
     assert all(e["bytes_total"] == size for e in events)
+    # one percentage and an ETA, as a migration's: never backwards, ending at 100
+    percents = [e["percent"] for e in events]
+    assert percents == sorted(percents) and percents[-1] == 100, percents
+    assert all(p < 100 for e, p in zip(events, percents) if e["done"] < size), percents
+    # an ETA from the second snapshot on, once a rate has been measured
+    midway = [e for e in events if e["done"] < size]
+    assert all(e["eta_s"] is not None and e["eta_s"] >= 0 for e in midway[1:]), midway
+    assert done["eta_s"] == 0, done
     assert_same(src.uri, dst.uri)
+
+
+def test_progress_json_counts_the_eta_down(workdir):
+    """A copy long enough to watch (--bandwidth): from the second snapshot on each
+    progress event has an ETA, which counts down with the time that passes and is
+    close to the time the copy really had left."""
+    size = 24 * MiB
+    src = make_image(workdir / "src.raw", size, "random", seed=3)
+    cp = copy_ok("--progress=json", "--bandwidth", "16", src, workdir / "dst.raw")
+    events = parse_json_lines(cp.stdout)
+    end = events[-1]["seconds"]
+    midway = [e for e in events if e["event"] == "progress" and e["done"] < size][1:]
+    assert len(midway) >= 3, midway
+    for a, b in zip(midway, midway[1:]):
+        assert b["eta_s"] <= a["eta_s"] + (b["seconds"] - a["seconds"]) + 0.25, (a, b)
+    for e in midway:
+        assert abs(e["eta_s"] - (end - e["seconds"])) < 0.25 * (end - e["seconds"]) + 0.3, \
+            (e["seconds"], e["eta_s"], end)
 
 
 def test_summary_line(workdir):

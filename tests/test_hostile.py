@@ -175,10 +175,23 @@ def prepare(spec_text: str, disks: list | None = None, **over: Any) -> tuple[str
     return "prepare", args
 
 
+def check(spec_text: str, disks: list | None = None, **over: Any) -> tuple[str, dict]:
+    """A prepare's dry run: the same arguments, less the token."""
+    op, args = prepare(spec_text, disks, **over)
+    return "check", args
+
+
 def presync_open(dest: str, **over: Any) -> tuple[str, dict]:
     d = {"node": "disk0", "dest_path": dest, "fmt": "raw", "size": MiB, **over}
     return "presync_open", {"disks": [d], "create_disks": True, "overwrite_disks": True,
                             "address": "127.0.0.1"}
+
+
+def presync_check_open(dest: str, **over: Any) -> tuple[str, dict]:
+    """A presync's dry run: presync_open's arguments, each disk with its
+    allocated bytes."""
+    op, args = presync_open(dest, **over)
+    return "presync_check_open", args
 
 
 # --------------------------------------------------------------------------- requests
@@ -228,6 +241,13 @@ REQUESTS: dict[str, tuple[Any, str]] = {
                                 "records map nodes"),
     "check-bad-shape": ({"id": 1, "op": "presync_check", "args": {"disks": {"disk0": "x"}}},
                         "map nodes to"),
+    "unwritten-bad-format": ({"id": 1, "op": "presync_unwritten",
+                              "args": {"disks": {"disk0": ["/x.img", "vmdk"]}}},
+                             "map nodes to [path, raw|qcow2]"),
+    "command-not-allowed": ({"id": 1, "op": "command", "args": {"argv": ["list"]}},
+                            "takes no commands"),
+    "signal-not-known": ({"id": 1, "op": "command_signal", "args": {"signal": "KILL"}},
+                         "signal is INT or TERM"),
     "forget-not-strings": ({"id": 1, "op": "presync_forget", "args": {"paths": [1]}},
                            "paths are strings"),
     "abort-with-arguments": ({"id": 1, "op": "abort", "args": {"force": True}},
@@ -331,6 +351,28 @@ ARGUMENTS: dict[str, tuple[Callable[[Host], tuple[str, dict]], str]] = {
     "keep-partial-generation-negative": (lambda h: ("keep_partial", {"generation": -1}),
                                          "generation"),
     "abort-keep-bogus": (lambda h: ("abort", {"keep": {"../x": 1}}), "keep maps"),
+    # a dry run's check is validated as its prepare
+    "check-allocated-negative": (lambda h: check(spec(disk=str(h.images / "a.img")),
+                                                 [disk(allocated=-1)]), "disk size"),
+    "check-allocated-2^64": (lambda h: check(spec(disk=str(h.images / "a.img")),
+                                             [disk(allocated=2 ** 64)]), "disk size"),
+    "check-allocated-a-string": (lambda h: check(spec(disk=str(h.images / "a.img")),
+                                                 [disk(allocated="1")]), "wrong type"),
+    "check-with-a-token": (lambda h: check(spec(), token="ab"), "unknown arguments token"),
+    "check-node-bogus": (lambda h: check(spec(disk=str(h.images / "a.img")),
+                                         [disk(node="disk0/../x")]), "not a disk"),
+    "check-spec-extra-args": (lambda h: check(spec() + 'extra_args = ["-S"]\n'),
+                              "allow_extra_args"),
+    "check-port-zero": (lambda h: check(spec(), nbd={"port": 0}), "not a TCP port"),
+    "ping-pad-not-a-string": (lambda h: ("ping", {"pad": 1}), "wrong type"),
+    "presync-check-size-2^64": (lambda h: presync_check_open(str(h.images / "p.img"),
+                                                             size=2 ** 64), "disk size"),
+    "presync-check-allocated-negative": (lambda h: presync_check_open(
+        str(h.images / "p.img"), allocated=-1), "disk size"),
+    "presync-check-node-bogus": (lambda h: presync_check_open(str(h.images / "p.img"),
+                                                              node="../x"), "not a disk node"),
+    "presync-check-unknown-argument": (lambda h: ("presync_check_open", {
+        "disks": [], "serve": True}), "unknown arguments serve"),
 }
 
 
@@ -387,12 +429,14 @@ def _field_request(field: str, path: str, h: Host) -> tuple[str, dict]:
         return presync_open(path)
     if field == "presync-check":
         return "presync_check", {"disks": {"disk0": [path, 1]}}
+    if field == "presync-unwritten":
+        return "presync_unwritten", {"disks": {"disk0": [path, "raw"]}}
     assert field == "presync-forget"
     return "presync_forget", {"paths": [path]}
 
 
 PATH_FIELDS = ("disk", "kernel", "initrd", "serial", "backing", "presync-dest",
-               "presync-check", "presync-forget")
+               "presync-check", "presync-unwritten", "presync-forget")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -404,6 +448,77 @@ def test_every_path_field_stays_in_the_roots(agents, host, field, kind, mode):
     op, args = _field_request(field, path, host)
     refused(peer.call(op, **args), words)
     serves(peer)
+
+
+ADDRESSES = {"with-nul": "a\0b", "of-300": "x" * 300, "not-here": "203.0.113.9",
+             "no-such-host": "no-such-host.invalid", "bad-ipv6": "::zz"}
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
+@pytest.mark.parametrize("op", ["prepare", "check", "presync_open", "presync_check_open"])
+def test_an_address_to_listen_on_is_checked(agents, host, op, address):
+    """One that cannot be an address is refused; one the host cannot listen on
+    is a check's problem (and QEMU's or qemu-nbd's one-line error otherwise)."""
+    peer = agents("stdio")
+    addr = ADDRESSES[address]
+    if op in ("prepare", "check"):
+        _, args = check(spec(), [], migrate={"address": addr})
+    else:
+        _, args = presync_open(str(host.images / "p.img"))
+        args["address"] = addr
+    reply = peer.call(op, **args)
+    if address in ("with-nul", "of-300"):
+        refused(reply, "is not a host name or IP address")
+    elif op.endswith("check") or op == "presync_check_open":
+        assert reply.get("ok") is True, reply
+        found = [p for p in reply["result"]["problems"] if "cannot listen on" in p]
+        assert len(found) == 1 and len(found[0]) < 600, reply
+    else:
+        refused_or_failed = reply.get("ok") is False and "internal error" not in str(reply)
+        assert refused_or_failed, reply
+    assert sorted(os.listdir(host.images)) == ["out"]
+    serves(peer)
+
+
+CHECK_FIELDS = ("disk", "kernel", "initrd", "serial", "backing", "presync-dest")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", PATH_KINDS)
+@pytest.mark.parametrize("field", CHECK_FIELDS)
+def test_a_check_names_each_path_outside_the_roots_once(agents, host, field, kind, mode):
+    """A dry run's check answers with the refusal prepare would give, as one of
+    its problems, said once, and looks no further at that path."""
+    peer = agents("stdio", mode)
+    path, words = _paths(host)[kind]
+    op, args = _field_request(field, path, host)
+    op = "presync_check_open" if op == "presync_open" else "check"
+    reply = peer.call(op, **{k: v for k, v in args.items() if k != "token"})
+    if reply.get("ok") is False:
+        refused(reply, words)       # the spec itself cannot hold such a path
+    else:
+        found = reply["result"]["problems"]
+        named = [p for p in found if words in p]
+        assert len(named) == 1, found
+        assert all("\n" not in p and len(p) < 600 and "internal error" not in p
+                   for p in found)
+    assert sorted(os.listdir(host.images)) == ["out"]
+    serves(peer)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_only_a_kept_copy_s_holes_are_told(agents, host, mode):
+    """What an image holds is told only of one presync or a kept copy left:
+    any other file under the roots is none of a peer's business."""
+    peer = agents("stdio", mode)
+    image = host.images / "someone-elses.img"
+    image.write_bytes(b"x" * 4096)
+    try:
+        refused(peer.call("presync_unwritten", disks={"disk0": [str(image), "raw"]}),
+                "is no presynced or kept copy")
+        serves(peer)
+    finally:
+        image.unlink()
 
 
 # --------------------------------------------------------------------------- the critical attacks

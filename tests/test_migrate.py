@@ -206,6 +206,75 @@ def test_downtime_escalation_lets_a_busy_guest_converge(lab):
     assert lab.progress(serial)[1] == []
 
 
+PROGRESS_FIELDS = ("percent", "eta_s", "converging", "phase", "elapsed_ms",
+                   "disk_processed", "disk_remaining", "disk_rate",
+                   "memory_processed", "memory_remaining", "memory_rate")
+ETA_MARGIN_S = 0.25
+
+
+@pytest.mark.parametrize("engine", ["mirror", "native"])
+def test_progress_is_one_bar_whose_eta_only_counts_down(lab, engine):
+    """--progress=json of a migration with a disk and a guest that dirties memory
+    faster than the link sends it at first (a downtime limit too small, raised
+    step by step): storage and memory share one percentage that never decreases
+    and ends at 100, and an ETA that never rises by more than the time elapsed
+    (plus a small margin), with "converging" and no number while memory does not
+    shrink.  jobinfo --json has the same fields."""
+    disk_mib = 64
+    src = fill_image(lab.root / "src.raw", disk_mib)
+    dst = lab.root / "dst.raw"
+    spec = lab.spec(disk=src, memory="128M", mem="32M", dirty="fast")
+    lab.run_vm(spec, wait_pass=2)
+    out = lab.ok(lab.migrate("--progress=json", "--storage-engine", engine,
+                             "--disk-map", f"{src}={dst}", "--create-disks",
+                             "--disk-bandwidth", "64", "--bandwidth", "64",
+                             "--max-downtime", "100"))
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events and events[-1]["event"] == "done", out[-500:]
+    for e in events:
+        assert all(k in e for k in PROGRESS_FIELDS), sorted(e)
+
+    percents = [e["percent"] for e in events]
+    assert percents == sorted(percents), f"percent went down: {percents}"
+    assert events[-1]["percent"] == 100 and events[-1]["eta_s"] == 0, events[-1]
+    assert all(e["percent"] < 100 for e in events if e["status"] != "completed"), \
+        "100% before the migration completed"
+
+    last: dict | None = None
+    for e in events:
+        if e["converging"]:
+            assert e["eta_s"] is None, e
+        if e["eta_s"] is None:
+            continue
+        if last is not None:
+            elapsed = (e["elapsed_ms"] - last["elapsed_ms"]) / 1000
+            assert e["eta_s"] <= last["eta_s"] + elapsed + ETA_MARGIN_S, (
+                f"ETA rose from {last['eta_s']} s to {e['eta_s']} s in {elapsed:.2f} s "
+                f"({last['phase']}/{e['phase']})")
+        last = e
+
+    moving = [e for e in events if e["phase"] == "perform"]
+    storage = [e for e in moving if e["memory_total"] == 0]
+    memory = [e for e in moving if e["memory_total"] > 0 and e["memory_remaining"] > 0]
+    assert storage and memory, "no progress seen of storage or of memory"
+    # one bar for both parts: the disk alone does not fill it, and an ETA and the
+    # rates are known while the data moves
+    assert storage[-1]["percent"] < 90, storage[-1]
+    assert any(e["eta_s"] for e in storage) and any(e["disk_rate"] > 0 for e in storage)
+    assert any(e["eta_s"] or e["converging"] for e in memory)
+    assert any(e["memory_rate"] > 0 for e in memory)
+    if "downtime limit raised" in events[-1]["action"]:
+        # raised because memory stopped shrinking: that is what converging says
+        assert any(e["converging"] for e in memory), "memory stalled but never 'converging'"
+
+    info = lab.jobinfo()
+    assert {k: info.get(k) for k in PROGRESS_FIELDS} == \
+        {k: events[-1][k] for k in PROGRESS_FIELDS}, "jobinfo --json and the stream disagree"
+    assert info["percent"] == 100 and info["eta_s"] == 0 and info["status"] == "completed"
+    text = lab.ok(lab.vmferry("jobinfo", "web1"))
+    assert "Progress:" in text and "100.0%" in text, text
+
+
 def test_offline_migration_of_a_stopped_vm(lab):
     src = fill_image(lab.root / "src.raw", 64)
     dst = lab.root / "dst.raw"

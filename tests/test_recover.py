@@ -269,3 +269,78 @@ def test_an_unreadable_journal_says_what_to_do(lab):
     assert "interrupted" in lab.status()["migration"]
     line = lab.one_error(lab.vmferry("recover", "web1"), code=2)
     assert "cannot be read" in line and "journal.json" in line, line
+
+
+def test_a_reused_pid_does_not_keep_a_dead_owner_s_records(tmp_path):
+    """Records name their owner by pid and start time: a dead agent whose pid
+    another process got since is still dead, and its leftovers are reaped."""
+    import json
+    import subprocess
+    from vmferry.migration.incoming import orphaned
+    from vmferry.vm.state import owner_record, process_start
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        mine = tmp_path / "mine.json"
+        mine.write_text(json.dumps({**owner_record(), "created": []}))
+        reused = tmp_path / "reused.json"
+        reused.write_text(json.dumps({**owner_record(), "owner": other.pid,
+                                      "owner_start": process_start(other.pid) - 1,
+                                      "created": []}))
+        assert [p for p, _ in orphaned([mine, reused])] == [reused]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_suspended_migration_is_completed_paused(lab):
+    """--suspend: the guest is to stay paused on the destination, and recover
+    keeps to that when it completes the migration."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "finish:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks", "--suspend")
+    lab.wait_for("the memory to arrive",
+                 lambda: lab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+    _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    _recover(lab, f"completed: web1 is on local://{lab.B}, paused as --suspend asked")
+    assert qemu_pids(lab.A) == []
+    assert _dest_state(lab) == "paused"
+    assert images_identical(src, dst, "raw") == ""
+
+
+def test_two_recovers_at_once_act_once(lab):
+    """Two users (or a user and a timer) recover the same VM at the same time:
+    one resolves it, the other says so, and the guest runs once."""
+    src, h, dst, serial = _failing_setup(lab, 64)
+    p = lab.start_migrate("--storage-engine", "mirror", "--disk-map", f"{src}={dst}",
+                          "--create-disks", "--disk-bandwidth", "8")
+    lab.wait_for("the mirror", lambda: _mirror_copying(lab), 60, proc=p)
+    _kill(p)
+    both = [lab.start("recover", "web1") for _ in range(2)]
+    done = [lab.finish(q) for q in both]
+    ok = [cp for cp in done if cp.returncode == 0]
+    assert len(ok) == 1, [(cp.returncode, cp.stdout, cp.stderr) for cp in done]
+    assert ok[0].stdout.startswith("rolled back: web1 runs on this host"), ok[0].stdout
+    other = next(cp for cp in done if cp.returncode != 0)
+    line = lab.one_error(other, code=2)
+    assert "no interrupted migration" in line or "still under way" in line, line
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+
+
+def test_recover_when_the_source_qemu_died_too(lab):
+    """The host lost both vmferry and the source QEMU mid-copy: the
+    destination, which never ran the guest, is undone, and the line says the
+    guest must be started again here."""
+    src, h, dst, serial = _failing_setup(lab, 64)
+    p = lab.start_migrate("--storage-engine", "mirror", "--disk-map", f"{src}={dst}",
+                          "--create-disks", "--disk-bandwidth", "8")
+    lab.wait_for("the mirror", lambda: _mirror_copying(lab), 60, proc=p)
+    _kill(p)
+    for pid in qemu_pids(lab.A):
+        os.kill(pid, signal.SIGKILL)
+    lab.wait_for("the source QEMU to die", lambda: qemu_pids(lab.A) == [], 10)
+    out = _recover(lab, "rolled back: the destination holds nothing of web1")
+    assert "start it with 'vmferry run'" in out, out
+    assert qemu_pids(lab.B) == [] and not dst.exists() and not (lab.B / "web1").exists()
+    assert sha256(src) == h
+    assert "interrupted" not in lab.ok(lab.vmferry("list"))

@@ -10,6 +10,7 @@ Skipped, with the reason, where network namespaces cannot be made.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -543,12 +544,14 @@ def test_migrating_process_killed_then_recovered(rlab, transport, point):
     rlab.wait_progress(serial, at + 2, 30)
 
 
-@pytest.mark.parametrize("how", ["kill", "sigint"])
-def test_partial_copy_to_another_host_is_kept(rlab, how):
-    """The native engine copies to the agent's NBD export over the link; the
+@pytest.mark.parametrize("how,engine", [("kill", "native"), ("sigint", "native"),
+                                        ("kill", "mirror")])
+def test_partial_copy_to_another_host_is_kept(rlab, how, engine):
+    """The disks are copied to the agent's NBD export over the link; the
     migrating process is stopped midway (killed, then recover; or Ctrl-C):
     the agent keeps the images it was told to keep, the source records how far
-    the copy got, and the next migration moves only the rest."""
+    the copy got (after a mirror: the agent says what its image holds), and
+    the next migration moves only the rest."""
     MiB = 1 << 20
     src = rlab.root / "src.raw"
     src.write_bytes(os.urandom(MiB) * 96)
@@ -558,7 +561,7 @@ def test_partial_copy_to_another_host_is_kept(rlab, how):
     rlab.run_vm(spec)
     dmap = ("--disk-map", f"{src}={dst}")
     p = rlab.start("migrate", "web1", rlab.ssh_uri(), "--pki", rlab.pki.dir, *dmap,
-                   "--create-disks", "--storage-engine", "native", "--disk-bandwidth", "16")
+                   "--create-disks", "--storage-engine", engine, "--disk-bandwidth", "16")
     rlab.wait_for("60% of the disk", lambda: rlab.job_file().get("disk_processed", 0)
                   >= 58 * MiB, 60, proc=p, poll=0.05)
     if how == "kill":
@@ -579,3 +582,77 @@ def test_partial_copy_to_another_host_is_kept(rlab, how):
     assert rlab.jobinfo()["disk_processed"] <= 72 * MiB, rlab.jobinfo()
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
     assert images_identical(src, dst, "raw") == ""
+
+
+@contextlib.contextmanager
+def _firewall_all_but_ssh(net, folder: Path):
+    """The destination host answers only on its ssh port: anything else is
+    refused (reset), as by a host firewall; removed on the way out (the
+    namespace serves the module's other tests)."""
+    rules = folder / "firewall.nft"
+    rules.write_text("table inet vmferry_test {\n  chain input {\n"
+                     "    type filter hook input priority 0; policy accept;\n"
+                     "    iif lo accept\n    ct state established,related accept\n"
+                     "    tcp dport 22 accept\n    meta l4proto tcp reject with tcp reset\n"
+                     "  }\n}\n")
+    out = net.run(["nft", "-f", str(rules)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    try:
+        yield
+    finally:
+        net.run(["nft", "delete", "table", "inet", "vmferry_test"])
+
+
+def _listening(net) -> set[int]:
+    out = net.run(["ss", "-Hltn"], capture_output=True, text=True)
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.stdout.splitlines()}
+
+
+@pytest.mark.parametrize("engine", ["mirror", "native"])
+def test_tunnelled_through_a_firewall_that_passes_only_ssh(rlab, engine):
+    """--tunnelled: the disks and the memory go inside the ssh connection, so
+    a destination whose firewall passes only ssh is reached; nothing listens
+    there on any other port meanwhile.  Without it, one line says why not."""
+    if shutil.which("nft") is None:
+        pytest.skip("nftables is not installed")
+    with _firewall_all_but_ssh(rlab.net, rlab.root):
+        _tunnelled_migration(rlab, engine)
+
+
+def _tunnelled_migration(rlab, engine: str) -> None:
+    src = make_image(rlab.root / "src.raw", "raw", 64)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow")
+    serial = rlab.serial_of(spec)
+    rlab.run_vm(spec)
+    dmap = ("--disk-map", f"{src}={dst}", "--create-disks", "--storage-engine", engine)
+    line = rlab.one_error(rlab.remote(rlab.ssh_uri(), *dmap))
+    assert "source VM is running" in line, line
+    assert rlab.status()["state"] == "running"
+    rlab.assert_destination_empty()
+    rlab.env["VMFERRY_TEST_HOLD"] = "finish:4"     # a moment to look around, then on
+    p = rlab.start("migrate", "web1", rlab.ssh_uri(), "--pki", rlab.pki.dir, *dmap,
+                   "--tunnelled")
+    rlab.wait_for("everything to arrive",
+                  lambda: rlab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+    rlab.env.pop("VMFERRY_TEST_HOLD")
+    assert _listening(rlab.net) == {22}, _listening(rlab.net)
+    out = rlab.ok(rlab.finish(p))
+    assert out.startswith("migrated web1 in "), out
+    st = rlab.status(state=rlab.B)
+    assert st["state"] == "running" and _in_namespace(st["pid"], rlab.net.ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
+    assert images_identical(src, dst, "raw") == ""
+    assert not list(Path(tempfile.gettempdir()).glob("vmferry-tunnel-*")), "tunnel left"
+
+
+def test_tunnelled_refuses_what_it_makes_needless(rlab):
+    src = make_image(rlab.root / "src.raw", "raw", 8)
+    rlab.run_vm(rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow"))
+    line = rlab.one_error(rlab.remote(rlab.ssh_uri(), "--tunnelled", "--tls"), code=2)
+    assert "drop --tls" in line, line
+    line = rlab.one_error(rlab.remote(rlab.tls_uri(), "--tunnelled"), code=2)
+    assert "--tunnelled needs an ssh:// destination" in line, line

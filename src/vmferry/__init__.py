@@ -12,6 +12,7 @@ from vmferry.errors import (Cancelled, ConnectError, CopyError, EndpointError, M
 if TYPE_CHECKING:
     from vmferry._engine import Endpoint
     from vmferry.copying import CopyResult, copy, copy_async
+    from vmferry.migration.dryrun import DryRun
     from vmferry.migration.options import MigrateOptions
     from vmferry.migration.presync import PresyncResult
     from vmferry.migration.stats import JobInfo
@@ -33,6 +34,9 @@ def __getattr__(name: str) -> Any:
     if name == "JobInfo":
         from vmferry.migration.stats import JobInfo
         return JobInfo
+    if name == "DryRun":
+        from vmferry.migration.dryrun import DryRun
+        return DryRun
     if name == "PresyncResult":
         from vmferry.migration.presync import PresyncResult
         return PresyncResult
@@ -46,6 +50,18 @@ def migrate(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str
     blocks, returns a JobInfo.  See vmferry.migration.api.migrate_vm."""
     from vmferry.migration.api import migrate_vm
     return migrate_vm(state_dir, name, dest, options, progress=progress)
+
+
+def dry_run(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str,
+            options: "Optional[MigrateOptions]" = None, *,
+            kind: str = "migrate") -> "DryRun":
+    """Check a migration (kind="presync": a presync) of `name` to `dest` without
+    changing anything on either host; returns the plan with every problem
+    found (`.ok` when none).  See vmferry.migration.api.dry_run_vm."""
+    from vmferry.migration.api import dry_run_vm
+    if kind not in ("migrate", "presync"):
+        raise UsageError(f"kind must be migrate or presync, not {kind!r}")
+    return dry_run_vm(state_dir, name, dest, options, kind=kind)   # type: ignore[arg-type]
 
 
 async def migrate_async(state_dir: "str | os.PathLike[str] | StateDir", name: str, dest: str,
@@ -94,7 +110,7 @@ def recover(state_dir: "str | os.PathLike[str] | StateDir", name: str) -> str:
 
 __all__ = [
     "copy", "copy_async", "CopyResult", "Endpoint",
-    "migrate", "migrate_async", "MigrateOptions", "JobInfo",
+    "migrate", "migrate_async", "MigrateOptions", "JobInfo", "dry_run", "DryRun",
     "presync", "presync_async", "PresyncResult", "recover",
     "VmferryError", "UsageError", "ConnectError", "EndpointError", "CopyError", "VerifyError",
     "Cancelled", "MigrationError",

@@ -42,16 +42,12 @@ class _Versions(argparse.Action):
     decide what a migration can do (and what a bug report needs)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
-        import subprocess
         lines = [f"vmferry {_version()}"]
         try:
-            from vmferry.vm.qemu import qemu_binary
+            from vmferry.vm.qemu import qemu_binary, qemu_version
             qemu = qemu_binary()
-            out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
-                                 timeout=10).stdout.split()
-            v = out[out.index("version") + 1] if "version" in out else "(unknown version)"
-            lines.append(f"QEMU {v} ({qemu})")
-        except (VmferryError, OSError, subprocess.SubprocessError) as e:
+            lines.append(f"QEMU {qemu_version(qemu) or '(unknown version)'} ({qemu})")
+        except VmferryError as e:
             lines.append(f"QEMU: {e}")
         try:
             from vmferry import _engine
@@ -71,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where VMs keep their spec, sockets, pid and log (default: "
                              "$VMFERRY_STATE_DIR, else /var/lib/vmferry for root, else "
                              "~/.local/state/vmferry; now %(default)s)")
+    parser.add_argument("-c", "--connect", metavar="URI",
+                        help="run the command on another host, as virsh -c: "
+                             "ssh://[USER@]HOST[:PORT][/STATE-DIR] (vmferry there, through "
+                             "ssh), tls://HOST[:PORT] (an agent run with --allow-control), "
+                             "or local:///STATE-DIR (as --state-dir)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for cmd in COMMANDS:
@@ -87,7 +88,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [_OPTIONAL_VALUE.get(a, a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.command_argv = command_argv(argv)
+    globals_ = argv[:len(argv) - len(args.command_argv)]
+    args.state_dir_given = any(a.split("=")[0] == "--state-dir" for a in globals_)
     try:
+        if args.connect:
+            from vmferry.commands import connect
+            return connect.run(args)
         return args.func(args)
     except KeyboardInterrupt:
         sys.stderr.write("vmferry: cancelled\n")
@@ -105,6 +112,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # socket): one line like every other error, never a traceback
         sys.stderr.write(f"vmferry: error: {os_error(e)}\n")
         return 1
+
+
+# the global options that take a value (everything before the command)
+_GLOBAL_VALUES = ("--state-dir", "--connect", "-c")
+
+
+def command_argv(argv: list[str]) -> list[str]:
+    """ARGV from the command on: what another vmferry (a detached migration,
+    or vmferry on the host --connect names) is to run."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 1 if "=" in argv[i] or argv[i] not in _GLOBAL_VALUES else 2
+    return argv[i:]
 
 
 def os_error(e: OSError) -> str:

@@ -56,8 +56,12 @@ class Cancelled(VmferryError):
 
 
 class MigrationError(VmferryError):
-    """A migration phase failed; the source VM was resumed."""
+    """A migration phase failed.  The message says where the guest is: as a
+    rule the source runs it again; SOURCE_PAUSED: the source was left paused,
+    because the destination may run it (`vmferry recover` resolves that)."""
 
-    def __init__(self, message: str, *, phase: str = "", errno: int = 0) -> None:
+    def __init__(self, message: str, *, phase: str = "", errno: int = 0,
+                 source_paused: bool = False) -> None:
         super().__init__(message, errno=errno)
         self.phase = phase
+        self.source_paused = source_paused

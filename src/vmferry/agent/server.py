@@ -11,6 +11,7 @@ allows, as libvirt destroys an incoming domain whose client went away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from vmferry.agent import listener, protocol, transport
+from vmferry.agent import listener, protocol, transport, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
@@ -32,13 +33,8 @@ from vmferry.migration.source import DiskPlan
 from vmferry.vm.state import StateDir
 
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
-_NODE_RE = re.compile(r"disk[0-9]{1,3}")
-_EXPORT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")      # NBD export names: the node's
 _EOF = object()             # not None: a frame of JSON null is a frame, and answered
 _TOKEN_RE = re.compile(r"[0-9a-f]{0,64}")
-# MigrateOptions fields a source may set on the destination
-WIRE_OPTIONS = {"copy_storage": str, "create_disks": bool, "overwrite_disks": bool,
-                "postcopy": bool, "parallel_connections": int, "tls": bool}
 
 
 @dataclasses.dataclass
@@ -50,6 +46,9 @@ class AgentConfig:
     # extra QEMU arguments from a source's spec reach this host's QEMU command
     # line unchecked: only where the operator says so
     allow_extra_args: bool = False
+    # vmferry commands from any client it accepts (--connect tls://): the power
+    # of this agent's user over its VMs, so only where the operator says so
+    allow_control: bool = False
 
     def policy(self, protect_existing: bool = True) -> Policy:
         """Images under the roots only, and never among the agent's own files."""
@@ -64,6 +63,16 @@ def _log(text: str) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+@dataclasses.dataclass
+class _IncomingRequest:
+    incoming: Incoming
+    spec: Any
+    disks: list[DiskPlan]
+    opts: MigrateOptions
+    accel: Optional[str]
+    presynced: frozenset[str]
 
 
 class Session:
@@ -82,6 +91,7 @@ class Session:
         self._busy = asyncio.Lock()              # one phase at a time
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self.commands: set[asyncio.subprocess.Process] = set()   # op_command's
 
     # -- the connection --------------------------------------------------
 
@@ -129,6 +139,10 @@ class Session:
                     await self._abort({d.node: self.keep_generation
                                        for d in self.incoming.disks}
                                       if self.keep_generation else None)
+            for proc in self.commands:
+                # as a terminal's hang-up: a detached migration it follows goes on
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
             if self.presync is not None:
                 _log(f"{why}: stopping an unfinished presync")
                 await self.presync.abort()
@@ -169,7 +183,10 @@ class Session:
                 raise ProtocolError(f"unknown request {op!r}")
             if op != "hello" and not self.greeted:
                 raise ProtocolError("the first request must be hello")
-            result = await handler(self, Args(op, frame.get("args", {})))
+            if op == "command":
+                result = await self._command(writer, rid, Args(op, frame.get("args", {})))
+            else:
+                result = await handler(self, Args(op, frame.get("args", {})))
             reply = {"id": rid, "ok": True, "result": result}
             if op == "bye":
                 await self._send(writer, reply)
@@ -197,51 +214,80 @@ class Session:
             raise UsageError("keepalive must be 0.1 to 600 seconds")
         self.keepalive = float(keepalive)
         self.greeted = True
-        from vmferry.cli import _version
+        from vmferry import __version__
         from vmferry.vm.qemu import detect_accel
         tls = (self.cfg.pki.dir / "qemu" / "server-cert.pem").is_file()
-        return {"protocol": protocol.PROTOCOL, "version": _version(),
+        return {"protocol": protocol.PROTOCOL, "version": __version__,
                 "host": socket.gethostname(), "accel": detect_accel(), "tls": tls,
                 "storage_roots": self.cfg.storage_roots}
 
     async def op_ping(self, a: Args) -> dict[str, Any]:
-        a.only()
+        # PAD: a dry run's probe of the link (the frame limit bounds it)
+        a.only("pad")
+        a.get("pad", str, "")
         return {}
 
-    async def op_prepare(self, a: Args) -> dict[str, Any]:
-        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "token")
+    def _incoming_request(self, a: Args, *, check: bool = False) -> _IncomingRequest:
+        """A prepare's arguments (or a check's: the same, less the token, with
+        each disk's allocated bytes), validated, and the Incoming to run it."""
+        a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "tunnel",
+               *(() if check else ("token",)))
         from vmferry.vm.spec import parse_spec
         try:
             spec = parse_spec(a.get("spec", str), source="the source's VM spec")
         except RecursionError:
-            raise ProtocolError("prepare: the VM spec is nested too deeply") from None
-        disks = [_disk_plan(d, spec) for d in a.get("disks", list)]
+            raise ProtocolError(f"{a.op}: the VM spec is nested too deeply") from None
+        disks = [wire.disk_plan(d, spec, a.op, allocated=check) for d in a.get("disks", list)]
         if len({d.node for d in disks}) != len(disks):
-            raise ProtocolError("prepare: a disk is named twice")
+            raise ProtocolError(f"{a.op}: a disk is named twice")
         if spec.extra_args and not self.cfg.allow_extra_args:
             raise UsageError("the VM spec has extra_args, which would reach the destination's "
                              "QEMU command line: allow them with allow_extra_args = true in "
                              "the agent's agent.toml")
-        opts = _options(Args("prepare options", a.get("options", dict)))
-        token = _token(a.get("token", str, ""))
+        opts = wire.options(Args(f"{a.op} options", a.get("options", dict)))
         accel = a.get("accel", str, None)
         if accel not in (None, "kvm", "tcg"):
             raise ProtocolError("accel must be kvm or tcg")
         presynced = a.get("presynced", list, [])
         if not all(isinstance(n, str) for n in presynced):
-            raise ProtocolError("prepare: presynced is a list of disk nodes")
-        nbd = self._listen(Args("prepare nbd", a.get("nbd", dict, {})))
-        mig = self._listen(Args("prepare migrate", a.get("migrate", dict, {})))
+            raise ProtocolError(f"{a.op}: presynced is a list of disk nodes")
+        nbd = self._listen(Args(f"{a.op} nbd", a.get("nbd", dict, {})))
+        mig = self._listen(Args(f"{a.op} migrate", a.get("migrate", dict, {})))
+        # --tunnelled: Unix sockets in the VM's folder, which the source's ssh
+        # forwards to; nothing listens on the network
+        tunnel = a.get("tunnel", bool, False)
+        tls_dir = None
+        if opts.tls:
+            try:
+                tls_dir = self.cfg.pki.qemu_dir("server")
+            except UsageError:
+                if not check:
+                    raise
+                # a check lists it with the rest (dest_check.py)
+        incoming = Incoming(self.cfg.state, network=Network(
+            tcp=not tunnel, tunnel=tunnel, nbd=nbd, migrate=mig, tls_dir=tls_dir),
+            policy=self.cfg.policy())
+        return _IncomingRequest(incoming, spec, disks, opts, accel, frozenset(presynced))
+
+    async def op_check(self, a: Args) -> dict[str, Any]:
+        """A prepare's dry run: every check, reading only (dest_check.py)."""
+        r = self._incoming_request(a, check=True)
+        from vmferry.aio import in_thread
+        from vmferry.migration.dest_check import check_incoming
+        found = await in_thread(lambda: check_incoming(r.incoming, r.spec, r.disks, r.opts,
+                                                       accel=r.accel, presynced=r.presynced))
+        return dataclasses.asdict(found)
+
+    async def op_prepare(self, a: Args) -> dict[str, Any]:
+        r = self._incoming_request(a)
+        token = _token(a.get("token", str, ""))
         async with self._busy:
             if self.incoming is not None:
                 raise UsageError("this connection has already prepared a migration")
-            tls_dir = self.cfg.pki.qemu_dir("server") if opts.tls else None
-            incoming = Incoming(self.cfg.state, network=Network(
-                tcp=True, nbd=nbd, migrate=mig, tls_dir=tls_dir),
-                policy=self.cfg.policy())
+            incoming = r.incoming
             try:
-                prepared = await incoming.prepare(spec, disks, opts, accel=accel,
-                                                  presynced=frozenset(presynced), token=token)
+                prepared = await incoming.prepare(r.spec, r.disks, r.opts, accel=r.accel,
+                                                  presynced=r.presynced, token=token)
             except BaseException:
                 # a refused or failed prepare leaves nothing behind, and the
                 # connection free to prepare again
@@ -254,7 +300,7 @@ class Session:
 
     def _listen(self, a: Args) -> tuple[str, tuple[int, int]]:
         a.only("address", "port")
-        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        address = _address(a) or self.local_address or "0.0.0.0"
         port = a.get("port", int, None)
         if port is not None and not 1 <= port <= 65535:
             raise UsageError(f"port {port} is not a TCP port")
@@ -270,14 +316,14 @@ class Session:
                 state = await self.incoming.finish(resume=resume)
             finally:
                 # resumed here, even if a later step failed: never torn down
-                self.finished = self.incoming.resumed
+                self.finished = self.incoming.handed_over
         return {"state": state}
 
     async def op_abort(self, a: Args) -> dict[str, Any]:
         a.only("keep")
         keep = a.get("keep", dict, None)
         if keep is not None and not all(
-                isinstance(n, str) and _NODE_RE.fullmatch(n) and isinstance(g, int)
+                isinstance(n, str) and wire.NODE_RE.fullmatch(n) and isinstance(g, int)
                 and not isinstance(g, bool) and 0 < g < 1 << 62 for n, g in keep.items()):
             raise ProtocolError("abort: keep maps disk nodes to presync generations")
         return {"outcome": await self._abort(keep)}
@@ -290,11 +336,33 @@ class Session:
 
     # -- presync: the images served by qemu-nbd on this host's address
 
+    async def op_presync_check_open(self, a: Args) -> dict[str, Any]:
+        """A presync's dry run: presync_open's checks, reading only, with no
+        record written (dest_check.py)."""
+        a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
+        disks = [wire.presync_disk(d, "presync_check_open", allocated=True)
+                 for d in a.get("disks", list)]
+        address = _address(a) or self.local_address or "0.0.0.0"
+        tls_problem = ""
+        if a.get("tls", bool, False):
+            try:
+                self.cfg.pki.qemu_dir("server")
+            except UsageError as e:
+                tls_problem = f"--tls: {e}"
+        from vmferry.aio import in_thread
+        from vmferry.migration.dest_check import check_presync_target
+        from vmferry.migration.presync_target import PresyncTarget
+        target = PresyncTarget(self.cfg.policy(), tcp=(address, self.cfg.ports))
+        found = await in_thread(lambda: check_presync_target(
+            target, disks, create=a.get("create_disks", bool, False),
+            overwrite=a.get("overwrite_disks", bool, False), tls_problem=tls_problem))
+        return dataclasses.asdict(found)
+
     async def op_presync_open(self, a: Args) -> dict[str, Any]:
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
-        disks = [_presync_disk(d) for d in a.get("disks", list)]
+        disks = [wire.presync_disk(d) for d in a.get("disks", list)]
         tls = a.get("tls", bool, False)
-        address = a.get("address", str, None) or self.local_address or "0.0.0.0"
+        address = _address(a) or self.local_address or "0.0.0.0"
         async with self._busy:
             if self.presync is not None:
                 raise UsageError("this connection already serves a presync")
@@ -334,6 +402,23 @@ class Session:
                 raise ProtocolError("presync_check: disks map nodes to [path, generation]")
             presync_target.check_paths(self.cfg.policy(False), item[0])
             out[node] = presync_target.check(item[0], item[1])
+        return {"disks": out}
+
+    async def op_presync_unwritten(self, a: Args) -> dict[str, Any]:
+        """What a kept copy's image has not written: only of an image that
+        presync or a kept copy left (its record beside it), under the roots."""
+        a.only("disks")
+        from vmferry.aio import in_thread
+        from vmferry.migration import presync_target
+        out = {}
+        for node, item in a.get("disks", dict).items():
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and item[1] in ("raw", "qcow2")):
+                raise ProtocolError("presync_unwritten: disks map nodes to [path, raw|qcow2]")
+            presync_target.check_paths(self.cfg.policy(False), item[0])
+            if not presync_target.sidecar(item[0]).exists():
+                raise UsageError(f"{item[0]} is no presynced or kept copy")
+            out[node] = await in_thread(presync_target.unwritten, item[0], item[1])
         return {"disks": out}
 
     async def op_presync_forget(self, a: Args) -> dict[str, Any]:
@@ -392,69 +477,82 @@ class Session:
         a.only()          # _answer ends the session once this reply is sent
         return {}
 
+    async def _command(self, writer: asyncio.StreamWriter, rid: int,
+                       a: Args) -> dict[str, Any]:
+        """`vmferry --connect tls://...`: one vmferry command run against this
+        agent's state directory, its output streamed back as it comes (frames
+        with this request's id and "output"), then its exit status."""
+        a.only("argv")
+        if not self.cfg.allow_control:
+            raise UsageError("this agent takes no commands: start it with --allow-control "
+                             "(or allow_control = true in its agent.toml)")
+        argv = a.get("argv", list)
+        from vmferry.commands.connect import COMMANDS
+        if not (argv and len(argv) <= 256 and all(isinstance(x, str) and "\0" not in x
+                                                   and len(x) <= 4096 for x in argv)):
+            raise ProtocolError("command: argv is a list of at most 256 strings")
+        if argv[0] not in COMMANDS:
+            raise UsageError(f"'{argv[0][:40]}' does not run through --connect (these do: "
+                             f"{', '.join(COMMANDS)})")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "vmferry", "--state-dir", str(self.cfg.state.path), *argv,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        self.commands.add(proc)
+
+        async def pump(stream: asyncio.StreamReader, name: str) -> None:
+            while chunk := await stream.read(65536):
+                await self._send(writer, {"id": rid, "output": name,
+                                          "data": chunk.decode(errors="replace")})
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            await asyncio.gather(pump(proc.stdout, "stdout"), pump(proc.stderr, "stderr"))
+            return {"rc": await proc.wait()}
+        finally:
+            self.commands.discard(proc)
+
+    async def op_command_signal(self, a: Args) -> dict[str, Any]:
+        """Ctrl-C at the client: to this session's commands (a migration it
+        follows is then aborted, as at a terminal)."""
+        a.only("signal")
+        sig = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(a.get("signal", str))
+        if sig is None:
+            raise ProtocolError("command_signal: signal is INT or TERM")
+        for proc in self.commands:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+        return {}
+
+    async def op_command(self, a: Args) -> dict[str, Any]:
+        raise AssertionError("answered by _command")      # (it needs the request id)
+
     OPS: dict[str, Callable[["Session", Args], Awaitable[dict[str, Any]]]] = {
-        "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "finish": op_finish,
+        "hello": op_hello, "ping": op_ping, "prepare": op_prepare, "check": op_check,
+        "finish": op_finish,
         "abort": op_abort, "bye": op_bye, "presync_open": op_presync_open,
         "presync_close": op_presync_close, "presync_check": op_presync_check,
-        "presync_forget": op_presync_forget, "probe": op_probe,
+        "presync_unwritten": op_presync_unwritten,
+        "presync_forget": op_presync_forget, "presync_check_open": op_presync_check_open,
+        "probe": op_probe,
         "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,
-        "keep_partial": op_keep_partial}
+        "keep_partial": op_keep_partial, "command": op_command,
+        "command_signal": op_command_signal}
 
 
-def _disk_plan(d: Any, spec: Any) -> DiskPlan:
-    a = Args("prepare disks", d)
-    a.only("node", "path", "fmt", "size", "export", "backing", "backing_fmt", "source_id")
-    node = a.get("node", str)
-    if (not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}"
-            or int(node[4:]) >= len(spec.disks)):
-        raise ProtocolError(f"prepare: {node!r} is not a disk of the spec")
-    fmt = a.get("fmt", str)
-    if fmt not in ("raw", "qcow2"):
-        raise ProtocolError(f"prepare: format {fmt!r} is not raw or qcow2")
-    size = _size(a, "prepare")
-    export = a.get("export", str)
-    if not _EXPORT_RE.fullmatch(export):
-        raise ProtocolError(f"prepare: {export[:80]!r} is not an NBD export name")
-    return DiskPlan(node=node, path=a.get("path", str), fmt=fmt, size=size,
-                    export=export, backing=a.get("backing", str, None),
-                    backing_fmt=a.get("backing_fmt", str, None),
-                    source_id=a.get("source_id", str, None))
+def _address(a: Args) -> Optional[str]:
+    """An address to listen on, as a source may name it: a host name or IP
+    address, which the system (or QEMU) then resolves or refuses."""
+    address = a.get("address", str, None)
+    if address is not None and ("\0" in address or len(address) > 255):
+        raise ProtocolError(f"{a.op}: address {address[:80]!r} is not a host name or "
+                            f"IP address")
+    return address
 
 
 def _token(token: str) -> str:
     if not _TOKEN_RE.fullmatch(token):
         raise ProtocolError("a migration token is up to 64 hex digits")
     return token
-
-
-def _presync_disk(d: Any) -> dict[str, Any]:
-    a = Args("presync_open disks", d)
-    a.only("node", "dest_path", "fmt", "size", "generation", "source_id")
-    fmt = a.get("fmt", str)
-    if fmt not in ("raw", "qcow2"):
-        raise ProtocolError(f"presync_open: format {fmt!r} is not raw or qcow2")
-    node = a.get("node", str)
-    if not _NODE_RE.fullmatch(node) or node != f"disk{int(node[4:])}":
-        raise ProtocolError(f"presync_open: {node!r} is not a disk node")
-    size = _size(a, "presync_open")
-    return {"node": node, "dest_path": a.get("dest_path", str), "fmt": fmt, "size": size,
-            "generation": a.get("generation", int, None),
-            "source_id": a.get("source_id", str, None)}
-
-
-def _size(a: Args, op: str) -> int:
-    size = a.get("size", int)
-    if not 0 <= size < 1 << 63:        # QEMU's and the file system's limit
-        raise ProtocolError(f"{op}: disk size {size} is not 0 to 2^63 - 1 bytes")
-    return size
-
-
-def _options(a: Args) -> MigrateOptions:
-    a.only(*WIRE_OPTIONS)
-    opts = MigrateOptions(**{k: a.get(k, t) for k, t in WIRE_OPTIONS.items() if k in a.args
-                             and a.args[k] is not None})
-    opts.validate()
-    return opts
 
 
 # -- transports ----------------------------------------------------------
@@ -527,13 +625,15 @@ async def _until_signal(work: Awaitable[None]) -> None:
 
 
 def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
-                ports: Optional[tuple[int, int]] = None) -> AgentConfig:
+                ports: Optional[tuple[int, int]] = None,
+                allow_control: bool = False) -> AgentConfig:
     """Settings from the command line, else from STATE/agent.toml (what an
     ssh:// source gets, as it cannot pass options to the agent):
         storage_roots = ["/srv/images"]     # default: STATE/images alone
         pki = "/etc/pki"                    # default: /etc/pki
         port_range = [49152, 49215]
         allow_extra_args = false            # a source spec's extra QEMU arguments
+        allow_control = false               # vmferry commands from clients (--connect)
     """
     conf = state.path / "agent.toml"
     data: dict[str, Any] = {}
@@ -561,8 +661,11 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
     allow = data.get("allow_extra_args", False)
     if not isinstance(allow, bool):
         raise UsageError(f"{conf}: allow_extra_args must be true or false")
+    control = data.get("allow_control", False) or allow_control
+    if not isinstance(control, bool):
+        raise UsageError(f"{conf}: allow_control must be true or false")
     # The default root is a folder of the state directory, not all of it: the
     # rest holds the agent's records and this file, which no source may write.
     roots = [os.path.abspath(r) for r in roots] or [str(state.path / IMAGES)]
     return AgentConfig(state=state, storage_roots=roots, pki=Pki(pki_dir), ports=ports,
-                       allow_extra_args=allow)
+                       allow_extra_args=allow, allow_control=control)

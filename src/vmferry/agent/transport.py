@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import subprocess
-from typing import IO, Any, Optional
+from typing import IO, Any, Optional, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from vmferry.errors import UsageError
@@ -19,7 +19,7 @@ from vmferry.errors import UsageError
 DEFAULT_KEEPALIVE = 5.0             # seconds between the source's pings
 KEEPALIVE_COUNT = 3                 # missed pings before a peer is gone
 _OPTIONS = {"ssh": ("keyfile", "known_hosts", "no_verify", "agent", "keepalive"),
-            "tls": ("keepalive",)}
+            "tls": ("keepalive", "pki")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +68,19 @@ def parse(uri: str) -> Target:
                   query=query, keepalive=keepalive)
 
 
-def ssh_argv(t: Target) -> list[str]:
-    argv = ["ssh", "-o", "BatchMode=yes", "-T",
+def ssh_argv(t: Target, command: Sequence[str] = ("agent", "--stdio"),
+             tty: bool = False, control: Optional[str] = None) -> list[str]:
+    """ssh running vmferry COMMAND on T's host (its agent, by default); TTY:
+    with a terminal there, for a command a user watches; CONTROL: a socket
+    through which forwards are added later (--tunnelled)."""
+    argv = ["ssh", "-o", "BatchMode=yes", "-t" if tty else "-T",
             # ssh's own keepalive ends a session whose link died, so the
             # agent sees its stdin close even if we are gone too
             "-o", f"ServerAliveInterval={max(1, int(t.keepalive))}",
             "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}"]
+    if control:
+        argv += ["-o", "ControlMaster=yes", "-o", f"ControlPath={control}",
+                 "-o", "StreamLocalBindUnlink=yes"]
     if t.port:
         argv += ["-p", str(t.port)]
     if t.user:
@@ -87,19 +94,44 @@ def ssh_argv(t: Target) -> list[str]:
     remote = [t.query.get("agent") or "vmferry"]
     if t.state_dir:
         remote += ["--state-dir", t.state_dir]
-    remote += ["agent", "--stdio"]
+    remote += list(command)
     return argv + [t.host, "--", shlex.join(remote)]
 
 
-def spawn_ssh(t: Target) -> subprocess.Popen:
+def spawn_ssh(t: Target, tunnel: bool = False) -> subprocess.Popen:
     """Start `vmferry agent --stdio` on the destination through the system ssh
     client; its own session, so a Ctrl-C meant for us does not kill it before
-    we have rolled back through it."""
+    we have rolled back through it.  TUNNEL: it also listens on a control
+    socket in a private folder (proc.tunnel_dir) for forwards (forward())."""
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="vmferry-tunnel-") if tunnel else None
     try:
-        return subprocess.Popen(ssh_argv(t), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(ssh_argv(t, control=f"{folder}/ctl" if folder else None),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
+        proc.tunnel_dir = folder        # type: ignore[attr-defined]
+        return proc
     except OSError as e:
+        if folder:
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
         raise UsageError(f"cannot run ssh: {e.strerror or e}") from e
+
+
+def forward(t: Target, folder: str, local: str, remote: str) -> None:
+    """Through the ssh process started with tunnel=True: connections to the
+    Unix socket LOCAL (in FOLDER) reach REMOTE on the other host, inside the
+    ssh connection (OpenSSH's stream-local forwarding)."""
+    argv = ["ssh", "-o", f"ControlPath={folder}/ctl", "-O", "forward",
+            "-L", f"{local}:{remote}", t.host]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UsageError(f"cannot add an ssh forward for --tunnelled: {e}") from e
+    if out.returncode != 0:
+        why = (out.stderr.strip().splitlines() or [f"ssh exited {out.returncode}"])[-1]
+        raise UsageError(f"cannot add an ssh forward for --tunnelled: {why}")
 
 
 async def pipe_streams(rfile: IO[bytes], wfile: IO[bytes], limit: int) -> tuple[Any, Any]:

@@ -28,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a folder incoming disk images may be written under (repeatable; "
                         "default: storage_roots of STATE-DIR/agent.toml, else STATE-DIR/images; never "
                         "the rest of STATE-DIR, which holds the agent's own records)")
+    p.add_argument("--allow-control", action="store_true",
+                   help="run vmferry commands that clients send (vmferry --connect "
+                        "tls://...): every client it accepts may then run, stop and "
+                        "migrate this host's VMs")
     p.add_argument("--port-range", metavar="LO-HI",
                    help="TCP ports for disk and migration data (default: port_range of "
                         "STATE-DIR/agent.toml, else 49152-49215)")
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from vmferry.vm.state import StateDir
     state = StateDir(args.state_dir)
     cfg = server.load_config(state, args.storage_root, args.pki,
-                             _port_range(args.port_range) if args.port_range else None)
+                             _port_range(args.port_range) if args.port_range else None,
+                             allow_control=args.allow_control)
     listen = _host_port(args.listen) if args.listen else None
     if listen:
         cfg.pki.server_context()          # missing certificates: say so before listening

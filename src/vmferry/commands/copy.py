@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from vmferry.errors import UsageError
-from vmferry.progress import make_reporter
+from vmferry.progress import CopyProgress, make_reporter
 from vmferry.units import format_size, mib_per_second, parse_size
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from vmferry.copying import copy     # the engine loads only for commands that copy
     check_not_itself(args.src, args.dst)
     reporter = make_reporter(args.progress)
+    shown = CopyProgress(reporter)
     rsize = parse_size(args.request_size, "--request-size") if args.request_size else None
     rate = mib_per_second(args.bandwidth, "--bandwidth") or None
     try:
@@ -116,12 +117,12 @@ def run(args: argparse.Namespace) -> int:
                       verify=args.verify, threads=args.threads,
                       zero_detect=args.zero_detect, extents_from=args.extents_from,
                       rate=rate, zero_copy=args.zero_copy,
-                      progress=lambda snap: reporter.update(snap.as_event("progress")))
+                      progress=shown)
+        # a bar ends full; in JSON this is the last line
+        reporter.update(shown.event(result, "done"))
     finally:
         reporter.close()
-    if args.progress == "json":
-        reporter.update(result.as_event("done"))
-    else:
+    if args.progress != "json":
         print(summary(result), flush=True)
         if result.verified:
             print(f"verified {format_size(result.bytes_total)}: both sides hold the same bytes "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vmferry.commands.copy import summary
 from vmferry.errors import UsageError
-from vmferry.progress import make_reporter
+from vmferry.progress import CopyProgress, make_reporter
 from vmferry.units import format_size, parse_size
 
 
@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
             from vmferry.copying import copy
             reporter = make_reporter(args.progress)
             try:
-                result = copy(src, dst, verify=True,
-                              progress=lambda s: reporter.update(s.as_event("progress")))
+                shown = CopyProgress(reporter)
+                result = copy(src, dst, verify=True, progress=shown)
+                reporter.update(shown.event(result, "done"))
             finally:
                 reporter.close()
             print(summary(result))

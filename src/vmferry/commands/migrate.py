@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.errors import UsageError
+from vmferry.eta import format_eta
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.stats import JobInfo
 from vmferry.progress import BarReporter, JsonReporter, NullReporter
@@ -79,11 +80,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_host_options(p, memory=True)
     p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
                    choices=["auto", "bar", "json"], help="show progress")
+    p.add_argument("--tunnelled", "--tunneled", action="store_true",
+                   help="ssh:// destinations: carry the disks and the memory stream "
+                        "inside the ssh connection, so that only ssh need be open "
+                        "between the hosts")
+    p.add_argument("--detach", action="store_true",
+                   help="run the migration in a session of its own and follow it: a "
+                        "hang-up leaves it running ('jobinfo --follow' re-attaches), "
+                        "Ctrl-C aborts it (what --connect does)")
+    add_dry_run_options(p, "migration")
     p.set_defaults(func=run, copy_storage="all")
 
     j = sub.add_parser("jobinfo", help="statistics of a VM's current or last migration")
     j.add_argument("name", metavar="NAME")
     j.add_argument("--json", action="store_true")
+    j.add_argument("--follow", action="store_true",
+                   help="show the running migration as 'migrate' does until it ends, "
+                        "with its last line and exit status (Ctrl-C aborts it)")
+    j.add_argument("--progress", nargs="?", const="auto", choices=["auto", "bar", "json"],
+                   help="with --follow: how to show it (default: auto)")
     j.set_defaults(func=jobinfo)
 
     a = sub.add_parser("abort", help="cancel a running migration; the source resumes")
@@ -106,6 +121,27 @@ def add_disk_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--disk-bandwidth", type=int, metavar="MiB/s",
                    help="cap each disk's copy at this rate, as libvirt caps each disk's "
                         "mirror: N disks may move N times as much (default: unlimited)")
+
+
+def add_dry_run_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"check everything the {what} needs on both hosts, change nothing, "
+                        f"and print the plan with an estimate of its time; exit status 1 "
+                        f"(one line per problem) when it would not start")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: print the plan and its problems as JSON")
+
+
+def print_dry_run(plan: Any, as_json: bool) -> int:
+    """The plan on stdout; each problem on a line of its own on stderr (in
+    the JSON with --json)."""
+    if as_json:
+        print(json.dumps(plan.as_dict(), indent=1), flush=True)
+    else:
+        print(plan.text(), flush=True)
+        for problem in plan.problems:
+            sys.stderr.write(f"vmferry: error: {problem}\n")
+    return 0 if plan.ok else 1
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,19 +203,20 @@ def options_from(args: argparse.Namespace) -> MigrateOptions:
         max_downtime=args.max_downtime, escalate_downtime=not args.no_escalate,
         auto_converge=args.auto_converge, parallel_connections=args.parallel_connections,
         postcopy=args.postcopy, compressed=args.compressed,
-        storage_engine=args.storage_engine, migrate_uri=args.migrate_uri)
+        storage_engine=args.storage_engine, migrate_uri=args.migrate_uri,
+        tunnelled=args.tunnelled)
 
 
 class MigrationDisplay:
-    """virsh migrate --verbose, but storage and memory shown apart: one bar
-    per part, each of which only moves forward."""
+    """virsh migrate --verbose, with storage and memory in one bar: one
+    percentage and one ETA for the whole migration (JobInfo.estimate, eta.py),
+    labelled with the part that is moving."""
 
     def __init__(self, mode: str | None) -> None:
         self.mode = mode
         self.json = JsonReporter() if mode == "json" else None
         self.tty = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        self.bar: Any = NullReporter()
-        self.part = ""
+        self.bar: Any = BarReporter() if self.tty else NullReporter()
         self.phase = ""
 
     def __call__(self, info: JobInfo) -> None:
@@ -194,23 +231,14 @@ class MigrationDisplay:
             self.phase = info.phase
             if not self.tty:
                 sys.stderr.write(f"migrate: {info.phase}\n")
-        if info.phase != "perform":
+        if info.phase in ("begin", "prepare"):
             return
-        part = "memory" if info.memory_total else "storage"
-        if part != self.part:
-            if self.part == "storage":
-                # memory only starts once every disk is copied: show it so
-                self.bar.update({"label": "storage", "done": 1, "total": 1, "event": "done"})
-            self.bar.close()
-            self.part = part
-            self.bar = BarReporter() if self.tty else NullReporter()
-        if part == "storage":
-            done, total = info.disk_processed, info.disk_total
-        else:
-            done = info.memory_processed
-            total = info.memory_processed + info.memory_remaining
-        self.bar.update({"label": f"{part:7}", "done": done, "total": total,
-                         "rate": info.memory_bandwidth if part == "memory" else None})
+        memory = info.memory_total > 0
+        label = info.phase if info.phase != "perform" else "memory" if memory else "storage"
+        self.bar.update({"label": f"{label:7}", "percent": info.percent,
+                         "rate": info.memory_rate if memory else info.disk_rate,
+                         "eta_s": info.eta_s, "converging": info.converging,
+                         "event": "done" if info.phase == "done" else "progress"})
 
     def close(self) -> None:
         self.bar.close()
@@ -227,18 +255,28 @@ def summary(info: JobInfo) -> str:
 def run(args: argparse.Namespace) -> int:
     opts = options_from(args)
     opts.validate()
+    if args.json and not args.dry_run:
+        raise UsageError("--json goes with --dry-run (a migration's progress: --progress=json)")
+    if args.detach and not args.dry_run:
+        # a dry run changes nothing and ends within seconds: nothing to detach
+        from vmferry.commands import detached
+        return detached.start(StateDir(args.state_dir), args.name, args.command_argv,
+                              args.progress)
     ssh = None
     if args.dest.startswith("ssh://"):
         # ssh's handshake and the remote agent's start-up take longer than
         # loading the rest of vmferry here: let them overlap.
         from vmferry.agent import transport
-        ssh = transport.spawn_ssh(transport.parse(args.dest))
+        ssh = transport.spawn_ssh(transport.parse(args.dest), tunnel=opts.tunnelled)
     from vmferry.migration.api import migrate_vm   # asyncio, qemu.qmp: only here
     dest: Any = args.dest
     if ssh is not None:
         from vmferry.migration.remote import RemoteDestination
         dest = RemoteDestination(args.dest, ssh=ssh)
     state = StateDir(args.state_dir)
+    if args.dry_run:
+        from vmferry.migration.api import dry_run_vm
+        return print_dry_run(dry_run_vm(state, args.name, dest, opts), args.json)
     display = MigrationDisplay(args.progress)
     try:
         info = migrate_vm(state, args.name, dest, opts, progress=display)
@@ -255,6 +293,10 @@ def run(args: argparse.Namespace) -> int:
 
 def jobinfo(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
+    if args.follow:
+        from vmferry.commands import detached
+        return detached.follow(state, args.name, "json" if args.json else
+                               (args.progress or "auto"))
     path = job_file(state, args.name)
     if not path.exists():
         raise UsageError(f"{args.name} has no migration job to show")
@@ -262,12 +304,16 @@ def jobinfo(args: argparse.Namespace) -> int:
     if info.status == "running" and not pid_alive(info.pid):
         info.status = "failed"
         info.error = info.error or "the vmferry process running it died"
+        info.eta_s, info.converging = None, False
     if args.json:
         print(json.dumps(info.as_dict(), indent=1))
         return 0
     rows = [
         ("Job type", "migration"), ("Status", info.status), ("Phase", info.phase),
         ("Time elapsed", f"{info.elapsed_ms} ms"),
+        ("Progress", f"{info.percent:.1f}%"),
+        ("Time remaining", "converging…" if info.converging else
+         format_eta(info.eta_s) if info.eta_s is not None else "unknown"),
         ("Data processed", format_size(info.data_processed)),
         ("Data remaining", format_size(info.data_remaining)),
         ("Data total", format_size(info.data_total)),
@@ -275,11 +321,13 @@ def jobinfo(args: argparse.Namespace) -> int:
         ("Memory remaining", format_size(info.memory_remaining)),
         ("Memory total", format_size(info.memory_total)),
         ("Memory bandwidth", f"{format_size(info.memory_bandwidth)}/s"),
+        ("Memory rate", f"{format_size(info.memory_rate)}/s"),
         ("Dirty rate", f"{info.dirty_rate} pages/s"),
         ("Iteration", str(info.iteration)),
         ("File processed", format_size(info.disk_processed)),
         ("File remaining", format_size(info.disk_remaining)),
         ("File total", format_size(info.disk_total)),
+        ("File rate", f"{format_size(info.disk_rate)}/s"),
         ("File bandwidth cap", f"{format_size(info.disk_bandwidth)}/s per disk"
          if info.disk_bandwidth else "unlimited"),
         ("Expected downtime", f"{info.expected_downtime_ms} ms"),

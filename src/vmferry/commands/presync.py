@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vmferry.errors import UsageError
 from vmferry.progress import make_reporter
 from vmferry.units import format_size
 from vmferry.vm.state import StateDir
@@ -27,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "left, with its records and the source's dirty bitmap")
     p.add_argument("--progress", nargs="?", const="auto", default=None,
                    choices=["auto", "bar", "json"], help="show progress")
+    from vmferry.commands.migrate import add_dry_run_options
+    add_dry_run_options(p, "presync")
     p.set_defaults(func=run)
 
 
@@ -35,6 +38,15 @@ def run(args: argparse.Namespace) -> int:
     from vmferry.migration.options import MigrateOptions
     from vmferry.commands.migrate import common_options
     opts = MigrateOptions(**common_options(args))
+    if args.json and not args.dry_run:
+        raise UsageError("--json goes with --dry-run (a presync's progress: --progress=json)")
+    if args.dry_run:
+        if args.discard:
+            raise UsageError("--dry-run checks a presync: --discard has no dry run")
+        from vmferry.commands.migrate import print_dry_run
+        from vmferry.migration.api import dry_run_vm
+        return print_dry_run(dry_run_vm(StateDir(args.state_dir), args.name, args.dest, opts,
+                                        kind="presync"), args.json)
     if args.discard:
         from vmferry.migration.api import parse_destination
         from vmferry.migration.presync import discard

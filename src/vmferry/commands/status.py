@@ -38,8 +38,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("migration", note))
     for node, c in kept.items():
         size = next((d for i, d in enumerate(st.spec.disks) if f"disk{i}" == node), None)
-        part = (f"copied up to {format_size(c['valid_below'])}, then only what changed"
-                if c["valid_below"] is not None else "copied, then only what changed")
+        part = ("copied, then only what changed" if not c["partial"] else
+                "partly copied (as far as its image is written), then only what changed"
+                if c["valid_below"] is None else
+                f"copied from the start up to {format_size(c['valid_below'])}, then "
+                f"only what changed")
         rows.append((f"{node} copy", f"{c['dest_path']} ({part}; 'vmferry presync "
                                      f"--discard' removes it)" if size else c["dest_path"]))
     for key, value in rows:

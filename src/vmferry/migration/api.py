@@ -3,12 +3,14 @@ migrate` and `vmferry presync` (vmferry.migrate and vmferry.presync)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Optional, TypeVar
 
-from vmferry.errors import Cancelled, UsageError
+from vmferry.errors import Cancelled, UsageError, VmferryError
 from vmferry.migration.destination import Destination
+from vmferry.migration.dryrun import DryRun
 from vmferry.migration import journal
 from vmferry.migration.flow import Migration
 from vmferry.migration.journal import Journal
@@ -97,15 +99,74 @@ def open_journal(state: StateDir, kind: str, name: str, dest: Destination,
     """Start NAME's journal, unless another migration or presync of it is under
     way, or one was interrupted and must be recovered first."""
     with state.lock():
-        old = journal.load(state, name)
-        if old is not None and old.owner_alive:
-            raise UsageError(f"{name} has a {old.describe()} under way (pid {old.owner}): "
-                             f"wait for it, or stop it with 'vmferry abort {name}'")
-        if old is not None:
-            raise UsageError(journal.hint(old))
+        problem = journal_problem(state, name)
+        if problem:
+            raise UsageError(problem)
         return Journal.open(state, kind, name, dest.uri, {
             "suspend": opts.suspend, "undefine_source": opts.undefine_source,
             "pki_dir": str(opts.pki_dir)})
+
+
+def journal_problem(state: StateDir, name: str) -> str:
+    """Why NAME cannot start a migration or presync now: another one under way,
+    or one interrupted that must be recovered first; "" when it can."""
+    old = journal.load(state, name)
+    if old is not None and old.owner_alive:
+        return (f"{name} has a {old.describe()} under way (pid {old.owner}): "
+                f"wait for it, or stop it with 'vmferry abort {name}'")
+    if old is not None:
+        return journal.hint(old)
+    return ""
+
+
+async def dry_run_vm_async(state: StateDir, name: str, dest: str | Destination,
+                           opts: Optional[MigrateOptions] = None, *,
+                           kind: Literal["migrate", "presync"] = "migrate") -> DryRun:
+    """Check a live migration (or a presync) of VM `name` to `dest` without
+    making it: every check Begin and Prepare (or presync) make, on both hosts,
+    and none of their actions (no journal, no QEMU object on the source,
+    nothing on the destination).  Returns the plan, with every problem found
+    (`ok` when there is none) and an estimate of its time from a probe of
+    about a second."""
+    destination = parse_destination(dest) if isinstance(dest, str) else dest
+    # the check settles the storage engine on its own copy
+    opts = dataclasses.replace(opts or MigrateOptions())
+    try:
+        opts.validate()
+        if kind == "presync":
+            from vmferry.migration import presync
+            return await presync.check(state, name, destination, opts)
+        if opts.offline:
+            raise UsageError("--dry-run checks live migrations: --offline has no dry run")
+        rec = state.load(name)
+        problem = journal_problem(state, name)
+        if rec.pid is None:
+            run = DryRun(name=name, destination=repr(destination),
+                         transport=destination.transport(opts))
+            run.add_problems([f"{name} is not running: start it with 'vmferry run', or move "
+                              f"it with --offline"])
+            try:
+                await destination.connect(opts)
+            except (VmferryError, OSError) as e:
+                run.add_problems([str(e)])
+        else:
+            m = Migration(name, rec.qmp_socket, rec.spec, destination, opts,
+                          presync_state=state, warn=None)
+            run = await m.check()
+        if problem:
+            run.problems.insert(0, problem)
+        return run
+    finally:
+        await destination.close()
+
+
+def dry_run_vm(state: StateDir | str, name: str, dest: str | Destination,
+               opts: Optional[MigrateOptions] = None, *,
+               kind: Literal["migrate", "presync"] = "migrate") -> DryRun:
+    """Blocking dry_run_vm_async."""
+    if not isinstance(state, StateDir):
+        state = StateDir(state)
+    return _run_cancellable(lambda: dry_run_vm_async(state, name, dest, opts, kind=kind))
 
 
 def migrate_vm(state: StateDir | str, name: str, dest: str | Destination,

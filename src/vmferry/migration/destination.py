@@ -37,6 +37,41 @@ class Prepared:
     same_host: bool = False
 
 
+@dataclasses.dataclass
+class DestinationCheck:
+    """What a destination found when asked to check a migration without
+    preparing it (a dry run): every problem, and what it would do."""
+
+    problems: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    version: str = ""                  # vmferry's there
+    qemu: str = ""                     # its QEMU's version
+    accel: str = ""                    # what its QEMU would run the guest with
+    dest_paths: dict[str, str] = dataclasses.field(default_factory=dict)   # node -> image
+    create: list[str] = dataclasses.field(default_factory=list)   # nodes: image to create
+    free: dict[str, int] = dataclasses.field(default_factory=dict)  # node -> bytes free there
+    listen: dict[str, str] = dataclasses.field(default_factory=dict)  # stream -> address
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "DestinationCheck":
+        """From an agent's reply, keeping only fields of the right shape: the
+        reply is printed, never acted on, but must not break the printing."""
+        d = d if isinstance(d, dict) else {}
+
+        def strs(v: Any) -> list[str]:
+            return [str(x) for x in v] if isinstance(v, list) else []
+
+        def smap(v: Any) -> dict[str, str]:
+            return {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else {}
+        free = d.get("free")
+        return cls(problems=strs(d.get("problems")), warnings=strs(d.get("warnings")),
+                   version=str(d.get("version", "")), qemu=str(d.get("qemu", "")),
+                   accel=str(d.get("accel", "")), dest_paths=smap(d.get("dest_paths")),
+                   create=strs(d.get("create")), listen=smap(d.get("listen")),
+                   free={str(k): v for k, v in free.items() if isinstance(v, int)
+                         and not isinstance(v, bool)} if isinstance(free, dict) else {})
+
+
 def destination_spec(spec: Any, opts: MigrateOptions) -> Any:
     """The VM's spec as the destination runs it: disk paths and serial log
     remapped by --disk-map or a destination spec file (virsh's --xml)."""
@@ -97,6 +132,23 @@ class Destination(abc.ABC):
         be reached to tell.  KEEP: node -> presync generation of the images
         to keep as partial copies; "kept" when they were (Incoming.abort)."""
 
+    async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
+                    accel: Optional[str] = None,
+                    presynced: frozenset[str] = frozenset()) -> DestinationCheck:
+        """Every check Prepare makes, and what it would do, changing nothing
+        there: no QEMU, image, folder or record (a dry run)."""
+        return DestinationCheck(problems=[f"{self!r} cannot check a migration "
+                                          f"without preparing it"])
+
+    def transport(self, opts: MigrateOptions) -> str:
+        """How the disks and the memory would travel, in a few words."""
+        return "TCP" + (" with TLS" if opts.tls else "")
+
+    async def probe_link(self, seconds: float) -> Optional[float]:
+        """Bytes per second the link to the destination carried in a probe of
+        about SECONDS; None where there is no link to measure."""
+        return None
+
     async def keep_on_loss(self, generation: int) -> None:
         """Should the source be lost (its process killed, the link cut), the
         destination keeps the disk images as partial copies of GENERATION
@@ -146,6 +198,13 @@ class Destination(abc.ABC):
         presync_target.PresyncTarget.open)."""
         raise UsageError(f"presync cannot write to {self!r}")
 
+    async def presync_check_open(self, disks: list[dict[str, Any]],
+                                 opts: MigrateOptions) -> DestinationCheck:
+        """presync_open's checks, all of them, and what it would do, changing
+        nothing (a dry run); DISKS as for presync_open, each with the source's
+        allocated bytes."""
+        return DestinationCheck(problems=[f"presync cannot write to {self!r}"])
+
     def presync_uri(self, server: dict[str, Any]) -> str:
         """The engine's URI for a server presync_open returned."""
         raise UsageError(f"presync cannot write to {self!r}")
@@ -157,6 +216,12 @@ class Destination(abc.ABC):
                             opts: MigrateOptions) -> dict[str, str]:
         """node -> '' if the image at PATH still holds presync GENERATION, else why."""
         return {node: "the destination cannot tell" for node in items}
+
+    async def presync_unwritten(self, items: dict[str, tuple[str, str]],
+                                opts: MigrateOptions) -> dict[str, Optional[list]]:
+        """node -> the spans of the image at PATH (of format FMT) that hold
+        nothing written (presync_target.unwritten), or None if it cannot tell."""
+        return {node: None for node in items}
 
     async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         """Drop the records beside these images (DISCARD: the images too)."""

@@ -16,9 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
+from vmferry.aio import in_thread
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
-from vmferry.migration import source
+from vmferry.eta import Estimator
+from vmferry.migration import presync, probe, source
 from vmferry.migration.destination import Destination
+from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
 from vmferry.migration.journal import Journal
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
@@ -64,6 +67,8 @@ class Migration:
         self.phase = Phase.BEGIN
         self.info = JobInfo(name=name, pid=os.getpid(), started=time.time(),
                             status="running")
+        # until memory migration starts, the guest's RAM is the work it will be
+        self._estimator = Estimator(memory_expected=spec.memory)
         self.mon: Optional[Monitor] = None
         self.disks: list[DiskPlan] = []
         self.was_running = True
@@ -81,8 +86,11 @@ class Migration:
         self._undo_failed: list[str] = []      # undo steps that raised
         self._unresolved = False       # where the guest runs is not known
         self._kept = ""                # what the rollback kept of the disk copy
-        self._keep_generation = 0      # see NativeStorage setup, keep_on_loss
+        self._keep_generation = 0      # see _arm_keep
+        self._mirror_bitmaps = False   # the mirror's resumable bitmaps were added
+        self._mirror_kept = False      # the mirror copies into a copy a failure keeps
         self._described = False        # Begin found the VM in a state to move
+        self._moves: dict[str, int] = {}   # a dry run's bytes to move of presynced disks
         self._last_save = 0.0
 
     # -- bookkeeping ---------------------------------------------------
@@ -105,6 +113,7 @@ class Migration:
 
     def _publish(self, force: bool = False) -> None:
         self.info.tick()
+        self.info.estimate(self._estimator)
         if self.progress:
             self.progress(self.info)
         now = time.monotonic()
@@ -189,7 +198,7 @@ class Migration:
             await self.dest.close()
             if self.phase == Phase.BEGIN and not self._described:
                 raise       # the VM was not in a state to move: say only that
-            if getattr(e, "source_paused", False):
+            if isinstance(e, MigrationError) and e.source_paused:
                 raise       # the journal went to 'vmferry recover' (_settle_journal)
             if isinstance(e, UsageError) and not self._undo_failed:
                 raise
@@ -232,8 +241,8 @@ class Migration:
             err = MigrationError(f"lost the destination during Finish ({failure or 'cancelled'}"
                                  f"): it may be running the guest; the source VM stays "
                                  f"paused — run 'vmferry recover {self.name}' once "
-                                 f"{self.dest!r} answers", phase="finish")
-            err.source_paused = True
+                                 f"{self.dest!r} answers", phase="finish",
+                                 source_paused=True)
             raise err from failure
         raise failure
 
@@ -278,13 +287,75 @@ class Migration:
         if self.journal is not None:
             self.journal.was_running = self.was_running
             self.journal.save()
-        # The destination runs the guest with the accelerator it has now:
-        # a TCG guest moved onto KVM sees its clock and timing change.
-        kvm = await self.mon.cmd("query-kvm")
-        self.accel = "kvm" if kvm.get("enabled") else "tcg"
+        self.accel = await source.accelerator(self.mon)
         self.disks = await self._plan_disks()
         if self.journal is not None:
             self.journal.set_disks([dataclasses.asdict(d) for d in self.disks])
+
+    async def check(self) -> DryRun:
+        """Begin's and Prepare's checks, every one and on both hosts, changing
+        nothing there — no journal or job file, no QEMU object, no file on the
+        destination — and the plan they would carry out (a dry run)."""
+        run = DryRun(name=self.name, destination=repr(self.dest),
+                     transport=self.dest.transport(self.opts))
+        self.warn = None                    # warnings go into the plan
+        reached = True
+        try:
+            await self.dest.connect(self.opts)
+        except (VmferryError, OSError) as e:
+            run.add_problems([str(e)])
+            reached = False
+        try:
+            self.mon = await Monitor(self.qmp_socket, "source", "check").connect()
+        except VmferryError as e:
+            run.add_problems([str(e)])
+        else:
+            try:
+                await self._check_source(run)
+            finally:
+                await self.mon.close()
+        run.engine = self.opts.storage_engine if self.disks else ""
+        found = None
+        if reached:
+            found = await self.dest.check(self.spec, self.disks, self.opts, accel=self.accel,
+                                          presynced=frozenset(self.presynced))
+            run.heard(found)
+        run.warnings = self.info.warnings + run.warnings
+        run.disks = [DiskMove(node=d.node, path=d.path, fmt=d.fmt, size=d.size,
+                              allocated=d.allocated,
+                              dest_path=(found.dest_paths.get(d.node, "") if found else ""),
+                              create=bool(found and d.node in found.create),
+                              engine=run.engine, moves=self._moves.get(d.node, d.allocated),
+                              dest_free=found.free.get(d.node) if found else None)
+                     for d in self.disks]
+        run.options = options_in_effect(self.opts)
+        if run.ok:
+            # a second at most, shared by the link and the disks
+            run.link_rate = await self.dest.probe_link(PROBE_SECONDS / 2)
+            run.disk_read_rate = await in_thread(probe.disk_read_rate,
+                                                 [d.path for d in self.disks],
+                                                 PROBE_SECONDS / 2)
+            run.estimate(self.opts)
+        return run
+
+    async def _check_source(self, run: DryRun) -> None:
+        """Begin's checks of the source QEMU, every problem of them."""
+        status, problems = await source.state_problems(self.mon)
+        run.add_problems(problems)
+        self._described = True
+        self.was_running = status["status"] == "running"
+        self.accel = await source.accelerator(self.mon)
+        version = (await self.mon.cmd("query-version")).get("qemu", {})
+        memory = await self.mon.try_cmd("query-memory-size-summary") or {}
+        run.source = {"qemu": "{major}.{minor}.{micro}".format(**version) if version else "",
+                      "accel": self.accel, "machine": self.spec.machine,
+                      "memory": memory.get("base-memory", 0), "status": status["status"]}
+        try:
+            self.disks = await self._plan_disks()
+        except VmferryError as e:
+            run.add_problems([str(e)])
+        if self.presynced:
+            self._moves = await presync.delta(self.mon, self.presynced, self.disks)
 
     async def _close_source(self) -> None:
         """The last undo step: a guest that ran must run again, or the
@@ -301,7 +372,6 @@ class Migration:
         plans = await source.plan_disks(self.mon, self.spec, self.opts)
         opts = self.opts
         if plans and (opts.copy_storage == "inc" or opts.storage_engine != "mirror"):
-            from vmferry.migration import presync
             self.presynced = await presync.valid_records(
                 self.mon, self.presync_state if self.dest.presync_ok else None, self.name,
                 plans, self.dest_spec_paths(plans), self._warn, dest=self.dest,
@@ -338,11 +408,11 @@ class Migration:
         where it is, at a third of the source host's CPU or less
         (bench/results/native_remote.md).  QEMU's mirror everywhere else:
         qcow2 goes through both QEMUs either way, a backing chain needs
-        sync=top, and with --tls the engine's lanes are libnbd's, not
-        measured against the mirror."""
+        sync=top, and with --tls (the engine's libnbd lanes) or --tunnelled
+        (through ssh) it was not measured against the mirror."""
         if (plans and self.opts.copy_storage == "all"
                 and all(p.fmt == "raw" for p in plans)
-                and (self.dest.same_host or not self.opts.tls)):
+                and (self.dest.same_host or not (self.opts.tls or self.opts.tunnelled))):
             return "native"
         return "mirror"
 
@@ -387,10 +457,21 @@ class Migration:
             await self._native_storage()
         elif self.disks:
             sync = "top" if self.opts.copy_storage == "inc" else "full"
-            self._record("mirror")
+            # Into images it created, what a mirror wrote is what the image
+            # holds: a failure keeps them, as native copies are kept, with a
+            # bitmap of every write from before the mirror reads anything.
+            resumable = (sync == "full" and self._resumable()
+                         and all(d.node in self.prepared.fresh for d in self.disks))
+            self._record("mirror", resumable=resumable)
+            if resumable:
+                await self._arm_keep()
+                self._mirror_bitmaps = True
+                await self._start_bitmaps(presync.BITMAP)
             undo: list = []
             await source.start_mirrors(mon, self.disks, self.prepared, sync, undo,
                                        speed=self.opts.disk_rate())
+            # from here on the destination images may hold what a mirror wrote
+            self._mirror_kept = resumable
             await source.wait_mirrors_ready(mon, self.disks, self._disk_progress,
                                             self._deadline_for_storage())
         if self.native is not None:
@@ -414,35 +495,36 @@ class Migration:
         from vmferry.migration.native import NativeStorage
         def progress(snap: Any) -> None:
             moved = self.native.stats.bytes_copied + snap.bytes_written + snap.bytes_zeroed
-            left = snap.bytes_total - snap.bytes_done
+            # a copy of every disk takes them one after another: those it has
+            # not reached yet are left too, not just the one under way
+            left = max(snap.bytes_total - snap.bytes_done, self.native.lacking())
             self.info.disk_processed = moved
             self.info.disk_remaining = left
             self.info.disk_total = max(self.info.disk_total, moved + left)
             self._publish()
 
         self.info.disk_total = sum(d.size for d in self.disks)
-        from vmferry.migration import presync
         sock = self.qmp_socket.parent / "vmferry-nbd.sock"
         # The bitmap is presync's: should the migration fail, what it copied so
         # far stays on the destination as a presync would have left it
         # (_abort_destination), and the next presync or migration moves the rest.
-        resumable = self.presync_state is not None and self.dest.presync_ok
+        resumable = self._resumable()
         self._record("native", socket=str(sock), bitmap=presync.BITMAP,
                      presynced=sorted(self.presynced), resumable=resumable)
         self.native = NativeStorage(
             self.mon, self.disks, self.prepared, sock, progress, bitmap=presync.BITMAP,
             existing=bool(self.presynced), resumable=resumable,
-            valid={d.node: presync.valid_below(self.presynced[d.node], d.size)
-                   for d in self.disks if d.node in self.presynced},
-            note=self.journal.note_valid if self.journal is not None else None,
+            missing={d.node: presync.missing(self.presynced[d.node], d.size) or []
+                     for d in self.disks if d.node in self.presynced},
+            note=self.journal.note_missing if self.journal is not None else None,
             record=self._record, rate=self.opts.disk_rate())
         self._on_undo("remove native exports and bitmaps", self.native.cleanup)
-        if resumable and not self.dest.same_host:
-            # an agent cannot know how far the copy got: it keeps the images
-            # under a generation given now, and the source records the rest
-            self._keep_generation = presync.next_generation(self.presync_state, self.name)
-            self._record("keep", generation=self._keep_generation)
-            await self.dest.keep_on_loss(self._keep_generation)
+        if self.journal is not None:
+            for node, m in self.native.missing.items():
+                self.journal.note_missing(node, m)
+            self.journal.save()
+        if resumable:
+            await self._arm_keep()
         await self.native.start()
         if self.presynced:
             # only what changed since, and what an interrupted copy never got
@@ -468,6 +550,29 @@ class Migration:
         st = self.native.stats
         self.info.storage_lanes = dict(st.lanes)
         self.info.storage_lanes_note = st.lanes_note
+
+    def _resumable(self) -> bool:
+        """Whether a disk copy that stops midway can be kept (presync's records
+        on both sides)."""
+        return self.presync_state is not None and self.dest.presync_ok
+
+    async def _arm_keep(self) -> None:
+        """Between hosts, the agent keeps a copy should this process vanish:
+        it cannot know how far the copy got, so it keeps the images under a
+        generation given now, and the source records the rest."""
+        if not self.dest.same_host:
+            self._keep_generation = presync.next_generation(self.presync_state, self.name)
+            self._record("keep", generation=self._keep_generation)
+            await self.dest.keep_on_loss(self._keep_generation)
+
+    async def _start_bitmaps(self, name: str) -> None:
+        """A fresh bitmap on each disk (persistent for qcow2, to outlive this
+        QEMU as the copy does), replacing one whose records did not hold."""
+        for d in self.disks:
+            await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=name)
+            self._record("bitmap", node=d.node, name=name)
+            await self.mon.cmd("block-dirty-bitmap-add", node=d.node, name=name,
+                               persistent=d.fmt == "qcow2")
 
     def _deadline_for_storage(self) -> Optional[float]:
         # A timeout's action applies to memory; storage that cannot even reach
@@ -557,6 +662,9 @@ class Migration:
                     info = await mon.cmd("query-migrate")
                 self.info.update_memory(info)
                 self.info.memory_remaining = 0
+                if self.disks:
+                    # settled at switchover: the targets equal the sources
+                    self.info.disk_remaining = 0
                 self._publish(force=True)
                 return
             elif status in ("failed", "cancelled"):
@@ -591,47 +699,63 @@ class Migration:
         """Undo Prepare, keeping what the native engine copied when it is worth
         it: the destination vouches for its images first, then the source
         records how far each copy got (presync.py)."""
-        from vmferry.migration import presync
-        keep = self._partial_copies()
+        # A copy that filled its file system would only keep it full: the
+        # next attempt there fails the same way, so it goes with the rest.
+        full = "No space left on device" in (self.info.error or "")
+        keep = {} if full else self._partial_copies()
         generation = (self._keep_generation or presync.next_generation(self.presync_state,
                                                                        self.name)) if keep else 0
         outcome = await self.dest.abort({n: generation for n in keep} if keep else None)
-        if self.native is None or not self.native.resumable:
+        if not self._mirror_bitmaps and (self.native is None or not self.native.resumable):
             return outcome
         # an agent we lost keeps them as it was told (keep_on_loss), if it can:
         # the records say so, and the next migration checks before trusting them.
-        # Also a copy that has no valid prefix yet: the agent keeps it all the
+        # Also a copy that has reached nothing yet: the agent keeps it all the
         # same, and without records nothing would ever claim or remove it.
-        if outcome == "unknown" and self._keep_generation and not keep:
-            keep = {d.node: self.native.valid.get(d.node, 0) for d in self.disks}
+        if (outcome == "unknown" and self._keep_generation and not keep
+                and self.native is not None and self.native.resumable):
+            keep = {d.node: self.native.missing[d.node] for d in self.disks}
             generation = self._keep_generation
         if outcome == "kept" or (keep and outcome == "unknown" and self._keep_generation):
             pid = self.presync_state.read_pid(self.name)
             presync.write_records(self.presync_state, self.name, generation, {
                 d.node: presync.record(d, self.prepared.dest_paths[d.node], pid, generation,
-                                       keep[d.node]) for d in self.disks})
-            done = sum(keep.values()) / max(1, sum(d.size for d in self.disks))
-            # said in the failure's one line (_outcome)
-            self._kept = (f"kept the partial copy on {self.dest!r} ({done:.0%} of the disks "
-                          f"copied): a migration or presync there moves only the rest")
+                                       keep[d.node], confirmed=outcome == "kept")
+                for d in self.disks})
+            if self.native is not None:
+                size = max(1, sum(d.size for d in self.disks))
+                done = f"{1 - self.native.lacking() / size:.0%} of the disks copied"
+            else:
+                done = "as far as the mirror got"
+            # said in the failure's one line (_outcome); a lost agent kept the
+            # images if it could (a killed one could not): the next migration
+            # checks before it trusts them
+            self._kept = (f"kept the partial copy on {self.dest!r} ({done}): a migration "
+                          f"or presync there moves only the rest" if outcome == "kept" else
+                          f"the partial copy on {self.dest!r} ({done}) is kept if its agent "
+                          f"could: a migration or presync there checks, then moves only "
+                          f"the rest")
             self.info.warnings.append(self._kept)
         else:
             await self._drop_bitmaps()
         return outcome
 
-    def _partial_copies(self) -> dict[str, int]:
-        """node -> how far its destination image is a copy, when every disk's
-        copy got somewhere and the destination can keep it; else {}."""
-        n = self.native
-        if n is None or not n.resumable or getattr(self, "prepared", None) is None:
+    def _partial_copies(self) -> dict[str, presync.Missing]:
+        """node -> what its destination image lacks (spans, or UNWRITTEN after
+        a mirror), when a copy got somewhere and the destination can keep
+        it; else {}."""
+        if getattr(self, "prepared", None) is None:
             return {}
-        valid = {d.node: n.valid.get(d.node, 0) for d in self.disks}
-        return valid if all(valid.values()) else {}
+        if self._mirror_kept:
+            return {d.node: presync.UNWRITTEN for d in self.disks}
+        n = self.native
+        if n is None or not n.resumable or n.lacking() >= sum(d.size for d in self.disks):
+            return {}
+        return {d.node: n.missing[d.node] for d in self.disks}
 
     async def _drop_bitmaps(self) -> None:
         """No partial copy is kept: the bitmap and any records go (the
         destination images may have changed under them)."""
-        from vmferry.migration import presync
         for d in self.disks:
             await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
                                    name=presync.BITMAP)
@@ -644,10 +768,10 @@ class Migration:
         self._undo.clear()
         if self.native is not None:
             await self.native.cleanup()
+        if self.native is not None or self._mirror_bitmaps:
             # a persistent bitmap would otherwise be saved into the source image
             await self._drop_bitmaps()
         elif self.presynced:
-            from vmferry.migration import presync
             await presync.forget(self.presync_state, self.name, self.dest)
         try:
             await self.mon.try_cmd("quit")

@@ -18,7 +18,7 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
@@ -30,7 +30,7 @@ from vmferry.migration import testhooks
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm_async, stop_vm_async
 from vmferry.vm.spec import NAME_RE
-from vmferry.vm.state import StateDir, pid_alive
+from vmferry.vm.state import StateDir, owner_alive, owner_record
 
 INCOMING_TIMEOUT = 120.0
 RECORD = "incoming.json"
@@ -39,6 +39,8 @@ TLS_ID = "vmferry-tls"
 EXPORT_ID = "vmferry-export-"
 # libvirt's migration_port_min/max
 DEFAULT_PORTS = (49152, 49215)
+NO_TLS_CERTS = ("--tls: the destination has no QEMU certificates (PKI/qemu with ca-cert.pem, "
+                "server-cert.pem, server-key.pem)")
 
 
 @dataclasses.dataclass
@@ -51,6 +53,8 @@ class Network:
     nbd: tuple[str, tuple[int, int]] = ("0.0.0.0", DEFAULT_PORTS)
     migrate: tuple[str, tuple[int, int]] = ("0.0.0.0", DEFAULT_PORTS)
     tls_dir: Optional[str] = None         # QEMU tls-creds-x509 dir (server side) for --tls
+    # Unix sockets for a source on another host, through its ssh (--tunnelled)
+    tunnel: bool = False
 
 
 # The one folder of an agent's state directory that images may be in (and its
@@ -224,7 +228,9 @@ class Incoming:
         self.new_vm_dir = False
         self.started = False
         self.exports: list[str] = []
-        self.resumed = False       # Finish resumed the guest here
+        # Finish gave the guest to this side (resumed, or paused as asked):
+        # from then on nothing here is ever undone
+        self.handed_over = False
         self.aborted = False
         self.disks: list[DiskPlan] = []
         self.kept = False          # left for recover (keep_for_recover)
@@ -244,7 +250,7 @@ class Incoming:
         path = self._record_path()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+        tmp.write_text(json.dumps({**owner_record(), "created": self.created,
                                    "ids": self.ids, "dirs": self.dirs,
                                    "new_vm_dir": self.new_vm_dir, "token": self.token,
                                    "completed": self.kept}))
@@ -252,7 +258,7 @@ class Incoming:
 
     async def arrived(self) -> bool:
         """Whether the whole migration arrived here (the guest not resumed)."""
-        if self.mon is None or self.resumed or self.aborted:
+        if self.mon is None or self.handed_over or self.aborted:
             return False
         info = await self.mon.try_cmd("query-migrate") or {}
         return info.get("status") == "completed"
@@ -276,50 +282,85 @@ class Incoming:
                      presynced: set[str]) -> list[DiskPlan]:
         """Refuse what the user must fix before anything starts; returns the
         disks whose destination image is missing (to be created)."""
-        missing = []
+        missing, problems = self.disk_problems(dspec, disks, opts, presynced)
+        if problems:
+            raise UsageError(problems[0])
+        return missing
+
+    def disk_problems(self, dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
+                      presynced: set[str]) -> tuple[list[DiskPlan], list[str]]:
+        """Every disk, path and image problem, not just the first (a dry run
+        lists them all, Prepare refuses at the first), and the disks whose
+        destination image is missing.  Reads only: a path is stat'ed or its
+        image inspected only once the policy allows it."""
+        missing: list[DiskPlan] = []
+        problems: list[str] = []
+        refused: set[str] = set()      # each path's refusal said once
+
+        def allowed(check: Callable[[], None], path: str) -> None:
+            try:
+                check()
+            except UsageError as e:
+                problems.append(str(e))
+                refused.add(path)
         by_node = {f"disk{i}": d for i, d in enumerate(dspec.disks)}
         if dspec.serial:
-            self.policy.check_path("the serial log", dspec.serial)
+            allowed(lambda: self.policy.check_path("the serial log", dspec.serial),
+                    dspec.serial)
         for d in dspec.disks:           # copied or not, the destination QEMU opens it
-            self.policy.check_path("disk image", d.path)
+            allowed(lambda: self.policy.check_path("disk image", d.path), d.path)
         for what in ("kernel", "initrd"):
             # QEMU only reads these, but into guest memory: a file outside the
             # roots (an initrd of /etc/shadow) would be handed to whoever
             # controls the guest.
             path = getattr(dspec, what)
             if path:
-                self.policy.check_path(f"the {what}", path,
-                                       remedy="the destination reads it at the same path; ")
+                allowed(lambda: self.policy.check_path(
+                    f"the {what}", path, remedy="the destination reads it at the same path; "),
+                    path)
         for plan in disks:
             if plan.backing and opts.copy_storage == "inc":
-                self.policy.check_path("backing image", plan.backing)
+                allowed(lambda: self.policy.check_path("backing image", plan.backing),
+                        plan.backing)
         for plan in disks:
             target = by_node[plan.node].path
             plan.dest_path = target
-            self.policy.check_path("destination image", target)
-            if (file_id(target) or os.path.realpath(target)) == \
-                    (plan.source_id or os.path.realpath(plan.path)):
-                raise UsageError(f"the destination image of {plan.node} is the source's own "
-                                 f"file {target}: map it elsewhere with --disk-map "
-                                 f"{plan.path}=NEWPATH")
-            size = image_size(target)
-            if size is None:
-                if not opts.create_disks:
-                    raise UsageError(f"destination image {target} does not exist: create it "
-                                     f"or pass --create-disks")
-                missing.append(plan)
-            elif size < plan.size:
-                raise UsageError(f"destination image {target} is smaller "
-                                 f"({format_size(size)}) than {plan.path} "
-                                 f"({format_size(plan.size)}): grow it, or remove it and "
-                                 f"pass --create-disks")
-            elif (self.policy.protect_existing and not opts.overwrite_disks
-                  and opts.copy_storage == "all" and plan.node not in presynced
-                  and not _made_by_presync(target)):
-                raise UsageError(f"destination image {target} already exists: pass "
-                                 f"--overwrite-disks to replace its contents, or map the "
-                                 f"disk elsewhere with --disk-map")
-        return missing
+            if target in refused:
+                continue
+            try:
+                if self._check_image(plan, target, opts, presynced) == "missing":
+                    missing.append(plan)
+            except UsageError as e:
+                problems.append(str(e))
+        return missing, problems
+
+    def _check_image(self, plan: DiskPlan, target: str, opts: MigrateOptions,
+                     presynced: set[str]) -> Optional[str]:
+        """"missing" when the image is to be created."""
+        self.policy.check_path("destination image", target)
+        if (file_id(target) or os.path.realpath(target)) == \
+                (plan.source_id or os.path.realpath(plan.path)):
+            raise UsageError(f"the destination image of {plan.node} is the source's own "
+                             f"file {target}: map it elsewhere with --disk-map "
+                             f"{plan.path}=NEWPATH")
+        size = image_size(target)
+        if size is None:
+            if not opts.create_disks:
+                raise UsageError(f"destination image {target} does not exist: create it "
+                                 f"or pass --create-disks")
+            return "missing"
+        if size < plan.size:
+            raise UsageError(f"destination image {target} is smaller "
+                             f"({format_size(size)}) than {plan.path} "
+                             f"({format_size(plan.size)}): grow it, or remove it and "
+                             f"pass --create-disks")
+        elif (self.policy.protect_existing and not opts.overwrite_disks
+              and opts.copy_storage == "all" and plan.node not in presynced
+              and not _made_by_presync(target)):
+            raise UsageError(f"destination image {target} already exists: pass "
+                             f"--overwrite-disks to replace its contents, or map the "
+                             f"disk elsewhere with --disk-map")
+        return None
 
     def _create_disks(self, missing: list[DiskPlan], opts: MigrateOptions) -> None:
         # Only an incremental copy keeps the shared backing file; a full copy
@@ -343,12 +384,8 @@ class Incoming:
             # Claimed under the state directory's lock: two sources moving a VM
             # of the same name here at once must not share (and then delete)
             # one VM folder.
-            if self.state.read_pid(name) is not None:
-                raise UsageError(f"a VM named {name} already runs in {self.state.path}")
+            self.check_free(name)
             key = (str(self.state.path), name)
-            if key in _CLAIMED or _claimed_elsewhere(self.state, name):
-                raise UsageError(f"an incoming migration of {name} is already under way in "
-                                 f"{self.state.path}")
             missing = self._check_disks(dspec, disks, opts, presynced)
             _CLAIMED.add(key)
             self._claim = key
@@ -356,6 +393,14 @@ class Incoming:
             self.new_vm_dir = not self.state.vm_dir(name).exists()
             self._save_record()
         return missing
+
+    def check_free(self, name: str) -> None:
+        """No VM of that name runs here, nor does another incoming migration of it."""
+        if self.state.read_pid(name) is not None:
+            raise UsageError(f"a VM named {name} already runs in {self.state.path}")
+        if (str(self.state.path), name) in _CLAIMED or _claimed_elsewhere(self.state, name):
+            raise UsageError(f"an incoming migration of {name} is already under way in "
+                             f"{self.state.path}")
 
     async def prepare(self, dspec: Any, disks: list[DiskPlan],
                       opts: MigrateOptions, *, accel: Optional[str] = None,
@@ -372,9 +417,7 @@ class Incoming:
         tls = bool(opts.tls)
         if tls:
             if not net.tls_dir:
-                raise UsageError("--tls: the destination has no QEMU certificates "
-                                 "(PKI/qemu with ca-cert.pem, server-cert.pem, "
-                                 "server-key.pem)")
+                raise UsageError(NO_TLS_CERTS)
             await self.mon.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID,
                                                 "dir": net.tls_dir, "endpoint": "server",
                                                 "verify-peer": True})
@@ -397,7 +440,7 @@ class Incoming:
                         exports={p.node: p.export for p in disks},
                         dest_paths={p.node: p.dest_path for p in disks},
                         fresh={p.node for p in disks if p.dest_path in self.created},
-                        same_host=not net.tcp)
+                        same_host=not (net.tcp or net.tunnel))
 
     async def _export_disks(self, disks: list[DiskPlan]) -> None:
         for plan in disks:
@@ -493,12 +536,12 @@ class Incoming:
             await mon.cmd("cont")
             # From here the guest has run on this side: the source must never
             # resume it too, so abort() no longer removes anything.
-            self.resumed = True
+            self.handed_over = True
             await testhooks.hold("resumed")
         status = (await mon.cmd("query-status"))["status"]
         await mon.close()
         self.mon = None
-        self.resumed = True
+        self.handed_over = True
         self.created.clear()
         self.ids.clear()
         self.dirs.clear()
@@ -521,7 +564,7 @@ class Incoming:
         presync generation, images the source keeps as partial copies
         (flow.py): stopped cleanly, they stay with their record beside them,
         and it returns "kept" — all of them or none."""
-        if self.resumed:
+        if self.handed_over:
             # resumed here, but a QEMU that died since holds no guest either:
             # then nobody can say which side's state is the one to keep
             alive = self.name is not None and self.state.read_pid(self.name) is not None
@@ -560,10 +603,10 @@ _CLAIMED: set[tuple[str, str]] = set()
 def _claimed_elsewhere(state: StateDir, name: str) -> bool:
     """An incoming.json whose owner is another live process."""
     try:
-        owner = json.loads((state.vm_dir(name) / RECORD).read_text()).get("owner")
-    except (OSError, ValueError):
+        rec = json.loads((state.vm_dir(name) / RECORD).read_text())
+    except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(owner, int) and owner != os.getpid() and pid_alive(owner)
+    return isinstance(rec, dict) and rec.get("owner") != os.getpid() and owner_alive(rec)
 
 
 def _made_by_presync(image: str) -> bool:
@@ -637,6 +680,8 @@ def _well_formed(rec: Any) -> bool:
         return False
     ids, dirs = rec.get("ids", {}), rec.get("dirs", [])
     return (isinstance(rec.get("created", []), list)
+            and (rec.get("owner_start") is None or _is_pid(rec["owner_start"]))
+            and isinstance(rec.get("boot_id", ""), str)
             and isinstance(rec.get("token", ""), str)
             and isinstance(rec.get("completed", False), bool)
             and isinstance(ids, dict) and isinstance(dirs, list)
@@ -657,10 +702,9 @@ def orphaned(records: Iterable[Path], owner: Optional[int] = None) -> list[tuple
             continue
         if not _well_formed(rec):
             continue
-        pid = rec["owner"]
-        if owner is not None and pid != owner:
+        if owner is not None and rec["owner"] != owner:
             continue
-        if owner is None and pid_alive(pid):
+        if owner is None and owner_alive(rec):
             continue
         out.append((path, rec))
     return out

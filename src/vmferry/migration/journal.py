@@ -32,27 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from vmferry.vm.state import StateDir, pid_alive
+from vmferry.vm.state import StateDir, boot_id as _boot_id, pid_alive, process_start
 
 FILE = "journal.json"
 PHASES = ("begin", "prepare", "perform", "switchover", "finish", "confirm")
-
-
-def process_start(pid: int) -> Optional[int]:
-    """PID's start time in clock ticks since boot (/proc/PID/stat field 22):
-    with the pid, it names one process even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 @dataclasses.dataclass
@@ -77,7 +60,8 @@ class Journal:
     # node -> how far the destination image is a copy (the native engine's
     # first pass), so that recover can keep a partial copy; a stale value
     # only means more is copied again
-    valid: dict[str, int] = dataclasses.field(default_factory=dict)
+    # node -> the spans its destination image still lacks (native engine)
+    missing: dict[str, list] = dataclasses.field(default_factory=dict)
     _saved_valid: float = dataclasses.field(default=0.0, compare=False, repr=False)
     path: Optional[Path] = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -129,9 +113,10 @@ class Journal:
             self.resources.append(item)
             self.save()
 
-    def note_valid(self, node: str, valid: int) -> None:
-        """The copy of NODE got this far; written at most once a second."""
-        self.valid[node] = valid
+    def note_missing(self, node: str, spans: list) -> None:
+        """The copy of NODE now lacks only SPANS; written at most once a second
+        (what it copied since is copied again, never trusted unrecorded)."""
+        self.missing[node] = [list(sp) for sp in spans]
         now = time.monotonic()
         if now - self._saved_valid >= 1.0:
             self._saved_valid = now

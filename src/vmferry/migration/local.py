@@ -10,14 +10,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.destination import Destination, Prepared, destination_spec
+from vmferry.aio import in_thread
+from vmferry.migration.destination import (Destination, DestinationCheck, Prepared,
+                                           destination_spec)
 from vmferry.migration.incoming import Incoming, create_image, image_size  # noqa: F401
 from vmferry.migration import incoming as incoming_mod, presync_target
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.presync_target import PresyncTarget
 from vmferry.migration.source import DiskPlan
 from vmferry.vm.state import StateDir
+
+NO_TLS = ("--tls encrypts traffic between hosts: it needs an ssh:// or tls:// destination, "
+          "not local://")
 
 
 class LocalDestination(Destination):
@@ -38,10 +44,31 @@ class LocalDestination(Destination):
                       accel: Optional[str] = None,
                       presynced: frozenset[str] = frozenset(), token: str = "") -> Prepared:
         if opts.tls:
-            raise UsageError("--tls encrypts traffic between hosts: it needs an ssh:// or "
-                             "tls:// destination, not local://")
+            raise UsageError(NO_TLS)
         return await self.incoming.prepare(destination_spec(spec, opts), disks, opts,
                                            accel=accel, presynced=presynced, token=token)
+
+    async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
+                    accel: Optional[str] = None,
+                    presynced: frozenset[str] = frozenset()) -> DestinationCheck:
+        from vmferry.migration.dest_check import check_incoming
+        try:
+            dspec = destination_spec(spec, opts)
+        except UsageError as e:
+            return DestinationCheck(problems=[str(e)])
+        # a fresh Incoming: the one prepare uses must stay untouched
+        out = await in_thread(lambda: check_incoming(Incoming(self.state), dspec, disks, opts,
+                                                     accel=accel, presynced=presynced))
+        if opts.tls:
+            out.problems.append(NO_TLS)
+        return out
+
+    def transport(self, opts: MigrateOptions) -> str:
+        return "this host, Unix sockets"
+
+    async def probe_link(self, seconds: float) -> Optional[float]:
+        from vmferry.migration.probe import local_stream_rate
+        return await in_thread(local_stream_rate, seconds)
 
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
         return await self.incoming.finish(resume=resume)
@@ -109,6 +136,13 @@ class LocalDestination(Destination):
             shutil.rmtree(self._presync_dir, ignore_errors=True)
             raise
 
+    async def presync_check_open(self, disks: list[dict[str, Any]],
+                                 opts: MigrateOptions) -> DestinationCheck:
+        from vmferry.migration.dest_check import check_presync_target
+        # no run or record folder: a target that only checks makes neither
+        return await in_thread(lambda: check_presync_target(
+            PresyncTarget(), disks, create=opts.create_disks, overwrite=True))
+
     def presync_uri(self, server: dict[str, Any]) -> str:
         return f"nbd+unix:///?socket={server['path']}"
 
@@ -119,6 +153,11 @@ class LocalDestination(Destination):
     async def presync_check(self, items: dict[str, tuple[str, Any]],
                             opts: MigrateOptions) -> dict[str, str]:
         return {node: presync_target.check(path, gen) for node, (path, gen) in items.items()}
+
+    async def presync_unwritten(self, items: dict[str, tuple[str, str]],
+                                opts: MigrateOptions) -> dict[str, Optional[list]]:
+        return {node: await in_thread(presync_target.unwritten, path, fmt)
+                for node, (path, fmt) in items.items()}
 
     async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         for path in paths:

@@ -27,9 +27,11 @@ from typing import Any, Callable, Optional
 
 from vmferry.copying import CopyResult, copy_async
 from vmferry.errors import MigrationError, VmferryError
+from vmferry.migration import spans
 from vmferry.migration.destination import Prepared
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.source import DiskPlan
+from vmferry.migration.spans import Span
 
 BITMAP = "vmferry-dirty"
 FROZEN = "vmferry-frozen"
@@ -83,8 +85,8 @@ class NativeStorage:
                  socket: Path, on_progress: Callable[[CopyResult], None], *,
                  bitmap: str = BITMAP, existing: bool = False, rate: int = 0,
                  record: Optional[Callable[..., None]] = None,
-                 resumable: bool = False, valid: Optional[dict[str, int]] = None,
-                 note: Optional[Callable[[str, int], None]] = None) -> None:
+                 resumable: bool = False, missing: Optional[dict[str, list[Span]]] = None,
+                 note: Optional[Callable[[str, list[Span]], None]] = None) -> None:
         self.mon = mon
         self.disks = disks
         self.prepared = prepared
@@ -98,10 +100,12 @@ class NativeStorage:
         self.existing = existing
         # resumable: the bitmap (persistent for qcow2) outlives a failed
         # migration too, so that its partial copy can be kept (flow.py);
-        # valid: node -> how far the destination image is a copy (pass 0 or
-        # an earlier, interrupted copy got that far), told to NOTE as it grows
+        # missing: node -> the spans its destination image lacks (all of it
+        # before pass 0; what an earlier, interrupted copy never got), told
+        # to NOTE as the copies shrink them
         self.resumable = resumable or existing
-        self.valid: dict[str, int] = dict(valid or {})
+        self.missing: dict[str, list[Span]] = {
+            d.node: list((missing or {}).get(d.node, [(0, d.size)])) for d in disks}
         self._note = note or (lambda node, valid: None)
         # bytes/s for each copy (--disk-bandwidth; disks go one after another,
         # so also for all of them); 0: unlimited.  The paused final pass too:
@@ -165,31 +169,35 @@ class NativeStorage:
             import asyncio
             await asyncio.sleep(0.002)
 
-    def _advance(self, d: DiskPlan, done_below: int) -> None:
-        if done_below > self.valid.get(d.node, 0):
-            self.valid[d.node] = done_below
-            self._note(d.node, done_below)
+    def _advance(self, d: DiskPlan, end: int, done_below: int) -> None:
+        left = spans.trimmed(self.missing[d.node], end, done_below)
+        if left != self.missing[d.node]:
+            self.missing[d.node] = left
+            self._note(d.node, left)
+
+    def lacking(self) -> int:
+        """Bytes of the destination images no copy has reached yet."""
+        return sum(spans.total(m) for m in self.missing.values())
 
     async def _copy(self, d: DiskPlan, bitmap: Optional[str], fresh: bool,
-                    final: bool = False, span: Optional[tuple[int, int]] = None
-                    ) -> CopyResult:
+                    final: bool = False, span: Optional[Span] = None) -> CopyResult:
         """One copy of D: its allocated extents (of SPAN only, if given), or
-        those dirty in BITMAP.  A copy of everything moves D's valid mark
-        forward as it goes, and to where it got when it stops early."""
-        counts = bitmap is None
+        those dirty in BITMAP.  A copy of a span D lacks shrinks that span as
+        it goes, to where it got when it stops early."""
+        end = (span or (0, d.size))[1] if bitmap is None else None
         def progress(snap: CopyResult) -> None:
-            if counts:
-                self._advance(d, snap.done_below)
+            if end is not None:
+                self._advance(d, end, snap.done_below)
             self.on_progress(snap)
         try:
             r = await self._copy_once(d, bitmap, fresh, final, span, progress)
         except BaseException as e:
             partial = getattr(e, "partial", None) or getattr(e.__cause__, "partial", None)
-            if counts and partial is not None:
-                self._advance(d, partial.done_below)
+            if end is not None and partial is not None:
+                self._advance(d, end, partial.done_below)
             raise
-        if counts:
-            self._advance(d, d.size)
+        if end is not None:
+            self._advance(d, end, end)
         self.stats.count(r)
         return r
 
@@ -323,8 +331,8 @@ class NativeStorage:
         moved = 0
         try:
             for d in self.disks:
-                if rest and self.valid.get(d.node, d.size) < d.size:
-                    r = await self._copy(d, None, False, span=(self.valid[d.node], 0))
+                for span in list(self.missing[d.node]) if rest else []:
+                    r = await self._copy(d, None, False, span=span)
                     moved += r.bytes_written + r.bytes_zeroed
                 if final and not dirty.get(d.node):
                     continue

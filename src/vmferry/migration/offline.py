@@ -2,10 +2,12 @@
 own copy engine and its spec moves with them."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional
 
 from vmferry.copying import copy_async
 from vmferry.errors import UsageError
+from vmferry.eta import Estimator
 from vmferry.migration.destination import Destination
 from vmferry.migration.destination import destination_spec
 from vmferry.migration.incoming import create_image, image_size
@@ -23,7 +25,8 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
                          f"without --offline")
     if not isinstance(dest, LocalDestination):
         raise UsageError("--offline needs a local:// destination for now")
-    info = JobInfo(name=rec.name, phase="perform", status="running")
+    info = JobInfo(name=rec.name, phase="perform", status="running", started=time.time())
+    est = Estimator()
     spec = rec.spec
     dspec = destination_spec(spec, opts)
     created = []
@@ -57,6 +60,8 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
                 def on_progress(snap: Any, base: int = done_before) -> None:
                     info.disk_processed = base + snap.bytes_done
                     info.disk_remaining = info.disk_total - info.disk_processed
+                    info.tick()
+                    info.estimate(est)
                     if progress:
                         progress(info)
                 r = await copy_async(d.path, t.path, progress=on_progress, flush=True,
@@ -75,6 +80,8 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
     info.status = "completed"
     info.phase = "done"
     info.disk_remaining = 0
+    info.tick()
+    info.estimate(est)
     if progress:
         progress(info)
     return info

@@ -62,6 +62,9 @@ class MigrateOptions:
     # (and port) the source connects to, to pick a network
     disks_uri: Optional[str] = None
     migrate_uri: Optional[str] = None
+    # --tunnelled: the disks' NBD and the memory stream travel inside the ssh
+    # connection that carries the agent's requests; nothing listens on the network
+    tunnelled: bool = False
 
     def validate(self) -> None:
         if self.storage_engine not in ("auto", "mirror", "native"):
@@ -85,6 +88,14 @@ class MigrateOptions:
         for flag, uri in (("--disks-uri", self.disks_uri), ("--migrate-uri", self.migrate_uri)):
             if uri is not None:
                 parse_tcp_uri(flag, uri)
+        if self.tunnelled:
+            for flag, given in (("--tls", self.tls), ("--disks-uri", self.disks_uri),
+                                ("--migrate-uri", self.migrate_uri),
+                                ("--listen-address", self.listen_address)):
+                if given:
+                    raise UsageError(f"--tunnelled carries everything inside the ssh "
+                                     f"connection (encrypted, no port of its own): drop "
+                                     f"{flag}")
         if self.bandwidth is not None and self.bandwidth < 0:
             raise UsageError("--bandwidth must not be negative")
         self.disk_rate()

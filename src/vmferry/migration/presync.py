@@ -9,17 +9,19 @@ a destination image to the source bitmap that tracks it:
   source       STATE/NAME/presync.json   node -> bitmap, image path, generation,
                                          the QEMU pid (a raw image's bitmap lives
                                          only as long as that process), and
-                                         valid_below when only a first part of
-                                         the image was ever copied
+                                         "missing" when parts of the image were
+                                         never copied
   destination  IMAGE.vmferry-presync.json  generation and the image's identity
                                          (inode, size, mtime) when presync left it
                                          (presync_target.py, on the destination host)
 
-A migration whose native copy stops midway keeps its destination images the
-same way (flow.py, "keep the partial copy"): the bitmap records every write
-since its copy began, and valid_below says how far that copy got, so the
-next presync or migration copies the rest in full and only the bitmap's
-extents below it.
+A migration that stops midway keeps its destination images the same way
+(flow.py, "keep the partial copy"): the bitmap records every write since its
+copy began, and "missing" lists the spans the copy never got (spans.py) —
+exactly, as the native engine tracks them, or, after QEMU's mirror, which
+does not say, as "unwritten": what the fresh destination image holds nothing
+in, asked of the destination when the copy is next used.  The next presync
+or migration copies those spans in full and the bitmap's extents.
 
 A record that is missing or does not match (bitmap gone or inconsistent after
 an unclean shutdown, QEMU restarted, image replaced or touched) makes vmferry
@@ -33,14 +35,17 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-from vmferry.aio import uncancellable
+from vmferry.aio import in_thread, uncancellable
 from vmferry.copying import copy_async
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
+from vmferry.migration import probe, spans
+from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.source import DiskPlan, plan_disks
+from vmferry.migration.spans import Span
 
 BITMAP = "vmferry-presync"
 FROZEN = "vmferry-presync-frozen"
@@ -90,28 +95,53 @@ def write_records(state: Any, name: str, generation: int, records: dict[str, dic
     os.replace(tmp, path)
 
 
+# "missing" of a copy made by QEMU's mirror: the destination image's holes
+UNWRITTEN = "unwritten"
+Missing = Union[list[Span], str, None]
+
+
 def record(p: DiskPlan, dest_path: str, qemu_pid: Optional[int], generation: int,
-           valid_below: Optional[int] = None) -> dict:
+           missing: Missing = None, confirmed: bool = True) -> dict:
+    """The source's record of a copy; MISSING: the spans it lacks, UNWRITTEN,
+    or nothing for a complete one.  Not CONFIRMED: the destination was lost
+    before it could say it kept the image (it may not have)."""
     r = {"bitmap": BITMAP, "dest_path": dest_path, "fmt": p.fmt, "qemu_pid": qemu_pid,
          "generation": generation}
-    if valid_below is not None and valid_below < p.size:
-        r["valid_below"] = valid_below
+    if not confirmed:
+        r["unconfirmed"] = True
+    if missing == UNWRITTEN:
+        r["missing"] = UNWRITTEN
+    elif missing:
+        r["missing"] = [list(sp) for sp in missing]
     return r
 
 
 def copies(state: Any, name: str) -> dict[str, dict]:
-    """node -> {dest_path, valid_below or None}: the destination images the
+    """node -> {dest_path, valid_below, partial}: the destination images the
     source's records vouch for (presynced, or kept from an interrupted
-    migration), as status shows them."""
-    return {node: {"dest_path": r.get("dest_path"), "valid_below": r.get("valid_below")}
-            for node, r in load_records(state, name).get("disks", {}).items()}
+    migration), as status shows them.  valid_below: where the first span a
+    copy lacks starts (None: complete, or not known before it is used)."""
+    out = {}
+    for node, r in load_records(state, name).get("disks", {}).items():
+        m = r.get("missing")
+        first = (m[0][0] if isinstance(m, list) and m and isinstance(m[0], list)
+                 else r.get("valid_below"))
+        out[node] = {"dest_path": r.get("dest_path"), "valid_below": first,
+                     "partial": first is not None or m == UNWRITTEN}
+    return out
 
 
-def valid_below(r: dict, size: int) -> int:
-    """How far the copy a record vouches for got (the whole image if it says
-    nothing)."""
-    v = r.get("valid_below", size)
-    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= size else 0
+def missing(r: dict, size: int) -> Optional[list[Span]]:
+    """The spans the copy R vouches for lacks ([] for all of it), or None
+    when the record says nothing usable (UNWRITTEN is resolved by
+    valid_records, asking the destination)."""
+    m = r.get("missing")
+    if m is None:
+        v = r.get("valid_below", size)          # records of earlier versions
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= size):
+            return None
+        return [(v, size)] if v < size else []
+    return spans.parse(m, size)
 
 
 def _load(path: Path) -> dict:
@@ -126,6 +156,19 @@ async def _bitmaps(mon: Monitor) -> dict[str, dict[str, Any]]:
     nodes = await mon.cmd("query-named-block-nodes", flat=True)
     return {n["node-name"]: {b["name"]: b for b in n.get("dirty-bitmaps", [])
                              if b["name"] in (BITMAP, FROZEN)} for n in nodes}
+
+
+async def delta(mon: Monitor, good: dict[str, dict], plans: list[DiskPlan]) -> dict[str, int]:
+    """node -> bytes an incremental copy of each disk in GOOD (node -> its
+    record) moves: what its bitmap marks, and what the copy still lacks."""
+    maps = await _bitmaps(mon)
+    out = {}
+    for p in plans:
+        if p.node in good:
+            dirty = maps.get(p.node, {}).get(BITMAP, {}).get("count", 0)
+            lacking = spans.total(missing(good[p.node], p.size) or [])
+            out[p.node] = min(p.size, dirty + lacking)
+    return out
 
 
 async def valid_records(mon: Monitor, state: Any, name: str, plans: list[DiskPlan],
@@ -154,6 +197,8 @@ async def valid_records(mon: Monitor, state: Any, name: str, plans: list[DiskPla
             why[p.node] = "its dirty bitmap is marked inconsistent"
         elif p.fmt != "qcow2" and r.get("qemu_pid") != pid:
             why[p.node] = "QEMU was restarted since, and a raw image's bitmap lives in memory"
+        elif r.get("missing") != UNWRITTEN and missing(r, p.size) is None:
+            why[p.node] = "it says nothing usable of what the copy lacks"
         else:
             good[p.node] = r
     if good and dest is not None:
@@ -163,6 +208,19 @@ async def valid_records(mon: Monitor, state: Any, name: str, plans: list[DiskPla
             if reason:
                 why[node] = reason
                 good.pop(node, None)
+    ask = {n: (r["dest_path"], r.get("fmt", "raw")) for n, r in good.items()
+           if r.get("missing") == UNWRITTEN}
+    if ask:
+        holes = await dest.presync_unwritten(ask, opts or MigrateOptions()) \
+            if dest is not None else {}
+        size = {p.node: p.size for p in plans}
+        for node in ask:
+            got = spans.parse(holes.get(node), size[node])
+            if got is None:
+                why[node] = "the destination cannot tell which parts its image holds"
+                good.pop(node)
+            else:
+                good[node] = dict(good[node], missing=[list(sp) for sp in got])
     for node, reason in why.items():
         warn(f"presync record of {node} does not hold: {reason}")
     return good
@@ -234,13 +292,10 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         plans = await plan_disks(mon, rec.spec, opts)
         dspec = destination_spec(rec.spec, opts)
         dpaths = {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
-        good = await valid_records(mon, state, name, plans, dpaths, note)
+        good = await valid_records(mon, state, name, plans, dpaths, note, dest=dest,
+                                   opts=opts)
         generation = next_generation(state, name)
-        targets = await dest.presync_open(
-            [{"node": p.node, "dest_path": dpaths[p.node], "fmt": p.fmt, "size": p.size,
-              "source_id": p.source_id,
-              "generation": good[p.node].get("generation") if p.node in good else None}
-             for p in plans], opts)
+        targets = await dest.presync_open(_targets(plans, dpaths, good), opts)
         opened = True
         jr.enter("perform")
         for node, t in targets.items():
@@ -257,8 +312,8 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
             jr.add("presync-disk", node=p.node, fresh=p.node not in good)
             moved = await _copy_disk(mon, p, p.node in good, targets[p.node], src_sock,
                                      dest.presync_uri, progress, opts.disk_rate(),
-                                     valid_below(good[p.node], p.size)
-                                     if p.node in good else p.size)
+                                     missing(good[p.node], p.size) or []
+                                     if p.node in good else [])
             stats.bytes_moved += moved
             stats.disks[p.node] = moved
             if p.node in good:
@@ -299,13 +354,79 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         await uncancellable(teardown())
 
 
+def _targets(plans: list[DiskPlan], dpaths: dict[str, str], good: dict[str, dict],
+             allocated: bool = False) -> list[dict[str, Any]]:
+    """The destination images presync_open (or, with ALLOCATED, its check) asks for."""
+    return [{"node": p.node, "dest_path": dpaths[p.node], "fmt": p.fmt, "size": p.size,
+             "source_id": p.source_id,
+             "generation": good[p.node].get("generation") if p.node in good else None,
+             **({"allocated": p.allocated} if allocated else {})}
+            for p in plans]
+
+
+async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRun:
+    """presync()'s checks, every one and on both hosts, changing nothing: no
+    journal, bitmap, export or NBD server on the source, no image, record or
+    qemu-nbd on the destination (a dry run).  A disk whose records hold
+    would move only what its bitmap marks."""
+    from vmferry.migration.api import journal_problem
+    from vmferry.migration.destination import destination_spec
+    rec = state.load(name)
+    run = DryRun(name=name, destination=repr(dest), kind="presync",
+                 transport=dest.transport(opts), engine="native",
+                 options=options_in_effect(opts))
+    problem = journal_problem(state, name)
+    if problem:
+        run.add_problems([problem])
+    if not dest.presync_ok:
+        run.add_problems([f"presync cannot write to {dest!r}"])
+    try:
+        await dest.connect(opts)
+    except (VmferryError, OSError) as e:
+        run.add_problems([str(e)])
+    if rec.pid is None:
+        run.add_problems([f"{name} is not running: presync copies a running VM's disks"])
+        return run
+    plans: list[DiskPlan] = []
+    good: dict[str, dict] = {}
+    dpaths: dict[str, str] = {}
+    moves: dict[str, int] = {}
+    try:
+        async with Monitor(rec.qmp_socket, "source", "check") as mon:
+            plans = await plan_disks(mon, rec.spec, opts)
+            dspec = destination_spec(rec.spec, opts)
+            dpaths = {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
+            good = await valid_records(mon, state, name, plans, dpaths, run.warnings.append,
+                                       dest=dest if dest.presync_ok else None, opts=opts)
+            moves = await delta(mon, good, plans)
+    except VmferryError as e:
+        run.add_problems([str(e)])
+    found = None
+    if plans and dest.presync_ok and run.ok:
+        found = await dest.presync_check_open(_targets(plans, dpaths, good, allocated=True),
+                                              opts)
+        run.heard(found)
+    run.disks = [DiskMove(node=p.node, path=p.path, fmt=p.fmt, size=p.size,
+                          allocated=p.allocated, dest_path=dpaths.get(p.node, ""),
+                          create=bool(found and p.node in found.create), engine="native",
+                          moves=moves.get(p.node, p.allocated),
+                          dest_free=found.free.get(p.node) if found else None)
+                 for p in plans]
+    if run.ok:
+        run.link_rate = await dest.probe_link(PROBE_SECONDS / 2)
+        run.disk_read_rate = await in_thread(probe.disk_read_rate, [p.path for p in plans],
+                                             PROBE_SECONDS / 2)
+        run.estimate(opts)
+    return run
+
+
 async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[str, Any],
                      src_sock: Path, uri_of: Callable[[dict], str],
                      progress: Optional[Callable[[Any], None]], rate: int = 0,
-                     valid: int = 0) -> int:
+                     lacking: Optional[list[Span]] = None) -> int:
     """One disk: all of it (recording from before the copy starts), or only
-    what the bitmap marked since the last presync, and in full what lies
-    beyond VALID (an earlier copy stopped there)."""
+    what the bitmap marked since the last presync, and in full the spans an
+    earlier copy was LACKING."""
     maps = (await _bitmaps(mon)).get(p.node, {})
     if not incremental:
         # Start recording before the full copy: every write from now on is
@@ -330,10 +451,10 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
     src, dst = f"nbd+unix:///{EXPORT}{p.node}?socket={src_sock}", uri_of(target["server"])
     try:
         moved = 0
-        if incremental and valid < p.size:
+        for span in (lacking or []) if incremental else []:
             # the rest of an interrupted copy, read now: what the guest writes
             # meanwhile is in the fresh bitmap
-            r = await copy_async(src, dst, span=(valid, 0), force_multi_conn=True,
+            r = await copy_async(src, dst, span=span, force_multi_conn=True,
                                  progress=progress, rate=rate or None)
             moved += r.bytes_written + r.bytes_zeroed
         r = await copy_async(src, dst, bitmap=FROZEN if incremental else None,

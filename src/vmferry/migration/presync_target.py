@@ -29,6 +29,7 @@ from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.destination import file_id
 from vmferry.migration.incoming import (Policy, claim_file, create_image, image_size,
                                         make_parents, orphaned, remove_made)
+from vmferry.vm.state import owner_record
 
 START_TIMEOUT = 10.0
 RUN_DIR_PREFIX = "vmferry-presync-"
@@ -79,6 +80,49 @@ def forget(image: str, discard: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)
     sidecar(image).unlink(missing_ok=True)
+
+
+def unwritten(image: str, fmt: str) -> Optional[list[list[int]]]:
+    """The spans of IMAGE that hold nothing written (holes, or zero clusters
+    of a qcow2), coalesced: what a mirror into this fresh image may not have
+    copied.  None when the file system cannot tell holes from data (it then
+    claims more data than the file has blocks): such an image vouches for
+    nothing.  Read with the image's QEMU stopped."""
+    from vmferry.migration.spans import coalesce
+    size = image_size(image) if fmt == "qcow2" else os.path.getsize(image)
+    if size is None:
+        return None
+    holes: list[tuple[int, int]] = []
+    if fmt == "raw":
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data, pos = 0, 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno != errno.ENXIO:      # ENXIO: only a hole is left
+                        raise
+                    start = size
+                if start > pos:
+                    holes.append((pos, start))
+                if start >= size:
+                    break
+                pos = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+                data += pos - start
+            if data > os.fstat(fd).st_blocks * 512 + (1 << 20):
+                return None
+        finally:
+            os.close(fd)
+    else:
+        out = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", fmt, image],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            return None
+        for m in json.loads(out.stdout):
+            if not m.get("data") or m.get("zero"):
+                holes.append((m["start"], m["start"] + m["length"]))
+    return [[s, e] for s, e in coalesce(holes)]
 
 
 def _die_with_parent() -> None:
@@ -223,7 +267,7 @@ class PresyncTarget:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.record.with_suffix(".tmp")
             try:
-                tmp.write_text(json.dumps({"owner": os.getpid(), "created": self.created,
+                tmp.write_text(json.dumps({**owner_record(), "created": self.created,
                                            "ids": self.ids, "dirs": self.dirs,
                                            "run_dir": str(self.run_dir or "")}))
                 os.replace(tmp, self.record)
@@ -241,38 +285,61 @@ class PresyncTarget:
                         (folder / ".lock").unlink(missing_ok=True)
                         folder.rmdir()
 
+    def check(self, disks: list[dict[str, Any]], create: bool,
+              overwrite: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """What open() refuses, every problem of it (a dry run lists them all,
+        open() refuses at the first), and per node whether its image would be
+        created and why its record does not hold.  Reads only, and only the
+        paths the policy allows."""
+        out: dict[str, dict[str, Any]] = {}
+        problems: list[str] = []
+        allowed = []
+        for d in disks:
+            try:
+                check_paths(self.policy, d["dest_path"])
+                allowed.append(d)
+            except UsageError as e:
+                problems.append(str(e))
+        if len({d["node"] for d in disks}) != len(disks) or \
+                len({os.path.realpath(d["dest_path"]) for d in allowed}) != len(allowed):
+            problems.append("presync names a disk or a destination image twice")
+        for d in allowed:
+            try:
+                out[d["node"]] = self._check_image(d, create, overwrite)
+            except UsageError as e:
+                problems.append(str(e))
+        return out, problems
+
+    def _check_image(self, d: dict[str, Any], create: bool, overwrite: bool) -> dict[str, Any]:
+        path = d["dest_path"]
+        if d.get("source_id") and file_id(path) == d["source_id"]:
+            raise UsageError(f"the destination image of {d['node']} is the source's own "
+                             f"file {path}: map it elsewhere with --disk-map")
+        stale = check(path, d.get("generation")) if d.get("generation") else "first"
+        have = image_size(path)
+        if have is None:
+            if not create:
+                raise UsageError(f"destination image {path} does not exist: create it "
+                                 f"or pass --create-disks")
+        elif have < d["size"]:
+            raise UsageError(f"destination image {path} is smaller than the source's "
+                             f"disk: grow it or remove it and pass --create-disks")
+        elif (self.policy.protect_existing and not overwrite
+              and not sidecar(path).exists()):
+            raise UsageError(f"destination image {path} already exists and was not made "
+                             f"by presync: pass --overwrite-disks to replace its contents")
+        return {"created": have is None, "stale": stale}
+
     async def open(self, disks: list[dict[str, Any]], *, create: bool,
                    overwrite: bool) -> dict[str, dict[str, Any]]:
         """DISKS: node, dest_path, fmt, size and the presync generation the
         source believes the image holds (None for a first presync).  Returns,
         per node, where the image is served, whether it was created, and why
         its record does not hold ('' when it does)."""
-        out: dict[str, dict[str, Any]] = {}
         self._save_record()      # its socket folder, should this process die
-        for d in disks:
-            check_paths(self.policy, d["dest_path"])
-        if len({d["node"] for d in disks}) != len(disks) or \
-                len({os.path.realpath(d["dest_path"]) for d in disks}) != len(disks):
-            raise UsageError("presync names a disk or a destination image twice")
-        for d in disks:
-            path = d["dest_path"]
-            if d.get("source_id") and file_id(path) == d["source_id"]:
-                raise UsageError(f"the destination image of {d['node']} is the source's own "
-                                 f"file {path}: map it elsewhere with --disk-map")
-            stale = check(path, d.get("generation")) if d.get("generation") else "first"
-            have = await in_thread(image_size, path)
-            if have is None:
-                if not create:
-                    raise UsageError(f"destination image {path} does not exist: create it "
-                                     f"or pass --create-disks")
-            elif have < d["size"]:
-                raise UsageError(f"destination image {path} is smaller than the source's "
-                                 f"disk: grow it or remove it and pass --create-disks")
-            elif (self.policy.protect_existing and not overwrite
-                  and not sidecar(path).exists()):
-                raise UsageError(f"destination image {path} already exists and was not made "
-                                 f"by presync: pass --overwrite-disks to replace its contents")
-            out[d["node"]] = {"created": have is None, "stale": stale}
+        out, problems = await in_thread(self.check, disks, create, overwrite)
+        if problems:
+            raise UsageError(problems[0])
         for d in disks:
             path = d["dest_path"]
             if out[d["node"]]["created"]:
@@ -353,4 +420,5 @@ def reap_orphans(folder: Path, roots: Optional[list[str]],
     return removed
 
 
-__all__ = ["PresyncTarget", "check", "check_paths", "forget", "reap_orphans", "sidecar"]
+__all__ = ["PresyncTarget", "check", "check_paths", "forget", "reap_orphans", "sidecar",
+           "unwritten"]

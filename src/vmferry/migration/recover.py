@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from vmferry.errors import MigrationError, UsageError, VmferryError
-from vmferry.migration import journal as journal_mod
+from vmferry.migration import journal as journal_mod, spans
 from vmferry.migration.destination import Destination
 from vmferry.migration.journal import BadJournal, Journal
 from vmferry.migration.monitor import Monitor
@@ -153,6 +153,8 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
         if forward:
             await _retire_source(state, j, mon, dest)
             j.close()
+            if j.was_running and not resume:
+                return f"completed: {j.name} is on {j.dest}, paused as --suspend asked"
             return f"completed: {j.name} runs on {j.dest}"
         if j.past("finish") and where in ("unknown", "resumed-gone", "busy"):
             why = ("resumed the guest, and its QEMU has died since" if where == "resumed-gone"
@@ -172,10 +174,13 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
 async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
                      dest: Destination, keep_copy: bool = True) -> str:
     # The destination first: it never ran the guest, and must not hold it
-    # when the source resumes.  What the native engine copied stays there as a
-    # partial copy where it can (as the live rollback keeps it, flow.py).
-    from vmferry.migration import presync
+    # when the source resumes.  What the disk copy got stays there as a
+    # partial copy where it can (as the live rollback keeps it, flow.py); a
+    # mirror still writing into it is stopped before that.
+    from vmferry.migration import presync, source
     keep = _partial_copies(j) if mon is not None and keep_copy else {}
+    if mon is not None:
+        await source.rollback(mon, resume=False)
     told = next((r["generation"] for r in j.has("keep")), 0)
     generation = (told or presync.next_generation(state, j.name)) if keep else 0
     paths = next((r["paths"] for r in j.has("destination")), {})
@@ -185,15 +190,13 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
     # an agent kept them when the source went away, as it was told, if it
     # could: the next migration checks its records before trusting them
     kept = kept or bool(keep and told and not dest.same_host)
-    await _undo_native(state, j, mon, dest, (generation, keep) if kept else None)
+    await _undo_copies(state, j, mon, dest, (generation, keep) if kept else None)
     note = (f" (the partial copy on {j.dest} is kept: a migration or presync there "
             f"moves only the rest)" if kept else "")
     if mon is None:
         j.close()
         return (f"rolled back: the destination holds nothing of {j.name}, but its QEMU "
                 f"on this host is gone too: start it with 'vmferry run'")
-    from vmferry.migration import source
-    await source.rollback(mon, resume=False)
     if j.was_running:
         status = (await mon.cmd("query-status"))["status"]
         if status in PAUSED:
@@ -206,32 +209,41 @@ def _disks(j: Journal) -> list[DiskPlan]:
     return [DiskPlan(**d) for d in j.disks]
 
 
-def _partial_copies(j: Journal) -> dict[str, int]:
-    """node -> how far its destination image is a copy (the journal's last
-    word on it), when the native engine ran resumable, a local destination
-    holds the images and every disk's copy got somewhere; else {}."""
-    res = j.has("native")
-    if not res or not res[0].get("resumable") or not j.has("destination") or \
-            not (j.dest.startswith("local://") or j.has("keep")):
+def _partial_copies(j: Journal) -> dict[str, "presync.Missing"]:
+    """node -> what its destination image lacks (the journal's last word on
+    it; after a mirror, UNWRITTEN), when the copy ran resumable, the
+    destination can keep the images and a copy got somewhere; else {}."""
+    from vmferry.migration import presync
+    if not j.has("destination") or not (j.dest.startswith("local://") or j.has("keep")):
         return {}
-    valid = {d["node"]: int(j.valid.get(d["node"], 0)) for d in j.disks}
-    return valid if valid and all(valid.values()) else {}
+    if any(r.get("resumable") for r in j.has("mirror")):
+        return {d["node"]: presync.UNWRITTEN for d in j.disks}
+    if not any(r.get("resumable") for r in j.has("native")):
+        return {}
+    out: dict[str, presync.Missing] = {}
+    for d in j.disks:
+        got = spans.parse(j.missing.get(d["node"], [[0, d["size"]]]), d["size"])
+        if got is None:
+            return {}
+        out[d["node"]] = got
+    lacking = sum(spans.total(m) for m in out.values())
+    return out if lacking < sum(d["size"] for d in j.disks) else {}
 
 
-async def _undo_native(state: StateDir, j: Journal, mon: Optional[Monitor],
-                       dest: Destination, kept: Optional[tuple[int, dict[str, int]]] = None
-                       ) -> None:
-    """The native engine's exports, throttles and NBD server.  Its bitmap
-    stays with the records of a partial copy the destination KEPT
-    (generation, node -> valid); otherwise it goes, and so do the records of
-    a presync it used (the destination images changed under them)."""
+async def _undo_copies(state: StateDir, j: Journal, mon: Optional[Monitor],
+                       dest: Destination, kept: Optional[tuple[int, dict]] = None) -> None:
+    """The native engine's exports, throttles and NBD server, and the bitmap
+    of either engine.  The bitmap stays with the records of a partial copy
+    the destination KEPT (generation, node -> what it lacks); otherwise it
+    goes, and so do the records of a presync it used (the destination images
+    changed under them)."""
     from vmferry.migration import presync
     for res in j.has("native"):
-        existing = bool(res.get("presynced"))
         if mon is not None:
             from vmferry.migration.native import NativeStorage
             ns = NativeStorage(mon, _disks(j), None, Path(res["socket"]), lambda snap: None,
-                               bitmap=res.get("bitmap") or presync.BITMAP, existing=existing,
+                               bitmap=res.get("bitmap") or presync.BITMAP,
+                               existing=bool(res.get("presynced")),
                                resumable=bool(res.get("resumable")))
             ns._server = True
             for t in j.has("throttle"):
@@ -239,28 +251,31 @@ async def _undo_native(state: StateDir, j: Journal, mon: Optional[Monitor],
                 ns.throttled_at = [0]
             await ns.cleanup()
         Path(res["socket"]).unlink(missing_ok=True)
-        if kept is not None:
-            generation, valid = kept
-            paths = next(r["paths"] for r in j.has("destination"))
-            pid = state.read_pid(j.name)
-            presync.write_records(state, j.name, generation, {
-                d.node: presync.record(d, paths[d.node], pid, generation, valid[d.node])
-                for d in _disks(j)})
-            continue
-        if mon is not None:
-            for d in j.disks:
-                # a persistent bitmap would otherwise stay in the source image
-                await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
-                                  name=res.get("bitmap") or presync.BITMAP)
-        if existing:
-            await presync.forget(state, j.name, dest)
+    copied = j.has("native") or [r for r in j.has("mirror") if r.get("resumable")]
+    if not copied:
+        return
+    if kept is not None:
+        generation, missing = kept
+        paths = next(r["paths"] for r in j.has("destination"))
+        pid = state.read_pid(j.name)
+        presync.write_records(state, j.name, generation, {
+            d.node: presync.record(d, paths[d.node], pid, generation, missing[d.node])
+            for d in _disks(j)})
+        return
+    if mon is not None:
+        for d in j.disks:
+            # a persistent bitmap would otherwise stay in the source image
+            await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
+                              name=presync.BITMAP)
+    if any(r.get("presynced") for r in copied):
+        await presync.forget(state, j.name, dest)
 
 
 async def _retire_source(state: StateDir, j: Journal, mon: Optional[Monitor],
                          dest: Destination) -> None:
     """What Confirm does: the destination runs the guest, the source goes."""
     from vmferry.vm.process import stop_vm_async
-    await _undo_native(state, j, mon, dest)
+    await _undo_copies(state, j, mon, dest)
     if mon is not None:
         await mon.try_cmd("quit")
         await mon.close()

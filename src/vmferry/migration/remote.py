@@ -14,13 +14,16 @@ import asyncio
 import contextlib
 import itertools
 import subprocess
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-from vmferry.agent import protocol, transport
+from vmferry import __version__
+from vmferry.agent import protocol, transport, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.transport import KEEPALIVE_COUNT, Target
-from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.destination import Destination, Prepared, destination_spec
+from vmferry.errors import MigrationError, UsageError, VmferryError
+from vmferry.migration.destination import (Destination, DestinationCheck, Prepared,
+                                            destination_spec)
 from vmferry.migration.options import MigrateOptions, parse_tcp_uri
 from vmferry.migration.source import DiskPlan
 
@@ -28,6 +31,7 @@ CONNECT_TIMEOUT = 30.0
 PROBE_STATES = ("running", "resumed-gone", "busy", "completed", "incoming", "absent",
                 "unknown")
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+PROBE_FRAME = 256 << 10         # well below the agent's frame limit
 
 
 class Channel:
@@ -46,6 +50,8 @@ class Channel:
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        # request id -> where its output frames go (the agent's "command")
+        self._streams: dict[int, Callable[[str, str], None]] = {}
         self._tasks = [asyncio.ensure_future(self._read()),
                        asyncio.ensure_future(self._ping())]
         self.stderr_tail: list[str] = []
@@ -76,6 +82,9 @@ class Channel:
                     self._lose("the connection closed")
                     return
                 rid = frame.get("id") if isinstance(frame, dict) else None
+                if isinstance(frame, dict) and "output" in frame and rid in self._streams:
+                    self._streams[rid](str(frame["output"]), str(frame.get("data", "")))
+                    continue
                 fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
                 if fut is None:
                     # id null: the agent refuses the connection itself (a late
@@ -108,12 +117,17 @@ class Channel:
             except MigrationError:
                 return
 
-    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+    async def call(self, op: str, *, on_output: Optional[Callable[[str, str], None]] = None,
+                   **args: Any) -> dict[str, Any]:
+        """The reply to OP; ON_OUTPUT(stream, text) takes the output frames
+        that come before it (the agent's "command")."""
         if self.lost.done():
             raise self.lost.exception()
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        if on_output is not None:
+            self._streams[rid] = on_output
         try:
             try:
                 self.writer.write(protocol.encode({"id": rid, "op": op, "args": args}))
@@ -123,6 +137,7 @@ class Channel:
             reply = await fut
         finally:
             self._pending.pop(rid, None)
+            self._streams.pop(rid, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()           # retrieved, whoever stopped waiting
         if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
@@ -167,6 +182,7 @@ class RemoteDestination(Destination):
         self.channel: Optional[Channel] = None
         self.info: dict[str, Any] = {}
         self._presync_tls: Optional[str] = None
+        self._tunnel_dir: Optional[str] = None    # --tunnelled: our forwards' sockets
 
     def __repr__(self) -> str:
         return str(self.target)
@@ -176,9 +192,14 @@ class RemoteDestination(Destination):
     async def _connect(self, opts: MigrateOptions) -> Channel:
         if self.channel is not None:
             return self.channel
+        if opts.tunnelled and self.target.scheme != "ssh":
+            raise UsageError(f"--tunnelled needs an ssh:// destination, not {self}: "
+                             f"a tls:// agent relays nothing yet")
         where = f"{self.host}"
         if self.target.scheme == "ssh":
-            proc, self._ssh = self._ssh or transport.spawn_ssh(self.target), None
+            proc, self._ssh = self._ssh or transport.spawn_ssh(self.target,
+                                                               tunnel=opts.tunnelled), None
+            self._tunnel_dir = getattr(proc, "tunnel_dir", None)
             reader, writer = await transport.pipe_streams(proc.stdout, proc.stdin,
                                                           protocol.MAX_FRAME + 8)
             err = asyncio.StreamReader()
@@ -186,7 +207,11 @@ class RemoteDestination(Destination):
                 lambda: asyncio.StreamReaderProtocol(err), proc.stderr)
             self.channel = Channel(reader, writer, f"ssh://{where}", self.keepalive, proc, err)
         else:
-            ctx = Pki(opts.pki_dir).client_context()
+            # pki= in the URI: this host's certificates for the control channel
+            # (what --connect has; a migration's --pki otherwise)
+            pki_dir = Path(self.target.query["pki"]) if "pki" in self.target.query \
+                else opts.pki_dir
+            ctx = Pki(pki_dir).client_context()
             port = self.target.port or 16514
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
@@ -198,7 +223,7 @@ class RemoteDestination(Destination):
             self.channel = Channel(reader, writer, f"tls://{where}:{port}", self.keepalive)
         try:
             self.info = await asyncio.wait_for(self.channel.call(
-                "hello", protocol=protocol.PROTOCOL, version=_version(),
+                "hello", protocol=protocol.PROTOCOL, version=__version__,
                 keepalive=self.keepalive), CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
             await self.channel.close()
@@ -232,23 +257,17 @@ class RemoteDestination(Destination):
         if opts.tls and not self.info.get("tls"):
             raise UsageError(f"--tls: the destination {self} has no QEMU server "
                              f"certificates (its PKI/qemu/server-cert.pem)")
-        dhost, dport = _uri_host(opts.disks_uri, "--disks-uri")
-        mhost, mport = _uri_host(opts.migrate_uri, "--migrate-uri")
-        listen = opts.listen_address
-        r = await ch.call(
-            "prepare", spec=dspec.to_toml(),
-            disks=[{"node": d.node, "path": d.path, "fmt": d.fmt, "size": d.size,
-                    "export": d.export, "backing": d.backing, "backing_fmt": d.backing_fmt,
-                    "source_id": d.source_id}
-                   for d in disks],
-            options={"copy_storage": opts.copy_storage, "create_disks": opts.create_disks,
-                     "overwrite_disks": opts.overwrite_disks, "postcopy": opts.postcopy,
-                     "parallel_connections": opts.parallel_connections, "tls": opts.tls},
-            accel=accel, presynced=sorted(presynced), token=token,
-            nbd={"address": listen or dhost, "port": dport},
-            migrate={"address": listen or mhost, "port": mport})
+        if opts.tunnelled and not self._tunnel_dir:
+            raise UsageError(f"--tunnelled: the ssh connection to {self} was made without "
+                             f"a control socket for its forwards")
+        dhost, _ = _uri_host(opts.disks_uri, "--disks-uri")
+        mhost, _ = _uri_host(opts.migrate_uri, "--migrate-uri")
+        r = await ch.call("prepare", **_prepare_args(dspec, disks, opts, accel, presynced),
+                          token=token)
         for d in disks:
             d.dest_path = r.get("dest_paths", {}).get(d.node, "")
+        if opts.tunnelled:
+            return await self._tunnel(r)
         nbd = dict(r.get("nbd") or {})
         if nbd:
             nbd["host"] = self._connect_host(dhost, nbd.get("host"))
@@ -260,6 +279,80 @@ class RemoteDestination(Destination):
                         dest_paths=dict(r.get("dest_paths", {})),
                         fresh=set(r.get("fresh", [])), tls_dir=tls_dir,
                         tls_hostname=tls_host if opts.tls else None)
+
+    async def _tunnel(self, r: dict[str, Any]) -> Prepared:
+        """--tunnelled: the agent's QEMU listens on Unix sockets of its host;
+        ssh forwards a socket of ours in a private folder to each, so the
+        source's QEMU reaches them through the ssh connection alone."""
+        assert self._tunnel_dir is not None
+        nbd = dict(r.get("nbd") or {})
+        mig = str(r.get("migrate_uri", ""))
+        if (nbd and nbd.get("type") != "unix") or not mig.startswith("unix:"):
+            raise MigrationError("the agent did not listen on Unix sockets for --tunnelled",
+                                 phase="prepare")
+        local_mig = f"{self._tunnel_dir}/migrate.sock"
+        ends = [(local_mig, mig[len("unix:"):])]
+        if nbd:
+            ends.append((f"{self._tunnel_dir}/nbd.sock", str(nbd.get("path"))))
+            nbd = {"type": "unix", "path": ends[-1][0]}
+        for local, remote in ends:
+            await asyncio.get_running_loop().run_in_executor(
+                None, transport.forward, self.target, self._tunnel_dir, local, remote)
+        return Prepared(migrate_uri=f"unix:{local_mig}", nbd_server=nbd,
+                        exports=dict(r.get("exports", {})),
+                        dest_paths=dict(r.get("dest_paths", {})),
+                        fresh=set(r.get("fresh", [])))
+
+    async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
+                    accel: Optional[str] = None,
+                    presynced: frozenset[str] = frozenset()) -> DestinationCheck:
+        dspec = destination_spec(spec, opts)
+        return await self._check("check", "a migration", opts, lambda: _prepare_args(
+            dspec, disks, opts, accel, presynced, allocated=True))
+
+    async def _check(self, op: str, what: str, opts: MigrateOptions,
+                     args: Callable[[], dict[str, Any]]) -> DestinationCheck:
+        """The agent's read-only OP (a dry run of WHAT), every problem as a line."""
+        try:
+            ch = await self._connect(opts)
+            r = await ch.call(op, **args())
+        except protocol.ProtocolError as e:
+            return DestinationCheck(problems=[self._too_old(e, what)])
+        except (VmferryError, OSError) as e:
+            return DestinationCheck(problems=[str(e)] + _client_tls_problems(opts))
+        # the agent says itself whether it has QEMU certificates for --tls
+        out = DestinationCheck.from_wire(r)
+        out.problems += _client_tls_problems(opts)
+        return out
+
+    def _too_old(self, e: Exception, what: str) -> str:
+        """An agent from before dry runs refuses the request by name."""
+        if "unknown request" in str(e):
+            return (f"the agent at {self} (vmferry {self.info.get('version', '?')}) cannot "
+                    f"check {what} without making it: install vmferry {__version__} there")
+        return str(e)
+
+    def transport(self, opts: MigrateOptions) -> str:
+        return (f"agent over {self.target.scheme}; disks and memory QEMU to QEMU over TCP"
+                + (" with TLS" if opts.tls else ""))
+
+    async def probe_link(self, seconds: float) -> Optional[float]:
+        """What the agent's channel carries towards the destination: padded
+        pings, each answered only once it arrived in full.  Through ssh's
+        encryption or TLS, a lower bound of what QEMU's own streams get."""
+        if self.channel is None or self.channel.lost.done():
+            return None
+        pad = "x" * PROBE_FRAME
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sent = 0
+        try:
+            while loop.time() - start < seconds:
+                await asyncio.wait_for(self.channel.call("ping", pad=pad), seconds * 4)
+                sent += PROBE_FRAME
+        except (VmferryError, asyncio.TimeoutError):
+            return None
+        return sent / max(loop.time() - start, 1e-6)
 
     def _connect_host(self, asked: Optional[str], listening: Optional[str]) -> str:
         """Where the source dials: the host the user named for this stream,
@@ -293,8 +386,13 @@ class RemoteDestination(Destination):
             await self.channel.close()
             self.channel = None
         if self._ssh is not None:          # started early, never used
+            self._tunnel_dir = getattr(self._ssh, "tunnel_dir", None)
             _end(self._ssh)
             self._ssh = None
+        if self._tunnel_dir:
+            import shutil
+            shutil.rmtree(self._tunnel_dir, ignore_errors=True)
+            self._tunnel_dir = None
 
     # -- recovery: the agent undid an unfinished migration when the source
     #    process that drove it went away; it only has to say where NAME is
@@ -336,13 +434,16 @@ class RemoteDestination(Destination):
         ch = await self._connect(opts)
         self._presync_tls = Pki(opts.pki_dir).qemu_dir("client") if opts.tls else None
         host, _ = _uri_host(opts.disks_uri, "--disks-uri")
-        r = await ch.call("presync_open", disks=disks, create_disks=opts.create_disks,
-                          overwrite_disks=opts.overwrite_disks, tls=opts.tls,
-                          address=opts.listen_address or host)
+        r = await ch.call("presync_open", **_presync_args(disks, opts))
         out = dict(r.get("disks", {}))
         for t in out.values():
             t["server"]["host"] = self._connect_host(host, t["server"].get("host"))
         return out
+
+    async def presync_check_open(self, disks: list[dict[str, Any]],
+                                 opts: MigrateOptions) -> DestinationCheck:
+        return await self._check("presync_check_open", "a presync", opts,
+                                 lambda: _presync_args(disks, opts))
 
     def presync_uri(self, server: dict[str, Any]) -> str:
         host = _bracket(server["host"])
@@ -360,10 +461,55 @@ class RemoteDestination(Destination):
         r = await ch.call("presync_check", disks={n: list(v) for n, v in items.items()})
         return {n: str(v) for n, v in r.get("disks", {}).items()}
 
+    async def presync_unwritten(self, items: dict[str, tuple[str, str]],
+                                opts: MigrateOptions) -> dict[str, Optional[list]]:
+        ch = await self._connect(opts)
+        r = await ch.call("presync_unwritten", disks={n: list(v) for n, v in items.items()})
+        got = r.get("disks", {})
+        return {n: got.get(n) if isinstance(got.get(n), list) else None for n in items}
+
     async def presync_forget(self, paths: list[str], discard: bool = False) -> None:
         if self.channel is not None:
             await self.channel.call("presync_forget", paths=paths,
                                     **({"discard": True} if discard else {}))
+
+
+def _prepare_args(dspec: Any, disks: list[DiskPlan], opts: MigrateOptions,
+                  accel: Optional[str], presynced: frozenset[str],
+                  allocated: bool = False) -> dict[str, Any]:
+    """A prepare's (or, with ALLOCATED, a check's) arguments as the agent reads
+    them."""
+    dhost, dport = _uri_host(opts.disks_uri, "--disks-uri")
+    mhost, mport = _uri_host(opts.migrate_uri, "--migrate-uri")
+    listen = opts.listen_address
+    return dict(
+        spec=dspec.to_toml(),
+        disks=[wire.encode_disk(d, allocated) for d in disks],
+        options=wire.encode_options(opts),
+        accel=accel, presynced=sorted(presynced),
+        nbd={"address": listen or dhost, "port": dport},
+        migrate={"address": listen or mhost, "port": mport},
+        **({"tunnel": True} if opts.tunnelled else {}))
+
+
+def _client_tls_problems(opts: MigrateOptions) -> list[str]:
+    """--tls: this host's QEMU client certificates, which prepare and
+    presync_open look up first."""
+    if not opts.tls:
+        return []
+    try:
+        Pki(opts.pki_dir).qemu_dir("client")
+    except UsageError as e:
+        return [str(e)]
+    return []
+
+
+def _presync_args(disks: list[dict[str, Any]], opts: MigrateOptions) -> dict[str, Any]:
+    """A presync_open's (or its check's) arguments as the agent reads them."""
+    host, _ = _uri_host(opts.disks_uri, "--disks-uri")
+    return dict(disks=disks, create_disks=opts.create_disks,
+                overwrite_disks=opts.overwrite_disks, tls=opts.tls,
+                address=opts.listen_address or host)
 
 
 def _end(proc: subprocess.Popen) -> None:
@@ -393,8 +539,3 @@ def _uri_host(uri: Optional[str], flag: str) -> tuple[Optional[str], Optional[in
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _version() -> str:
-    from vmferry.cli import _version as v
-    return v()

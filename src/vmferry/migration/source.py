@@ -35,24 +35,42 @@ class DiskPlan:
     backing: Optional[str] = None
     backing_fmt: Optional[str] = None
     source_id: Optional[str] = None   # destination.file_id of the source image
+    allocated: Optional[int] = None   # bytes the source image holds on its file system
 
 
 async def describe(mon: Monitor) -> dict[str, Any]:
     """Begin: the VM must be running (or paused) with no migration under way."""
+    status, problems = await state_problems(mon)
+    if problems:
+        raise MigrationError(problems[0], phase="begin")
+    return status
+
+
+async def state_problems(mon: Monitor) -> tuple[dict[str, Any], list[str]]:
+    """The VM's run state, and every reason it cannot move now (a dry run
+    lists them all; Begin stops at the first)."""
+    problems = []
     status = await mon.cmd("query-status")
     if status["status"] not in ("running", "paused"):
-        raise MigrationError(f"the VM is {status['status']}, not running: start it, or "
-                             f"use --offline", phase="begin")
+        problems.append(f"the VM is {status['status']}, not running: start it, or "
+                        f"use --offline")
     mig = await mon.cmd("query-migrate")
     if mig.get("status") in ("setup", "active", "pre-switchover", "device",
                              "postcopy-active", "cancelling"):
-        raise MigrationError(f"a migration is already {mig['status']}: wait for it or "
-                             f"run 'vmferry abort'", phase="begin")
+        problems.append(f"a migration is already {mig['status']}: wait for it or "
+                        f"run 'vmferry abort'")
     jobs = await mon.cmd("query-block-jobs")
     if any(j["device"].startswith(PREFIX) for j in jobs):
-        raise MigrationError("mirror jobs of an earlier migration are still running: "
-                             "run 'vmferry recover NAME' first", phase="begin")
-    return status
+        problems.append("mirror jobs of an earlier migration are still running: "
+                        "run 'vmferry recover NAME' first")
+    return status, problems
+
+
+async def accelerator(mon: Monitor) -> str:
+    """"kvm" or "tcg": the destination runs the guest with the accelerator it
+    has now (a TCG guest moved onto KVM sees its clock and timing change)."""
+    kvm = await mon.cmd("query-kvm")
+    return "kvm" if kvm.get("enabled") else "tcg"
 
 
 async def node_sizes(mon: Monitor) -> dict[str, dict[str, Any]]:
@@ -86,7 +104,8 @@ async def plan_disks(mon: Monitor, spec: Any, opts: MigrateOptions) -> list[Disk
         plans.append(DiskPlan(node=node, path=d.path, fmt=d.format,
                               size=image.get("virtual-size", 0), export=node,
                               backing=backing, backing_fmt=backing_fmt,
-                              source_id=file_id(d.path)))
+                              source_id=file_id(d.path),
+                              allocated=image.get("actual-size")))
     if wanted is not None:
         known = {p.node for p in plans} | {p.path for p in plans}
         missing = [w for w in wanted if w not in known]

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from vmferry.eta import Estimator, Sample
+
 
 @dataclasses.dataclass
 class JobInfo:
@@ -19,16 +21,23 @@ class JobInfo:
     pid: int = 0                    # the vmferry process running the job
     started: float = 0.0            # wall clock
     elapsed_ms: int = 0
+    # both parts together (eta.py): never lower than before, and an ETA that
+    # never jumps up; None while unknown or while memory is not converging
+    percent: float = 0.0
+    eta_s: Optional[float] = None
+    converging: bool = False
     # storage part (mirror jobs)
     disk_total: int = 0
     disk_processed: int = 0
     disk_remaining: int = 0
     disk_bandwidth: int = 0         # bytes/s per disk (--disk-bandwidth); 0: unlimited
+    disk_rate: float = 0.0          # bytes/s, measured and smoothed
     # memory part (query-migrate ram)
     memory_total: int = 0
     memory_processed: int = 0
     memory_remaining: int = 0
-    memory_bandwidth: float = 0.0   # bytes/s
+    memory_bandwidth: float = 0.0   # bytes/s, QEMU's figure for its last iteration
+    memory_rate: float = 0.0        # bytes/s, measured and smoothed as disk_rate
     dirty_rate: int = 0             # pages/s
     iteration: int = 0
     expected_downtime_ms: int = 0
@@ -117,3 +126,21 @@ class JobInfo:
     def tick(self) -> None:
         if self.started:
             self.elapsed_ms = int((time.time() - self.started) * 1000)
+
+    def estimate(self, est: Estimator) -> None:
+        """Percent, ETA and rates from the counters as they are now, on the
+        clock of elapsed_ms (tick first), so whoever reads the record can hold
+        the ETA against it.  Only the process running the job estimates:
+        the record carries the result to everyone else."""
+        e = est.update(self.elapsed_ms / 1000, Sample(
+            storage_done=self.disk_processed, storage_left=self.disk_remaining,
+            memory_done=self.memory_processed, memory_left=self.memory_remaining,
+            memory_started=self.memory_total > 0, memory_iteration=self.iteration,
+            finished=self.status == "completed"))
+        self.percent = e.percent
+        self.disk_rate = round(e.storage_rate)
+        self.memory_rate = round(e.memory_rate)
+        # a job that failed or was cancelled has no time left to count down
+        ends = self.status in ("running", "completed")
+        self.eta_s = e.eta_s if ends else None
+        self.converging = e.converging and ends

@@ -111,8 +111,8 @@ async def start_vm_async(state: StateDir, spec: VMSpec, *, incoming: Optional[st
     folder when this start created it.
     """
     binary = qemu_binary()
-    accel = _check_accel(accel)
-    _preflight(spec)
+    accel = check_accel(accel)
+    preflight(spec)
     spec = dataclasses.replace(spec, machine=resolve_machine(spec.machine, binary))
     name = spec.name
     deadline = time.monotonic() + timeout
@@ -201,7 +201,7 @@ def _read_pid(pidfile: Path) -> Optional[int]:
         return None
 
 
-def _check_accel(accel: Optional[str]) -> str:
+def check_accel(accel: Optional[str]) -> str:
     if accel is None:
         return detect_accel()
     if accel not in ACCELS:
@@ -212,7 +212,7 @@ def _check_accel(accel: Optional[str]) -> str:
     return accel
 
 
-def _preflight(spec: VMSpec) -> None:
+def preflight(spec: VMSpec) -> None:
     """Missing files named by the spec, caught before QEMU's longer messages."""
     for i, d in enumerate(spec.disks):
         what = f"{spec.name}: disks[{i}].path {d.path}"

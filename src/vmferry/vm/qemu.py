@@ -85,6 +85,21 @@ def detect_accel() -> str:
     return "kvm"
 
 
+def qemu_version(binary: str) -> str:
+    """"7.2.22" from BINARY --version; "" when it does not say."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=10, stdin=subprocess.DEVNULL).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out[out.index("version") + 1] if "version" in out[:-1] else ""
+
+
+def machine_supported(machine: str, binary: str) -> bool:
+    """Whether BINARY has MACHINE's type (options after a comma aside)."""
+    return machine.partition(",")[0] in _machine_types(binary)[1]
+
+
 _VERSIONED = re.compile(r"pc-(q35|i440fx)-\d+\.\d+")
 
 
@@ -258,4 +273,5 @@ def qemu_argv(spec: VMSpec, *, qmp_socket: Path, incoming: Optional[str] = None,
 
 
 __all__ = ["ACCELS", "DiskNames", "disk_names", "qemu_binary", "detect_accel",
-           "resolve_machine", "unsupported_machine", "supports_o_direct", "effective_cache", "qemu_argv"]
+           "resolve_machine", "unsupported_machine", "qemu_version", "machine_supported",
+           "supports_o_direct", "effective_cache", "qemu_argv"]

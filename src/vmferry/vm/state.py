@@ -29,7 +29,7 @@ import stat
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
 from vmferry.errors import UsageError, VmferryError
 from vmferry.vm.spec import NAME_RE, VMSpec, load_spec
@@ -54,6 +54,44 @@ def default_state_dir() -> Path:
         return Path("/var/lib/vmferry")
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(base, "vmferry")
+
+
+def process_start(pid: int) -> Optional[int]:
+    """PID's start time in clock ticks since boot (/proc/PID/stat field 22):
+    with the pid, it names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def owner_record() -> dict[str, Any]:
+    """This process, as a record names its owner (owner_alive reads it)."""
+    return {"owner": os.getpid(), "owner_start": process_start(os.getpid()),
+            "boot_id": boot_id()}
+
+
+def owner_alive(rec: dict[str, Any]) -> bool:
+    """Whether the process a record names as its owner still runs: that very
+    process (its start time, where the record has one), on this boot, not
+    another that got its pid since."""
+    pid = rec.get("owner")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if rec.get("boot_id") and rec["boot_id"] != boot_id():
+        return False
+    if not pid_alive(pid):
+        return False
+    return rec.get("owner_start") is None or process_start(pid) == rec["owner_start"]
 
 
 def pid_alive(pid: int, marker: Optional[str | os.PathLike] = None) -> bool:
