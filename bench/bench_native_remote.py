@@ -31,6 +31,7 @@ host's CPU per GiB at most 0.5x mirror's, on each link (medians).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -54,13 +55,16 @@ if QUICK:
     os.environ.setdefault("VMFERRY_BENCH_SCALE", "0.25")   # read by bench_migrate
 
 import report as rpt  # noqa: E402
-from bench_migrate import DISK_SIZE  # noqa: E402
-from bench_remote import (  # noqa: E402
-    TLS, RemoteBench, _foreign_qemus, _qemu_img_compare, _vmferry_version,
-)
+from bench_migrate import DISK_SIZE, _spec  # noqa: E402
+from bench_remote import TLS, RemoteBench, _foreign_qemus, _vmferry_version  # noqa: E402
 from netlab import NetLab, netlab_unavailable  # noqa: E402  (bench_remote added tests/)
-from vmferry.vm.process import vm_status  # noqa: E402
+from vmferry.guest import wait_for_pass  # noqa: E402
+from vmferry.vm.process import start_vm, vm_status  # noqa: E402
+from vmferry.vm.state import StateDir  # noqa: E402
 
+# the source image's format: raw (the default; what auto's choice rests on) or qcow2,
+# which the native engine reads through the source QEMU's export
+FORMAT = os.environ.get("VMFERRY_BENCH_NATIVE_REMOTE_FORMAT", "raw")
 ROUNDS = 1 if QUICK else int(os.environ.get("VMFERRY_BENCH_NATIVE_REMOTE_ROUNDS")
                              or os.environ.get("VMFERRY_BENCH_ROUNDS") or "5")
 LINKS = {"unshaped veth": None, "1 Gbit/s (tc)": "1gbit"}
@@ -96,8 +100,8 @@ def _report() -> rpt.Report:
                                   rpt.Panel("cpu_per_gib", "CPU s per GiB",
                                             "Source host CPU per GiB of disk data",
                                             value_fmt="{:.3f}")])
-    return rpt.Report(name="native_remote",
-                      title="native storage engine vs QEMU mirror, to another host",
+    return rpt.Report(name="native_remote" + ("" if FORMAT == "raw" else f"_{FORMAT}"),
+                      title=f"native storage engine vs QEMU mirror, to another host ({FORMAT})",
                       columns=cols, out_dir=OUT_DIR, chart=chart, finalize=_finalize)
 
 
@@ -150,12 +154,36 @@ def _cpu_s(pid: int | None) -> tuple[float, float] | None:
     return total, vcpus
 
 
+def _compare(a: Path, b: Path) -> str:
+    cp = subprocess.run(["qemu-img", "compare", "-f", FORMAT, "-F", FORMAT, str(a), str(b)],
+                        capture_output=True, text=True, timeout=300)
+    return "" if cp.returncode == 0 else f"exit {cp.returncode}: {cp.stdout}{cp.stderr}"
+
+
 def _allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
 class NativeRemoteBench(RemoteBench):
     """bench_remote's VM, disk and tls:// agent in the namespace."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.raw_disk = self.src_disk
+        if FORMAT != "raw":
+            self.src_disk = self.root / f"src.{FORMAT}"
+            subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", FORMAT,
+                            str(self.raw_disk), str(self.src_disk)], check=True, timeout=300)
+
+    def fresh(self, i: int) -> tuple[StateDir, StateDir, Path, Any]:
+        a, b = StateDir(self.root / f"A{i}"), StateDir(self.root / f"B{i}")
+        serial = self.root / f"serial{i}.log"
+        spec = _spec(self.kernel, self.src_disk, serial)
+        spec = dataclasses.replace(spec, disks=type(spec.disks)(
+            dataclasses.replace(d, format=FORMAT) for d in spec.disks))
+        start_vm(a, spec)
+        wait_for_pass(serial, 1, 120)    # the guest has filled its memory once
+        return a, b, self.root / f"dst{i}.{FORMAT}", spec
 
     def migrate(self, engine: str, i: int, verify: bool) -> dict[str, Any]:
         a, _, dst, _ = self.fresh(i)
@@ -216,7 +244,7 @@ class NativeRemoteBench(RemoteBench):
         checks: dict[str, Any] = {}
         try:
             if verify:
-                diff = _qemu_img_compare(self.src_disk, dst)
+                diff = _compare(self.src_disk, dst)
                 assert diff == "", f"{engine}: destination image differs from the source: {diff}"
                 checks["qemu_img_compare"] = "identical"
         finally:
@@ -278,7 +306,7 @@ def test_native_vs_mirror_to_another_host(nbench: NativeRemoteBench) -> None:
     rep.meta["config"] = {
         "vmferry commit": _vmferry_version(),
         "VM": "1 GiB RAM, idle test guest (512 MiB filled)",
-        "disk": f"{DISK_SIZE >> 20} MiB raw on tmpfs, half random data",
+        "disk": f"{DISK_SIZE >> 20} MiB {FORMAT} on tmpfs, half random data",
         "links": "veth to a network namespace: unshaped, and tc tbf 1gbit both directions",
         "command": f"vmferry migrate bench tls://DEST:PORT --pki DIR --disk-map SRC=DST "
                    f"--create-disks --storage-engine native|mirror, to a vmferry agent "
