@@ -405,7 +405,7 @@ class Migration:
         (bench/results/storage.md), and to another host over plain NBD, where
         it sends the image file into the TCP connection (zero-copy lanes):
         faster than QEMU's mirror where the link is not the limit, as fast
-        where it is, at a third of the source host's CPU or less
+        where it is, at about a third of the source host's CPU
         (bench/results/native_remote.md).  QEMU's mirror everywhere else:
         qcow2 goes through both QEMUs either way, a backing chain needs
         sync=top, and with --tls (the engine's libnbd lanes) or --tunnelled
