@@ -407,9 +407,11 @@ class Migration:
         faster than QEMU's mirror where the link is not the limit, as fast
         where it is, at about a third of the source host's CPU
         (bench/results/native_remote.md).  QEMU's mirror everywhere else:
-        qcow2 goes through both QEMUs either way, a backing chain needs
-        sync=top, and with --tls (the engine's libnbd lanes) or --tunnelled
-        (through ssh) it was not measured against the mirror."""
+        qcow2, which the engine can only read through the source QEMU's
+        export (between hosts that cost the source twice the mirror's CPU:
+        native_remote_qcow2.md), a backing chain, which needs sync=top, and
+        --tls (the engine's libnbd lanes) or --tunnelled (through ssh),
+        which were not measured against the mirror."""
         if (plans and self.opts.copy_storage == "all"
                 and all(p.fmt == "raw" for p in plans)
                 and (self.dest.same_host or not (self.opts.tls or self.opts.tunnelled))):
