@@ -316,13 +316,6 @@ file_notify(struct rw *rw, short revents, struct vf_error *err)
   return 0;
 }
 
-static bool
-file_is_dead(struct rw *rw)
-{
-  (void)rw;
-  return false;
-}
-
 static int
 file_flush(struct rw *rw, struct vf_error *err)
 {
@@ -342,7 +335,6 @@ static const struct rw_ops file_ops = {
   .start_zero = file_start_zero,
   .poll_fd = file_poll_fd,
   .notify = file_notify,
-  .is_dead = file_is_dead,
   .flush = file_flush,
   .pread = file_sync_pread,
   .pwrite = file_sync_pwrite,

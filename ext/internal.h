@@ -89,7 +89,6 @@ struct rw_ops {
    * connection has nothing to wait for. */
   int (*poll_fd)(struct rw *rw, short *events);
   int (*notify)(struct rw *rw, short revents, struct vf_error *err);
-  bool (*is_dead)(struct rw *rw);
 
   int (*flush)(struct rw *rw, struct vf_error *err);
 

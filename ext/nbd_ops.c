@@ -344,13 +344,6 @@ nbd_notify(struct rw *rw, short revents, struct vf_error *err)
   return 0;
 }
 
-static bool
-nbd_is_dead(struct rw *rw)
-{
-  struct nbd_rw *n = (struct nbd_rw *)rw;
-  return nbd_aio_is_dead(n->h) || nbd_aio_is_closed(n->h);
-}
-
 static int
 nbd_rw_flush(struct rw *rw, struct vf_error *err)
 {
@@ -402,7 +395,6 @@ static const struct rw_ops nbd_ops = {
   .start_zero = nbd_start_zero,
   .poll_fd = nbd_poll_fd,
   .notify = nbd_notify,
-  .is_dead = nbd_is_dead,
   .flush = nbd_rw_flush,
   .pread = nbd_sync_pread,
   .pwrite = nbd_sync_pwrite,

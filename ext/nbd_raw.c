@@ -719,12 +719,6 @@ raw_notify(struct rw *rw, short revents, struct vf_error *err)
   return 0;
 }
 
-static bool
-raw_is_dead(struct rw *rw)
-{
-  return ((struct raw_rw *)rw)->dead;
-}
-
 static void
 flush_done(struct command *cmd, int err)
 {
@@ -901,7 +895,6 @@ static const struct rw_ops raw_ops = {
   .start_zero = raw_start_zero,
   .poll_fd = raw_poll_fd,
   .notify = raw_notify,
-  .is_dead = raw_is_dead,
   .flush = raw_flush,
   .pread = NULL,
   .pwrite = NULL,
