@@ -107,7 +107,6 @@ struct rw {
   int64_t size;
   bool multi_conn;           /* safe to open several connections */
   bool can_zero;             /* start_zero works; else write zero buffers */
-  bool read_only;
   uint32_t max_request;      /* largest data request the server takes; 0: any */
   int splice_fd;             /* a file the kernel reads or writes at any offset
                                 (sendfile, splice, copy_file_range); -1: none */

@@ -133,7 +133,6 @@ nbd_describe(struct nbd_handle *h, struct rw *rw)
   rw->size = nbd_get_size(h);
   rw->multi_conn = nbd_can_multi_conn(h) == 1;
   rw->can_zero = nbd_can_zero(h) == 1;
-  rw->read_only = nbd_is_read_only(h) == 1;
   rw->splice_fd = -1;
   int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
   rw->max_request = max > 0 && max < UINT32_MAX ? (uint32_t)max : 0;
