@@ -936,13 +936,6 @@ zc_fallback(struct vf_copy *c, struct vf_error *err)
   return true;
 }
 
-static bool
-is_server(const struct rw *rw)
-{
-  return strcmp(rw->ops->kind, "nbd") == 0 ||
-         strcmp(rw->ops->kind, "nbd-zero-copy") == 0;
-}
-
 static long
 online_cpus(void)
 {
@@ -1083,7 +1076,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
    * machine, and one thread drives several connections well (on 2 cores one
    * thread beat two by 5-15%).  With a file or null: at one end, this
    * process does that end's work itself, so it gets every CPU. */
-  bool two_servers = is_server(src0) && is_server(dst0);
+  bool two_servers = src0->ops->served && dst0->ops->served;
   long cpus = online_cpus();
   unsigned threads = cfg->threads ? cfg->threads
                      : (unsigned)(two_servers && cpus > 1 ? cpus / 2 : cpus);
@@ -1100,9 +1093,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
    * page cache to the next hole, so asking per work range walks a dense
    * file once per range (a fifth of the client's CPU at 1 GiB), one pass
    * walks it once. */
-  bool file_src = strcmp(src0->ops->kind, "file") == 0;
-  if (map0 == NULL && ((c->zc && src0->splice_fd < 0) || file_src) &&
-      fetch_plan(c, src0, err) == -1)
+  if (map0 == NULL && src0->ops->plan_up_front && fetch_plan(c, src0, err) == -1)
     goto fail;
   c->lanes[0].src = src0;
   c->lanes[0].dst = dst0;

@@ -327,6 +327,7 @@ file_flush(struct rw *rw, struct vf_error *err)
 
 static const struct rw_ops file_ops = {
   .kind = "file",
+  .plan_up_front = true,
   .open_again = file_open_again,
   .close = file_close,
   .extents = file_extents,

@@ -68,7 +68,13 @@ struct command {
 };
 
 struct rw_ops {
-  const char *kind;
+  const char *kind;           /* for messages only: ask the flags below */
+  /* Another process does this end's I/O; this one only talks to it, so
+   * the copy leaves CPUs to the servers. */
+  bool served;
+  /* As a source, its extents are fetched for the whole copy before the
+   * first byte moves rather than per work range (copy.c says why). */
+  bool plan_up_front;
   /* Another connection to the same endpoint, for multi-conn copies. */
   struct rw *(*open_again)(struct rw *rw, struct vf_error *err);
   void (*close)(struct rw *rw);

@@ -386,6 +386,7 @@ nbd_sync_zero(struct rw *rw, uint64_t count, uint64_t offset, bool allocate,
 
 static const struct rw_ops nbd_ops = {
   .kind = "nbd",
+  .served = true,
   .open_again = nbd_open_again,
   .close = nbd_rw_close,
   .extents = nbd_extents,

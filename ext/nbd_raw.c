@@ -887,6 +887,8 @@ raw_open_again(struct rw *rw, struct vf_error *err)
 
 static const struct rw_ops raw_ops = {
   .kind = "nbd-zero-copy",
+  .served = true,
+  .plan_up_front = true,
   .open_again = raw_open_again,
   .close = raw_close,
   .extents = raw_extents,
