@@ -18,7 +18,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -26,7 +25,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -106,7 +104,7 @@ struct vf_copy {
   char zc_note[600];          /* why not, when they were asked for */
   bool planned;               /* plan holds every extent of the source */
   struct extent_list plan;
-  char *created_path;         /* destination file this copy created */
+  bool created_dst;           /* this copy made the destination file */
   struct vf_error err;
 };
 
@@ -830,34 +828,6 @@ worker_run(void *opaque)
 
 /* ---- setup ------------------------------------------------------------ */
 
-static bool
-is_plain_path(const char *s)
-{
-  return strstr(s, "://") == NULL && strcmp(s, "null:") != 0 &&
-         strncmp(s, "nbd:", 4) != 0;
-}
-
-static int
-create_destination(struct vf_copy *c, struct vf_error *err)
-{
-  int fd = open(c->dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd == -1) {
-    if (errno == EEXIST)
-      return 0;
-    return vf_set_error(err, VF_ERR_CONNECT, errno, "cannot create %s: %s",
-                        c->dst, strerror(errno));
-  }
-  c->created_path = strdup(c->dst);
-  if (ftruncate(fd, (off_t)c->size) == -1) {
-    int e = errno;
-    close(fd);
-    return vf_set_error(err, VF_ERR_IO, e, "cannot size %s: %s", c->dst,
-                        strerror(e));
-  }
-  close(fd);
-  return 0;
-}
-
 static int
 check_config(const struct vf_copy_config *cfg, struct vf_error *err)
 {
@@ -881,16 +851,10 @@ check_config(const struct vf_copy_config *cfg, struct vf_error *err)
 }
 
 static bool
-has_prefix(const char *s, const char *prefix)
-{
-  return strncmp(s, prefix, strlen(prefix)) == 0;
-}
-
-static bool
 zc_endpoint(const char *uri)
 {
-  return is_plain_path(uri) || has_prefix(uri, "nbd://") ||
-         has_prefix(uri, "nbd+unix://");
+  enum uri_kind k = uri_kind(uri);
+  return k == URI_FILE || k == URI_NBD_PLAIN;
 }
 
 /* What rules zero-copy lanes out before anything connects, or NULL.  Deciding
@@ -911,7 +875,7 @@ zc_ruled_out(struct vf_copy *c, bool have_map)
              zc_endpoint(c->src) ? c->dst : c->src);
     return c->zc_note;
   }
-  if (c->bitmap && !have_map && is_plain_path(c->src))
+  if (c->bitmap && !have_map && uri_kind(c->src) == URI_FILE)
     return "--bitmap needs an NBD source";    /* rw_open says so */
   return NULL;
 }
@@ -919,8 +883,8 @@ zc_ruled_out(struct vf_copy *c, bool have_map)
 static struct rw *
 zc_open(const char *uri, bool writable, const char *bitmap, struct vf_error *err)
 {
-  return is_plain_path(uri) ? file_rw_open(uri, writable, err)
-                            : raw_rw_open(uri, writable, bitmap, err);
+  return uri_kind(uri) == URI_FILE ? file_rw_open(uri, writable, err)
+                                   : raw_rw_open(uri, writable, bitmap, err);
 }
 
 /* A zero-copy end that could not be: in auto mode the note says why and the
@@ -970,7 +934,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   pthread_mutex_init(&c->lock, NULL);
 
   if (c->extents_from) {
-    if (c->bitmap && is_plain_path(c->extents_from)) {
+    if (c->bitmap && uri_kind(c->extents_from) == URI_FILE) {
       vf_set_error(err, VF_ERR_USAGE, EINVAL,
                    "--extents-from %s: dirty extents come from an NBD export that "
                    "publishes the bitmap (qemu:dirty-bitmap:%s), not from a file",
@@ -1021,7 +985,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
                  (unsigned long long)c->size);
     goto fail;
   }
-  if (*c->dst && is_plain_path(c->dst) && create_destination(c, err) == -1)
+  if (endpoint_create(c->dst, c->size, &c->created_dst, err) == -1)
     goto fail;
   if (try_zc) {
     dst0 = zc_open(c->dst, true, NULL, err);
@@ -1213,8 +1177,7 @@ vf_copy_run(struct vf_copy *c, struct vf_error *err)
     return -1;
   }
   /* The copy succeeded: the destination file is the user's now. */
-  free(c->created_path);
-  c->created_path = NULL;
+  c->created_dst = false;
   return 0;
 }
 
@@ -1301,11 +1264,9 @@ vf_copy_close(struct vf_copy *c)
     free(c->workers[i].ext.v);
   }
   free(c->plan.v);
-  if (c->created_path) {
-    /* Nothing half-copied is left behind in a file we made. */
-    unlink(c->created_path);
-    free(c->created_path);
-  }
+  /* Nothing half-copied is left behind in a file we made. */
+  if (c->created_dst)
+    unlink(c->dst);
   if (c->wakefd >= 0)
     close(c->wakefd);
   pthread_mutex_destroy(&c->lock);

@@ -119,10 +119,23 @@ struct rw {
   bool zero_copy;            /* start_read/start_write take the payloads above */
 };
 
-/* endpoint.c: picks the kind from the URI. bitmap may be NULL. */
-int nbd_uri_check(const char *uri, const char *scheme, struct vf_error *err);
+/* endpoint.c: what a URI names, from its text alone, so a copy can choose
+ * its lanes before anything connects; rw_open opens that kind. */
+enum uri_kind {
+  URI_EMPTY,
+  URI_NBD,            /* TLS or vsock: only libnbd speaks these */
+  URI_NBD_PLAIN,      /* nbd:// or nbd+unix://: zero-copy lanes speak these too */
+  URI_NULL,
+  URI_FILE,
+  URI_UNSUPPORTED,
+};
+enum uri_kind uri_kind(const char *uri);
+int nbd_uri_check(const char *uri, struct vf_error *err);
+/* bitmap may be NULL. */
 struct rw *rw_open(const char *uri, bool writable, const char *bitmap,
                    struct vf_error *err);
+int endpoint_create(const char *uri, uint64_t size, bool *created,
+                    struct vf_error *err);
 
 struct rw *nbd_rw_open(const char *uri, bool writable, const char *bitmap,
                        struct vf_error *err);

@@ -61,10 +61,13 @@ struct nbd_handle *
 nbd_connect_checked(const char *uri, bool writable, const char *bitmap,
                     bool structured, char **context, struct vf_error *err)
 {
-  struct nbd_handle *h = nbd_create();
+  struct nbd_handle *h;
   char ctx[300];
 
   *context = NULL;
+  if (nbd_uri_check(uri, err) == -1)
+    return NULL;
+  h = nbd_create();
   if (h == NULL) {
     nbd_error(err, VF_ERR_CONNECT, "cannot create a handle for", uri);
     return NULL;

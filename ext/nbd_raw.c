@@ -804,24 +804,15 @@ raw_close(struct rw *rw)
   free(r);
 }
 
-static bool
-has_prefix(const char *s, const char *prefix)
-{
-  return strncmp(s, prefix, strlen(prefix)) == 0;
-}
-
 struct rw *
 raw_rw_open(const char *uri, bool writable, const char *bitmap,
             struct vf_error *err)
 {
-  if (!has_prefix(uri, "nbd://") && !has_prefix(uri, "nbd+unix://")) {
+  if (uri_kind(uri) != URI_NBD_PLAIN) {
     vf_set_error(err, VF_ERR_ENDPOINT, ENOTSUP, "%s: zero-copy lanes speak plain NBD "
                  "over Unix or TCP sockets (TLS and vsock go through libnbd)", uri);
     return NULL;
   }
-  if (nbd_uri_check(uri, has_prefix(uri, "nbd+unix://") ? "nbd+unix://" : "nbd://",
-                    err) == -1)
-    return NULL;
   struct raw_rw *r = calloc(1, sizeof *r);
   if (r == NULL) {
     vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
