@@ -932,6 +932,11 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   c->cfg.extents_from = c->extents_from;
   c->wakefd = -1;
   pthread_mutex_init(&c->lock, NULL);
+  if (c->src == NULL || c->dst == NULL || (cfg->bitmap && c->bitmap == NULL) ||
+      (cfg->extents_from && c->extents_from == NULL)) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    goto fail;
+  }
 
   if (c->extents_from) {
     if (c->bitmap && uri_kind(c->extents_from) == URI_FILE) {

@@ -72,6 +72,10 @@ file_rw_open(const char *path, bool writable, struct vf_error *err)
     goto fail;
   }
   f->path = strdup(path);
+  if (f->path == NULL) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    goto fail;
+  }
   f->rw.ops = &file_ops;
   f->rw.name = f->path;
   f->rw.multi_conn = true;

@@ -148,13 +148,22 @@ struct rw *raw_rw_open(const char *uri, bool writable, const char *bitmap,
 
 /* nbd_ops.c, shared with nbd_raw.c */
 struct nbd_handle;
+/* What both NBD kinds keep of a connection: enough to open another like it
+ * and to read its extents. */
+struct nbd_names {
+  char *uri;
+  char *bitmap;               /* NULL unless copying dirty extents only */
+  char *context;              /* meta context extents are read from, or NULL */
+};
 int nbd_error(struct vf_error *err, int kind, const char *what, const char *name);
 struct nbd_handle *nbd_connect_checked(const char *uri, bool writable,
                                        const char *bitmap, bool structured,
-                                       char **context, struct vf_error *err);
+                                       struct nbd_names *names,
+                                       struct vf_error *err);
+void nbd_names_free(struct nbd_names *names);
 void nbd_describe(struct nbd_handle *h, struct rw *rw);
-int nbd_handle_extents(struct nbd_handle *h, const char *context, bool bitmap,
-                       const char *name, uint64_t offset, uint64_t count,
+int nbd_handle_extents(struct nbd_handle *h, const struct nbd_names *names,
+                       uint64_t offset, uint64_t count,
                        struct extent_list *out, struct vf_error *err);
 
 /* error.c */

@@ -81,7 +81,7 @@ struct raw_rw {
   struct rw rw;               /* must be first */
   struct nbd_handle *h;
   int fd;
-  char *uri, *bitmap, *context;
+  struct nbd_names names;
   bool writable, structured, taken, dead;
   char why[256];              /* what killed the connection */
 
@@ -772,8 +772,7 @@ raw_extents(struct rw *rw, uint64_t offset, uint64_t count,
                         "data started", rw->name);
   if (!r->structured)
     return extent_append(out, offset, count, EXT_DATA);
-  return nbd_handle_extents(r->h, r->context, r->bitmap != NULL, rw->name,
-                            offset, count, out, err);
+  return nbd_handle_extents(r->h, &r->names, offset, count, out, err);
 }
 
 static void
@@ -798,9 +797,7 @@ raw_close(struct rw *rw)
   }
   free(r->slots);
   free(r->free_slots);
-  free(r->uri);
-  free(r->bitmap);
-  free(r->context);
+  nbd_names_free(&r->names);
   free(r);
 }
 
@@ -819,15 +816,13 @@ raw_rw_open(const char *uri, bool writable, const char *bitmap,
     return NULL;
   }
   r->pipe.rfd = r->pipe.wfd = -1;
-  r->h = nbd_connect_checked(uri, writable, bitmap, true, &r->context, err);
+  r->h = nbd_connect_checked(uri, writable, bitmap, true, &r->names, err);
   if (r->h == NULL) {
     free(r);
     return NULL;
   }
   r->rw.ops = &raw_ops;
-  r->uri = strdup(uri);
-  r->bitmap = bitmap ? strdup(bitmap) : NULL;
-  r->rw.name = r->uri;
+  r->rw.name = r->names.uri;
   r->writable = writable;
   nbd_describe(r->h, &r->rw);
   r->rw.zero_copy = true;
@@ -873,7 +868,7 @@ static struct rw *
 raw_open_again(struct rw *rw, struct vf_error *err)
 {
   struct raw_rw *r = (struct raw_rw *)rw;
-  return raw_rw_open(r->uri, r->writable, NULL, err);
+  return raw_rw_open(r->names.uri, r->writable, NULL, err);
 }
 
 static const struct rw_ops raw_ops = {
