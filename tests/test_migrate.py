@@ -292,6 +292,23 @@ def test_offline_migration_of_a_stopped_vm(lab):
     assert lab.status(state=lab.B)["state"] == "stopped"
 
 
+def test_offline_refuses_what_prepare_refuses(lab):
+    """--offline checks its destination images as a live Prepare does: one line
+    for the source's own file, a missing image, one too small; nothing copied."""
+    src = fill_image(lab.root / "src.raw", 8)
+    lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="slow"))
+    lab.ok(lab.vmferry("stop", "web1", "--force"))
+    before = sha256(src)
+    small = lab.root / "small.raw"
+    small.write_bytes(b"\0" * 4096)
+    for target, words in ((src, "source's own file"), (lab.root / "none.raw", "does not exist"),
+                          (small, "is smaller")):
+        line = lab.one_error(lab.migrate("--offline", "--disk-map", f"{src}={target}"), code=2)
+        assert words in line, line
+    assert sha256(src) == before and small.stat().st_size == 4096
+    assert not (lab.B / "web1").exists()
+
+
 # --------------------------------------------------------------------------- failures
 
 def _failing_setup(lab: Lab, size_mib: int = 32, **spec_kw):
