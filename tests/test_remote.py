@@ -26,8 +26,9 @@ from urllib.parse import quote
 
 import pytest
 
+from disk_data import MiB, make_image
 from migrate_helpers import (
-    QEMU, Lab, images_identical, make_image, qemu_pids,
+    QEMU, Lab, images_identical, qemu_pids,
 )
 from vmferry.guest import build_guest, find_qboot
 
@@ -107,7 +108,7 @@ def rlab(kernel, netlab, sshd, pki):
 
 
 def _migrate_and_check(lab: RemoteLab, dest: str, *extra: str) -> dict:
-    src = make_image(lab.root / "src.qcow2", "qcow2", 64)
+    src = make_image(lab.root / "src.qcow2", 64 * MiB, "sparse", fmt="qcow2")
     dst = lab.root / "dst.qcow2"
     spec = lab.spec(disk=src, fmt="qcow2", memory="128M", mem="64M")
     serial = lab.serial_of(spec)
@@ -186,7 +187,7 @@ def _slow_migration(lab: RemoteLab, dest: str, *extra: str
     """A migration stuck in its disk copy long enough to break something: a
     256 MiB disk over a link shaped to 40 Mbit/s."""
     from migrate_helpers import sha256
-    src = make_image(lab.root / "src.raw", "raw", 256)
+    src = make_image(lab.root / "src.raw", 256 * MiB, fmt="raw")
     spec = lab.spec(disk=src, memory="64M", mem="16M", dirty="fast")
     lab.run_vm(spec, wait_pass=2)
     digest = sha256(src)
@@ -231,7 +232,7 @@ def test_link_cut_during_memory_migration(rlab):
     mirror keeps them in sync): the source yanks the stalled migration stream,
     resumes the guest, and the agent removes the incoming VM."""
     from migrate_helpers import sha256
-    src = make_image(rlab.root / "src.raw", "raw", 8)
+    src = make_image(rlab.root / "src.raw", 8 * MiB, fmt="raw")
     rlab.run_vm(rlab.spec(disk=src, memory="128M", mem="64M", dirty="fast"), wait_pass=2)
     digest = sha256(src)
     p = rlab.start("migrate", "web1", rlab.ssh_uri(keepalive=1), "--pki", rlab.pki.dir,
@@ -290,7 +291,7 @@ def test_agent_killed_mid_migration(rlab):
 # --------------------------------------------------------------------------- strangers
 
 def _idle_vm(lab: RemoteLab) -> Path:
-    src = make_image(lab.root / "src.raw", "raw", 8)
+    src = make_image(lab.root / "src.raw", 8 * MiB, fmt="raw")
     lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="idle"))
     return src
 
@@ -502,7 +503,7 @@ def test_migrating_process_killed_then_recovered(rlab, transport, point):
     its side as the channel drops and recover rolls the source back; in the
     second the agent keeps the paused VM (it may hold the only complete state
     of the guest) and recover, asking the agent, completes the migration."""
-    src = make_image(rlab.root / "src.qcow2", "qcow2", 32)
+    src = make_image(rlab.root / "src.qcow2", 32 * MiB, "sparse", fmt="qcow2")
     dst = rlab.root / "dst.qcow2"
     spec = rlab.spec(disk=src, fmt="qcow2", memory="64M", mem="8M", dirty="slow")
     serial = rlab.serial_of(spec)
@@ -552,7 +553,6 @@ def test_partial_copy_to_another_host_is_kept(rlab, how, engine):
     the agent keeps the images it was told to keep, the source records how far
     the copy got (after a mirror: the agent says what its image holds), and
     the next migration moves only the rest."""
-    MiB = 1 << 20
     src = rlab.root / "src.raw"
     src.write_bytes(os.urandom(MiB) * 96)
     dst = rlab.root / "dst.raw"
@@ -620,7 +620,7 @@ def test_tunnelled_through_a_firewall_that_passes_only_ssh(rlab, engine):
 
 
 def _tunnelled_migration(rlab, engine: str) -> None:
-    src = make_image(rlab.root / "src.raw", "raw", 64)
+    src = make_image(rlab.root / "src.raw", 64 * MiB, fmt="raw")
     dst = rlab.root / "dst.raw"
     spec = rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow")
     serial = rlab.serial_of(spec)
@@ -650,7 +650,7 @@ def _tunnelled_migration(rlab, engine: str) -> None:
 
 
 def test_tunnelled_refuses_what_it_makes_needless(rlab):
-    src = make_image(rlab.root / "src.raw", "raw", 8)
+    src = make_image(rlab.root / "src.raw", 8 * MiB, fmt="raw")
     rlab.run_vm(rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow"))
     line = rlab.one_error(rlab.remote(rlab.ssh_uri(), "--tunnelled", "--tls"), code=2)
     assert "drop --tls" in line, line
