@@ -159,7 +159,7 @@ def test_native_engine_between_hosts_takes_zero_copy_lanes(rlab, tls, engine):
     the file into the TCP socket) in plain NBD, where --storage-engine auto
     picks it, and on libnbd lanes, which speak TLS, with --tls (where auto
     picks QEMU's mirror); jobinfo says which carried the bytes."""
-    src = make_image(rlab.root / "src.raw", "raw", 64)
+    src = make_image(rlab.root / "src.raw", 64 * MiB, fmt="raw")
     dst = rlab.root / "dst.raw"
     spec = rlab.spec(disk=src, fmt="raw", memory="128M", mem="64M")
     rlab.run_vm(spec, wait_pass=2)
