@@ -29,7 +29,7 @@ from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
 from vmferry.errors import UsageError, VmferryError
 from vmferry.migration.incoming import DEFAULT_PORTS, IMAGES, Incoming, Network, Policy
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 from vmferry.vm.state import StateDir
 
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port

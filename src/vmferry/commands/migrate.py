@@ -13,7 +13,7 @@ from typing import Any
 from vmferry.errors import UsageError
 from vmferry.eta import format_eta
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.job import JobInfo
 from vmferry.progress import BarReporter, JsonReporter, NullReporter
 from vmferry.units import format_size
 from vmferry.vm.state import StateDir, pid_alive

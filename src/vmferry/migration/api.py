@@ -16,7 +16,7 @@ from vmferry.migration.flow import Migration
 from vmferry.migration.journal import Journal
 from vmferry.migration.local import LocalDestination
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.job import JobInfo
 from vmferry.vm.process import stop_vm_async
 from vmferry.vm.state import StateDir
 

@@ -21,7 +21,7 @@ from vmferry.migration.destination import DestinationCheck
 from vmferry.migration.incoming import NO_TLS_CERTS, Incoming, Network
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.presync_target import PresyncTarget
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 from vmferry.units import format_size
 from vmferry.vm.process import check_accel, preflight
 from vmferry.vm.qemu import (detect_accel, machine_supported, qemu_binary, qemu_version,

@@ -25,8 +25,10 @@ from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in
 from vmferry.migration.journal import Journal
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import PREFIX, DiskPlan
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.plan import DiskPlan
+from vmferry.migration.source import PREFIX
+from vmferry.migration.job import JobInfo
+from vmferry.migration import testhooks
 from vmferry.migration.testhooks import hold as _test_hold
 
 # Raise the downtime limit after this many iterations without progress,
@@ -279,6 +281,7 @@ class Migration:
 
     async def begin(self) -> None:
         self._enter(Phase.BEGIN)
+        testhooks.native_tuning()         # a bad test knob fails here, not midway
         self.mon = await Monitor(self.qmp_socket, "source", "begin").connect()
         self._on_undo("resume the source", self._close_source)
         status = await source.describe(self.mon)

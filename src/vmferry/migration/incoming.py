@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterable, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.destination import Prepared, file_id
+from vmferry.migration.destination import Prepared
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan, file_id
 from vmferry.migration import testhooks
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm_async, stop_vm_async

@@ -19,7 +19,7 @@ from vmferry.migration.incoming import Incoming, create_image, image_size  # noq
 from vmferry.migration import incoming as incoming_mod, presync_target
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.presync_target import PresyncTarget
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 from vmferry.vm.state import StateDir
 
 NO_TLS = ("--tls encrypts traffic between hosts: it needs an ssh:// or tls:// destination, "

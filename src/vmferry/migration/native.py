@@ -27,10 +27,10 @@ from typing import Any, Callable, Optional
 
 from vmferry.copying import CopyResult, copy_async
 from vmferry.errors import MigrationError, VmferryError
-from vmferry.migration import spans
+from vmferry.migration import spans, testhooks
 from vmferry.migration.destination import Prepared
 from vmferry.migration.monitor import Monitor
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 from vmferry.migration.spans import Span
 
 BITMAP = "vmferry-dirty"
@@ -45,22 +45,6 @@ MAX_PASSES = 8
 # and the floor: a guest is slowed, never stopped.
 THROTTLE_STEPS = 4
 MIN_THROTTLE = 1 << 20
-
-
-def _tuning() -> dict[str, Any]:
-    """VMFERRY_NATIVE_TUNING="connections=N,requests=N,request_size=BYTES,direct=0|1,
-    zero_copy=auto|on|off": limits on the engine's passes, for hosts where
-    storage traffic must stay small (and for the tests, which need a guest
-    that out-writes the engine); direct=0 reads raw images through the source
-    QEMU, as qcow2 is read; zero_copy picks the engine's lanes (copy_async)."""
-    out: dict[str, Any] = {}
-    for item in filter(None, os.environ.get("VMFERRY_NATIVE_TUNING", "").split(",")):
-        key, _, value = item.partition("=")
-        if key in ("connections", "requests", "request_size", "direct"):
-            out[key] = int(value)
-        elif key == "zero_copy":
-            out[key] = value
-    return out
 
 
 @dataclasses.dataclass
@@ -214,7 +198,7 @@ class NativeStorage:
         # (A file this process may not read, e.g. of a QEMU running as another
         # user, is read through QEMU; so is one whose size is not a multiple of
         # 512, which QEMU rounds up: its export is then not the file's size.)
-        tune = _tuning()
+        tune = testhooks.native_tuning()
         raw_file = (d.fmt == "raw" and tune.get("direct", 1) != 0
                     and os.path.isfile(d.path) and os.access(d.path, os.R_OK)
                     and os.path.getsize(d.path) == d.size)

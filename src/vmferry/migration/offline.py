@@ -8,12 +8,12 @@ from typing import Any, Callable, Optional
 from vmferry.copying import copy_async
 from vmferry.errors import UsageError
 from vmferry.eta import Estimator
-from vmferry.migration.destination import Destination, destination_spec, file_id
+from vmferry.migration.destination import Destination, destination_spec
 from vmferry.migration.incoming import Incoming, create_image, image_size
 from vmferry.migration.local import LocalDestination
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.plan import DiskPlan, file_id
+from vmferry.migration.job import JobInfo
 from vmferry.vm.state import StateDir
 
 

@@ -44,7 +44,8 @@ from vmferry.migration import probe, spans
 from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan, plan_disks
+from vmferry.migration.plan import DiskPlan
+from vmferry.migration.source import plan_disks
 from vmferry.migration.spans import Span
 
 BITMAP = "vmferry-presync"

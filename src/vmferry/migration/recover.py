@@ -45,7 +45,7 @@ from vmferry.migration.destination import Destination
 from vmferry.migration.journal import BadJournal, Journal
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 from vmferry.vm.state import StateDir
 
 # how long a destination agent's session may go on working on the migration

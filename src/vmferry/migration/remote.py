@@ -25,7 +25,7 @@ from vmferry.errors import MigrationError, UsageError, VmferryError
 from vmferry.migration.destination import (Destination, DestinationCheck, Prepared,
                                             destination_spec)
 from vmferry.migration.options import MigrateOptions, parse_tcp_uri
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 
 CONNECT_TIMEOUT = 30.0
 PROBE_STATES = ("running", "resumed-gone", "busy", "completed", "incoming", "absent",
