@@ -27,15 +27,13 @@ from typing import Any, Callable, Optional
 
 from vmferry.copying import CopyResult, copy_async
 from vmferry.errors import MigrationError, VmferryError
-from vmferry.migration import spans, testhooks
+from vmferry.migration import bitmap_pass, spans, testhooks
 from vmferry.migration.destination import Prepared
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.plan import DiskPlan
 from vmferry.migration.spans import Span
 
 BITMAP = "vmferry-dirty"
-FROZEN = "vmferry-frozen"
-EXPORT = "vmferry-src-"
 # Stop iterating when a pass moved less than this, or stopped shrinking.
 SMALL_ENOUGH = 16 << 20
 # how often the passes during memory migration look for new writes
@@ -102,7 +100,7 @@ class NativeStorage:
         self._record = record or (lambda kind, **fields: None)
 
     def _src_uri(self, d: DiskPlan) -> str:
-        return f"nbd+unix:///{EXPORT}{d.node}?socket={self.socket}"
+        return bitmap_pass.export_uri(d.node, self.socket)
 
     def _dst_file(self, d: DiskPlan) -> Optional[str]:
         """The destination image itself, when the engine may write it directly.
@@ -132,26 +130,6 @@ class NativeStorage:
             return (f"nbds://{host}:{srv['port']}/{export}"
                     f"?tls-certificates={self.prepared.tls_dir}")
         return f"nbd://{host}:{srv['port']}/{export}"
-
-    async def _export(self, d: DiskPlan, bitmap: Optional[str]) -> None:
-        args: dict[str, Any] = {"type": "nbd", "id": EXPORT + d.node, "node-name": d.node,
-                                "name": EXPORT + d.node, "writable": False}
-        if bitmap:
-            args["bitmaps"] = [bitmap]
-        await self.mon.cmd("block-export-add", **args)
-
-    async def _unexport(self, d: DiskPlan, wait: bool = True) -> None:
-        await self.mon.cmd("block-export-del", id=EXPORT + d.node, mode="hard")
-        if not wait:
-            return
-        # block-export-del returns before the export is gone; wait for it so
-        # the next pass can reuse the id.
-        for _ in range(500):
-            exports = await self.mon.cmd("query-block-exports")
-            if not any(e["id"] == EXPORT + d.node for e in exports):
-                return
-            import asyncio
-            await asyncio.sleep(0.002)
 
     def _advance(self, d: DiskPlan, end: int, done_below: int) -> None:
         left = spans.trimmed(self.missing[d.node], end, done_below)
@@ -204,7 +182,7 @@ class NativeStorage:
                     and os.path.getsize(d.path) == d.size)
         direct = bitmap is None and raw_file
         if not direct:
-            await self._export(d, bitmap)
+            await bitmap_pass.export(self.mon, d.node, bitmap)
         try:
             # QEMU 7.2 advertises multi-conn only on read-only exports, but each
             # side is one QEMU whose connections share one block layer.
@@ -243,7 +221,7 @@ class NativeStorage:
         finally:
             if not direct:
                 # nothing reuses the export id after the final pass: don't wait
-                await self._unexport(d, wait=not final)
+                await bitmap_pass.unexport(self.mon, d.node, wait=not final)
 
     async def start(self) -> None:
         await self.mon.cmd("nbd-server-start",
@@ -252,31 +230,12 @@ class NativeStorage:
         if not self.existing:
             for d in self.disks:
                 # a bitmap of an earlier presync whose records did not hold
-                for b in (FROZEN, self.bitmap):
-                    await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=b)
+                await bitmap_pass.drop(self.mon, d.node)
+                await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
+                                       name=self.bitmap)
                 self._record("bitmap", node=d.node, name=self.bitmap)
                 await self.mon.cmd("block-dirty-bitmap-add", node=d.node, name=self.bitmap,
                                    persistent=self.resumable and d.fmt == "qcow2")
-
-    async def _freeze(self) -> None:
-        """One transaction per pass: what was dirty so far becomes the frozen
-        bitmap, and a fresh one records from this instant on."""
-        actions = []
-        for d in self.disks:
-            actions += [
-                {"type": "block-dirty-bitmap-disable", "data": {"node": d.node,
-                                                                 "name": self.bitmap}},
-                {"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": FROZEN,
-                                                             "disabled": True}},
-                {"type": "block-dirty-bitmap-merge", "data": {"node": d.node,
-                                                               "target": FROZEN,
-                                                               "bitmaps": [self.bitmap]}},
-                {"type": "block-dirty-bitmap-clear", "data": {"node": d.node,
-                                                               "name": self.bitmap}},
-                {"type": "block-dirty-bitmap-enable", "data": {"node": d.node,
-                                                                "name": self.bitmap}},
-            ]
-        await self.mon.cmd("transaction", actions=actions)
 
     async def dirty_by_node(self) -> dict[str, int]:
         nodes = await self.mon.cmd("query-named-block-nodes", flat=True)
@@ -311,7 +270,7 @@ class NativeStorage:
         if final and not any(dirty.values()):
             self.stats.passes += 1
             return 0
-        await self._freeze()
+        await bitmap_pass.freeze(self.mon, [d.node for d in self.disks], self.bitmap)
         moved = 0
         try:
             for d in self.disks:
@@ -320,17 +279,16 @@ class NativeStorage:
                     moved += r.bytes_written + r.bytes_zeroed
                 if final and not dirty.get(d.node):
                     continue
-                r = await self._copy(d, FROZEN, False, final)
+                r = await self._copy(d, bitmap_pass.FROZEN, False, final)
                 moved += r.bytes_written + r.bytes_zeroed
         except BaseException:
             if self.resumable:
                 for d in self.disks:
-                    await self.mon.try_cmd("block-dirty-bitmap-merge", node=d.node,
-                                           target=self.bitmap, bitmaps=[FROZEN])
+                    await bitmap_pass.give_back(self.mon, d.node, self.bitmap)
             raise
         finally:
             for d in self.disks:
-                await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=FROZEN)
+                await bitmap_pass.drop(self.mon, d.node)
         self.stats.bytes_copied += moved
         self.stats.passes += 1
         return moved
@@ -395,17 +353,13 @@ class NativeStorage:
     async def cleanup(self) -> None:
         """Remove every export, bitmap, throttle and the NBD server this made."""
         await self.unthrottle()
-        exports = await self.mon.try_cmd("query-block-exports") or []
-        for e in exports:
-            if e["id"].startswith(EXPORT):
-                await self.mon.try_cmd("block-export-del", id=e["id"], mode="hard")
+        await bitmap_pass.unexport_all(self.mon)
         for d in self.disks:
             if self.resumable:
                 # Frozen bits not yet copied go back: a later migration needs
                 # them (whoever keeps the partial copy, or drops the bitmap)
-                await self.mon.try_cmd("block-dirty-bitmap-merge", node=d.node,
-                                       target=self.bitmap, bitmaps=[FROZEN])
-            await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=FROZEN)
+                await bitmap_pass.give_back(self.mon, d.node, self.bitmap)
+            await bitmap_pass.drop(self.mon, d.node)
             if not self.resumable:
                 await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
                                        name=self.bitmap)

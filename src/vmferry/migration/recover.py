@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from vmferry.errors import MigrationError, UsageError, VmferryError
-from vmferry.migration import journal as journal_mod, spans
+from vmferry.migration import bitmap_pass, journal as journal_mod, spans
 from vmferry.migration.destination import Destination
 from vmferry.migration.journal import BadJournal, Journal
 from vmferry.migration.monitor import Monitor
@@ -292,14 +292,13 @@ async def _presync(state: StateDir, j: Journal, dest: Destination) -> str:
     mon = await _source(state, j.name)
     if mon is not None:
         try:
-            for e in await mon.cmd("query-block-exports"):
-                if e["id"].startswith(presync.EXPORT):
-                    await mon.try_cmd("block-export-del", id=e["id"], mode="hard")
+            await bitmap_pass.unexport_all(mon)
             if j.has("presync-server"):
                 await mon.try_cmd("nbd-server-stop")
             for d in j.has("presync-disk"):
-                await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
-                                  name=presync.FROZEN)
+                for frozen in (bitmap_pass.FROZEN, *bitmap_pass.OLD_NAMES["frozen"]):
+                    await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
+                                      name=frozen)
                 # a bitmap started for an image that never got its copy
                 # vouches for nothing
                 if d.get("fresh"):
