@@ -16,6 +16,7 @@ from typing import Any, Optional
 from vmferry.errors import UsageError
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.plan import DiskPlan
+from vmferry.vm.spec import load_spec
 
 
 @dataclasses.dataclass
@@ -74,7 +75,6 @@ def destination_spec(spec: Any, opts: MigrateOptions) -> Any:
     """The VM's spec as the destination runs it: disk paths and serial log
     remapped by --disk-map or a destination spec file (virsh's --xml)."""
     if opts.dest_spec:
-        from vmferry.vm.spec import load_spec
         other = load_spec(opts.dest_spec)
         if len(other.disks) != len(spec.disks):
             raise UsageError(f"destination spec {opts.dest_spec} has {len(other.disks)} "

@@ -19,17 +19,18 @@ from typing import Any, Awaitable, Callable, Optional
 from vmferry.aio import in_thread
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
 from vmferry.eta import Estimator
-from vmferry.migration import presync, probe, source
-from vmferry.migration.destination import Destination
-from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
+from vmferry.migration import presync, probe, source, testhooks
+from vmferry.migration.destination import Destination, destination_spec
+from vmferry.migration.dryrun import DiskMove, DryRun, PROBE_SECONDS, options_in_effect
+from vmferry.migration.job import JobInfo
 from vmferry.migration.journal import Journal
 from vmferry.migration.monitor import Monitor
+from vmferry.migration.native import NativeStorage
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.plan import DiskPlan
 from vmferry.migration.source import PREFIX
-from vmferry.migration.job import JobInfo
-from vmferry.migration import testhooks
 from vmferry.migration.testhooks import hold as _test_hold
+from vmferry.vm.qemu import disk_names
 
 # Raise the downtime limit after this many iterations without progress,
 # doubling each time, up to ESCALATE_MAX times the starting limit.
@@ -423,7 +424,6 @@ class Migration:
 
     def dest_spec_paths(self, plans: list[DiskPlan]) -> dict[str, str]:
         """node -> destination image path (after --disk-map or --dest-spec)."""
-        from vmferry.migration.destination import destination_spec
         dspec = destination_spec(self.spec, self.opts)
         return {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
 
@@ -497,7 +497,6 @@ class Migration:
             await self._drive_memory(events)
 
     async def _native_storage(self) -> None:
-        from vmferry.migration.native import NativeStorage
         def progress(snap: Any) -> None:
             moved = self.native.stats.bytes_copied + snap.bytes_written + snap.bytes_zeroed
             # a copy of every disk takes them one after another: those it has
@@ -537,7 +536,6 @@ class Migration:
         else:
             fresh = all(d.node in self.prepared.fresh for d in self.disks)
             await self.native.pass_all(fresh)
-        from vmferry.vm.qemu import disk_names
         # virtio-blk-pci's block backend hangs off its virtio-backend child
         devices = {n.node: n.device + ("/virtio-backend" if n.disk.bus == "virtio" else "")
                    for n in disk_names(self.spec)}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -311,7 +312,6 @@ class NativeStorage:
         as it found, the guest writes faster than the engine copies: its disk
         writes are throttled (block_set_io_throttle), halving each time, until
         the passes win; the throttle is lifted in cleanup()."""
-        import time
         last: Optional[int] = None
         rate: Optional[float] = None
         for _ in range(MAX_PASSES + THROTTLE_STEPS):
@@ -344,7 +344,6 @@ class NativeStorage:
                                        bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
 
     async def final_pass(self) -> None:
-        import time
         t0 = time.monotonic()
         moved = await self.pass_dirty(final=True)
         self.stats.final_bytes = moved

@@ -2,6 +2,7 @@
 own copy engine and its spec moves with them."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -10,10 +11,10 @@ from vmferry.errors import UsageError
 from vmferry.eta import Estimator
 from vmferry.migration.destination import Destination, destination_spec
 from vmferry.migration.incoming import Incoming, create_image, image_size
+from vmferry.migration.job import JobInfo
 from vmferry.migration.local import LocalDestination
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.plan import DiskPlan, file_id
-from vmferry.migration.job import JobInfo
 from vmferry.vm.state import StateDir
 
 
@@ -67,7 +68,6 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
         if opts.undefine_source:
             state.spec_path(rec.name).unlink(missing_ok=True)
     except BaseException:
-        import os
         for p in created:
             if os.path.exists(p):
                 os.unlink(p)

@@ -39,8 +39,10 @@ from typing import Any, Callable, Optional, Union
 from vmferry.aio import in_thread, uncancellable
 from vmferry.copying import copy_async
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
-from vmferry.migration import bitmap_pass, probe, spans
-from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
+from vmferry.migration import bitmap_pass, journal, probe, spans
+from vmferry.migration.destination import destination_spec
+from vmferry.migration.dryrun import DiskMove, DryRun, PROBE_SECONDS, options_in_effect
+from vmferry.migration.journal import refuse_if_interrupted
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.plan import DiskPlan
@@ -261,8 +263,6 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                   warn: Optional[Callable[[str], None]] = None,
                   progress: Optional[Callable[[Any], None]] = None) -> PresyncResult:
     """Copy (or refresh) the destination images of NAME's disks while it runs."""
-    from vmferry.migration.destination import destination_spec
-    from vmferry.migration.journal import refuse_if_interrupted
     refuse_if_interrupted(state, name)
     rec = state.load(name)
     if rec.pid is None:
@@ -275,8 +275,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         stats.warnings.append(text)
         if warn is not None:
             warn(text)
-    from vmferry.migration.api import open_journal
-    jr = open_journal(state, "presync", name, dest, opts)
+    jr = journal.start(state, "presync", name, dest.uri, opts)
     try:
         mon = await Monitor(rec.qmp_socket, "source", "presync").connect()
     except BaseException:
@@ -367,13 +366,11 @@ async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRu
     journal, bitmap, export or NBD server on the source, no image, record or
     qemu-nbd on the destination (a dry run).  A disk whose records hold
     would move only what its bitmap marks."""
-    from vmferry.migration.api import journal_problem
-    from vmferry.migration.destination import destination_spec
     rec = state.load(name)
     run = DryRun(name=name, destination=repr(dest), kind="presync",
                  transport=dest.transport(opts), engine="native",
                  options=options_in_effect(opts))
-    problem = journal_problem(state, name)
+    problem = journal.problem(state, name)
     if problem:
         run.add_problems([problem])
     if not dest.presync_ok:
