@@ -10,6 +10,7 @@ Which host runs what:
     flow.py          the phases as a state machine, each rollback beside its phase
     source.py        what is done to the source QEMU (describe, mirrors, rollback)
     native.py        the native storage engine's passes (the C engine copies)
+    bitmap_pass.py   one dirty-bitmap pass in the source QEMU (native and presync)
     presync.py       pre-seeding, and the records that tie a copy to its bitmap
     journal.py       what a migration did, written before it takes effect
     recover.py       `vmferry recover`: an interrupted migration to one running guest
