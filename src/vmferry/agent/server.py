@@ -31,15 +31,15 @@ from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
 from vmferry.aio import in_thread
 from vmferry.commands.connect import COMMANDS
 from vmferry.errors import UsageError, VmferryError
-from vmferry.migration import presync_target
-from vmferry.migration.dest_check import check_incoming, check_presync_target
-from vmferry.migration.incoming import (
+from vmferry.migration.desthost import presync_target
+from vmferry.migration.desthost.check import check_incoming, check_presync_target
+from vmferry.migration.desthost.incoming import (
     DEFAULT_PORTS, IMAGES, Incoming, Network, Policy, finish_orphan, kept_record, probe,
     undo_kept,
 )
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.plan import DiskPlan
-from vmferry.migration.presync_target import PresyncTarget
+from vmferry.migration.desthost.presync_target import PresyncTarget
 from vmferry.vm.qemu import detect_accel
 from vmferry.vm.spec import parse_spec
 from vmferry.vm.state import StateDir
@@ -272,14 +272,14 @@ class Session:
             except UsageError:
                 if not check:
                     raise
-                # a check lists it with the rest (dest_check.py)
+                # a check lists it with the rest (desthost/check.py)
         incoming = Incoming(self.cfg.state, network=Network(
             tcp=not tunnel, tunnel=tunnel, nbd=nbd, migrate=mig, tls_dir=tls_dir),
             policy=self.cfg.policy())
         return _IncomingRequest(incoming, spec, disks, opts, accel, frozenset(presynced))
 
     async def op_check(self, a: Args) -> dict[str, Any]:
-        """A prepare's dry run: every check, reading only (dest_check.py)."""
+        """A prepare's dry run: every check, reading only (desthost/check.py)."""
         r = self._incoming_request(a, check=True)
         found = await in_thread(lambda: check_incoming(r.incoming, r.spec, r.disks, r.opts,
                                                        accel=r.accel, presynced=r.presynced))
@@ -345,7 +345,7 @@ class Session:
 
     async def op_presync_check_open(self, a: Args) -> dict[str, Any]:
         """A presync's dry run: presync_open's checks, reading only, with no
-        record written (dest_check.py)."""
+        record written (desthost/check.py)."""
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
         disks = [wire.presync_disk(d, "presync_check_open", allocated=True)
                  for d in a.get("disks", list)]

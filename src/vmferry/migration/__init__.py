@@ -19,11 +19,11 @@ Which host runs what:
     local.py         a destination in another state directory of this host
     remote.py        a destination on another host, through its agent
 
-  on the destination host (in the agent, vmferry/agent/, or in this process
-  for a local:// destination)
-    incoming.py      Prepare and Finish: the incoming QEMU, its images, its rollback
-    presync_target.py   a presync's images and the qemu-nbd serving them
-    dest_check.py    a dry run of Prepare: every check, reading only
+  on the destination host: desthost/ (in the agent, vmferry/agent/, or in
+  this process for a local:// destination)
+    desthost/incoming.py        Prepare and Finish: the incoming QEMU, its images, rollback
+    desthost/presync_target.py  a presync's images and the qemu-nbd serving them
+    desthost/check.py           a dry run of Prepare: every check, reading only
 
   both
     destination.py   the interface the source talks to (Prepared: what Prepare says)

@@ -12,15 +12,15 @@ from typing import Any, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
-from vmferry.migration import incoming as incoming_mod, presync_target
-from vmferry.migration.dest_check import check_incoming, check_presync_target
+from vmferry.migration.desthost import incoming as incoming_mod, presync_target
+from vmferry.migration.desthost.check import check_incoming, check_presync_target
 from vmferry.migration.destination import (
     Destination, DestinationCheck, Prepared, destination_spec,
 )
-from vmferry.migration.incoming import Incoming, create_image, image_size
+from vmferry.migration.desthost.incoming import Incoming, create_image, image_size
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.plan import DiskPlan
-from vmferry.migration.presync_target import PresyncTarget
+from vmferry.migration.desthost.presync_target import PresyncTarget
 from vmferry.migration.probe import local_stream_rate
 from vmferry.vm.state import StateDir
 

@@ -10,7 +10,7 @@ from vmferry.copying import copy_async
 from vmferry.errors import UsageError
 from vmferry.eta import Estimator
 from vmferry.migration.destination import Destination, destination_spec
-from vmferry.migration.incoming import Incoming, create_image, image_size
+from vmferry.migration.desthost.incoming import Incoming, create_image, image_size
 from vmferry.migration.job import JobInfo
 from vmferry.migration.local import LocalDestination
 from vmferry.migration.options import MigrateOptions

@@ -612,7 +612,7 @@ def _claimed_elsewhere(state: StateDir, name: str) -> bool:
 def _made_by_presync(image: str) -> bool:
     """An image presync made (even one whose record no longer holds) is vmferry's
     to write; anything else on the destination is not, unless asked."""
-    from vmferry.migration.presync_target import sidecar   # presync_target imports this module
+    from vmferry.migration.desthost.presync_target import sidecar   # presync_target imports this module
     return sidecar(image).exists()
 
 
@@ -627,7 +627,7 @@ def keep_images(keep: dict[str, tuple[str, int, str]], source: str, clean: bool,
     IDS so that they are not removed with the rest.  All or none: a qcow2
     image whose QEMU did not stop cleanly may lack metadata it cached, and
     then nothing is kept.  Returns whether they were."""
-    from vmferry.migration.presync_target import forget, write_record   # (a cycle, as above)
+    from vmferry.migration.desthost.presync_target import forget, write_record   # (a cycle, as above)
     if not keep or any(fmt != "raw" and not clean for _, _, fmt in keep.values()):
         return False
     done = []

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.incoming import (
+from vmferry.migration.desthost.incoming import (
     Policy, claim_file, create_image, image_size, make_parents, orphaned, remove_made,
 )
 from vmferry.migration.plan import file_id
