@@ -277,7 +277,7 @@ def test_a_reused_pid_does_not_keep_a_dead_owner_s_records(tmp_path):
     another process got since is still dead, and its leftovers are reaped."""
     import json
     import subprocess
-    from vmferry.migration.incoming import orphaned
+    from vmferry.migration.desthost.incoming import orphaned
     from vmferry.vm.state import owner_record, process_start
     other = subprocess.Popen(["sleep", "30"])
     try:
