@@ -50,6 +50,17 @@ class Phase(enum.Enum):
 Progress = Callable[[JobInfo], None]
 
 
+def _honour_cancel() -> None:
+    """A Ctrl-C (or SIGTERM) that an await lost still stops the migration
+    before its next phase: Python 3.11's asyncio.wait_for swallows a
+    cancellation that arrives just as its inner await completes (QMP's
+    connect, a command with a timeout), and the task then runs on with the
+    request still counted."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 class Migration:
     def __init__(self, name: str, qmp_socket: Path, spec: Any, dest: Destination,
                  opts: MigrateOptions, *, job_file: Optional[Path] = None,
@@ -180,8 +191,10 @@ class Migration:
             try:
                 await self.begin()
                 await _test_hold("prepare")
+                _honour_cancel()
                 await self._guarded(self.prepare())
                 await _test_hold("perform")
+                _honour_cancel()
                 await self._guarded(self.perform())
                 await _test_hold("finish")
                 await self._finish_or_settle()
