@@ -63,8 +63,7 @@ test: test-c test-py
 demo: .stamp-build
 	$(VPY) -m vmferry demo
 
-# Every bench/bench_*.py: copy, zerocopy, zc_sizes, migrate, remote, storage and
-# presync; each writes bench/results/<name>.{md,json,png}.
+# every bench/bench_*.py: copy, zerocopy, zc_sizes, migrate, remote, native_remote, storage, tunnel, presync
 bench: .stamp-build
 	$(VPY) -m pytest -q bench -p no:cacheprovider
 

@@ -485,8 +485,10 @@ def test_remote_side_by_side(rbench: RemoteBench) -> None:
         "dest. QEMU up after: launch to the destination QEMU answering QMP (its spec file "
         "written), as the harness sees it; resume to exit: the guest's RESUME on the "
         "destination to the process's exit (finish, confirm, source quit, ssh teardown).",
-        "disk MiB moved is the mirror job's offset: the whole virtual disk, its unwritten "
-        "half sent as zero writes, not data.",
+        "disk MiB moved: with QEMU's mirror (by hand) the job's offset, the whole virtual "
+        "disk, its unwritten half sent as zero writes, not data; vmferry picks its storage "
+        "engine as a user's migration does (native for this raw disk, which counts what it "
+        "wrote: the data, not the fresh image's zeroes).",
         "storage s: vmferry from its perform phase to its first progress report with "
         "memory (so to the progress granularity); by hand from blockdev-mirror to "
         "BLOCK_JOB_READY.  memory s: QEMU's total-time of the memory migration.",

@@ -18,7 +18,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -26,7 +25,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -106,7 +104,7 @@ struct vf_copy {
   char zc_note[600];          /* why not, when they were asked for */
   bool planned;               /* plan holds every extent of the source */
   struct extent_list plan;
-  char *created_path;         /* destination file this copy created */
+  bool created_dst;           /* this copy made the destination file */
   struct vf_error err;
 };
 
@@ -830,34 +828,6 @@ worker_run(void *opaque)
 
 /* ---- setup ------------------------------------------------------------ */
 
-static bool
-is_plain_path(const char *s)
-{
-  return strstr(s, "://") == NULL && strcmp(s, "null:") != 0 &&
-         strncmp(s, "nbd:", 4) != 0;
-}
-
-static int
-create_destination(struct vf_copy *c, struct vf_error *err)
-{
-  int fd = open(c->dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd == -1) {
-    if (errno == EEXIST)
-      return 0;
-    return vf_set_error(err, VF_ERR_CONNECT, errno, "cannot create %s: %s",
-                        c->dst, strerror(errno));
-  }
-  c->created_path = strdup(c->dst);
-  if (ftruncate(fd, (off_t)c->size) == -1) {
-    int e = errno;
-    close(fd);
-    return vf_set_error(err, VF_ERR_IO, e, "cannot size %s: %s", c->dst,
-                        strerror(e));
-  }
-  close(fd);
-  return 0;
-}
-
 static int
 check_config(const struct vf_copy_config *cfg, struct vf_error *err)
 {
@@ -881,16 +851,10 @@ check_config(const struct vf_copy_config *cfg, struct vf_error *err)
 }
 
 static bool
-has_prefix(const char *s, const char *prefix)
-{
-  return strncmp(s, prefix, strlen(prefix)) == 0;
-}
-
-static bool
 zc_endpoint(const char *uri)
 {
-  return is_plain_path(uri) || has_prefix(uri, "nbd://") ||
-         has_prefix(uri, "nbd+unix://");
+  enum uri_kind k = uri_kind(uri);
+  return k == URI_FILE || k == URI_NBD_PLAIN;
 }
 
 /* What rules zero-copy lanes out before anything connects, or NULL.  Deciding
@@ -911,7 +875,7 @@ zc_ruled_out(struct vf_copy *c, bool have_map)
              zc_endpoint(c->src) ? c->dst : c->src);
     return c->zc_note;
   }
-  if (c->bitmap && !have_map && is_plain_path(c->src))
+  if (c->bitmap && !have_map && uri_kind(c->src) == URI_FILE)
     return "--bitmap needs an NBD source";    /* rw_open says so */
   return NULL;
 }
@@ -919,8 +883,8 @@ zc_ruled_out(struct vf_copy *c, bool have_map)
 static struct rw *
 zc_open(const char *uri, bool writable, const char *bitmap, struct vf_error *err)
 {
-  return is_plain_path(uri) ? file_rw_open(uri, writable, err)
-                            : raw_rw_open(uri, writable, bitmap, err);
+  return uri_kind(uri) == URI_FILE ? file_rw_open(uri, writable, err)
+                                   : raw_rw_open(uri, writable, bitmap, err);
 }
 
 /* A zero-copy end that could not be: in auto mode the note says why and the
@@ -934,13 +898,6 @@ zc_fallback(struct vf_copy *c, struct vf_error *err)
   snprintf(c->zc_note, sizeof c->zc_note, "%s", err->msg);
   memset(err, 0, sizeof *err);
   return true;
-}
-
-static bool
-is_server(const struct rw *rw)
-{
-  return strcmp(rw->ops->kind, "nbd") == 0 ||
-         strcmp(rw->ops->kind, "nbd-zero-copy") == 0;
 }
 
 static long
@@ -975,9 +932,14 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   c->cfg.extents_from = c->extents_from;
   c->wakefd = -1;
   pthread_mutex_init(&c->lock, NULL);
+  if (c->src == NULL || c->dst == NULL || (cfg->bitmap && c->bitmap == NULL) ||
+      (cfg->extents_from && c->extents_from == NULL)) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    goto fail;
+  }
 
   if (c->extents_from) {
-    if (c->bitmap && is_plain_path(c->extents_from)) {
+    if (c->bitmap && uri_kind(c->extents_from) == URI_FILE) {
       vf_set_error(err, VF_ERR_USAGE, EINVAL,
                    "--extents-from %s: dirty extents come from an NBD export that "
                    "publishes the bitmap (qemu:dirty-bitmap:%s), not from a file",
@@ -1028,7 +990,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
                  (unsigned long long)c->size);
     goto fail;
   }
-  if (*c->dst && is_plain_path(c->dst) && create_destination(c, err) == -1)
+  if (endpoint_create(c->dst, c->size, &c->created_dst, err) == -1)
     goto fail;
   if (try_zc) {
     dst0 = zc_open(c->dst, true, NULL, err);
@@ -1083,7 +1045,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
    * machine, and one thread drives several connections well (on 2 cores one
    * thread beat two by 5-15%).  With a file or null: at one end, this
    * process does that end's work itself, so it gets every CPU. */
-  bool two_servers = is_server(src0) && is_server(dst0);
+  bool two_servers = src0->ops->served && dst0->ops->served;
   long cpus = online_cpus();
   unsigned threads = cfg->threads ? cfg->threads
                      : (unsigned)(two_servers && cpus > 1 ? cpus / 2 : cpus);
@@ -1100,9 +1062,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
    * page cache to the next hole, so asking per work range walks a dense
    * file once per range (a fifth of the client's CPU at 1 GiB), one pass
    * walks it once. */
-  bool file_src = strcmp(src0->ops->kind, "file") == 0;
-  if (map0 == NULL && ((c->zc && src0->splice_fd < 0) || file_src) &&
-      fetch_plan(c, src0, err) == -1)
+  if (map0 == NULL && src0->ops->plan_up_front && fetch_plan(c, src0, err) == -1)
     goto fail;
   c->lanes[0].src = src0;
   c->lanes[0].dst = dst0;
@@ -1222,8 +1182,7 @@ vf_copy_run(struct vf_copy *c, struct vf_error *err)
     return -1;
   }
   /* The copy succeeded: the destination file is the user's now. */
-  free(c->created_path);
-  c->created_path = NULL;
+  c->created_dst = false;
   return 0;
 }
 
@@ -1310,11 +1269,9 @@ vf_copy_close(struct vf_copy *c)
     free(c->workers[i].ext.v);
   }
   free(c->plan.v);
-  if (c->created_path) {
-    /* Nothing half-copied is left behind in a file we made. */
-    unlink(c->created_path);
-    free(c->created_path);
-  }
+  /* Nothing half-copied is left behind in a file we made. */
+  if (c->created_dst)
+    unlink(c->dst);
   if (c->wakefd >= 0)
     close(c->wakefd);
   pthread_mutex_destroy(&c->lock);

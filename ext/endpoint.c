@@ -2,9 +2,11 @@
  * NBD URIs, "null:", or a local path.  Also the synchronous vf_endpoint_*
  * API that lets Python read into and write from its own buffers. */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -14,59 +16,106 @@ has_prefix(const char *s, const char *prefix)
   return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
+enum uri_kind
+uri_kind(const char *uri)
+{
+  static const struct {
+    const char *scheme;
+    enum uri_kind kind;
+  } nbd_schemes[] = {
+    { "nbd://", URI_NBD_PLAIN }, { "nbds://", URI_NBD },
+    { "nbd+unix://", URI_NBD_PLAIN }, { "nbds+unix://", URI_NBD },
+    { "nbd+vsock://", URI_NBD }, { "nbds+vsock://", URI_NBD },
+  };
+
+  if (uri == NULL || *uri == '\0')
+    return URI_EMPTY;
+  for (size_t i = 0; i < sizeof nbd_schemes / sizeof nbd_schemes[0]; i++)
+    if (has_prefix(uri, nbd_schemes[i].scheme))
+      return nbd_schemes[i].kind;
+  if (strcmp(uri, "null:") == 0)
+    return URI_NULL;
+  if (strstr(uri, "://") != NULL || has_prefix(uri, "nbd:"))
+    return URI_UNSUPPORTED;
+  return URI_FILE;
+}
+
 /* libnbd would try to connect to "" and say "connection refused"; an empty
  * socket path is a typo, so say that instead. */
 int
-nbd_uri_check(const char *uri, const char *scheme, struct vf_error *err)
+nbd_uri_check(const char *uri, struct vf_error *err)
 {
-  if (strstr(scheme, "+unix") != NULL) {
-    const char *q = strstr(uri, "socket=");
-    if (q == NULL || q[7] == '\0' || q[7] == '&')
-      return vf_set_error(err, VF_ERR_USAGE, EINVAL,
-                          "%s has no socket path: use %s/EXPORT?socket=PATH", uri, scheme);
-  }
+  const char *scheme = has_prefix(uri, "nbd+unix://") ? "nbd+unix://"
+                       : has_prefix(uri, "nbds+unix://") ? "nbds+unix://" : NULL;
+
+  if (scheme == NULL)
+    return 0;
+  const char *q = strstr(uri, "socket=");
+  if (q == NULL || q[7] == '\0' || q[7] == '&')
+    return vf_set_error(err, VF_ERR_USAGE, EINVAL,
+                        "%s has no socket path: use %s/EXPORT?socket=PATH", uri, scheme);
   return 0;
 }
 
 struct rw *
 rw_open(const char *uri, bool writable, const char *bitmap, struct vf_error *err)
 {
-  static const char *const nbd_schemes[] = {
-    "nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://",
-    "nbds+vsock://", NULL,
-  };
-  const char *const *s;
+  enum uri_kind kind = uri_kind(uri);
 
-  if (uri == NULL || *uri == '\0') {
+  if (kind == URI_EMPTY) {
     vf_set_error(err, VF_ERR_USAGE, EINVAL, "empty endpoint: give an NBD URI, a path or null:");
     return NULL;
   }
-  for (s = nbd_schemes; *s; s++) {
-    if (!has_prefix(uri, *s))
-      continue;
-    if (nbd_uri_check(uri, *s, err) == -1)
-      return NULL;
+  if (kind == URI_NBD || kind == URI_NBD_PLAIN)
     return nbd_rw_open(uri, writable, bitmap, err);
-  }
   if (bitmap) {
     vf_set_error(err, VF_ERR_USAGE, EINVAL,
                  "--bitmap needs an NBD source that publishes the bitmap, not %s", uri);
     return NULL;
   }
-  if (strcmp(uri, "null:") == 0) {
+  if (kind == URI_NULL) {
     if (!writable) {
       vf_set_error(err, VF_ERR_USAGE, EINVAL, "null: can only be a destination");
       return NULL;
     }
     return null_rw_open(err);
   }
-  if (strstr(uri, "://") != NULL || has_prefix(uri, "nbd:")) {
+  if (kind == URI_UNSUPPORTED) {
     vf_set_error(err, VF_ERR_USAGE, EINVAL,
                  "unsupported URI %s: use nbd://, nbds://, nbd+unix://, a path or null:",
                  uri);
     return NULL;
   }
   return file_rw_open(uri, writable, err);
+}
+
+/* A copy's destination path that does not exist yet is made here, with the
+ * source's size, before any lane opens it.  *created is set as soon as the
+ * file exists, even if sizing it then fails, so that the caller, which
+ * owns it from then on, removes it when the copy does not succeed. */
+int
+endpoint_create(const char *uri, uint64_t size, bool *created,
+                struct vf_error *err)
+{
+  *created = false;
+  if (uri_kind(uri) != URI_FILE)
+    return 0;
+  int fd = open(uri, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd == -1) {
+    int e = errno;
+    if (e == EEXIST)
+      return 0;
+    return vf_set_error(err, VF_ERR_CONNECT, e, "cannot create %s: %s", uri,
+                        strerror(e));
+  }
+  *created = true;
+  if (ftruncate(fd, (off_t)size) == -1) {
+    int e = errno;
+    close(fd);
+    return vf_set_error(err, VF_ERR_IO, e, "cannot size %s: %s", uri, strerror(e));
+  }
+  close(fd);
+  return 0;
 }
 
 struct vf_endpoint {

@@ -72,6 +72,10 @@ file_rw_open(const char *path, bool writable, struct vf_error *err)
     goto fail;
   }
   f->path = strdup(path);
+  if (f->path == NULL) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    goto fail;
+  }
   f->rw.ops = &file_ops;
   f->rw.name = f->path;
   f->rw.multi_conn = true;
@@ -316,13 +320,6 @@ file_notify(struct rw *rw, short revents, struct vf_error *err)
   return 0;
 }
 
-static bool
-file_is_dead(struct rw *rw)
-{
-  (void)rw;
-  return false;
-}
-
 static int
 file_flush(struct rw *rw, struct vf_error *err)
 {
@@ -334,6 +331,7 @@ file_flush(struct rw *rw, struct vf_error *err)
 
 static const struct rw_ops file_ops = {
   .kind = "file",
+  .plan_up_front = true,
   .open_again = file_open_again,
   .close = file_close,
   .extents = file_extents,
@@ -342,7 +340,6 @@ static const struct rw_ops file_ops = {
   .start_zero = file_start_zero,
   .poll_fd = file_poll_fd,
   .notify = file_notify,
-  .is_dead = file_is_dead,
   .flush = file_flush,
   .pread = file_sync_pread,
   .pwrite = file_sync_pwrite,

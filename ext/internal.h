@@ -68,7 +68,13 @@ struct command {
 };
 
 struct rw_ops {
-  const char *kind;
+  const char *kind;           /* for messages only: ask the flags below */
+  /* Another process does this end's I/O; this one only talks to it, so
+   * the copy leaves CPUs to the servers. */
+  bool served;
+  /* As a source, its extents are fetched for the whole copy before the
+   * first byte moves rather than per work range (copy.c says why). */
+  bool plan_up_front;
   /* Another connection to the same endpoint, for multi-conn copies. */
   struct rw *(*open_again)(struct rw *rw, struct vf_error *err);
   void (*close)(struct rw *rw);
@@ -89,7 +95,6 @@ struct rw_ops {
    * connection has nothing to wait for. */
   int (*poll_fd)(struct rw *rw, short *events);
   int (*notify)(struct rw *rw, short revents, struct vf_error *err);
-  bool (*is_dead)(struct rw *rw);
 
   int (*flush)(struct rw *rw, struct vf_error *err);
 
@@ -108,17 +113,29 @@ struct rw {
   int64_t size;
   bool multi_conn;           /* safe to open several connections */
   bool can_zero;             /* start_zero works; else write zero buffers */
-  bool read_only;
   uint32_t max_request;      /* largest data request the server takes; 0: any */
   int splice_fd;             /* a file the kernel reads or writes at any offset
                                 (sendfile, splice, copy_file_range); -1: none */
   bool zero_copy;            /* start_read/start_write take the payloads above */
 };
 
-/* endpoint.c: picks the kind from the URI. bitmap may be NULL. */
-int nbd_uri_check(const char *uri, const char *scheme, struct vf_error *err);
+/* endpoint.c: what a URI names, from its text alone, so a copy can choose
+ * its lanes before anything connects; rw_open opens that kind. */
+enum uri_kind {
+  URI_EMPTY,
+  URI_NBD,            /* TLS or vsock: only libnbd speaks these */
+  URI_NBD_PLAIN,      /* nbd:// or nbd+unix://: zero-copy lanes speak these too */
+  URI_NULL,
+  URI_FILE,
+  URI_UNSUPPORTED,
+};
+enum uri_kind uri_kind(const char *uri);
+int nbd_uri_check(const char *uri, struct vf_error *err);
+/* bitmap may be NULL. */
 struct rw *rw_open(const char *uri, bool writable, const char *bitmap,
                    struct vf_error *err);
+int endpoint_create(const char *uri, uint64_t size, bool *created,
+                    struct vf_error *err);
 
 struct rw *nbd_rw_open(const char *uri, bool writable, const char *bitmap,
                        struct vf_error *err);
@@ -131,13 +148,22 @@ struct rw *raw_rw_open(const char *uri, bool writable, const char *bitmap,
 
 /* nbd_ops.c, shared with nbd_raw.c */
 struct nbd_handle;
+/* What both NBD kinds keep of a connection: enough to open another like it
+ * and to read its extents. */
+struct nbd_names {
+  char *uri;
+  char *bitmap;               /* NULL unless copying dirty extents only */
+  char *context;              /* meta context extents are read from, or NULL */
+};
 int nbd_error(struct vf_error *err, int kind, const char *what, const char *name);
 struct nbd_handle *nbd_connect_checked(const char *uri, bool writable,
                                        const char *bitmap, bool structured,
-                                       char **context, struct vf_error *err);
+                                       struct nbd_names *names,
+                                       struct vf_error *err);
+void nbd_names_free(struct nbd_names *names);
 void nbd_describe(struct nbd_handle *h, struct rw *rw);
-int nbd_handle_extents(struct nbd_handle *h, const char *context, bool bitmap,
-                       const char *name, uint64_t offset, uint64_t count,
+int nbd_handle_extents(struct nbd_handle *h, const struct nbd_names *names,
+                       uint64_t offset, uint64_t count,
                        struct extent_list *out, struct vf_error *err);
 
 /* error.c */

@@ -20,9 +20,7 @@
 struct nbd_rw {
   struct rw rw;               /* must be first */
   struct nbd_handle *h;
-  char *uri;
-  char *bitmap;               /* NULL unless copying dirty extents only */
-  char *context;              /* meta context extents are read from, or NULL */
+  struct nbd_names names;
   bool writable;
 };
 
@@ -54,19 +52,33 @@ tune_socket(struct nbd_handle *h)
   }
 }
 
-/* Connects and checks what every NBD endpoint needs; *context is the meta
- * context extents come from (NULL when the server has none).  Shared with
- * the zero-copy kind (nbd_raw.c), which takes the socket over afterwards. */
+/* Connects and checks what every NBD endpoint needs, and fills *names,
+ * which the caller frees with nbd_names_free once it is done with the
+ * handle.  Shared with the zero-copy kind (nbd_raw.c), which takes the
+ * socket over afterwards. */
 struct nbd_handle *
 nbd_connect_checked(const char *uri, bool writable, const char *bitmap,
-                    bool structured, char **context, struct vf_error *err)
+                    bool structured, struct nbd_names *names, struct vf_error *err)
 {
-  struct nbd_handle *h = nbd_create();
+  struct nbd_handle *h;
   char ctx[300];
 
-  *context = NULL;
+  *names = (struct nbd_names){ 0 };
+  if (nbd_uri_check(uri, err) == -1)
+    return NULL;
+  /* Copied before connecting: a server that serves one client must not be
+   * connected to only to be dropped for want of memory. */
+  names->uri = strdup(uri);
+  names->bitmap = bitmap ? strdup(bitmap) : NULL;
+  if (names->uri == NULL || (bitmap && names->bitmap == NULL)) {
+    vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+    nbd_names_free(names);
+    return NULL;
+  }
+  h = nbd_create();
   if (h == NULL) {
     nbd_error(err, VF_ERR_CONNECT, "cannot create a handle for", uri);
+    nbd_names_free(names);
     return NULL;
   }
   if (!structured)
@@ -99,9 +111,13 @@ nbd_connect_checked(const char *uri, bool writable, const char *bitmap,
    * defensive memset of every read buffer is pure overhead. */
   nbd_set_pread_initialize(h, false);
   tune_socket(h);
-  if (nbd_can_meta_context(h, ctx) == 1)
-    *context = strdup(ctx);
-  else if (bitmap) {
+  if (nbd_can_meta_context(h, ctx) == 1) {
+    names->context = strdup(ctx);
+    if (names->context == NULL) {
+      vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
+      goto fail;
+    }
+  } else if (bitmap) {
     vf_set_error(err, VF_ERR_ENDPOINT, ENOENT,
                  "%s does not publish dirty bitmap '%s' (meta context %s): "
                  "export it with the bitmap, e.g. block-export-add bitmaps=[%s]",
@@ -120,10 +136,18 @@ nbd_connect_checked(const char *uri, bool writable, const char *bitmap,
   return h;
 
 fail:
-  free(*context);
-  *context = NULL;
+  nbd_names_free(names);
   nbd_close(h);
   return NULL;
+}
+
+void
+nbd_names_free(struct nbd_names *names)
+{
+  free(names->uri);
+  free(names->bitmap);
+  free(names->context);
+  *names = (struct nbd_names){ 0 };
 }
 
 /* What the copy loop needs to know of a connected server. */
@@ -133,7 +157,6 @@ nbd_describe(struct nbd_handle *h, struct rw *rw)
   rw->size = nbd_get_size(h);
   rw->multi_conn = nbd_can_multi_conn(h) == 1;
   rw->can_zero = nbd_can_zero(h) == 1;
-  rw->read_only = nbd_is_read_only(h) == 1;
   rw->splice_fd = -1;
   int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
   rw->max_request = max > 0 && max < UINT32_MAX ? (uint32_t)max : 0;
@@ -149,16 +172,14 @@ connect_one(const char *uri, bool writable, const char *bitmap,
     vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
     return NULL;
   }
-  n->h = nbd_connect_checked(uri, writable, bitmap, true, &n->context, err);
+  n->h = nbd_connect_checked(uri, writable, bitmap, true, &n->names, err);
   if (n->h == NULL) {
     free(n);
     return NULL;
   }
   n->rw.ops = &nbd_ops;
   n->writable = writable;
-  n->uri = strdup(uri);
-  n->bitmap = bitmap ? strdup(bitmap) : NULL;
-  n->rw.name = n->uri;
+  n->rw.name = n->names.uri;
   nbd_describe(n->h, &n->rw);
   return &n->rw;
 }
@@ -174,7 +195,7 @@ static struct rw *
 nbd_open_again(struct rw *rw, struct vf_error *err)
 {
   struct nbd_rw *n = (struct nbd_rw *)rw;
-  return connect_one(n->uri, n->writable, n->bitmap, err);
+  return connect_one(n->names.uri, n->writable, n->names.bitmap, err);
 }
 
 static void
@@ -187,9 +208,7 @@ nbd_rw_close(struct rw *rw)
   if (!nbd_aio_is_dead(n->h) && !nbd_aio_is_closed(n->h))
     nbd_shutdown(n->h, 0);
   nbd_close(n->h);
-  free(n->uri);
-  free(n->bitmap);
-  free(n->context);
+  nbd_names_free(&n->names);
   free(n);
 }
 
@@ -230,28 +249,28 @@ extent_cb(void *opaque, const char *metacontext, uint64_t offset,
   return 0;
 }
 
-/* Block status of [offset, offset+count) from context into out; shared with
- * nbd_raw.c, which plans from it before its socket carries data. */
+/* Block status of [offset, offset+count) from names->context into out;
+ * shared with nbd_raw.c, which plans from it before its socket carries data. */
 int
-nbd_handle_extents(struct nbd_handle *h, const char *context, bool bitmap,
-                   const char *name, uint64_t offset, uint64_t count,
+nbd_handle_extents(struct nbd_handle *h, const struct nbd_names *names,
+                   uint64_t offset, uint64_t count,
                    struct extent_list *out, struct vf_error *err)
 {
   size_t before = out->len;
 
-  if (context == NULL)
+  if (names->context == NULL)
     return extent_append(out, offset, count, EXT_DATA);
   /* The protocol's length field is 32 bits. */
   if (count > (1U << 31))
     count = 1U << 31;
   struct extent_ctx x = {
-    .context = context, .bitmap = bitmap,
+    .context = names->context, .bitmap = names->bitmap != NULL,
     .offset = offset, .end = offset + count, .out = out,
   };
   if (nbd_block_status(h, count, offset,
                        (nbd_extent_callback){ .callback = extent_cb, .user_data = &x },
                        0) == -1)
-    return nbd_error(err, VF_ERR_IO, "cannot read extents of", name);
+    return nbd_error(err, VF_ERR_IO, "cannot read extents of", names->uri);
   if (x.failed)
     return vf_set_error(err, VF_ERR_IO, x.failed, "out of memory");
   /* A server may legally answer with nothing useful; treat it as data
@@ -266,8 +285,7 @@ nbd_extents(struct rw *rw, uint64_t offset, uint64_t count,
             struct extent_list *out, struct vf_error *err)
 {
   struct nbd_rw *n = (struct nbd_rw *)rw;
-  return nbd_handle_extents(n->h, n->context, n->bitmap != NULL, rw->name,
-                            offset, count, out, err);
+  return nbd_handle_extents(n->h, &n->names, offset, count, out, err);
 }
 
 static int
@@ -344,13 +362,6 @@ nbd_notify(struct rw *rw, short revents, struct vf_error *err)
   return 0;
 }
 
-static bool
-nbd_is_dead(struct rw *rw)
-{
-  struct nbd_rw *n = (struct nbd_rw *)rw;
-  return nbd_aio_is_dead(n->h) || nbd_aio_is_closed(n->h);
-}
-
 static int
 nbd_rw_flush(struct rw *rw, struct vf_error *err)
 {
@@ -394,6 +405,7 @@ nbd_sync_zero(struct rw *rw, uint64_t count, uint64_t offset, bool allocate,
 
 static const struct rw_ops nbd_ops = {
   .kind = "nbd",
+  .served = true,
   .open_again = nbd_open_again,
   .close = nbd_rw_close,
   .extents = nbd_extents,
@@ -402,7 +414,6 @@ static const struct rw_ops nbd_ops = {
   .start_zero = nbd_start_zero,
   .poll_fd = nbd_poll_fd,
   .notify = nbd_notify,
-  .is_dead = nbd_is_dead,
   .flush = nbd_rw_flush,
   .pread = nbd_sync_pread,
   .pwrite = nbd_sync_pwrite,

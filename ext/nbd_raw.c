@@ -81,7 +81,7 @@ struct raw_rw {
   struct rw rw;               /* must be first */
   struct nbd_handle *h;
   int fd;
-  char *uri, *bitmap, *context;
+  struct nbd_names names;
   bool writable, structured, taken, dead;
   char why[256];              /* what killed the connection */
 
@@ -719,12 +719,6 @@ raw_notify(struct rw *rw, short revents, struct vf_error *err)
   return 0;
 }
 
-static bool
-raw_is_dead(struct rw *rw)
-{
-  return ((struct raw_rw *)rw)->dead;
-}
-
 static void
 flush_done(struct command *cmd, int err)
 {
@@ -778,8 +772,7 @@ raw_extents(struct rw *rw, uint64_t offset, uint64_t count,
                         "data started", rw->name);
   if (!r->structured)
     return extent_append(out, offset, count, EXT_DATA);
-  return nbd_handle_extents(r->h, r->context, r->bitmap != NULL, rw->name,
-                            offset, count, out, err);
+  return nbd_handle_extents(r->h, &r->names, offset, count, out, err);
 }
 
 static void
@@ -804,45 +797,32 @@ raw_close(struct rw *rw)
   }
   free(r->slots);
   free(r->free_slots);
-  free(r->uri);
-  free(r->bitmap);
-  free(r->context);
+  nbd_names_free(&r->names);
   free(r);
-}
-
-static bool
-has_prefix(const char *s, const char *prefix)
-{
-  return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
 struct rw *
 raw_rw_open(const char *uri, bool writable, const char *bitmap,
             struct vf_error *err)
 {
-  if (!has_prefix(uri, "nbd://") && !has_prefix(uri, "nbd+unix://")) {
+  if (uri_kind(uri) != URI_NBD_PLAIN) {
     vf_set_error(err, VF_ERR_ENDPOINT, ENOTSUP, "%s: zero-copy lanes speak plain NBD "
                  "over Unix or TCP sockets (TLS and vsock go through libnbd)", uri);
     return NULL;
   }
-  if (nbd_uri_check(uri, has_prefix(uri, "nbd+unix://") ? "nbd+unix://" : "nbd://",
-                    err) == -1)
-    return NULL;
   struct raw_rw *r = calloc(1, sizeof *r);
   if (r == NULL) {
     vf_set_error(err, VF_ERR_IO, ENOMEM, "out of memory");
     return NULL;
   }
   r->pipe.rfd = r->pipe.wfd = -1;
-  r->h = nbd_connect_checked(uri, writable, bitmap, true, &r->context, err);
+  r->h = nbd_connect_checked(uri, writable, bitmap, true, &r->names, err);
   if (r->h == NULL) {
     free(r);
     return NULL;
   }
   r->rw.ops = &raw_ops;
-  r->uri = strdup(uri);
-  r->bitmap = bitmap ? strdup(bitmap) : NULL;
-  r->rw.name = r->uri;
+  r->rw.name = r->names.uri;
   r->writable = writable;
   nbd_describe(r->h, &r->rw);
   r->rw.zero_copy = true;
@@ -888,11 +868,13 @@ static struct rw *
 raw_open_again(struct rw *rw, struct vf_error *err)
 {
   struct raw_rw *r = (struct raw_rw *)rw;
-  return raw_rw_open(r->uri, r->writable, NULL, err);
+  return raw_rw_open(r->names.uri, r->writable, NULL, err);
 }
 
 static const struct rw_ops raw_ops = {
   .kind = "nbd-zero-copy",
+  .served = true,
+  .plan_up_front = true,
   .open_again = raw_open_again,
   .close = raw_close,
   .extents = raw_extents,
@@ -901,7 +883,6 @@ static const struct rw_ops raw_ops = {
   .start_zero = raw_start_zero,
   .poll_fd = raw_poll_fd,
   .notify = raw_notify,
-  .is_dead = raw_is_dead,
   .flush = raw_flush,
   .pread = NULL,
   .pwrite = NULL,

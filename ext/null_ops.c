@@ -65,8 +65,6 @@ null_notify(struct rw *rw, short revents, struct vf_error *err)
   return 0;
 }
 
-static bool null_is_dead(struct rw *rw) { (void)rw; return false; }
-
 static int null_flush(struct rw *rw, struct vf_error *err) { (void)rw; (void)err; return 0; }
 
 static int
@@ -95,7 +93,6 @@ static const struct rw_ops null_ops = {
   .start_zero = null_start_zero,
   .poll_fd = null_poll_fd,
   .notify = null_notify,
-  .is_dead = null_is_dead,
   .flush = null_flush,
   .pread = NULL,
   .pwrite = null_pwrite,

@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import cli
+from disk_data import MiB, make_image  # noqa: F401  (the tests' one image maker)
 from vmferry.guest import check_serial_log, guest_cmdline
 from vmferry.vm import StateDir, qmp_call, stop_all
 from vmferry.vm.qemu import detect_accel
 from vmferry.vm.state import pid_alive
 
-MiB = 1 << 20
 QEMU = "qemu-system-x86_64"
 KVM = detect_accel() == "kvm"
 ACCEL = os.environ.get("VMFERRY_TEST_ACCEL") or ("kvm" if KVM else "tcg")
@@ -82,18 +83,6 @@ def fill_image(path: Path, size_mib: int, seed: int = 1, *, holes: bool = False)
             base[:16] = i.to_bytes(8, "little") + seed.to_bytes(8, "little")
             f.seek(i * MiB)
             f.write(base)
-    return path
-
-
-def make_image(path: Path, fmt: str, size_mib: int, seed: int = 1) -> Path:
-    """A raw or qcow2 image with distinct data (qcow2: converted from a sparse raw)."""
-    if fmt == "raw":
-        return fill_image(path, size_mib, seed)
-    raw = path.with_suffix(".tmp.raw")
-    fill_image(raw, size_mib, seed, holes=True)
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(raw),
-                    str(path)], check=True, timeout=120)
-    raw.unlink()
     return path
 
 
@@ -170,21 +159,14 @@ class Lab:
 
     # ---------------------------------------------------------------- the CLI
 
-    def argv(self, *args: Any, state: Optional[Path] = None) -> list[str]:
-        return [sys.executable, "-m", "vmferry", "--state-dir", str(state or self.A),
-                *map(str, args)]
-
     def vmferry(self, *args: Any, state: Optional[Path] = None,
                 timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(*args, state=state), capture_output=True,
-                              text=True, timeout=timeout * SLOW, stdin=subprocess.DEVNULL,
-                              env=self.env)
+        return cli.run_vmferry("--state-dir", state or self.A, *args, timeout=timeout * SLOW,
+                               environ=self.env)
 
     def start(self, *args: Any, state: Optional[Path] = None) -> subprocess.Popen:
         """A vmferry command in the background (killed at cleanup if still running)."""
-        p = subprocess.Popen(self.argv(*args, state=state), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                             env=self.env)
+        p = cli.popen_vmferry("--state-dir", state or self.A, *args, environ=self.env)
         self.procs.append(p)
         return p
 
@@ -214,10 +196,7 @@ class Lab:
         assert cp.returncode != 0, f"succeeded: {cp.stdout}"
         if code is not None:
             assert cp.returncode == code, f"exit {cp.returncode}, expected {code}: {cp.stderr}"
-        assert "Traceback" not in cp.stderr, cp.stderr
-        lines = cp.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith(prefix), cp.stderr
-        return lines[0]
+        return cli.assert_one_error_line(cp.stderr, prefix)
 
     def kept_copy(self, name: str = "web1") -> dict[str, Any]:
         """The source's record of a partial copy a failed migration kept
@@ -252,18 +231,7 @@ class Lab:
     def wait_for(self, what: str, pred: Callable[[], Any], timeout: float,
                  proc: Optional[subprocess.Popen] = None, poll: float = 0.02) -> Any:
         """Poll PRED until it returns something true; fail if PROC ends first."""
-        deadline = time.monotonic() + timeout * SLOW
-        while True:
-            got = pred()
-            if got:
-                return got
-            if proc is not None and proc.poll() is not None:
-                out, err = proc.communicate()
-                raise AssertionError(f"vmferry exited ({proc.returncode}) before {what}: "
-                                     f"{out}{err}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(poll)
+        return cli.wait_for(pred, timeout * SLOW, what, poll, proc)
 
     @staticmethod
     def progress(serial: Path) -> tuple[int, list[str], str]:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers import (
+from disk_data import (
     COUNTERS, KiB, MiB, apply_writes, assert_same, check_counters, eio_after,
     make_bitmap_image, make_image, read_all, read_nbdkit_log,
 )

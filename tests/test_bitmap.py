@@ -13,10 +13,10 @@ import shutil
 
 import pytest
 
-from helpers import (
-    KiB, MiB, apply_writes, assert_cli_error, check_counters, copy_ok, describe_difference,
-    dirty_ranges, make_bitmap_image, make_image, parse_json_lines, read_all, read_nbdkit_log,
-    run_vmferry,
+from cli import assert_cli_error, copy_ok, parse_json_lines, run_vmferry
+from disk_data import (
+    KiB, MiB, apply_writes, check_counters, describe_difference, dirty_ranges,
+    make_bitmap_image, make_image, read_all, read_nbdkit_log,
 )
 
 SIZE = 8 * MiB + 1536            # not a multiple of the 64 KiB granularity
@@ -161,7 +161,7 @@ def test_bitmap_extents_from_another_endpoint(case, qsd_bitmap, workdir, via):
     publishes for the same disk: the native engine's direct reads, and
     `vmferry copy --bitmap NAME --extents-from URI FILE DST`, which nbdcopy cannot do."""
     import vmferry
-    from helpers import qemu_img
+    from disk_data import qemu_img
     bi, old, new = case
     src = qsd_bitmap(bi.qcow2, bi.bitmap)
     new_raw = workdir / "new.raw"

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-import helpers
-from helpers import (
-    COUNTERS, KiB, MiB, Region, allocated_bytes, assert_cli_error, assert_same,
-    check_counters, make_image, max_concurrent_connections, parse_json_lines,
-    read_all, read_nbdkit_log, write_layout,
+import cli
+from cli import assert_cli_error, parse_json_lines
+from disk_data import (
+    COUNTERS, KiB, MiB, Region, allocated_bytes, assert_same, check_counters, make_image,
+    max_concurrent_connections, read_all, read_nbdkit_log, write_layout,
 )
 
 GARBAGE = "fill:0x5a"
@@ -35,10 +35,10 @@ def zero_copy(request, monkeypatch) -> str:
     def run_vmferry(*args, **kw):
         if args and args[0] == "copy" and not any(str(a).startswith("--zero-copy") for a in args):
             args = ("copy", f"--zero-copy={mode}", *args[1:])
-        return helpers.run_vmferry(*args, **kw)
+        return cli.run_vmferry(*args, **kw)
 
     def copy_ok(*args, **kw):
-        cp = helpers.copy_ok(f"--zero-copy={mode}", *args, **kw)
+        cp = cli.copy_ok(f"--zero-copy={mode}", *args, **kw)
         if "--progress=json" in args:
             assert parse_json_lines(cp.stdout)[-1]["path"] == PATHS[mode], cp.stdout
         else:
@@ -51,8 +51,8 @@ def zero_copy(request, monkeypatch) -> str:
     return mode
 
 
-run_vmferry = helpers.run_vmferry
-copy_ok = helpers.copy_ok
+run_vmferry = cli.run_vmferry
+copy_ok = cli.copy_ok
 
 
 def done_event(cp) -> dict:
@@ -223,7 +223,7 @@ def test_pattern_to_null(nbdkit, zero_copy):
     if zero_copy == "on":
         line = assert_cli_error(run_vmferry("copy", src.uri, "null:"), 1)
         assert "zero-copy is not possible" in line and "null:" in line, line
-        cp = helpers.copy_ok("--progress=json", src.uri, "null:")     # auto
+        cp = cli.copy_ok("--progress=json", src.uri, "null:")     # auto
         assert done_event(cp)["path"] == "libnbd"
         return
     done = copy_json(src.uri, "null:")
@@ -332,7 +332,7 @@ def test_zero_detection_counts_zeroed(workdir, qemu_nbd, nbdkit, zero_copy):
         line = assert_cli_error(run_vmferry("copy", "--zero-detect", src.uri, dst.uri), 2)
         assert "zero detection" in line, line
         # auto with --zero-detect takes the libnbd lanes, which find the zeroes
-        cp = helpers.copy_ok("--zero-detect", "--progress=json", src.uri, dst.uri)
+        cp = cli.copy_ok("--zero-detect", "--progress=json", src.uri, dst.uri)
         done = done_event(cp)
         assert done["path"] == "libnbd" and done["bytes_zeroed"] > 0, done
         return
@@ -516,7 +516,7 @@ def test_tls_nbds_psk_both_ways(workdir, nbdkit, zero_copy):
         # TLS stays on libnbd lanes: on refuses, auto falls back
         line = assert_cli_error(run_vmferry("copy", secure(src.uri), secure(dst.uri)), 1)
         assert "zero-copy is not possible" in line and "TLS" in line, line
-        copy = helpers.copy_ok
+        copy = cli.copy_ok
     else:
         copy = copy_ok
     copy(secure(src.uri), secure(dst.uri), "--verify")

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from helpers import assert_cli_error, make_image, run_vmferry
+from cli import assert_cli_error, run_vmferry
+from disk_data import make_image
 
 
 @pytest.mark.parametrize("how", ["same-path", "symlink", "hard-link", "relative-path"])

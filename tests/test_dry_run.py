@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from migrate_helpers import QEMU, Lab, make_image, qemu_pids
+from disk_data import MiB, make_image
+from migrate_helpers import QEMU, Lab, qemu_pids
 from test_migrate import kernel  # noqa: F401  (the fixture)
 from vmferry.guest import find_qboot
 
@@ -40,7 +41,7 @@ def lab(kernel):
                               str(small)], capture_output=True).returncode == 0
     lab = Lab(root, kernel, find_qboot(QEMU))
     lab.small = small if mounted else None
-    lab.src = make_image(root / "src.raw", "raw", DISK_MIB)
+    lab.src = make_image(root / "src.raw", DISK_MIB * MiB, fmt="raw")
     lab.run_vm(lab.spec(disk=lab.src, fmt="raw"))
     try:
         yield lab

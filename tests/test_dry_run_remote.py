@@ -13,7 +13,8 @@ import pytest
 
 import vmferry
 
-from migrate_helpers import QEMU, make_image
+from disk_data import MiB, make_image
+from migrate_helpers import QEMU
 from test_dry_run import problems, snapshot, unchanged
 from test_remote import AGENT, kernel, rlab  # noqa: F401  (the fixtures)
 
@@ -36,7 +37,7 @@ def ssh_uri(lab) -> str:
 
 
 def _vm(lab):
-    src = make_image(lab.root / "src.qcow2", "qcow2", 16)
+    src = make_image(lab.root / "src.qcow2", 16 * MiB, "sparse", fmt="qcow2")
     lab.run_vm(lab.spec(disk=src, fmt="qcow2", memory="128M", mem="64M"))
     return src
 
@@ -75,7 +76,7 @@ def test_remote_problems_one_line_each(rlab):
     (line,) = problems(cp)
     assert "outside the destination's storage roots" in line and outside in line, line
     unchanged(rlab, before)
-    taken = make_image(rlab.root / "taken.qcow2", "qcow2", 16, seed=2)
+    taken = make_image(rlab.root / "taken.qcow2", 16 * MiB, "sparse", seed=2, fmt="qcow2")
     before = snapshot(rlab)
     cp = rlab.remote(dest, "--disk-map", f"{src}={taken}", "--dry-run", timeout=60)
     (line,) = problems(cp)

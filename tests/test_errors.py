@@ -15,10 +15,11 @@ import time
 
 import pytest
 
-from helpers import (
-    MiB, assert_cli_error, assert_one_error_line, eio_after, make_image, popen_vmferry,
-    read_all, read_nbdkit_log, run_vmferry, terminate_vmferry, wait_for,
+from cli import (
+    assert_cli_error, assert_one_error_line, popen_vmferry, run_vmferry, terminate_vmferry,
+    wait_for,
 )
+from disk_data import MiB, eio_after, make_image, read_all, read_nbdkit_log
 
 
 def _mentions_errno(line: str, code: int) -> bool:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from migrate_helpers import QEMU, Lab, make_image
+from disk_data import MiB, make_image
+from migrate_helpers import QEMU, Lab
 from test_migrate import kernel  # noqa: F401  (the fixture)
 from vmferry.guest import find_qboot
 
@@ -40,7 +41,7 @@ def full_lab(kernel):
 @pytest.mark.parametrize("command", ["migrate", "presync"])
 def test_full_destination_leaves_nothing_behind(full_lab, command):
     lab, full = full_lab
-    src = make_image(lab.root / "src.raw", "raw", 32)
+    src = make_image(lab.root / "src.raw", 32 * MiB, fmt="raw")
     lab.run_vm(lab.spec(disk=src, fmt="raw"))
     dmap = ("--disk-map", f"{src}={full / 'images' / 'web1.raw'}", "--create-disks")
     if command == "migrate":

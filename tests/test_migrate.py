@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from disk_data import make_image
 from migrate_helpers import (
-    ACCEL, MiB, QEMU, Lab, check_serial_log, fill_image, images_identical, make_image,
+    ACCEL, MiB, QEMU, Lab, check_serial_log, fill_image, images_identical,
     qemu_pids, sha256, write_while_mirroring,
 )
 from vmferry.errors import VmferryError
@@ -77,7 +78,7 @@ def serial_text(path: Path) -> str:
 def test_live_migration_guest_runs_on(lab, fmt):
     """The guest keeps rewriting its memory through the migration and goes on on the
     destination with intact memory; the source is retired; the disk arrives intact."""
-    src = make_image(lab.root / f"src.{fmt}", fmt, 64)
+    src = make_image(lab.root / f"src.{fmt}", 64 * MiB, fmt=fmt)
     dst = lab.root / f"dst.{fmt}"
     spec = lab.spec(disk=src, fmt=fmt, memory="128M", mem="64M")
     src_serial = lab.serial_of(spec)
@@ -289,6 +290,23 @@ def test_offline_migration_of_a_stopped_vm(lab):
     assert moved.disks[0].path == str(dst) and moved.name == "web1"
     assert (lab.A / "web1" / "spec.toml").exists()       # no --undefinesource
     assert lab.status(state=lab.B)["state"] == "stopped"
+
+
+def test_offline_refuses_what_prepare_refuses(lab):
+    """--offline checks its destination images as a live Prepare does: one line
+    for the source's own file, a missing image, one too small; nothing copied."""
+    src = fill_image(lab.root / "src.raw", 8)
+    lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="slow"))
+    lab.ok(lab.vmferry("stop", "web1", "--force"))
+    before = sha256(src)
+    small = lab.root / "small.raw"
+    small.write_bytes(b"\0" * 4096)
+    for target, words in ((src, "source's own file"), (lab.root / "none.raw", "does not exist"),
+                          (small, "is smaller")):
+        line = lab.one_error(lab.migrate("--offline", "--disk-map", f"{src}={target}"), code=2)
+        assert words in line, line
+    assert sha256(src) == before and small.stat().st_size == 4096
+    assert not (lab.B / "web1").exists()
 
 
 # --------------------------------------------------------------------------- failures
@@ -521,7 +539,7 @@ def test_copy_storage_inc_moves_only_the_top_image(lab):
 
 
 def test_copy_storage_inc_without_backing_is_refused(lab):
-    src = make_image(lab.root / "solo.qcow2", "qcow2", 16)
+    src = make_image(lab.root / "solo.qcow2", 16 * MiB, "sparse", fmt="qcow2")
     spec = lab.spec(disk=src, fmt="qcow2")
     lab.run_vm(spec)
     cp = lab.migrate("--copy-storage-inc", "--disk-map", f"{src}={lab.root / 'x.qcow2'}",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_cli_error, run_vmferry
+from cli import assert_cli_error, run_vmferry
 from netlab import NetLabError, make_pki
 
 

@@ -4,7 +4,7 @@ them: one line redrawn in place for storage and memory together, with the ETA or
 from __future__ import annotations
 
 from vmferry.commands.migrate import MigrationDisplay
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.job import JobInfo
 
 MiB = 1 << 20
 

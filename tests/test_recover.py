@@ -19,6 +19,7 @@ from test_migrate import (  # noqa: F401  (fixtures)
     _failing_setup, _mirror_copying, _native_bitmaps, _native_copying, kernel, lab, qboot,
 )
 from vmferry.errors import VmferryError
+from vmferry.migration import bitmap_pass
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -182,7 +183,7 @@ def test_presync_killed_then_recovered(lab):
     p = lab.start("presync", "web1", f"local://{lab.B}", "--disk-map", f"{src}={dst}",
                   "--create-disks")
     lab.wait_for("the presync copy", lambda: any(
-        e["id"].startswith("vmferry-presync") for e in lab.qmp("query-block-exports")),
+        e["id"].startswith(bitmap_pass.EXPORT) for e in lab.qmp("query-block-exports")),
         60, proc=p)
     _kill(p)
     assert "presync to" in lab.status()["migration"]
@@ -276,7 +277,7 @@ def test_a_reused_pid_does_not_keep_a_dead_owner_s_records(tmp_path):
     another process got since is still dead, and its leftovers are reaped."""
     import json
     import subprocess
-    from vmferry.migration.incoming import orphaned
+    from vmferry.migration.desthost.incoming import orphaned
     from vmferry.vm.state import owner_record, process_start
     other = subprocess.Popen(["sleep", "30"])
     try:

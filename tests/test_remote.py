@@ -26,8 +26,9 @@ from urllib.parse import quote
 
 import pytest
 
+from disk_data import MiB, make_image
 from migrate_helpers import (
-    QEMU, Lab, images_identical, make_image, qemu_pids,
+    QEMU, Lab, images_identical, qemu_pids,
 )
 from vmferry.guest import build_guest, find_qboot
 
@@ -107,7 +108,7 @@ def rlab(kernel, netlab, sshd, pki):
 
 
 def _migrate_and_check(lab: RemoteLab, dest: str, *extra: str) -> dict:
-    src = make_image(lab.root / "src.qcow2", "qcow2", 64)
+    src = make_image(lab.root / "src.qcow2", 64 * MiB, "sparse", fmt="qcow2")
     dst = lab.root / "dst.qcow2"
     spec = lab.spec(disk=src, fmt="qcow2", memory="128M", mem="64M")
     serial = lab.serial_of(spec)
@@ -150,33 +151,68 @@ def test_migration_to_tls_agent(rlab, tls):
     assert agent.poll() is None, "the long-running agent exited after one migration"
 
 
-def _slow_migration(lab: RemoteLab, dest: str) -> tuple[subprocess.Popen, Path, str]:
+@pytest.mark.parametrize("tls,engine", [(False, "auto"), (True, "native"), (True, "auto")],
+                         ids=["plain-auto", "tls-native", "tls-auto"])
+def test_native_engine_between_hosts_takes_zero_copy_lanes(rlab, tls, engine):
+    """The native engine reads a raw image from its file and sends it over the
+    link to the destination's NBD export: on zero-copy lanes (sendfile from
+    the file into the TCP socket) in plain NBD, where --storage-engine auto
+    picks it, and on libnbd lanes, which speak TLS, with --tls (where auto
+    picks QEMU's mirror); jobinfo says which carried the bytes."""
+    src = make_image(rlab.root / "src.raw", 64 * MiB, fmt="raw")
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, fmt="raw", memory="128M", mem="64M")
+    rlab.run_vm(spec, wait_pass=2)
+    extra = ["--tls"] if tls else []
+    out = rlab.ok(rlab.remote(rlab.ssh_uri(), "--disk-map", f"{src}={dst}", "--create-disks",
+                              "--storage-engine", engine, *extra))
+    assert out.startswith("migrated web1 in "), out
+    info = rlab.jobinfo()
+    assert info["tls"] == tls, info
+    lanes = info["storage_lanes"]
+    if tls and engine == "auto":
+        assert info["storage_engine"] == "mirror" and lanes == {}, info
+    else:
+        assert info["storage_engine"] == "native", info
+        used, unused = ("libnbd", "zero-copy") if tls else ("zero-copy", "libnbd")
+        assert lanes.get(used, 0) >= 32 << 20 and not lanes.get(unused), info
+        if tls:
+            assert "TLS" in info["storage_lanes_note"], info
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
+    assert images_identical(src, dst, "raw") == ""
+
+
+def _slow_migration(lab: RemoteLab, dest: str, *extra: str
+                    ) -> tuple[subprocess.Popen, Path, str]:
     """A migration stuck in its disk copy long enough to break something: a
     256 MiB disk over a link shaped to 40 Mbit/s."""
     from migrate_helpers import sha256
-    src = make_image(lab.root / "src.raw", "raw", 256)
+    src = make_image(lab.root / "src.raw", 256 * MiB, fmt="raw")
     spec = lab.spec(disk=src, memory="64M", mem="16M", dirty="fast")
     lab.run_vm(spec, wait_pass=2)
     digest = sha256(src)
     lab.net.shape("40mbit")
     p = lab.start("migrate", "web1", dest, "--pki", lab.pki.dir, "--disk-map",
-                  f"{src}={lab.root / 'dst.raw'}", "--create-disks")
+                  f"{src}={lab.root / 'dst.raw'}", "--create-disks", *extra)
     lab.wait_for("the disk copy to start",
                  lambda: lab.job_file().get("disk_processed", 0) > 4 << 20, 60, proc=p)
     return p, src, digest
 
 
+@pytest.mark.parametrize("engine", ["native", "mirror"])
 @pytest.mark.parametrize("transport", ["ssh", "tls"])
-def test_link_cut_mid_migration(rlab, transport):
+def test_link_cut_mid_migration(rlab, transport, engine):
     """The cable is pulled during the disk copy: within a few keepalives the
     source gives up, resumes the guest with its disk untouched, and the agent,
-    hearing nothing, removes the incoming VM."""
+    hearing nothing, removes the incoming VM (with the native engine, the
+    default for this raw image, it keeps the image, and the source records
+    it as a partial copy: assert_source_intact checks both sides' records)."""
     if transport == "tls":
         rlab.start_tls_agent()
         dest = rlab.tls_uri(keepalive=1)
     else:
         dest = rlab.ssh_uri(keepalive=1)
-    p, src, digest = _slow_migration(rlab, dest)
+    p, src, digest = _slow_migration(rlab, dest, "--storage-engine", engine)
     t0 = time.monotonic()
     rlab.net.link_down()
     cp = rlab.finish(p, timeout=60)
@@ -196,7 +232,7 @@ def test_link_cut_during_memory_migration(rlab):
     mirror keeps them in sync): the source yanks the stalled migration stream,
     resumes the guest, and the agent removes the incoming VM."""
     from migrate_helpers import sha256
-    src = make_image(rlab.root / "src.raw", "raw", 8)
+    src = make_image(rlab.root / "src.raw", 8 * MiB, fmt="raw")
     rlab.run_vm(rlab.spec(disk=src, memory="128M", mem="64M", dirty="fast"), wait_pass=2)
     digest = sha256(src)
     p = rlab.start("migrate", "web1", rlab.ssh_uri(keepalive=1), "--pki", rlab.pki.dir,
@@ -255,7 +291,7 @@ def test_agent_killed_mid_migration(rlab):
 # --------------------------------------------------------------------------- strangers
 
 def _idle_vm(lab: RemoteLab) -> Path:
-    src = make_image(lab.root / "src.raw", "raw", 8)
+    src = make_image(lab.root / "src.raw", 8 * MiB, fmt="raw")
     lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="idle"))
     return src
 
@@ -467,7 +503,7 @@ def test_migrating_process_killed_then_recovered(rlab, transport, point):
     its side as the channel drops and recover rolls the source back; in the
     second the agent keeps the paused VM (it may hold the only complete state
     of the guest) and recover, asking the agent, completes the migration."""
-    src = make_image(rlab.root / "src.qcow2", "qcow2", 32)
+    src = make_image(rlab.root / "src.qcow2", 32 * MiB, "sparse", fmt="qcow2")
     dst = rlab.root / "dst.qcow2"
     spec = rlab.spec(disk=src, fmt="qcow2", memory="64M", mem="8M", dirty="slow")
     serial = rlab.serial_of(spec)
@@ -517,7 +553,6 @@ def test_partial_copy_to_another_host_is_kept(rlab, how, engine):
     the agent keeps the images it was told to keep, the source records how far
     the copy got (after a mirror: the agent says what its image holds), and
     the next migration moves only the rest."""
-    MiB = 1 << 20
     src = rlab.root / "src.raw"
     src.write_bytes(os.urandom(MiB) * 96)
     dst = rlab.root / "dst.raw"
@@ -585,7 +620,7 @@ def test_tunnelled_through_a_firewall_that_passes_only_ssh(rlab, engine):
 
 
 def _tunnelled_migration(rlab, engine: str) -> None:
-    src = make_image(rlab.root / "src.raw", "raw", 64)
+    src = make_image(rlab.root / "src.raw", 64 * MiB, fmt="raw")
     dst = rlab.root / "dst.raw"
     spec = rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow")
     serial = rlab.serial_of(spec)
@@ -615,7 +650,7 @@ def _tunnelled_migration(rlab, engine: str) -> None:
 
 
 def test_tunnelled_refuses_what_it_makes_needless(rlab):
-    src = make_image(rlab.root / "src.raw", "raw", 8)
+    src = make_image(rlab.root / "src.raw", 8 * MiB, fmt="raw")
     rlab.run_vm(rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow"))
     line = rlab.one_error(rlab.remote(rlab.ssh_uri(), "--tunnelled", "--tls"), code=2)
     assert "drop --tls" in line, line

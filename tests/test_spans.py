@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from vmferry.migration import spans
-from vmferry.migration.presync_target import unwritten
+from vmferry.migration.desthost.presync_target import unwritten
 
 MiB = 1 << 20
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from migrate_helpers import qemu_pids
 from vmferry.errors import ConnectError, UsageError
 from vmferry.vm import (
     QMPCommandError, StateDir, disk_names, load_spec, parse_spec, qemu_argv, qmp_call,
@@ -39,22 +40,6 @@ machine = "q35"
 
 
 # --------------------------------------------------------------------------- helpers
-
-def qemu_pids(marker: str) -> list[int]:
-    """Live processes whose command line mentions MARKER (the test's state dir)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path("/proc", entry, "cmdline").read_bytes()
-            state = Path("/proc", entry, "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != b"Z" and os.fsencode(marker) in cmdline and b"qemu-system" in cmdline:
-            pids.append(int(entry))
-    return pids
-
 
 def vmferry(state_dir: Path, *args, timeout: float = 60) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "vmferry", "--state-dir", str(state_dir), *map(str, args)]

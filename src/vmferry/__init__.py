@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from vmferry.migration.dryrun import DryRun
     from vmferry.migration.options import MigrateOptions
     from vmferry.migration.presync import PresyncResult
-    from vmferry.migration.stats import JobInfo
+    from vmferry.migration.job import JobInfo
     from vmferry.vm.state import StateDir
 
 
@@ -32,7 +32,7 @@ def __getattr__(name: str) -> Any:
         from vmferry.migration.options import MigrateOptions
         return MigrateOptions
     if name == "JobInfo":
-        from vmferry.migration.stats import JobInfo
+        from vmferry.migration.job import JobInfo
         return JobInfo
     if name == "DryRun":
         from vmferry.migration.dryrun import DryRun

@@ -246,24 +246,32 @@ cdef class Endpoint(_InUse):
         self._check()
         return vf_endpoint_size(self._ep)
 
-    def pread_into(self, buf, unsigned long long offset):
-        """Fill the whole writable buffer buf with bytes from offset."""
+    cdef _buffer_io(self, buf, unsigned long long offset, bint write):
+        """pread_into and pwrite: BUF held as a buffer for the call, the GIL
+        released around the I/O."""
         cdef Py_buffer view
         cdef vf_error err
         cdef int r
         memset(&err, 0, sizeof(err))
-        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE if write else PyBUF_WRITABLE)
         try:
             self._enter()
             try:
                 with nogil:
-                    r = vf_endpoint_pread(self._ep, view.buf, view.len, offset, &err)
+                    if write:
+                        r = vf_endpoint_pwrite(self._ep, view.buf, view.len, offset, &err)
+                    else:
+                        r = vf_endpoint_pread(self._ep, view.buf, view.len, offset, &err)
             finally:
                 self._leave()
         finally:
             PyBuffer_Release(&view)
         if r == -1:
             _raise(&err)
+
+    def pread_into(self, buf, unsigned long long offset):
+        """Fill the whole writable buffer buf with bytes from offset."""
+        self._buffer_io(buf, offset, False)
 
     def pread(self, size_t count, unsigned long long offset) -> bytearray:
         buf = bytearray(count)
@@ -272,22 +280,7 @@ cdef class Endpoint(_InUse):
 
     def pwrite(self, buf, unsigned long long offset):
         """Write the whole buffer buf at offset."""
-        cdef Py_buffer view
-        cdef vf_error err
-        cdef int r
-        memset(&err, 0, sizeof(err))
-        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-        try:
-            self._enter()
-            try:
-                with nogil:
-                    r = vf_endpoint_pwrite(self._ep, view.buf, view.len, offset, &err)
-            finally:
-                self._leave()
-        finally:
-            PyBuffer_Release(&view)
-        if r == -1:
-            _raise(&err)
+        self._buffer_io(buf, offset, True)
 
     def zero(self, unsigned long long offset, unsigned long long length):
         cdef vf_error err

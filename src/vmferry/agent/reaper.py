@@ -37,8 +37,8 @@ def main(argv: list[str]) -> int:
     # imported only now: until the agent dies this process should cost nothing
     # (it starts beside the agent, which is busy answering its first requests)
     import asyncio
-    from vmferry.migration import presync_target
-    from vmferry.migration.incoming import reap_orphans
+    from vmferry.migration.desthost import presync_target
+    from vmferry.migration.desthost.incoming import reap_orphans
     from vmferry.vm.state import StateDir
     # each on its own: one that fails must not keep the other from its work
     try:

@@ -19,17 +19,29 @@ import signal
 import socket
 import stat
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
+from vmferry import __version__
 from vmferry.agent import listener, protocol, transport, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
+from vmferry.aio import in_thread
+from vmferry.commands.connect import COMMANDS
 from vmferry.errors import UsageError, VmferryError
-from vmferry.migration.incoming import DEFAULT_PORTS, IMAGES, Incoming, Network, Policy
+from vmferry.migration.desthost import presync_target
+from vmferry.migration.desthost.check import check_incoming, check_presync_target
+from vmferry.migration.desthost.incoming import (
+    DEFAULT_PORTS, IMAGES, Incoming, Network, Policy, finish_orphan, kept_record, probe,
+    undo_kept,
+)
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
+from vmferry.migration.desthost.presync_target import PresyncTarget
+from vmferry.vm.qemu import detect_accel
+from vmferry.vm.spec import parse_spec
 from vmferry.vm.state import StateDir
 
 DEFAULT_TLS_PORT = 16514            # libvirt's TLS port
@@ -214,8 +226,6 @@ class Session:
             raise UsageError("keepalive must be 0.1 to 600 seconds")
         self.keepalive = float(keepalive)
         self.greeted = True
-        from vmferry import __version__
-        from vmferry.vm.qemu import detect_accel
         tls = (self.cfg.pki.dir / "qemu" / "server-cert.pem").is_file()
         return {"protocol": protocol.PROTOCOL, "version": __version__,
                 "host": socket.gethostname(), "accel": detect_accel(), "tls": tls,
@@ -232,7 +242,6 @@ class Session:
         each disk's allocated bytes), validated, and the Incoming to run it."""
         a.only("spec", "disks", "options", "accel", "presynced", "nbd", "migrate", "tunnel",
                *(() if check else ("token",)))
-        from vmferry.vm.spec import parse_spec
         try:
             spec = parse_spec(a.get("spec", str), source="the source's VM spec")
         except RecursionError:
@@ -263,17 +272,15 @@ class Session:
             except UsageError:
                 if not check:
                     raise
-                # a check lists it with the rest (dest_check.py)
+                # a check lists it with the rest (desthost/check.py)
         incoming = Incoming(self.cfg.state, network=Network(
             tcp=not tunnel, tunnel=tunnel, nbd=nbd, migrate=mig, tls_dir=tls_dir),
             policy=self.cfg.policy())
         return _IncomingRequest(incoming, spec, disks, opts, accel, frozenset(presynced))
 
     async def op_check(self, a: Args) -> dict[str, Any]:
-        """A prepare's dry run: every check, reading only (dest_check.py)."""
+        """A prepare's dry run: every check, reading only (desthost/check.py)."""
         r = self._incoming_request(a, check=True)
-        from vmferry.aio import in_thread
-        from vmferry.migration.dest_check import check_incoming
         found = await in_thread(lambda: check_incoming(r.incoming, r.spec, r.disks, r.opts,
                                                        accel=r.accel, presynced=r.presynced))
         return dataclasses.asdict(found)
@@ -338,7 +345,7 @@ class Session:
 
     async def op_presync_check_open(self, a: Args) -> dict[str, Any]:
         """A presync's dry run: presync_open's checks, reading only, with no
-        record written (dest_check.py)."""
+        record written (desthost/check.py)."""
         a.only("disks", "create_disks", "overwrite_disks", "tls", "address")
         disks = [wire.presync_disk(d, "presync_check_open", allocated=True)
                  for d in a.get("disks", list)]
@@ -349,9 +356,6 @@ class Session:
                 self.cfg.pki.qemu_dir("server")
             except UsageError as e:
                 tls_problem = f"--tls: {e}"
-        from vmferry.aio import in_thread
-        from vmferry.migration.dest_check import check_presync_target
-        from vmferry.migration.presync_target import PresyncTarget
         target = PresyncTarget(self.cfg.policy(), tcp=(address, self.cfg.ports))
         found = await in_thread(lambda: check_presync_target(
             target, disks, create=a.get("create_disks", bool, False),
@@ -366,7 +370,6 @@ class Session:
         async with self._busy:
             if self.presync is not None:
                 raise UsageError("this connection already serves a presync")
-            from vmferry.migration.presync_target import PresyncTarget
             self.presync = PresyncTarget(
                 self.cfg.policy(),
                 tcp=(address, self.cfg.ports),
@@ -395,7 +398,6 @@ class Session:
 
     async def op_presync_check(self, a: Args) -> dict[str, Any]:
         a.only("disks")
-        from vmferry.migration import presync_target
         out = {}
         for node, item in a.get("disks", dict).items():
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
@@ -408,8 +410,6 @@ class Session:
         """What a kept copy's image has not written: only of an image that
         presync or a kept copy left (its record beside it), under the roots."""
         a.only("disks")
-        from vmferry.aio import in_thread
-        from vmferry.migration import presync_target
         out = {}
         for node, item in a.get("disks", dict).items():
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
@@ -423,7 +423,6 @@ class Session:
 
     async def op_presync_forget(self, a: Args) -> dict[str, Any]:
         a.only("paths", "discard")
-        from vmferry.migration import presync_target
         paths = a.get("paths", list)
         discard = a.get("discard", bool, False)
         for path in paths:
@@ -438,7 +437,6 @@ class Session:
         """Where an incoming migration of NAME stands (for a source's
         'vmferry recover'); answers about VMs of this agent's state only."""
         a.only("name", "token")
-        from vmferry.migration.incoming import probe
         return {"state": await probe(self.cfg.state, a.get("name", str),
                                      _token(a.get("token", str)))}
 
@@ -459,7 +457,6 @@ class Session:
         """recover on the source completes a migration that arrived here and
         whose source went away (keep_for_recover)."""
         a.only("name", "token", "resume")
-        from vmferry.migration.incoming import finish_orphan, kept_record
         name, token = a.get("name", str), _token(a.get("token", str))
         kept_record(self.cfg.state, name, token)
         return {"state": await finish_orphan(self.cfg.state, name, token,
@@ -468,7 +465,6 @@ class Session:
     async def op_undo_orphan(self, a: Args) -> dict[str, Any]:
         """recover on the source rolls such a migration back."""
         a.only("name", "token")
-        from vmferry.migration.incoming import undo_kept
         await undo_kept(self.cfg.state, self.cfg.storage_roots, a.get("name", str),
                         _token(a.get("token", str)))
         return {}
@@ -487,7 +483,6 @@ class Session:
             raise UsageError("this agent takes no commands: start it with --allow-control "
                              "(or allow_control = true in its agent.toml)")
         argv = a.get("argv", list)
-        from vmferry.commands.connect import COMMANDS
         if not (argv and len(argv) <= 256 and all(isinstance(x, str) and "\0" not in x
                                                    and len(x) <= 4096 for x in argv)):
             raise ProtocolError("command: argv is a list of at most 256 strings")
@@ -638,7 +633,6 @@ def load_config(state: StateDir, roots: list[str], pki_dir: Optional[Path],
     conf = state.path / "agent.toml"
     data: dict[str, Any] = {}
     if conf.is_file():
-        import tomllib
         try:
             data = tomllib.loads(conf.read_text())
         except (OSError, ValueError) as e:

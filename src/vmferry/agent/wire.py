@@ -10,7 +10,7 @@ from typing import Any
 
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 
 NODE_RE = re.compile(r"disk[0-9]{1,3}")
 _EXPORT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")      # NBD export names: the node's

@@ -70,8 +70,8 @@ def _host_port(text: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     from vmferry.agent import reaper, server
-    from vmferry.migration import presync_target
-    from vmferry.migration.incoming import reap_orphans
+    from vmferry.migration.desthost import presync_target
+    from vmferry.migration.desthost.incoming import reap_orphans
     from vmferry.vm.state import StateDir
     state = StateDir(args.state_dir)
     cfg = server.load_config(state, args.storage_root, args.pki,

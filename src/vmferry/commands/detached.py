@@ -65,7 +65,7 @@ def start(state: StateDir, name: str, argv: list[str], mode: Optional[str]) -> i
 
 
 def _started(path: Any, before: Optional[int], pid: int) -> bool:
-    from vmferry.migration.stats import JobInfo
+    from vmferry.migration.job import JobInfo
     try:
         if before is not None and path.stat().st_mtime_ns == before:
             return False
@@ -88,7 +88,7 @@ def follow(state: StateDir, name: str, mode: Optional[str],
     the same last line and exit status.  Ctrl-C aborts it; a hang-up leaves
     it running."""
     from vmferry.commands.migrate import MigrationDisplay, job_file, summary
-    from vmferry.migration.stats import JobInfo
+    from vmferry.migration.job import JobInfo
     from vmferry.progress import JsonReporter
     path = job_file(state, name)
     if not path.exists():

@@ -13,7 +13,7 @@ from typing import Any
 from vmferry.errors import UsageError
 from vmferry.eta import format_eta
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.job import JobInfo
 from vmferry.progress import BarReporter, JsonReporter, NullReporter
 from vmferry.units import format_size
 from vmferry.vm.state import StateDir, pid_alive
@@ -339,6 +339,10 @@ def jobinfo(args: argparse.Namespace) -> int:
         rows.append(("Destination", info.destination))
         rows.append(("Disks to", (info.disks_address or "-") + (" (TLS)" if info.tls else "")))
         rows.append(("Memory to", info.migrate_uri + (" (TLS)" if info.tls else "")))
+    if info.storage_lanes:
+        lanes = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(info.storage_lanes.items()))
+        rows.append(("Disk lanes", lanes + (f" ({info.storage_lanes_note})"
+                                            if info.storage_lanes_note else "")))
     if info.action:
         rows.append(("Action", info.action))
     if info.error:

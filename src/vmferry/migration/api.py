@@ -5,23 +5,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Literal, Optional, TypeVar
 
 from vmferry.errors import Cancelled, UsageError, VmferryError
+from vmferry.migration import journal, presync
 from vmferry.migration.destination import Destination
 from vmferry.migration.dryrun import DryRun
-from vmferry.migration import journal
 from vmferry.migration.flow import Migration
+from vmferry.migration.job import JobInfo
 from vmferry.migration.journal import Journal
 from vmferry.migration.local import LocalDestination
+from vmferry.migration.offline import migrate_offline
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.presync import PresyncResult
+from vmferry.migration.remote import RemoteDestination
 from vmferry.vm.process import stop_vm_async
 from vmferry.vm.state import StateDir
-
-if TYPE_CHECKING:
-    from vmferry.migration.presync import PresyncResult
 
 JOB_FILE = "job.json"
 T = TypeVar("T")
@@ -31,7 +32,6 @@ def parse_destination(uri: str) -> Destination:
     """local:///path/to/state-dir -> LocalDestination; ssh://... and tls://...
     -> RemoteDestination."""
     if uri.startswith(("ssh://", "tls://")):
-        from vmferry.migration.remote import RemoteDestination
         return RemoteDestination(uri)
     if uri.startswith("local://"):
         path = uri[len("local://"):]
@@ -47,7 +47,6 @@ def job_file(state: StateDir, name: str) -> Path:
 
 
 def _warn_stderr(text: str) -> None:
-    import sys
     sys.stderr.write(f"vmferry: warning: {text}\n")
     sys.stderr.flush()
 
@@ -75,7 +74,6 @@ async def _migrate(state: StateDir, name: str, destination: Destination,
     journal.refuse_if_interrupted(state, name)
     rec = state.load(name)
     if opts.offline:
-        from vmferry.migration.offline import migrate_offline
         return await migrate_offline(state, rec, destination, opts, progress=progress)
     if rec.pid is None:
         raise UsageError(f"{name} is not running: start it with 'vmferry run', or "
@@ -90,33 +88,8 @@ async def _migrate(state: StateDir, name: str, destination: Destination,
     m = Migration(name, rec.qmp_socket, rec.spec, destination, opts,
                   job_file=job_file(state, name), progress=progress,
                   stop_source=retire_source, presync_state=state, warn=warn,
-                  journal=open_journal(state, "migrate", name, destination, opts))
+                  journal=journal.start(state, "migrate", name, destination.uri, opts))
     return await m.run()
-
-
-def open_journal(state: StateDir, kind: str, name: str, dest: Destination,
-                 opts: MigrateOptions) -> Journal:
-    """Start NAME's journal, unless another migration or presync of it is under
-    way, or one was interrupted and must be recovered first."""
-    with state.lock():
-        problem = journal_problem(state, name)
-        if problem:
-            raise UsageError(problem)
-        return Journal.open(state, kind, name, dest.uri, {
-            "suspend": opts.suspend, "undefine_source": opts.undefine_source,
-            "pki_dir": str(opts.pki_dir)})
-
-
-def journal_problem(state: StateDir, name: str) -> str:
-    """Why NAME cannot start a migration or presync now: another one under way,
-    or one interrupted that must be recovered first; "" when it can."""
-    old = journal.load(state, name)
-    if old is not None and old.owner_alive:
-        return (f"{name} has a {old.describe()} under way (pid {old.owner}): "
-                f"wait for it, or stop it with 'vmferry abort {name}'")
-    if old is not None:
-        return journal.hint(old)
-    return ""
 
 
 async def dry_run_vm_async(state: StateDir, name: str, dest: str | Destination,
@@ -134,12 +107,11 @@ async def dry_run_vm_async(state: StateDir, name: str, dest: str | Destination,
     try:
         opts.validate()
         if kind == "presync":
-            from vmferry.migration import presync
             return await presync.check(state, name, destination, opts)
         if opts.offline:
             raise UsageError("--dry-run checks live migrations: --offline has no dry run")
         rec = state.load(name)
-        problem = journal_problem(state, name)
+        problem = journal.problem(state, name)
         if rec.pid is None:
             run = DryRun(name=name, destination=repr(destination),
                          transport=destination.transport(opts))
@@ -184,18 +156,18 @@ async def presync_vm_async(state: StateDir, name: str, dest: str | Destination,
                            opts: Optional[MigrateOptions] = None, *,
                            progress: Optional[Callable[[Any], None]] = None,
                            warn: Optional[Callable[[str], None]] = _warn_stderr
-                           ) -> "PresyncResult":
+                           ) -> PresyncResult:
     """Copy (or refresh) the destination images of running VM `name` ahead of a
     migration, leaving a dirty bitmap on the source (see migration/presync.py);
     a later migrate with copy_storage="inc" moves only what changed since.
     PROGRESS gets the engine's CopyResult snapshots; warnings (a record that
     does not hold, so a disk is copied in full) go to WARN and the result."""
-    from vmferry.migration.presync import presync
     destination = parse_destination(dest) if isinstance(dest, str) else dest
     opts = opts or MigrateOptions()
     opts.validate()
     try:
-        return await presync(state, name, destination, opts, warn=warn, progress=progress)
+        return await presync.presync(state, name, destination, opts, warn=warn,
+                                     progress=progress)
     except asyncio.CancelledError:
         raise Cancelled(f"presync of {name} cancelled; {name} runs on, and the next presync "
                         f"or migration copies its disks in full") from None
@@ -204,7 +176,7 @@ async def presync_vm_async(state: StateDir, name: str, dest: str | Destination,
 def presync_vm(state: StateDir | str, name: str, dest: str | Destination,
                opts: Optional[MigrateOptions] = None, *,
                progress: Optional[Callable[[Any], None]] = None,
-               warn: Optional[Callable[[str], None]] = _warn_stderr) -> "PresyncResult":
+               warn: Optional[Callable[[str], None]] = _warn_stderr) -> PresyncResult:
     """Blocking presync_vm_async; SIGINT, SIGTERM and SIGHUP cancel it cleanly
     and raise Cancelled."""
     if not isinstance(state, StateDir):

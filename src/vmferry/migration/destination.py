@@ -11,13 +11,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any, Optional
 
 from vmferry.errors import UsageError
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
+from vmferry.vm.spec import load_spec
 
 
 @dataclasses.dataclass
@@ -76,7 +75,6 @@ def destination_spec(spec: Any, opts: MigrateOptions) -> Any:
     """The VM's spec as the destination runs it: disk paths and serial log
     remapped by --disk-map or a destination spec file (virsh's --xml)."""
     if opts.dest_spec:
-        from vmferry.vm.spec import load_spec
         other = load_spec(opts.dest_spec)
         if len(other.disks) != len(spec.disks):
             raise UsageError(f"destination spec {opts.dest_spec} has {len(other.disks)} "
@@ -84,18 +82,6 @@ def destination_spec(spec: Any, opts: MigrateOptions) -> Any:
         dmap = {f"disk{i}": d.path for i, d in enumerate(other.disks)}
         return spec.remap(dmap, serial=other.serial if spec.serial else None)
     return spec.remap(opts.disk_map)
-
-
-def file_id(path: str) -> Optional[str]:
-    """Which file PATH is, on which running host: two hosts never share a boot
-    id, so equal ids mean the very same file (a destination image that is the
-    source image itself, which a copy would destroy)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{boot}:{st.st_dev}:{st.st_ino}"
 
 
 class Destination(abc.ABC):

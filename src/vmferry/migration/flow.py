@@ -19,15 +19,18 @@ from typing import Any, Awaitable, Callable, Optional
 from vmferry.aio import in_thread
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
 from vmferry.eta import Estimator
-from vmferry.migration import presync, probe, source
-from vmferry.migration.destination import Destination
-from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
+from vmferry.migration import presync, probe, source, testhooks
+from vmferry.migration.destination import Destination, destination_spec
+from vmferry.migration.dryrun import DiskMove, DryRun, PROBE_SECONDS, options_in_effect
+from vmferry.migration.job import JobInfo
 from vmferry.migration.journal import Journal
 from vmferry.migration.monitor import Monitor
+from vmferry.migration.native import NativeStorage
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import PREFIX, DiskPlan
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.plan import DiskPlan
+from vmferry.migration.source import PREFIX
 from vmferry.migration.testhooks import hold as _test_hold
+from vmferry.vm.qemu import disk_names
 
 # Raise the downtime limit after this many iterations without progress,
 # doubling each time, up to ESCALATE_MAX times the starting limit.
@@ -45,6 +48,17 @@ class Phase(enum.Enum):
 
 
 Progress = Callable[[JobInfo], None]
+
+
+def _honour_cancel() -> None:
+    """A Ctrl-C (or SIGTERM) that an await lost still stops the migration
+    before its next phase: Python 3.11's asyncio.wait_for swallows a
+    cancellation that arrives just as its inner await completes (QMP's
+    connect, a command with a timeout), and the task then runs on with the
+    request still counted."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 class Migration:
@@ -177,8 +191,10 @@ class Migration:
             try:
                 await self.begin()
                 await _test_hold("prepare")
+                _honour_cancel()
                 await self._guarded(self.prepare())
                 await _test_hold("perform")
+                _honour_cancel()
                 await self._guarded(self.perform())
                 await _test_hold("finish")
                 await self._finish_or_settle()
@@ -279,6 +295,7 @@ class Migration:
 
     async def begin(self) -> None:
         self._enter(Phase.BEGIN)
+        testhooks.native_tuning()         # a bad test knob fails here, not midway
         self.mon = await Monitor(self.qmp_socket, "source", "begin").connect()
         self._on_undo("resume the source", self._close_source)
         status = await source.describe(self.mon)
@@ -400,19 +417,26 @@ class Migration:
         return plans
 
     def _pick_engine(self, plans: list[DiskPlan]) -> str:
-        """Where the native engine wins the storage benchmark it is the default:
-        full copies of raw images to this host, which it writes directly
-        (bench/results/storage.md).  QEMU's mirror everywhere else: qcow2 goes
-        through the destination QEMU either way, a backing chain needs sync=top,
-        and between hosts the link, not the copier, sets the pace."""
-        if (plans and self.dest.same_host and self.opts.copy_storage == "all"
-                and all(p.fmt == "raw" for p in plans)):
+        """Where the native engine wins the storage benchmarks it is the default:
+        full copies of raw images, to this host, which it writes directly
+        (bench/results/storage.md), and to another host over plain NBD, where
+        it sends the image file into the TCP connection (zero-copy lanes):
+        faster than QEMU's mirror where the link is not the limit, as fast
+        where it is, at about a third of the source host's CPU
+        (bench/results/native_remote.md).  QEMU's mirror everywhere else:
+        qcow2, which the engine can only read through the source QEMU's
+        export (between hosts that cost the source twice the mirror's CPU:
+        native_remote_qcow2.md), a backing chain, which needs sync=top, and
+        --tls (the engine's libnbd lanes) or --tunnelled (through ssh),
+        which were not measured against the mirror."""
+        if (plans and self.opts.copy_storage == "all"
+                and all(p.fmt == "raw" for p in plans)
+                and (self.dest.same_host or not (self.opts.tls or self.opts.tunnelled))):
             return "native"
         return "mirror"
 
     def dest_spec_paths(self, plans: list[DiskPlan]) -> dict[str, str]:
         """node -> destination image path (after --disk-map or --dest-spec)."""
-        from vmferry.migration.destination import destination_spec
         dspec = destination_spec(self.spec, self.opts)
         return {f"disk{i}": d.path for i, d in enumerate(dspec.disks)}
 
@@ -486,7 +510,6 @@ class Migration:
             await self._drive_memory(events)
 
     async def _native_storage(self) -> None:
-        from vmferry.migration.native import NativeStorage
         def progress(snap: Any) -> None:
             moved = self.native.stats.bytes_copied + snap.bytes_written + snap.bytes_zeroed
             # a copy of every disk takes them one after another: those it has
@@ -526,7 +549,6 @@ class Migration:
         else:
             fresh = all(d.node in self.prepared.fresh for d in self.disks)
             await self.native.pass_all(fresh)
-        from vmferry.vm.qemu import disk_names
         # virtio-blk-pci's block backend hangs off its virtio-backend child
         devices = {n.node: n.device + ("/virtio-backend" if n.disk.bus == "virtio" else "")
                    for n in disk_names(self.spec)}
@@ -536,8 +558,14 @@ class Migration:
                                 f"{self.native.throttled_at[-1] / (1 << 20):.1f} MiB/s "
                                 f"so storage could converge")
         self.info.storage_passes = self.native.stats.passes
+        self._note_lanes()
         self.info.disk_total = self.info.disk_processed = self.native.stats.bytes_copied
         self.info.disk_remaining = 0
+
+    def _note_lanes(self) -> None:
+        st = self.native.stats
+        self.info.storage_lanes = dict(st.lanes)
+        self.info.storage_lanes_note = st.lanes_note
 
     def _resumable(self) -> bool:
         """Whether a disk copy that stops midway can be kept (presync's records
@@ -633,6 +661,7 @@ class Migration:
                         self.info.storage_passes = st.passes
                         self.info.final_pass_ms = st.final_ms
                         self.info.final_pass_bytes = st.final_bytes
+                        self._note_lanes()
                     elif self.disks:
                         await source.settle_mirrors(mon, self.disks)
                     # from here the destination may hold the whole state
@@ -696,7 +725,13 @@ class Migration:
         if not self._mirror_bitmaps and (self.native is None or not self.native.resumable):
             return outcome
         # an agent we lost keeps them as it was told (keep_on_loss), if it can:
-        # the records say so, and the next migration checks before trusting them
+        # the records say so, and the next migration checks before trusting them.
+        # Also a copy that has reached nothing yet: the agent keeps it all the
+        # same, and without records nothing would ever claim or remove it.
+        if (outcome == "unknown" and self._keep_generation and not keep
+                and self.native is not None and self.native.resumable):
+            keep = {d.node: self.native.missing[d.node] for d in self.disks}
+            generation = self._keep_generation
         if outcome == "kept" or (keep and outcome == "unknown" and self._keep_generation):
             pid = self.presync_state.read_pid(self.name)
             presync.write_records(self.presync_state, self.name, generation, {

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from vmferry.errors import UsageError
+from vmferry.migration.options import MigrateOptions
 from vmferry.vm.state import StateDir, boot_id as _boot_id, pid_alive, process_start
 
 FILE = "journal.json"
@@ -217,7 +219,6 @@ def refuse_if_interrupted(state: StateDir, name: str) -> None:
     or copy it here."""
     j = interrupted(state, name)
     if j is not None:
-        from vmferry.errors import UsageError
         raise UsageError(hint(j))
 
 
@@ -225,3 +226,28 @@ def interrupted_line(state: StateDir, name: str) -> Optional[str]:
     """hint() for NAME's interrupted migration, or None."""
     j = interrupted(state, name)
     return hint(j) if j is not None else None
+
+
+def problem(state: StateDir, name: str) -> str:
+    """Why NAME cannot start a migration or presync now: another one under way,
+    or one interrupted that must be recovered first; "" when it can."""
+    old = load(state, name)
+    if old is not None and old.owner_alive:
+        return (f"{name} has a {old.describe()} under way (pid {old.owner}): "
+                f"wait for it, or stop it with 'vmferry abort {name}'")
+    if old is not None:
+        return hint(old)
+    return ""
+
+
+def start(state: StateDir, kind: str, name: str, dest_uri: str,
+          opts: MigrateOptions) -> Journal:
+    """Start NAME's journal, unless another migration or presync of it is under
+    way, or one was interrupted and must be recovered first."""
+    with state.lock():
+        why = problem(state, name)
+        if why:
+            raise UsageError(why)
+        return Journal.open(state, kind, name, dest_uri, {
+            "suspend": opts.suspend, "undefine_source": opts.undefine_source,
+            "pki_dir": str(opts.pki_dir)})

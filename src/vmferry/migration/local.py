@@ -12,14 +12,16 @@ from typing import Any, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
-from vmferry.aio import in_thread
-from vmferry.migration.destination import (Destination, DestinationCheck, Prepared,
-                                           destination_spec)
-from vmferry.migration.incoming import Incoming, create_image, image_size  # noqa: F401
-from vmferry.migration import incoming as incoming_mod, presync_target
+from vmferry.migration.desthost import incoming as incoming_mod, presync_target
+from vmferry.migration.desthost.check import check_incoming, check_presync_target
+from vmferry.migration.destination import (
+    Destination, DestinationCheck, Prepared, destination_spec,
+)
+from vmferry.migration.desthost.incoming import Incoming, create_image, image_size
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.presync_target import PresyncTarget
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
+from vmferry.migration.desthost.presync_target import PresyncTarget
+from vmferry.migration.probe import local_stream_rate
 from vmferry.vm.state import StateDir
 
 NO_TLS = ("--tls encrypts traffic between hosts: it needs an ssh:// or tls:// destination, "
@@ -51,7 +53,6 @@ class LocalDestination(Destination):
     async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                     accel: Optional[str] = None,
                     presynced: frozenset[str] = frozenset()) -> DestinationCheck:
-        from vmferry.migration.dest_check import check_incoming
         try:
             dspec = destination_spec(spec, opts)
         except UsageError as e:
@@ -67,7 +68,6 @@ class LocalDestination(Destination):
         return "this host, Unix sockets"
 
     async def probe_link(self, seconds: float) -> Optional[float]:
-        from vmferry.migration.probe import local_stream_rate
         return await in_thread(local_stream_rate, seconds)
 
     async def finish(self, opts: MigrateOptions, *, resume: bool) -> str:
@@ -138,7 +138,6 @@ class LocalDestination(Destination):
 
     async def presync_check_open(self, disks: list[dict[str, Any]],
                                  opts: MigrateOptions) -> DestinationCheck:
-        from vmferry.migration.dest_check import check_presync_target
         # no run or record folder: a target that only checks makes neither
         return await in_thread(lambda: check_presync_target(
             PresyncTarget(), disks, create=opts.create_disks, overwrite=True))

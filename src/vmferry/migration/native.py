@@ -22,20 +22,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from vmferry.copying import CopyResult, copy_async
 from vmferry.errors import MigrationError, VmferryError
-from vmferry.migration import spans
+from vmferry.migration import bitmap_pass, spans, testhooks
 from vmferry.migration.destination import Prepared
 from vmferry.migration.monitor import Monitor
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 from vmferry.migration.spans import Span
 
 BITMAP = "vmferry-dirty"
-FROZEN = "vmferry-frozen"
-EXPORT = "vmferry-src-"
 # Stop iterating when a pass moved less than this, or stopped shrinking.
 SMALL_ENOUGH = 16 << 20
 # how often the passes during memory migration look for new writes
@@ -47,25 +46,21 @@ THROTTLE_STEPS = 4
 MIN_THROTTLE = 1 << 20
 
 
-def _tuning() -> dict[str, int]:
-    """VMFERRY_NATIVE_TUNING="connections=N,requests=N,request_size=BYTES,direct=0|1":
-    limits on the engine's passes, for hosts where storage traffic must stay
-    small (and for the tests, which need a guest that out-writes the engine);
-    direct=0 reads raw images through the source QEMU, as qcow2 is read."""
-    out: dict[str, int] = {}
-    for item in filter(None, os.environ.get("VMFERRY_NATIVE_TUNING", "").split(",")):
-        key, _, value = item.partition("=")
-        if key in ("connections", "requests", "request_size", "direct"):
-            out[key] = int(value)
-    return out
-
-
 @dataclasses.dataclass
 class NativeStats:
     passes: int = 0
     bytes_copied: int = 0          # written + zeroed by the engine, all passes
     final_bytes: int = 0           # moved during the final (paused) pass
     final_ms: int = 0
+    # bytes moved per kind of lane ("zero-copy", "libnbd"), and why a copy
+    # did not take the zero-copy ones (the engine's note, the last one)
+    lanes: dict[str, int] = dataclasses.field(default_factory=dict)
+    lanes_note: str = ""
+
+    def count(self, r: CopyResult) -> None:
+        self.lanes[r.path] = self.lanes.get(r.path, 0) + r.bytes_written + r.bytes_zeroed
+        if r.zero_copy_note:
+            self.lanes_note = r.zero_copy_note
 
 
 class NativeStorage:
@@ -106,7 +101,7 @@ class NativeStorage:
         self._record = record or (lambda kind, **fields: None)
 
     def _src_uri(self, d: DiskPlan) -> str:
-        return f"nbd+unix:///{EXPORT}{d.node}?socket={self.socket}"
+        return bitmap_pass.export_uri(d.node, self.socket)
 
     def _dst_file(self, d: DiskPlan) -> Optional[str]:
         """The destination image itself, when the engine may write it directly.
@@ -137,26 +132,6 @@ class NativeStorage:
                     f"?tls-certificates={self.prepared.tls_dir}")
         return f"nbd://{host}:{srv['port']}/{export}"
 
-    async def _export(self, d: DiskPlan, bitmap: Optional[str]) -> None:
-        args: dict[str, Any] = {"type": "nbd", "id": EXPORT + d.node, "node-name": d.node,
-                                "name": EXPORT + d.node, "writable": False}
-        if bitmap:
-            args["bitmaps"] = [bitmap]
-        await self.mon.cmd("block-export-add", **args)
-
-    async def _unexport(self, d: DiskPlan, wait: bool = True) -> None:
-        await self.mon.cmd("block-export-del", id=EXPORT + d.node, mode="hard")
-        if not wait:
-            return
-        # block-export-del returns before the export is gone; wait for it so
-        # the next pass can reuse the id.
-        for _ in range(500):
-            exports = await self.mon.cmd("query-block-exports")
-            if not any(e["id"] == EXPORT + d.node for e in exports):
-                return
-            import asyncio
-            await asyncio.sleep(0.002)
-
     def _advance(self, d: DiskPlan, end: int, done_below: int) -> None:
         left = spans.trimmed(self.missing[d.node], end, done_below)
         if left != self.missing[d.node]:
@@ -186,6 +161,7 @@ class NativeStorage:
             raise
         if end is not None:
             self._advance(d, end, end)
+        self.stats.count(r)
         return r
 
     async def _copy_once(self, d: DiskPlan, bitmap: Optional[str], fresh: bool,
@@ -201,30 +177,41 @@ class NativeStorage:
         # (A file this process may not read, e.g. of a QEMU running as another
         # user, is read through QEMU; so is one whose size is not a multiple of
         # 512, which QEMU rounds up: its export is then not the file's size.)
-        tune = _tuning()
+        tune = testhooks.native_tuning()
         raw_file = (d.fmt == "raw" and tune.get("direct", 1) != 0
                     and os.path.isfile(d.path) and os.access(d.path, os.R_OK)
                     and os.path.getsize(d.path) == d.size)
         direct = bitmap is None and raw_file
         if not direct:
-            await self._export(d, bitmap)
+            await bitmap_pass.export(self.mon, d.node, bitmap)
         try:
             # QEMU 7.2 advertises multi-conn only on read-only exports, but each
             # side is one QEMU whose connections share one block layer.
             src = d.path if raw_file else self._src_uri(d)
             extents_from = self._src_uri(d) if bitmap and raw_file else None
             # The final pass runs with the guest paused and has little to move:
-            # one connection saves three handshakes of downtime.
+            # one connection saves three handshakes of downtime.  Another
+            # host's QEMU receives every connection in one NBD server thread,
+            # so more connections only add TCP flows that contend at the link:
+            # one was faster over a veth both unshaped and at 1 Gbit/s
+            # (bench_native_remote.py with a one-connection variant beside it,
+            # 512 MiB of data, medians of 3: 1.18 vs 1.30 s, 4.67 vs 4.92 s).
+            # Under TLS the lanes are libnbd's, not measured so: left as they were.
             dst = self._dst_uri(d)
+            remote = not self.prepared.same_host and not self.prepared.tls_dir
+            conns = 1 if final else tune.get("connections") or (1 if remote else None)
+            # auto: zero-copy lanes where both ends are plain (a file, NBD over
+            # Unix or TCP), so the bytes never pass through this process;
+            # TLS takes the libnbd lanes.  Those lanes plan from extents
+            # alone: zeroes the image holds as allocated data move as data.
             return await copy_async(src, dst, bitmap=bitmap, extents_from=extents_from,
-                                    # zero-copy lanes here await their own benchmark (issue 12, item 3)
-                                    zero_copy="off",
+                                    zero_copy=tune.get("zero_copy", "auto"),
                                     destination_is_zero=fresh and bitmap is None,
                                     force_multi_conn=not final,
                                     # written around QEMU: durable before it runs,
                                     # each pass its own (the final one is small)
                                     flush=dst == self._dst_file(d),
-                                    connections=1 if final else tune.get("connections"),
+                                    connections=conns,
                                     requests=tune.get("requests"),
                                     request_size=tune.get("request_size"),
                                     rate=self.rate or None, span=span,
@@ -235,7 +222,7 @@ class NativeStorage:
         finally:
             if not direct:
                 # nothing reuses the export id after the final pass: don't wait
-                await self._unexport(d, wait=not final)
+                await bitmap_pass.unexport(self.mon, d.node, wait=not final)
 
     async def start(self) -> None:
         await self.mon.cmd("nbd-server-start",
@@ -244,31 +231,12 @@ class NativeStorage:
         if not self.existing:
             for d in self.disks:
                 # a bitmap of an earlier presync whose records did not hold
-                for b in (FROZEN, self.bitmap):
-                    await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=b)
+                await bitmap_pass.drop(self.mon, d.node)
+                await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
+                                       name=self.bitmap)
                 self._record("bitmap", node=d.node, name=self.bitmap)
                 await self.mon.cmd("block-dirty-bitmap-add", node=d.node, name=self.bitmap,
                                    persistent=self.resumable and d.fmt == "qcow2")
-
-    async def _freeze(self) -> None:
-        """One transaction per pass: what was dirty so far becomes the frozen
-        bitmap, and a fresh one records from this instant on."""
-        actions = []
-        for d in self.disks:
-            actions += [
-                {"type": "block-dirty-bitmap-disable", "data": {"node": d.node,
-                                                                 "name": self.bitmap}},
-                {"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": FROZEN,
-                                                             "disabled": True}},
-                {"type": "block-dirty-bitmap-merge", "data": {"node": d.node,
-                                                               "target": FROZEN,
-                                                               "bitmaps": [self.bitmap]}},
-                {"type": "block-dirty-bitmap-clear", "data": {"node": d.node,
-                                                               "name": self.bitmap}},
-                {"type": "block-dirty-bitmap-enable", "data": {"node": d.node,
-                                                                "name": self.bitmap}},
-            ]
-        await self.mon.cmd("transaction", actions=actions)
 
     async def dirty_by_node(self) -> dict[str, int]:
         nodes = await self.mon.cmd("query-named-block-nodes", flat=True)
@@ -303,7 +271,7 @@ class NativeStorage:
         if final and not any(dirty.values()):
             self.stats.passes += 1
             return 0
-        await self._freeze()
+        await bitmap_pass.freeze(self.mon, [d.node for d in self.disks], self.bitmap)
         moved = 0
         try:
             for d in self.disks:
@@ -312,17 +280,16 @@ class NativeStorage:
                     moved += r.bytes_written + r.bytes_zeroed
                 if final and not dirty.get(d.node):
                     continue
-                r = await self._copy(d, FROZEN, False, final)
+                r = await self._copy(d, bitmap_pass.FROZEN, False, final)
                 moved += r.bytes_written + r.bytes_zeroed
         except BaseException:
             if self.resumable:
                 for d in self.disks:
-                    await self.mon.try_cmd("block-dirty-bitmap-merge", node=d.node,
-                                           target=self.bitmap, bitmaps=[FROZEN])
+                    await bitmap_pass.give_back(self.mon, d.node, self.bitmap)
             raise
         finally:
             for d in self.disks:
-                await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=FROZEN)
+                await bitmap_pass.drop(self.mon, d.node)
         self.stats.bytes_copied += moved
         self.stats.passes += 1
         return moved
@@ -345,7 +312,6 @@ class NativeStorage:
         as it found, the guest writes faster than the engine copies: its disk
         writes are throttled (block_set_io_throttle), halving each time, until
         the passes win; the throttle is lifted in cleanup()."""
-        import time
         last: Optional[int] = None
         rate: Optional[float] = None
         for _ in range(MAX_PASSES + THROTTLE_STEPS):
@@ -378,7 +344,6 @@ class NativeStorage:
                                        bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
 
     async def final_pass(self) -> None:
-        import time
         t0 = time.monotonic()
         moved = await self.pass_dirty(final=True)
         self.stats.final_bytes = moved
@@ -387,17 +352,13 @@ class NativeStorage:
     async def cleanup(self) -> None:
         """Remove every export, bitmap, throttle and the NBD server this made."""
         await self.unthrottle()
-        exports = await self.mon.try_cmd("query-block-exports") or []
-        for e in exports:
-            if e["id"].startswith(EXPORT):
-                await self.mon.try_cmd("block-export-del", id=e["id"], mode="hard")
+        await bitmap_pass.unexport_all(self.mon)
         for d in self.disks:
             if self.resumable:
                 # Frozen bits not yet copied go back: a later migration needs
                 # them (whoever keeps the partial copy, or drops the bitmap)
-                await self.mon.try_cmd("block-dirty-bitmap-merge", node=d.node,
-                                       target=self.bitmap, bitmaps=[FROZEN])
-            await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node, name=FROZEN)
+                await bitmap_pass.give_back(self.mon, d.node, self.bitmap)
+            await bitmap_pass.drop(self.mon, d.node)
             if not self.resumable:
                 await self.mon.try_cmd("block-dirty-bitmap-remove", node=d.node,
                                        name=self.bitmap)

@@ -2,18 +2,19 @@
 own copy engine and its spec moves with them."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Optional
 
 from vmferry.copying import copy_async
 from vmferry.errors import UsageError
 from vmferry.eta import Estimator
-from vmferry.migration.destination import Destination
-from vmferry.migration.destination import destination_spec
-from vmferry.migration.incoming import create_image, image_size
+from vmferry.migration.destination import Destination, destination_spec
+from vmferry.migration.desthost.incoming import Incoming, create_image, image_size
+from vmferry.migration.job import JobInfo
 from vmferry.migration.local import LocalDestination
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.stats import JobInfo
+from vmferry.migration.plan import DiskPlan, file_id
 from vmferry.vm.state import StateDir
 
 
@@ -32,23 +33,18 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
     created = []
     try:
         if opts.copy_storage != "none":
-            for i, (d, t) in enumerate(zip(spec.disks, dspec.disks)):
-                if d.readonly or d.shared:
-                    continue
-                if t.path == d.path:
-                    raise UsageError(f"the destination image of disk{i} is the source's own "
-                                     f"file: map it elsewhere with --disk-map")
-                size = image_size(d.path) or 0
-                info.disk_total += size
-                have = image_size(t.path)
-                if have is None:
-                    if not opts.create_disks:
-                        raise UsageError(f"destination image {t.path} does not exist: "
-                                         f"create it or pass --create-disks")
-                    create_image(t.path, "raw", size, None, "raw")
-                    created.append(t.path)
-                elif have < size:
-                    raise UsageError(f"destination image {t.path} is smaller than {d.path}")
+            # the destination's own checks, as a live migration's Prepare makes
+            # them (same file, exists or --create-disks, large enough)
+            plans = [DiskPlan(node=f"disk{i}", path=d.path, fmt=d.format,
+                              size=image_size(d.path) or 0, source_id=file_id(d.path))
+                     for i, d in enumerate(spec.disks) if not (d.readonly or d.shared)]
+            info.disk_total = sum(p.size for p in plans)
+            missing, problems = Incoming(dest.state).disk_problems(dspec, plans, opts, set())
+            if problems:
+                raise UsageError(problems[0])
+            for plan in missing:
+                create_image(plan.dest_path, "raw", plan.size, None, "raw")
+                created.append(plan.dest_path)
             for d, t in zip(spec.disks, dspec.disks):
                 if d.readonly or d.shared:
                     continue
@@ -72,7 +68,6 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
         if opts.undefine_source:
             state.spec_path(rec.name).unlink(missing_ok=True)
     except BaseException:
-        import os
         for p in created:
             if os.path.exists(p):
                 os.unlink(p)

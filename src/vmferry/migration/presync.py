@@ -29,7 +29,6 @@ warn and copy the whole disk: never a silent partial copy.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -40,16 +39,17 @@ from typing import Any, Callable, Optional, Union
 from vmferry.aio import in_thread, uncancellable
 from vmferry.copying import copy_async
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
-from vmferry.migration import probe, spans
-from vmferry.migration.dryrun import PROBE_SECONDS, DiskMove, DryRun, options_in_effect
+from vmferry.migration import bitmap_pass, journal, probe, spans
+from vmferry.migration.destination import destination_spec
+from vmferry.migration.dryrun import DiskMove, DryRun, PROBE_SECONDS, options_in_effect
+from vmferry.migration.journal import refuse_if_interrupted
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan, plan_disks
+from vmferry.migration.plan import DiskPlan
+from vmferry.migration.source import plan_disks
 from vmferry.migration.spans import Span
 
 BITMAP = "vmferry-presync"
-FROZEN = "vmferry-presync-frozen"
-EXPORT = "vmferry-presync-"
 RECORD = "presync.json"
 
 
@@ -155,7 +155,7 @@ async def _bitmaps(mon: Monitor) -> dict[str, dict[str, Any]]:
     """node -> {bitmap name: info} for our presync bitmaps."""
     nodes = await mon.cmd("query-named-block-nodes", flat=True)
     return {n["node-name"]: {b["name"]: b for b in n.get("dirty-bitmaps", [])
-                             if b["name"] in (BITMAP, FROZEN)} for n in nodes}
+                             if b["name"] in (BITMAP, bitmap_pass.FROZEN)} for n in nodes}
 
 
 async def delta(mon: Monitor, good: dict[str, dict], plans: list[DiskPlan]) -> dict[str, int]:
@@ -251,7 +251,7 @@ async def discard(state: Any, name: str, dest: Any, opts: MigrateOptions) -> str
     if rec.pid is not None:
         async with Monitor(rec.qmp_socket, "source", "presync") as mon:
             for node in copied:
-                for b in (FROZEN, BITMAP):
+                for b in (bitmap_pass.FROZEN, BITMAP):
                     await mon.try_cmd("block-dirty-bitmap-remove", node=node, name=b)
     await dest.connect(opts)
     await forget(state, name, dest, discard=True)
@@ -263,8 +263,6 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
                   warn: Optional[Callable[[str], None]] = None,
                   progress: Optional[Callable[[Any], None]] = None) -> PresyncResult:
     """Copy (or refresh) the destination images of NAME's disks while it runs."""
-    from vmferry.migration.destination import destination_spec
-    from vmferry.migration.journal import refuse_if_interrupted
     refuse_if_interrupted(state, name)
     rec = state.load(name)
     if rec.pid is None:
@@ -277,8 +275,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
         stats.warnings.append(text)
         if warn is not None:
             warn(text)
-    from vmferry.migration.api import open_journal
-    jr = open_journal(state, "presync", name, dest, opts)
+    jr = journal.start(state, "presync", name, dest.uri, opts)
     try:
         mon = await Monitor(rec.qmp_socket, "source", "presync").connect()
     except BaseException:
@@ -369,13 +366,11 @@ async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRu
     journal, bitmap, export or NBD server on the source, no image, record or
     qemu-nbd on the destination (a dry run).  A disk whose records hold
     would move only what its bitmap marks."""
-    from vmferry.migration.api import journal_problem
-    from vmferry.migration.destination import destination_spec
     rec = state.load(name)
     run = DryRun(name=name, destination=repr(dest), kind="presync",
                  transport=dest.transport(opts), engine="native",
                  options=options_in_effect(opts))
-    problem = journal_problem(state, name)
+    problem = journal.problem(state, name)
     if problem:
         run.add_problems([problem])
     if not dest.presync_ok:
@@ -431,24 +426,15 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
     if not incremental:
         # Start recording before the full copy: every write from now on is
         # caught by the next presync or the migration.
-        for b in (FROZEN, BITMAP):
+        for b in (bitmap_pass.FROZEN, BITMAP):
             if b in maps:
                 await mon.cmd("block-dirty-bitmap-remove", node=p.node, name=b)
         await mon.cmd("block-dirty-bitmap-add", node=p.node, name=BITMAP,
                       persistent=p.fmt == "qcow2")
     else:
-        await mon.cmd("transaction", actions=[
-            {"type": "block-dirty-bitmap-add",
-             "data": {"node": p.node, "name": FROZEN, "disabled": True}},
-            {"type": "block-dirty-bitmap-merge",
-             "data": {"node": p.node, "target": FROZEN, "bitmaps": [BITMAP]}},
-            {"type": "block-dirty-bitmap-clear", "data": {"node": p.node, "name": BITMAP}}])
-    export = {"type": "nbd", "id": EXPORT + p.node, "node-name": p.node,
-              "name": EXPORT + p.node, "writable": False}
-    if incremental:
-        export["bitmaps"] = [FROZEN]
-    await mon.cmd("block-export-add", **export)
-    src, dst = f"nbd+unix:///{EXPORT}{p.node}?socket={src_sock}", uri_of(target["server"])
+        await bitmap_pass.freeze(mon, [p.node], BITMAP)
+    await bitmap_pass.export(mon, p.node, bitmap_pass.FROZEN if incremental else None)
+    src, dst = bitmap_pass.export_uri(p.node, src_sock), uri_of(target["server"])
     try:
         moved = 0
         for span in (lacking or []) if incremental else []:
@@ -457,22 +443,16 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
             r = await copy_async(src, dst, span=span, force_multi_conn=True,
                                  progress=progress, rate=rate or None)
             moved += r.bytes_written + r.bytes_zeroed
-        r = await copy_async(src, dst, bitmap=FROZEN if incremental else None,
+        r = await copy_async(src, dst, bitmap=bitmap_pass.FROZEN if incremental else None,
                              destination_is_zero=target["created"], flush=True,
                              zero_copy="off",   # until issue 12 item 3 measures it here
                              force_multi_conn=True, progress=progress, rate=rate or None)
-    except VmferryError:
-        if incremental:   # put the frozen bits back: nothing may be forgotten
-            await mon.try_cmd("block-dirty-bitmap-merge", node=p.node,
-                              target=BITMAP, bitmaps=[FROZEN])
+    except BaseException:
+        if incremental:   # nothing may be forgotten, cancelled or not
+            await bitmap_pass.give_back(mon, p.node, BITMAP)
         raise
     finally:
-        await mon.try_cmd("block-export-del", id=EXPORT + p.node, mode="hard")
+        await bitmap_pass.unexport(mon, p.node, wait=incremental)
         if incremental:
-            for _ in range(100):
-                if not any(e["id"] == EXPORT + p.node
-                           for e in await mon.cmd("query-block-exports")):
-                    break
-                await asyncio.sleep(0.005)
-            await mon.try_cmd("block-dirty-bitmap-remove", node=p.node, name=FROZEN)
+            await bitmap_pass.drop(mon, p.node)
     return moved + r.bytes_written + r.bytes_zeroed

@@ -40,12 +40,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from vmferry.errors import MigrationError, UsageError, VmferryError
-from vmferry.migration import journal as journal_mod, spans
+from vmferry.migration import bitmap_pass, journal as journal_mod, presync, source, spans
+from vmferry.migration.api import parse_destination
 from vmferry.migration.destination import Destination
 from vmferry.migration.journal import BadJournal, Journal
 from vmferry.migration.monitor import Monitor
+from vmferry.migration.native import NativeStorage
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
+from vmferry.vm.process import stop_vm_async
 from vmferry.vm.state import StateDir
 
 # how long a destination agent's session may go on working on the migration
@@ -79,7 +82,6 @@ async def recover(state: StateDir, name: str, *, resume_source: bool = False,
     paused) when the destination cannot tell whether it resumed the guest.
     RESUME_SOURCE: the user checked that the destination does not run it."""
     j = _claim(state, name)
-    from vmferry.migration.api import parse_destination
     try:
         dest = parse_destination(j.dest)
         try:
@@ -177,7 +179,6 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
     # when the source resumes.  What the disk copy got stays there as a
     # partial copy where it can (as the live rollback keeps it, flow.py); a
     # mirror still writing into it is stopped before that.
-    from vmferry.migration import presync, source
     keep = _partial_copies(j) if mon is not None and keep_copy else {}
     if mon is not None:
         await source.rollback(mon, resume=False)
@@ -213,7 +214,6 @@ def _partial_copies(j: Journal) -> dict[str, "presync.Missing"]:
     """node -> what its destination image lacks (the journal's last word on
     it; after a mirror, UNWRITTEN), when the copy ran resumable, the
     destination can keep the images and a copy got somewhere; else {}."""
-    from vmferry.migration import presync
     if not j.has("destination") or not (j.dest.startswith("local://") or j.has("keep")):
         return {}
     if any(r.get("resumable") for r in j.has("mirror")):
@@ -237,10 +237,8 @@ async def _undo_copies(state: StateDir, j: Journal, mon: Optional[Monitor],
     the destination KEPT (generation, node -> what it lacks); otherwise it
     goes, and so do the records of a presync it used (the destination images
     changed under them)."""
-    from vmferry.migration import presync
     for res in j.has("native"):
         if mon is not None:
-            from vmferry.migration.native import NativeStorage
             ns = NativeStorage(mon, _disks(j), None, Path(res["socket"]), lambda snap: None,
                                bitmap=res.get("bitmap") or presync.BITMAP,
                                existing=bool(res.get("presynced")),
@@ -274,7 +272,6 @@ async def _undo_copies(state: StateDir, j: Journal, mon: Optional[Monitor],
 async def _retire_source(state: StateDir, j: Journal, mon: Optional[Monitor],
                          dest: Destination) -> None:
     """What Confirm does: the destination runs the guest, the source goes."""
-    from vmferry.vm.process import stop_vm_async
     await _undo_copies(state, j, mon, dest)
     if mon is not None:
         await mon.try_cmd("quit")
@@ -287,19 +284,17 @@ async def _retire_source(state: StateDir, j: Journal, mon: Optional[Monitor],
 async def _presync(state: StateDir, j: Journal, dest: Destination) -> str:
     """A presync has no point of no return: undo it, and let the next presync
     or migration copy in full (its records no longer vouch for anything)."""
-    from vmferry.migration import presync
     await dest.undo_orphan(j.name, j.token)
     mon = await _source(state, j.name)
     if mon is not None:
         try:
-            for e in await mon.cmd("query-block-exports"):
-                if e["id"].startswith(presync.EXPORT):
-                    await mon.try_cmd("block-export-del", id=e["id"], mode="hard")
+            await bitmap_pass.unexport_all(mon)
             if j.has("presync-server"):
                 await mon.try_cmd("nbd-server-stop")
             for d in j.has("presync-disk"):
-                await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
-                                  name=presync.FROZEN)
+                for frozen in (bitmap_pass.FROZEN, *bitmap_pass.OLD_NAMES["frozen"]):
+                    await mon.try_cmd("block-dirty-bitmap-remove", node=d["node"],
+                                      name=frozen)
                 # a bitmap started for an image that never got its copy
                 # vouches for nothing
                 if d.get("fresh"):

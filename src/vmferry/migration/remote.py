@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,10 +23,11 @@ from vmferry.agent import protocol, transport, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.transport import KEEPALIVE_COUNT, Target
 from vmferry.errors import MigrationError, UsageError, VmferryError
-from vmferry.migration.destination import (Destination, DestinationCheck, Prepared,
-                                            destination_spec)
+from vmferry.migration.destination import (
+    Destination, DestinationCheck, Prepared, destination_spec,
+)
 from vmferry.migration.options import MigrateOptions, parse_tcp_uri
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.plan import DiskPlan
 
 CONNECT_TIMEOUT = 30.0
 PROBE_STATES = ("running", "resumed-gone", "busy", "completed", "incoming", "absent",
@@ -390,7 +392,6 @@ class RemoteDestination(Destination):
             _end(self._ssh)
             self._ssh = None
         if self._tunnel_dir:
-            import shutil
             shutil.rmtree(self._tunnel_dir, ignore_errors=True)
             self._tunnel_dir = None
 

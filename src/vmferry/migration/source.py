@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from vmferry.errors import MigrationError, UsageError
 from vmferry.migration.monitor import Monitor
+from vmferry.migration.plan import DiskPlan, file_id
 from vmferry.migration.options import MigrateOptions
 
 PREFIX = "vmferry-mirror-"
@@ -20,22 +21,6 @@ PREFIX = "vmferry-mirror-"
 UNLIMITED_BANDWIDTH = 1 << 40
 DEFAULT_DOWNTIME_MS = 300
 TLS_ID = "vmferry-tls"
-
-
-@dataclasses.dataclass
-class DiskPlan:
-    """One disk to move: the source's node and where its data goes."""
-
-    node: str                 # format node name in both QEMUs, e.g. disk0
-    path: str                 # source image path
-    fmt: str
-    size: int                 # virtual size in bytes
-    dest_path: str = ""
-    export: str = ""          # NBD export name on the destination
-    backing: Optional[str] = None
-    backing_fmt: Optional[str] = None
-    source_id: Optional[str] = None   # destination.file_id of the source image
-    allocated: Optional[int] = None   # bytes the source image holds on its file system
 
 
 async def describe(mon: Monitor) -> dict[str, Any]:
@@ -100,7 +85,6 @@ async def plan_disks(mon: Monitor, spec: Any, opts: MigrateOptions) -> list[Disk
         backing = info.get("backing_file") or image.get("backing-filename")
         backing_fmt = (image.get("backing-filename-format")
                        or (image.get("backing-image") or {}).get("format"))
-        from vmferry.migration.destination import file_id
         plans.append(DiskPlan(node=node, path=d.path, fmt=d.format,
                               size=image.get("virtual-size", 0), export=node,
                               backing=backing, backing_fmt=backing_fmt,

@@ -22,11 +22,12 @@ from typing import Any, Callable, Iterable, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.destination import Prepared, file_id
+from vmferry.migration import testhooks
+from vmferry.migration.destination import Prepared
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.source import DiskPlan
-from vmferry.migration import testhooks
+from vmferry.migration.plan import DiskPlan, file_id
+from vmferry.migration.source import capabilities, set_capabilities
 from vmferry.units import format_size
 from vmferry.vm.process import start_vm_async, stop_vm_async
 from vmferry.vm.spec import NAME_RE
@@ -421,7 +422,6 @@ class Incoming:
             await self.mon.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID,
                                                 "dir": net.tls_dir, "endpoint": "server",
                                                 "verify-peer": True})
-        from vmferry.migration.source import capabilities, set_capabilities
         # The destination must agree on the capabilities that change the stream.
         await set_capabilities(self.mon, [c for c in capabilities(opts)
                                           if c["capability"] in ("postcopy-ram", "multifd")])
@@ -612,7 +612,7 @@ def _claimed_elsewhere(state: StateDir, name: str) -> bool:
 def _made_by_presync(image: str) -> bool:
     """An image presync made (even one whose record no longer holds) is vmferry's
     to write; anything else on the destination is not, unless asked."""
-    from vmferry.migration.presync_target import sidecar
+    from vmferry.migration.desthost.presync_target import sidecar   # presync_target imports this module
     return sidecar(image).exists()
 
 
@@ -627,7 +627,7 @@ def keep_images(keep: dict[str, tuple[str, int, str]], source: str, clean: bool,
     IDS so that they are not removed with the rest.  All or none: a qcow2
     image whose QEMU did not stop cleanly may lack metadata it cached, and
     then nothing is kept.  Returns whether they were."""
-    from vmferry.migration.presync_target import forget, write_record
+    from vmferry.migration.desthost.presync_target import forget, write_record   # (a cycle, as above)
     if not keep or any(fmt != "raw" and not clean for _, _, fmt in keep.values()):
         return False
     done = []

@@ -50,6 +50,10 @@ class JobInfo:
     storage_passes: int = 0         # native engine: copy passes, the final one included
     final_pass_ms: Optional[int] = None   # native engine: the paused last pass
     final_pass_bytes: int = 0
+    # native engine: bytes moved on each kind of the engine's lanes
+    # ({"zero-copy": N, "libnbd": M}), and why not zero-copy, when not
+    storage_lanes: dict = dataclasses.field(default_factory=dict)
+    storage_lanes_note: str = ""
     # where the data went: the destination's NBD server and migration stream
     destination: str = ""
     disks_address: str = ""

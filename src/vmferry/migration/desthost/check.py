@@ -18,10 +18,10 @@ from typing import Any, Optional
 from vmferry import __version__
 from vmferry.errors import UsageError, VmferryError
 from vmferry.migration.destination import DestinationCheck
-from vmferry.migration.incoming import NO_TLS_CERTS, Incoming, Network
+from vmferry.migration.desthost.incoming import NO_TLS_CERTS, Incoming, Network
 from vmferry.migration.options import MigrateOptions
-from vmferry.migration.presync_target import PresyncTarget
-from vmferry.migration.source import DiskPlan
+from vmferry.migration.desthost.presync_target import PresyncTarget
+from vmferry.migration.plan import DiskPlan
 from vmferry.units import format_size
 from vmferry.vm.process import check_accel, preflight
 from vmferry.vm.qemu import (detect_accel, machine_supported, qemu_binary, qemu_version,

@@ -1,4 +1,5 @@
-"""Test data, independent comparison, and running the vmferry CLI.
+"""What disks hold, made and judged without vmferry: images of known layouts,
+reads, digests, extents and dirty bitmaps, and a finished copy's counters.
 
 Everything that judges a copy reads the data with a tool other than vmferry: plain
 file reads for files, ``nbdcopy URI -`` for NBD servers, ``nbdinfo --map`` for
@@ -13,10 +14,7 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,7 +25,6 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 TOOL_TIMEOUT = 120        # seconds for any helper tool invocation
-VMFERRY_TIMEOUT = 120     # seconds for one `vmferry copy` run
 
 URI_PREFIXES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://",
                 "nbds+vsock://")
@@ -104,8 +101,9 @@ def write_layout(path: str | os.PathLike, size: int, regions: Iterable[Region],
 
 
 def make_image(path: str | os.PathLike, size: int, pattern: str = "random",
-               seed: int = 0) -> Path:
-    """A raw image of exactly SIZE bytes.
+               seed: int = 0, fmt: str = "raw") -> Path:
+    """An image of exactly SIZE bytes (virtual), raw or, with FMT, converted
+    from one (qemu-img convert keeps its holes unallocated).
 
     pattern: "random" - fully allocated random data;
              "zero"   - fully allocated zero bytes (zeros *written as data*, no holes);
@@ -113,6 +111,13 @@ def make_image(path: str | os.PathLike, size: int, pattern: str = "random",
              "hole"   - nothing allocated at all;
              "fill:0xNN" - fully allocated, every byte NN.
     """
+    if fmt != "raw":
+        raw = Path(path).with_suffix(".tmp.raw")
+        make_image(raw, size, pattern, seed)
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(raw),
+                        str(path)], check=True, timeout=TOOL_TIMEOUT)
+        raw.unlink()
+        return Path(path)
     if pattern == "random":
         regions = [Region(0, size, "data")] if size else []
         return write_layout(path, size, regions, seed)
@@ -407,106 +412,6 @@ def max_concurrent_connections(path) -> int:
         elif _DISCONNECT.search(line):
             open_now -= 1
     return best
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = predicate()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-# --------------------------------------------------------------------------- vmferry CLI
-
-def _env() -> dict:
-    env = dict(os.environ)
-    for k in ("LIBNBD_DEBUG", "NBDKIT_DEBUG", "PYTHONWARNINGS"):
-        env.pop(k, None)
-    return env
-
-
-def vmferry_argv(*args) -> list[str]:
-    return [sys.executable, "-m", "vmferry", *[os.fspath(a) for a in args]]
-
-
-def run_vmferry(*args, timeout: float = VMFERRY_TIMEOUT, cwd=None) -> subprocess.CompletedProcess:
-    """Run `python -m vmferry ARGS` with a timeout; text stdout/stderr captured."""
-    try:
-        return subprocess.run(vmferry_argv(*args), capture_output=True, text=True,
-                              timeout=timeout, env=_env(), cwd=cwd, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"vmferry {' '.join(map(str, args))} did not finish within "
-                             f"{timeout} s; stderr so far: {e.stderr!r}") from None
-
-
-def _default_sigint() -> None:       # runs in the child between fork and exec
-    # A shell without job control starts background jobs with SIGINT ignored, and an
-    # ignored signal stays ignored across exec: Python would then never raise
-    # KeyboardInterrupt.  Give vmferry the disposition an interactive Ctrl-C finds.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def popen_vmferry(*args, cwd=None) -> subprocess.Popen:
-    """Start `python -m vmferry ARGS` (SIGINT at its default disposition)."""
-    return subprocess.Popen(vmferry_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(), cwd=cwd, stdin=subprocess.DEVNULL,
-                            preexec_fn=_default_sigint)
-
-
-def copy_ok(*args, timeout: float = VMFERRY_TIMEOUT) -> subprocess.CompletedProcess:
-    """`vmferry copy ARGS` must succeed: exit 0, a `copied ` summary, clean stderr."""
-    cp = run_vmferry("copy", *args, timeout=timeout)
-    assert cp.returncode == 0, (f"vmferry copy {' '.join(map(str, args))} exited "
-                                f"{cp.returncode}\nstdout: {cp.stdout}\nstderr: {cp.stderr}")
-    assert "Traceback" not in cp.stderr, cp.stderr
-    if "--progress=json" not in args:
-        assert any(l.startswith("copied ") for l in cp.stdout.splitlines()), \
-            f"no 'copied ' summary line on stdout: {cp.stdout!r}"
-    return cp
-
-
-def assert_one_error_line(stderr: str) -> str:
-    """stderr is exactly one line `vmferry: error: ...`, no traceback; returns it."""
-    assert "Traceback" not in stderr, f"Python traceback on stderr:\n{stderr}"
-    lines = [l for l in stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{stderr}"
-    assert lines[0].startswith("vmferry: error: "), f"bad error line: {lines[0]!r}"
-    assert len(lines[0]) > len("vmferry: error: ") + 5, f"error line says nothing: {lines[0]!r}"
-    return lines[0]
-
-
-def assert_cli_error(cp: subprocess.CompletedProcess, codes: int | Sequence[int] = 1) -> str:
-    """A failed run: exit code in CODES, one `vmferry: error: ` line, no summary."""
-    codes = (codes,) if isinstance(codes, int) else tuple(codes)
-    assert cp.returncode in codes, (f"exit {cp.returncode}, expected {codes}\n"
-                                    f"stdout: {cp.stdout}\nstderr: {cp.stderr}")
-    assert not any(l.startswith("copied ") for l in cp.stdout.splitlines()), cp.stdout
-    return assert_one_error_line(cp.stderr)
-
-
-def parse_json_lines(stdout: str) -> list[dict]:
-    out = []
-    for line in stdout.splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise AssertionError(f"not a JSON line in --progress=json output: {line!r}")
-    return out
-
-
-def terminate_vmferry(p: subprocess.Popen) -> None:
-    """Make sure a vmferry subprocess we started is gone (teardown of a failed test)."""
-    if p.poll() is None:
-        p.kill()
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 COUNTERS = ("bytes_total", "bytes_read", "bytes_written", "bytes_zeroed", "bytes_skipped")

@@ -26,9 +26,11 @@ from typing import Any, Optional
 
 from vmferry.aio import in_thread
 from vmferry.errors import MigrationError, UsageError
-from vmferry.migration.destination import file_id
-from vmferry.migration.incoming import (Policy, claim_file, create_image, image_size,
-                                        make_parents, orphaned, remove_made)
+from vmferry.migration.desthost.incoming import (
+    Policy, claim_file, create_image, image_size, make_parents, orphaned, remove_made,
+)
+from vmferry.migration.plan import file_id
+from vmferry.migration.spans import coalesce
 from vmferry.vm.state import owner_record
 
 START_TIMEOUT = 10.0
@@ -88,7 +90,6 @@ def unwritten(image: str, fmt: str) -> Optional[list[list[int]]]:
     copied.  None when the file system cannot tell holes from data (it then
     claims more data than the file has blocks): such an image vouches for
     nothing.  Read with the image's QEMU stopped."""
-    from vmferry.migration.spans import coalesce
     size = image_size(image) if fmt == "qcow2" else os.path.getsize(image)
     if size is None:
         return None
