@@ -544,10 +544,11 @@ def test_presync_side_by_side(pbench: PresyncBench) -> None:
         "The guest is kept idle with 64 MiB of its 512 MiB touched, so its memory phase is "
         "short and the same for both contenders; a busier guest would add the same memory "
         "time to both and raise the ratio.",
-        "disk MiB moved: jobinfo's disk_processed.  With the default storage engine between "
-        "hosts (QEMU's mirror) that is the mirror job's offset: the whole virtual disk, its "
-        "unwritten half sent as zero writes, not data.  The presync row's disk bytes are not "
-        "shown: it copies the data before the migration, while the VM runs.",
+        "disk MiB moved: jobinfo's disk_processed.  The full migration runs the default "
+        "storage engine (the engine column says which): for QEMU's mirror that is the job's "
+        "offset, the whole virtual disk with its unwritten half sent as zero writes; the "
+        "native engine counts the allocated data it sent.  The presync row's disk bytes are "
+        "not shown: it copies the data before the migration, while the VM runs.",
         "storage s: from the migration's perform phase to its first progress report with "
         "memory (to the progress granularity); memory s: QEMU's total-time of the memory "
         "migration; outside the job: process start, ssh and agent start, and exit.",
