@@ -56,8 +56,10 @@ if QUICK:
 
 import report as rpt  # noqa: E402
 from bench_migrate import DISK_SIZE, _spec  # noqa: E402
-from bench_remote import TLS, RemoteBench, _foreign_qemus, _vmferry_version  # noqa: E402
-from netlab import NetLab, netlab_unavailable  # noqa: E402  (bench_remote added tests/)
+from bench_remote import (  # noqa: E402
+    TLS, RemoteBench, _foreign_qemus, _vmferry_version, require_two_hosts,
+)
+from netlab import NetLab  # noqa: E402  (bench_remote added tests/)
 from vmferry.guest import wait_for_pass  # noqa: E402
 from vmferry.vm.process import start_vm, vm_status  # noqa: E402
 from vmferry.vm.state import StateDir  # noqa: E402
@@ -273,14 +275,7 @@ class NativeRemoteBench(RemoteBench):
 
 @pytest.fixture(scope="module")
 def nbench():
-    for tool in ("qemu-system-x86_64", "qemu-img"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} is not installed")
-    if not (shutil.which("as") and shutil.which("ld")):
-        pytest.skip("GNU binutils (as, ld) not installed: cannot build the test guest")
-    reason = netlab_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_two_hosts()
     root = Path(tempfile.mkdtemp(prefix="vmfn-", dir="/dev/shm"))
     lab = None
     try:

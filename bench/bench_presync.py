@@ -59,7 +59,10 @@ import pytest
 
 import report as rpt
 from bench_copy import _pdeathsig, _process_cpu, _system_busy_cpu
-from bench_remote import _foreign_qemus, _in_namespace, _qemu_img_compare, _vmferry_version
+from bench_remote import (  # noqa: E402
+    _foreign_qemus, _in_namespace, _qemu_img_compare, _vmferry_version, lab_sshd,
+    require_two_hosts,
+)
 from vmferry.guest import build_guest, guest_cmdline, wait_for_pass
 from vmferry.vm.process import start_vm, stop_all, vm_status
 from vmferry.vm.qmp import qmp_session
@@ -69,7 +72,7 @@ from vmferry.vm.state import StateDir
 _TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(_TESTS) not in sys.path:
     sys.path.append(str(_TESTS))      # after bench/: tests/ only lends netlab.py
-from netlab import NetLab, NetLabError, netlab_unavailable, start_sshd  # noqa: E402
+from netlab import NetLab  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SCALE = float(os.environ.get("VMFERRY_BENCH_SCALE", "1"))
@@ -434,22 +437,12 @@ class PresyncBench:
 
 @pytest.fixture(scope="module")
 def pbench():
-    for tool in ("qemu-system-x86_64", "qemu-img", "qemu-nbd"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} is not installed")
-    if not (shutil.which("as") and shutil.which("ld")):
-        pytest.skip("GNU binutils (as, ld) not installed: cannot build the test guest")
-    reason = netlab_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_two_hosts("qemu-nbd")
     root = Path(tempfile.mkdtemp(prefix="vmfp-", dir="/dev/shm"))
     lab = None
     try:
         lab = NetLab()
-        try:
-            sshd = start_sshd(lab, root / "sshd")
-        except NetLabError as e:
-            pytest.skip(f"no sshd for the destination host: {e}")
+        sshd = lab_sshd(lab, root)
         lab.shape(RATE)
         yield PresyncBench(root, lab, sshd)
     finally:

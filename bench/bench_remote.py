@@ -387,9 +387,10 @@ def _where_it_goes(med: dict[str, float], probes: dict[str, float]) -> str:
     return text + "."
 
 
-@pytest.fixture(scope="module")
-def rbench():
-    for tool in ("qemu-system-x86_64", "qemu-img"):
+def require_two_hosts(*tools: str) -> None:
+    """Skip, saying why, where a benchmark between two hosts cannot run here:
+    QEMU and TOOLS, binutils for the test guest, network namespaces."""
+    for tool in ("qemu-system-x86_64", "qemu-img", *tools):
         if not shutil.which(tool):
             pytest.skip(f"{tool} is not installed")
     if not (shutil.which("as") and shutil.which("ld")):
@@ -397,14 +398,24 @@ def rbench():
     reason = netlab_unavailable()
     if reason:
         pytest.skip(reason)
+
+
+def lab_sshd(lab: NetLab, root: Path) -> Any:
+    """A real sshd on the lab's destination host (skip without one)."""
+    try:
+        return start_sshd(lab, root / "sshd")
+    except NetLabError as e:
+        pytest.skip(f"no sshd for the destination host: {e}")
+
+
+@pytest.fixture(scope="module")
+def rbench():
+    require_two_hosts()
     root = Path(tempfile.mkdtemp(prefix="vmfr-", dir="/dev/shm"))
     lab = None
     try:
         lab = NetLab()
-        try:
-            sshd = start_sshd(lab, root / "sshd")
-        except NetLabError as e:
-            pytest.skip(f"no sshd for the destination host: {e}")
+        sshd = lab_sshd(lab, root)
         lab.shape(RATE)
         rb = RemoteBench(root, lab, sshd)
         if TLS_AGENT:

@@ -48,8 +48,10 @@ if QUICK:
 import report as rpt  # noqa: E402
 from bench_migrate import DISK_SIZE  # noqa: E402
 from bench_native_remote import NativeRemoteBench, _allocated  # noqa: E402
-from bench_remote import TLS, TLS_PORT, _foreign_qemus, _vmferry_version  # noqa: E402
-from netlab import NetLab, netlab_unavailable, start_sshd  # noqa: E402
+from bench_remote import (  # noqa: E402
+    TLS, TLS_PORT, _foreign_qemus, _vmferry_version, lab_sshd, require_two_hosts,
+)
+from netlab import NetLab  # noqa: E402
 from vmferry.vm.process import vm_status  # noqa: E402
 from vmferry.vm.state import StateDir  # noqa: E402
 
@@ -167,19 +169,12 @@ class TunnelBench(NativeRemoteBench):
 
 @pytest.fixture(scope="module")
 def tbench():
-    for tool in ("qemu-system-x86_64", "qemu-img"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} is not installed")
-    if not (shutil.which("as") and shutil.which("ld")):
-        pytest.skip("GNU binutils (as, ld) not installed: cannot build the test guest")
-    reason = netlab_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_two_hosts()
     root = Path(tempfile.mkdtemp(prefix="vmft-", dir="/dev/shm"))
     lab = sshd = None
     try:
         lab = NetLab()
-        sshd = start_sshd(lab, root / "sshd")
+        sshd = lab_sshd(lab, root)
         tb = TunnelBench(root, lab, sshd)
         tb.start_tls_agent()
         yield tb
