@@ -73,9 +73,7 @@ LINKS = {"unshaped veth": None, "1 Gbit/s (tc)": "1gbit"}
 ENGINES = ["native", "mirror"]
 TARGET_TIME, TARGET_CPU = 0.8, 0.5
 TIMEOUT = float(os.environ.get("VMFERRY_BENCH_TIMEOUT", "600"))
-OUT_DIR = Path(os.environ.get("VMFERRY_BENCH_OUT") or (
-    Path(tempfile.gettempdir()) / "vmferry-bench-quick" if QUICK
-    else Path(__file__).parent / "results"))
+OUT_DIR = rpt.out_dir(QUICK)
 TICK = os.sysconf("SC_CLK_TCK")
 GiB = 1 << 30
 

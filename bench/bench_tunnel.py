@@ -62,9 +62,7 @@ DIRECT, TUNNEL = "direct --tls", "tunnelled ssh://"
 TOOLS = [DIRECT, TUNNEL]
 TARGET_UNSHAPED, TARGET_SHAPED = 0.8, 0.95
 TIMEOUT = float(os.environ.get("VMFERRY_BENCH_TIMEOUT", "600"))
-OUT_DIR = Path(os.environ.get("VMFERRY_BENCH_OUT") or (
-    Path(tempfile.gettempdir()) / "vmferry-bench-quick" if QUICK
-    else Path(__file__).parent / "results"))
+OUT_DIR = rpt.out_dir(QUICK)
 GiB = 1 << 30
 
 

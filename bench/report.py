@@ -34,6 +34,17 @@ from typing import Any, Callable, Iterable, Sequence
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT_DIR = BENCH_DIR / "results"
 
+
+def out_dir(quick: bool = False) -> Path:
+    """Where a benchmark writes its results: $VMFERRY_BENCH_OUT, else
+    bench/results, or for a quick (smoke) run a folder outside the tree, so
+    that it never replaces a real result."""
+    import tempfile
+    env = os.environ.get("VMFERRY_BENCH_OUT")
+    if env:
+        return Path(env)
+    return Path(tempfile.gettempdir()) / "vmferry-bench-quick" if quick else DEFAULT_OUT_DIR
+
 GiB = 1 << 30
 MiB = 1 << 20
 
