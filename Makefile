@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian 12 packages: the engine's build and the real servers tests run.
 DEB_PKGS := build-essential pkg-config cmake python3-venv python3-dev nftables \
-            libnbd-dev libnbd-bin nbdkit qemu-utils qemu-system-x86 binutils \
+            libnbd-dev libnbd-bin libgnutls28-dev nbdkit qemu-utils qemu-system-x86 binutils \
             openssh-server openssh-client iproute2 openssl
 
 EXT_SRC := $(wildcard ext/*.c ext/*.h) src/vmferry/_engine.pyx src/vmferry/_engine.pxd setup.py

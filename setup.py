@@ -16,8 +16,9 @@ def pkgconfig(flag: str, pkg: str) -> list[str]:
 
 # Only the engine sources; ext/tests/ holds the C unit tests that CMake builds.
 sources = sorted(glob.glob("ext/*.c")) + ["src/vmferry/_engine.pyx"]
-cflags = [f for f in pkgconfig("--cflags", "libnbd")]
-libs = [f[2:] for f in pkgconfig("--libs", "libnbd") if f.startswith("-l")] or ["nbd"]
+cflags = pkgconfig("--cflags", "libnbd") + pkgconfig("--cflags", "gnutls")
+libs = ([f[2:] for f in pkgconfig("--libs", "libnbd") if f.startswith("-l")] or ["nbd"]) + \
+       ([f[2:] for f in pkgconfig("--libs", "gnutls") if f.startswith("-l")] or ["gnutls"])
 
 engine = Extension(
     "vmferry._engine",

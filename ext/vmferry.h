@@ -147,6 +147,75 @@ void vf_endpoint_close(struct vf_endpoint *ep);
 /* The version of the libnbd this engine runs with ("1.14.2"), or "unknown". */
 const char *vf_libnbd_version(void);
 
+/* The --tunnelled relay over TLS (tunnel.c): byte streams between Unix
+ * sockets on each host and TLS connections to the agent's one port, so
+ * QEMU's disk and memory streams cross the network on that port alone and
+ * never pass through Python.  One thread runs vf_relay_run(); the other
+ * calls may come from any thread meanwhile.
+ *
+ * A client relay (the source host) listens on Unix sockets; each
+ * connection accepted there becomes a TLS connection (client certificate)
+ * to the agent, whose first bytes are VF_RELAY_PREFACE in the clear, then,
+ * inside TLS, a header naming the route's token.  A server relay (in the
+ * agent) is handed such connections with the preface already read, does
+ * the TLS handshake (a client certificate signed by the CA is required),
+ * reads the header, and connects to the Unix socket routed to that token,
+ * or closes the connection. */
+#define VF_RELAY_PREFACE      "VMFRELAY"      /* 8 bytes, never a TLS record */
+#define VF_RELAY_PREFACE_LEN  8
+#define VF_RELAY_TOKEN_LEN    64              /* hex digits */
+
+enum vf_relay_role { VF_RELAY_CLIENT = 0, VF_RELAY_SERVER = 1 };
+
+struct vf_relay_config {
+  int role;                   /* enum vf_relay_role */
+  const char *ca_file;        /* PEM: the CA the peer's certificate must chain to */
+  const char *cert_file;      /* PEM: this side's certificate */
+  const char *key_file;       /* PEM: its key */
+  const char *address;        /* client: the agent's numeric IP address */
+  unsigned port;              /* client: its TLS port */
+  const char *server_name;    /* client: the name (or IP) the agent's
+                                 certificate must carry */
+  unsigned handshake_ms;      /* a connection not relaying by then is closed
+                                 (connect, TLS handshake, header); 0: 5000 */
+  unsigned pending_cap;       /* server: connections held before they relay;
+                                 a newcomer evicts the oldest; 0: 64 */
+};
+
+struct vf_relay_stats {
+  uint64_t bytes_up;          /* Unix side -> TLS side (payload) */
+  uint64_t bytes_down;        /* TLS side -> Unix side */
+  uint64_t connections;       /* that reached relaying */
+  uint64_t refused;           /* closed before relaying (handshake, header,
+                                 token, deadline, eviction, connect) */
+  uint64_t failed;            /* closed by an error while relaying */
+  uint64_t cpu_ns;            /* the relay thread's CPU time */
+  unsigned active;            /* connections open now */
+  char last_error[256];       /* why the last connection was refused or failed */
+};
+
+struct vf_relay;
+
+struct vf_relay *vf_relay_new(const struct vf_relay_config *cfg, struct vf_error *err);
+/* Client: a Unix socket at PATH (created here, mode 0600) whose connections
+ * are carried to the agent's route TOKEN. */
+int vf_relay_listen(struct vf_relay *r, const char *path, const char *token,
+                    struct vf_error *err);
+/* Server: connections presenting TOKEN go to the Unix socket PATH. */
+int vf_relay_route(struct vf_relay *r, const char *token, const char *path,
+                   struct vf_error *err);
+/* Server: new connections with TOKEN are refused (open ones go on). */
+void vf_relay_unroute(struct vf_relay *r, const char *token);
+/* Server: takes FD (a TCP connection whose preface was read) in all cases;
+ * it must finish its handshake and header within TIMEOUT_MS. */
+int vf_relay_adopt(struct vf_relay *r, int fd, unsigned timeout_ms, struct vf_error *err);
+/* Relays until vf_relay_stop(); 0, or -1 with *err set (never exits). */
+int vf_relay_run(struct vf_relay *r, struct vf_error *err);
+void vf_relay_stop(struct vf_relay *r);
+void vf_relay_stats(struct vf_relay *r, struct vf_relay_stats *out);
+/* Closes every connection and socket.  Never while vf_relay_run(r) runs. */
+void vf_relay_free(struct vf_relay *r);
+
 #ifdef __cplusplus
 }
 #endif
