@@ -585,15 +585,15 @@ def test_partial_copy_to_another_host_is_kept(rlab, how, engine):
 
 
 @contextlib.contextmanager
-def _firewall_all_but_ssh(net, folder: Path):
-    """The destination host answers only on its ssh port: anything else is
-    refused (reset), as by a host firewall; removed on the way out (the
-    namespace serves the module's other tests)."""
+def _firewall_all_but_ssh(net, folder: Path, port: int = 22):
+    """The destination host answers only on its ssh port (or PORT): anything
+    else is refused (reset), as by a host firewall; removed on the way out
+    (the namespace serves the module's other tests)."""
     rules = folder / "firewall.nft"
     rules.write_text("table inet vmferry_test {\n  chain input {\n"
                      "    type filter hook input priority 0; policy accept;\n"
                      "    iif lo accept\n    ct state established,related accept\n"
-                     "    tcp dport 22 accept\n    meta l4proto tcp reject with tcp reset\n"
+                     f"    tcp dport {port} accept\n    meta l4proto tcp reject with tcp reset\n"
                      "  }\n}\n")
     out = net.run(["nft", "-f", str(rules)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -649,10 +649,50 @@ def _tunnelled_migration(rlab, engine: str) -> None:
     assert not list(Path(tempfile.gettempdir()).glob("vmferry-tunnel-*")), "tunnel left"
 
 
+def test_tunnelled_to_a_tls_agent_through_a_firewall_that_passes_only_its_port(rlab):
+    """--tunnelled to tls://: the disks and the memory go through the agent's
+    TLS port, relayed by vmferry's C engine on both hosts, so a destination
+    whose firewall passes only that port is reached and nothing new listens
+    there meanwhile.  Without it, one line says why not."""
+    if shutil.which("nft") is None:
+        pytest.skip("nftables is not installed")
+    rlab.start_tls_agent()
+    listening = _listening(rlab.net)
+    assert TLS_PORT in listening, listening
+    src = make_image(rlab.root / "src.raw", 32 * MiB, fmt="raw")
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow")
+    serial = rlab.serial_of(spec)
+    rlab.run_vm(spec)
+    dmap = ("--disk-map", f"{src}={dst}", "--create-disks")
+    with _firewall_all_but_ssh(rlab.net, rlab.root, TLS_PORT):
+        line = rlab.one_error(rlab.remote(rlab.tls_uri(), *dmap))
+        assert "source VM is running" in line, line
+        assert rlab.status()["state"] == "running"
+        rlab.assert_destination_empty()
+        rlab.env["VMFERRY_TEST_HOLD"] = "finish:4"     # a moment to look around, then on
+        p = rlab.start("migrate", "web1", rlab.tls_uri(), "--pki", rlab.pki.dir, *dmap,
+                       "--tunnelled")
+        rlab.wait_for("everything to arrive",
+                      lambda: rlab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+        rlab.env.pop("VMFERRY_TEST_HOLD")
+        assert _listening(rlab.net) == listening, _listening(rlab.net)
+        out = rlab.ok(rlab.finish(p))
+    assert out.startswith("migrated web1 in "), out
+    st = rlab.status(state=rlab.B)
+    assert st["state"] == "running" and _in_namespace(st["pid"], rlab.net.ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
+    assert images_identical(src, dst, "raw") == ""
+    assert not list(Path(tempfile.gettempdir()).glob("vmferry-tunnel-*")), "tunnel left"
+
+
 def test_tunnelled_refuses_what_it_makes_needless(rlab):
     src = make_image(rlab.root / "src.raw", 8 * MiB, fmt="raw")
     rlab.run_vm(rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow"))
     line = rlab.one_error(rlab.remote(rlab.ssh_uri(), "--tunnelled", "--tls"), code=2)
     assert "drop --tls" in line, line
-    line = rlab.one_error(rlab.remote(rlab.tls_uri(), "--tunnelled"), code=2)
-    assert "--tunnelled needs an ssh:// destination" in line, line
+    line = rlab.one_error(rlab.remote(rlab.tls_uri(), "--tunnelled", "--tls"), code=2)
+    assert "drop --tls" in line, line

@@ -81,3 +81,45 @@ cdef extern from "vmferry.h" nogil:
     int vf_endpoint_flush(vf_endpoint *ep, vf_error *err)
     void vf_endpoint_close(vf_endpoint *ep)
     const char *vf_libnbd_version()
+
+    char *VF_RELAY_PREFACE
+    int VF_RELAY_PREFACE_LEN
+    int VF_RELAY_TOKEN_LEN
+
+    enum vf_relay_role:
+        VF_RELAY_CLIENT
+        VF_RELAY_SERVER
+
+    struct vf_relay_config:
+        int role
+        const char *ca_file
+        const char *cert_file
+        const char *key_file
+        const char *address
+        unsigned port
+        const char *server_name
+        unsigned handshake_ms
+        unsigned pending_cap
+
+    struct vf_relay_stats:
+        uint64_t bytes_up
+        uint64_t bytes_down
+        uint64_t connections
+        uint64_t refused
+        uint64_t failed
+        uint64_t cpu_ns
+        unsigned active
+        char last_error[256]
+
+    struct vf_relay:
+        pass
+
+    vf_relay *vf_relay_new(const vf_relay_config *cfg, vf_error *err)
+    int vf_relay_listen(vf_relay *r, const char *path, const char *token, vf_error *err)
+    int vf_relay_route(vf_relay *r, const char *token, const char *path, vf_error *err)
+    void vf_relay_unroute(vf_relay *r, const char *token)
+    int vf_relay_adopt(vf_relay *r, int fd, unsigned timeout_ms, vf_error *err)
+    int vf_relay_run(vf_relay *r, vf_error *err)
+    void vf_relay_stop(vf_relay *r)
+    void vf_relay_get_stats(vf_relay *r, vf_relay_stats *out)
+    void vf_relay_free(vf_relay *r)

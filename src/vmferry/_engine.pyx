@@ -322,3 +322,127 @@ cdef class Endpoint(_InUse):
 def libnbd_version() -> str:
     """The version of the libnbd the engine runs with."""
     return vf_libnbd_version().decode()
+
+
+RELAY_PREFACE = (<bytes>VF_RELAY_PREFACE)[:VF_RELAY_PREFACE_LEN]
+RELAY_TOKEN_LEN = VF_RELAY_TOKEN_LEN
+
+
+cdef class Relay(_InUse):
+    """The --tunnelled TLS relay (ext/tunnel.c): role "client" listens on
+    Unix sockets and carries each connection to the agent at ADDRESS:PORT
+    (a numeric IP; its certificate must name SERVER_NAME); role "server"
+    takes connections the agent's listener adopts and routes them by token.
+
+    run() relays without the GIL until stop() (or close()); the other
+    methods may be called from any thread meanwhile.
+    """
+    cdef vf_relay *_r
+
+    def __cinit__(self, str role, str ca_file, str cert_file, str key_file, *,
+                  str address=None, unsigned port=0, str server_name=None,
+                  unsigned handshake_ms=0, unsigned pending_cap=0):
+        cdef vf_relay_config cfg
+        cdef vf_error err
+        memset(&cfg, 0, sizeof(cfg))
+        memset(&err, 0, sizeof(err))
+        if role not in ("client", "server"):
+            raise errors.UsageError(f"a relay is a client or a server, not {role!r}")
+        cdef bytes ca = ca_file.encode(), cert = cert_file.encode(), key = key_file.encode()
+        cdef bytes addr = (address or "").encode(), name = (server_name or "").encode()
+        cfg.role = VF_RELAY_CLIENT if role == "client" else VF_RELAY_SERVER
+        cfg.ca_file = ca
+        cfg.cert_file = cert
+        cfg.key_file = key
+        cfg.address = <const char *>addr if address is not None else NULL
+        cfg.port = port
+        cfg.server_name = <const char *>name if server_name is not None else NULL
+        cfg.handshake_ms = handshake_ms
+        cfg.pending_cap = pending_cap
+        with nogil:
+            self._r = vf_relay_new(&cfg, &err)
+        if self._r == NULL:
+            _raise(&err)
+
+    def listen(self, str path, str token):
+        """Client: connections to the Unix socket PATH go to route TOKEN."""
+        cdef vf_error err
+        cdef bytes p = path.encode(), t = token.encode()
+        memset(&err, 0, sizeof(err))
+        self._check()
+        if vf_relay_listen(self._r, p, t, &err) == -1:
+            _raise(&err)
+
+    def route(self, str token, str path):
+        """Server: connections presenting TOKEN reach the Unix socket PATH."""
+        cdef vf_error err
+        cdef bytes p = path.encode(), t = token.encode()
+        memset(&err, 0, sizeof(err))
+        self._check()
+        if vf_relay_route(self._r, t, p, &err) == -1:
+            _raise(&err)
+
+    def unroute(self, str token):
+        cdef bytes t = token.encode()
+        if self._r != NULL:
+            vf_relay_unroute(self._r, t)
+
+    def adopt(self, int fd, unsigned timeout_ms):
+        """Server: takes FD (always: closed on failure), whose handshake and
+        header must be done within TIMEOUT_MS."""
+        cdef vf_error err
+        memset(&err, 0, sizeof(err))
+        if self._closing or self._r == NULL:
+            import os
+            os.close(fd)
+            self._check()
+        if vf_relay_adopt(self._r, fd, timeout_ms, &err) == -1:
+            _raise(&err)
+
+    def run(self):
+        cdef vf_error err
+        cdef int r
+        memset(&err, 0, sizeof(err))
+        self._enter()
+        try:
+            with nogil:
+                r = vf_relay_run(self._r, &err)
+        finally:
+            self._leave()
+        if r == -1:
+            _raise(&err)
+
+    def stop(self):
+        if self._r != NULL:
+            vf_relay_stop(self._r)
+
+    def stats(self) -> dict:
+        """Bytes each way, connections relayed, refused and failed, the
+        relay thread's CPU seconds, and why the last one was refused or failed."""
+        cdef vf_relay_stats s
+        self._check()
+        vf_relay_get_stats(self._r, &s)
+        return {"bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
+                "connections": s.connections, "refused": s.refused, "failed": s.failed,
+                "cpu_s": s.cpu_ns / 1e9, "active": s.active,
+                "last_error": s.last_error.decode("utf-8", "replace")}
+
+    cdef bint _alive(self):
+        return self._r != NULL
+
+    cdef void _interrupt(self):
+        vf_relay_stop(self._r)
+
+    cdef void _free(self):
+        cdef vf_relay *r = self._r
+        self._r = NULL
+        if r != NULL:
+            with nogil:
+                vf_relay_free(r)
+
+    cdef str _closed_message(self):
+        return "this relay is closed"
+
+    def __dealloc__(self):
+        if self._r != NULL:
+            vf_relay_free(self._r)

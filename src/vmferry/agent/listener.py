@@ -8,6 +8,12 @@ source, whose TLS hello comes at once, is let in however many idle sockets
 an attacker keeps open or opens in a burst.  When the process runs out of descriptors anyway
 (EMFILE/ENFILE) the loop evicts, or else backs off, and says so once per
 interval: asyncio's own server would retry and log a traceback per attempt.
+
+A connection that opens with the relay's preface (relay.py) instead of a
+TLS hello carries a --tunnelled stream: it is handed, preface read, to the
+C relay, which bounds the rest of its handshake the same way (the time
+left of HANDSHAKE_TIMEOUT, and at most `pending_cap()` still shaking hands,
+the oldest evicted).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import ssl
 import time
 from typing import Awaitable, Callable, Optional
 
+from vmferry.agent.relay import PREFACE
 from vmferry.errors import VmferryError
 
 HANDSHAKE_TIMEOUT = 5.0           # seconds an unauthenticated peer may take
@@ -97,6 +104,8 @@ def listen(host: str, port: int) -> list[socket.socket]:
 
 
 Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
+# takes a socket's descriptor (preface read) and the seconds its handshake has left
+Tunnel = Callable[[int, float], None]
 
 
 class Listener:
@@ -104,8 +113,10 @@ class Listener:
     HANDSHAKE_TIMEOUT and hands the streams of an authenticated peer to SESSION."""
 
     def __init__(self, ctx: ssl.SSLContext, session: Session, log: Callable[[str], None],
-                 frame_limit: int, cap: Optional[int] = None) -> None:
+                 frame_limit: int, cap: Optional[int] = None,
+                 tunnel: Optional[Tunnel] = None) -> None:
         self.ctx, self.session, self.frame_limit = ctx, session, frame_limit
+        self.tunnel = tunnel
         self.say = log                 # what every authenticated session gets
         self.log = Throttle(log)       # what a flood gets
         self.cap = cap or pending_cap()
@@ -171,6 +182,8 @@ class Listener:
             conn.close()            # evicted, or the agent is stopping
             raise
         self.silent.discard(asyncio.current_task())
+        if await self._tunnel_preface(conn, who, start + HANDSHAKE_TIMEOUT):
+            return
         reader = asyncio.StreamReader(limit=self.frame_limit)
         proto = asyncio.StreamReaderProtocol(reader)
         try:
@@ -189,6 +202,44 @@ class Listener:
         local = tls.get_extra_info("sockname")
         writer = asyncio.StreamWriter(tls, proto, reader, loop)
         await self.session(reader, writer, str(local[0]) if local else "")
+
+
+    async def _tunnel_preface(self, conn: socket.socket, who: str, deadline: float) -> bool:
+        """True when CONN was a tunnel stream's (handed to the relay, or
+        refused and closed); False for a TLS hello or anything else, which the
+        TLS handshake then judges as before."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                head = conn.recv(len(PREFACE), socket.MSG_PEEK)
+            except BlockingIOError:
+                head = None
+            except OSError:
+                return False
+            if head is not None:
+                if not head or not PREFACE.startswith(head):
+                    return False
+                if len(head) == len(PREFACE):
+                    break
+            if loop.time() >= deadline:
+                conn.close()
+                self.log("refused", f"refused a connection from {who}: no TLS handshake "
+                                    f"within {HANDSHAKE_TIMEOUT:g} s")
+                return True
+            await asyncio.sleep(0.01)       # the rest of 8 bytes is on its way
+        conn.recv(len(PREFACE))
+        # the relay bounds the rest; this place among the pending is free
+        self.pending.pop(asyncio.current_task(), None)
+        if self.tunnel is None:
+            conn.close()
+            self.log("refused", f"refused a tunnel connection from {who}: this agent "
+                                f"relays no --tunnelled streams")
+            return True
+        try:
+            self.tunnel(conn.detach(), max(0.1, deadline - loop.time()))
+        except VmferryError as e:
+            self.log("refused", f"refused a tunnel connection from {who}: {e}")
+        return True
 
 
 async def _readable(conn: socket.socket) -> None:

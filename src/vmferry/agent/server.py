@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from vmferry import __version__
-from vmferry.agent import listener, protocol, transport, wire
+from vmferry.agent import listener, protocol, relay, transport, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
@@ -90,8 +90,13 @@ class _IncomingRequest:
 class Session:
     """One controlling connection and the (at most one) migration it drives."""
 
-    def __init__(self, cfg: AgentConfig, local_address: Optional[str]) -> None:
+    def __init__(self, cfg: AgentConfig, local_address: Optional[str],
+                 relay: Optional[Any] = None) -> None:
         self.cfg = cfg
+        # a tls:// agent's C relay (agent/relay.py): --tunnelled streams come
+        # through its port, each naming a route this session made
+        self.relay = relay
+        self.routes: list[str] = []
         self.local_address = local_address      # where the source reached us
         self.incoming: Optional[Incoming] = None
         self.presync: Any = None                 # a PresyncTarget while one is served
@@ -155,6 +160,7 @@ class Session:
                 # as a terminal's hang-up: a detached migration it follows goes on
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGHUP)
+            self._unroute()
             if self.presync is not None:
                 _log(f"{why}: stopping an unfinished presync")
                 await self.presync.abort()
@@ -301,9 +307,31 @@ class Session:
                 await incoming.abort()
                 raise
             self.incoming = incoming
+            tunnel = self._route(prepared) if incoming.network.tunnel else None
         return {"nbd": prepared.nbd_server, "migrate_uri": prepared.migrate_uri,
                 "exports": prepared.exports, "dest_paths": prepared.dest_paths,
-                "fresh": sorted(prepared.fresh)}
+                "fresh": sorted(prepared.fresh),
+                **({"tunnel": tunnel} if tunnel else {})}
+
+    def _route(self, prepared: Any) -> Optional[dict[str, str]]:
+        """--tunnelled to this tls:// agent: a token per stream, which a
+        tunnel connection must present to reach QEMU's Unix socket; valid
+        while this session lasts.  Over ssh (no relay) ssh forwards instead."""
+        if self.relay is None:
+            return None
+        ends = {"migrate": prepared.migrate_uri.removeprefix("unix:")}
+        if prepared.nbd_server:
+            ends["nbd"] = str(prepared.nbd_server["path"])
+        tokens = {}
+        for stream, path in ends.items():
+            tokens[stream] = relay.new_token()
+            self.relay.route(tokens[stream], path)
+            self.routes.append(tokens[stream])
+        return tokens
+
+    def _unroute(self) -> None:
+        while self.routes:
+            self.relay.unroute(self.routes.pop())
 
     def _listen(self, a: Args) -> tuple[str, tuple[int, int]]:
         a.only("address", "port")
@@ -339,6 +367,7 @@ class Session:
         async with self._busy:
             if self.incoming is None:
                 return "destroyed"
+            self._unroute()
             return await self.incoming.abort(keep)
 
     # -- presync: the images served by qemu-nbd on this host's address
@@ -590,18 +619,26 @@ async def serve_tls(cfg: AgentConfig, host: str, port: int,
     ever read (listener.py bounds what such peers may hold)."""
     ctx = cfg.pki.server_context()
     socks = listener.listen(host, port)
+    cap = listener.pending_cap()
+    try:
+        tunnels = relay.server(cfg.pki, cap)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       local: str) -> None:
-        await Session(cfg, local or None).serve(reader, writer)
+        await Session(cfg, local or None, tunnels).serve(reader, writer)
 
     try:
         _log(f"listening on {host}:{port} (mutual TLS, certificates in {cfg.pki.dir})")
         if ready:
             ready()
-        await _until_signal(listener.Listener(ctx, session, _log,
-                                              protocol.MAX_FRAME + 8).serve(socks))
+        await _until_signal(listener.Listener(ctx, session, _log, protocol.MAX_FRAME + 8,
+                                              cap=cap, tunnel=tunnels.adopt).serve(socks))
     finally:
+        tunnels.close()
         for s in socks:
             s.close()
 

@@ -81,9 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", "--progress", dest="progress", nargs="?", const="auto",
                    choices=["auto", "bar", "json"], help="show progress")
     p.add_argument("--tunnelled", "--tunneled", action="store_true",
-                   help="ssh:// destinations: carry the disks and the memory stream "
-                        "inside the ssh connection, so that only ssh need be open "
-                        "between the hosts")
+                   help="carry the disks and the memory stream inside the ssh "
+                        "connection (ssh://) or through the agent's TLS port (tls://), "
+                        "so that only that port need be open between the hosts")
     p.add_argument("--detach", action="store_true",
                    help="run the migration in a session of its own and follow it: a "
                         "hang-up leaves it running ('jobinfo --follow' re-attaches), "

@@ -63,7 +63,8 @@ class MigrateOptions:
     disks_uri: Optional[str] = None
     migrate_uri: Optional[str] = None
     # --tunnelled: the disks' NBD and the memory stream travel inside the ssh
-    # connection that carries the agent's requests; nothing listens on the network
+    # connection that carries the agent's requests, or through a tls:// agent's
+    # port (the C relay); nothing else listens on the network
     tunnelled: bool = False
 
     def validate(self) -> None:
@@ -93,9 +94,9 @@ class MigrateOptions:
                                 ("--migrate-uri", self.migrate_uri),
                                 ("--listen-address", self.listen_address)):
                 if given:
-                    raise UsageError(f"--tunnelled carries everything inside the ssh "
-                                     f"connection (encrypted, no port of its own): drop "
-                                     f"{flag}")
+                    raise UsageError(f"--tunnelled carries everything through the "
+                                     f"agent's connection (ssh, or a tls:// agent's port: "
+                                     f"encrypted, no port of its own): drop {flag}")
         if self.bandwidth is not None and self.bandwidth < 0:
             raise UsageError("--bandwidth must not be negative")
         self.disk_rate()

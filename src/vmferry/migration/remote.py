@@ -3,7 +3,10 @@ host, reached over ssh (`ssh://[user@]host[:port][/state-dir]`, which runs
 `vmferry agent --stdio` there, as libvirt's qemu+ssh:// runs its helper) or
 over mutual TLS (`tls://host[:port]`, a long-running `vmferry agent
 --listen`).  Only requests and replies travel on this channel; the disks
-and the memory stream go straight from QEMU to QEMU.
+and the memory stream go straight from QEMU to QEMU, or with --tunnelled
+through the control connection's route: ssh's own forwards of Unix sockets
+over ssh://, the C relay's TLS connections to the agent's one port over
+tls:// (agent/relay.py).
 
 URI options (query string): keyfile, known_hosts, no_verify=1 and agent
 (the remote vmferry command) for ssh; keepalive=SECONDS for both.
@@ -15,11 +18,12 @@ import contextlib
 import itertools
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from vmferry import __version__
-from vmferry.agent import protocol, transport, wire
+from vmferry.agent import protocol, relay, transport, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.transport import KEEPALIVE_COUNT, Target
 from vmferry.errors import MigrationError, UsageError, VmferryError
@@ -185,6 +189,8 @@ class RemoteDestination(Destination):
         self.info: dict[str, Any] = {}
         self._presync_tls: Optional[str] = None
         self._tunnel_dir: Optional[str] = None    # --tunnelled: our forwards' sockets
+        self._pki: Optional[Pki] = None           # tls://: the control channel's
+        self._relay: Optional[relay.Relay] = None  # --tunnelled over tls://
 
     def __repr__(self) -> str:
         return str(self.target)
@@ -194,9 +200,6 @@ class RemoteDestination(Destination):
     async def _connect(self, opts: MigrateOptions) -> Channel:
         if self.channel is not None:
             return self.channel
-        if opts.tunnelled and self.target.scheme != "ssh":
-            raise UsageError(f"--tunnelled needs an ssh:// destination, not {self}: "
-                             f"a tls:// agent relays nothing yet")
         where = f"{self.host}"
         if self.target.scheme == "ssh":
             proc, self._ssh = self._ssh or transport.spawn_ssh(self.target,
@@ -213,7 +216,8 @@ class RemoteDestination(Destination):
             # (what --connect has; a migration's --pki otherwise)
             pki_dir = Path(self.target.query["pki"]) if "pki" in self.target.query \
                 else opts.pki_dir
-            ctx = Pki(pki_dir).client_context()
+            self._pki = Pki(pki_dir)        # and for --tunnelled's relay
+            ctx = self._pki.client_context()
             port = self.target.port or 16514
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
@@ -259,7 +263,7 @@ class RemoteDestination(Destination):
         if opts.tls and not self.info.get("tls"):
             raise UsageError(f"--tls: the destination {self} has no QEMU server "
                              f"certificates (its PKI/qemu/server-cert.pem)")
-        if opts.tunnelled and not self._tunnel_dir:
+        if opts.tunnelled and self.target.scheme == "ssh" and not self._tunnel_dir:
             raise UsageError(f"--tunnelled: the ssh connection to {self} was made without "
                              f"a control socket for its forwards")
         dhost, _ = _uri_host(opts.disks_uri, "--disks-uri")
@@ -284,26 +288,55 @@ class RemoteDestination(Destination):
 
     async def _tunnel(self, r: dict[str, Any]) -> Prepared:
         """--tunnelled: the agent's QEMU listens on Unix sockets of its host;
-        ssh forwards a socket of ours in a private folder to each, so the
-        source's QEMU reaches them through the ssh connection alone."""
-        assert self._tunnel_dir is not None
+        a socket of ours in a private folder leads to each, so the source's
+        QEMU reaches them through the agent's connection alone: forwarded by
+        ssh, or over tls:// relayed by the C engine through the agent's port."""
         nbd = dict(r.get("nbd") or {})
         mig = str(r.get("migrate_uri", ""))
         if (nbd and nbd.get("type") != "unix") or not mig.startswith("unix:"):
             raise MigrationError("the agent did not listen on Unix sockets for --tunnelled",
                                  phase="prepare")
+        if self.target.scheme == "tls":
+            self._tunnel_dir = tempfile.mkdtemp(prefix="vmferry-tunnel-")
+        assert self._tunnel_dir is not None
         local_mig = f"{self._tunnel_dir}/migrate.sock"
-        ends = [(local_mig, mig[len("unix:"):])]
+        ends = [("migrate", local_mig, mig[len("unix:"):])]
         if nbd:
-            ends.append((f"{self._tunnel_dir}/nbd.sock", str(nbd.get("path"))))
-            nbd = {"type": "unix", "path": ends[-1][0]}
-        for local, remote in ends:
-            await asyncio.get_running_loop().run_in_executor(
-                None, transport.forward, self.target, self._tunnel_dir, local, remote)
+            ends.append(("nbd", f"{self._tunnel_dir}/nbd.sock", str(nbd.get("path"))))
+            nbd = {"type": "unix", "path": ends[-1][1]}
+        if self.target.scheme == "tls":
+            self._relay_to(r.get("tunnel"), ends)
+        else:
+            for _, local, remote in ends:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, transport.forward, self.target, self._tunnel_dir, local, remote)
         return Prepared(migrate_uri=f"unix:{local_mig}", nbd_server=nbd,
                         exports=dict(r.get("exports", {})),
                         dest_paths=dict(r.get("dest_paths", {})),
                         fresh=set(r.get("fresh", [])))
+
+    def _relay_to(self, tokens: Any, ends: list[tuple[str, str, str]]) -> None:
+        """The C relay listens on our sockets and carries each connection to
+        the agent's port, to the address the control channel reached, with
+        the control channel's client certificate and the stream's token."""
+        if not (isinstance(tokens, dict) and all(isinstance(tokens.get(s), str)
+                                                 for s, _, _ in ends)):
+            raise MigrationError(f"the agent at {self} (vmferry "
+                                 f"{self.info.get('version', '?')}) relays no --tunnelled "
+                                 f"streams: install vmferry {__version__} there",
+                                 phase="prepare")
+        assert self.channel is not None and self._pki is not None
+        peer = self.channel.writer.get_extra_info("peername")
+        self._relay = relay.client(self._pki, str(peer[0]), int(peer[1]), self.host)
+        for stream, local, _ in ends:
+            self._relay.listen(local, tokens[stream])
+
+    def relay_trouble(self) -> str:
+        """Why the relay's last stream was refused or broke, if one was."""
+        if self._relay is None:
+            return ""
+        st = self._relay.stats()
+        return st["last_error"] if st["refused"] or st["failed"] else ""
 
     async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                     accel: Optional[str] = None,
@@ -335,6 +368,10 @@ class RemoteDestination(Destination):
         return str(e)
 
     def transport(self, opts: MigrateOptions) -> str:
+        if opts.tunnelled:
+            return (f"agent over {self.target.scheme}; disks and memory tunnelled through "
+                    + ("its ssh connection" if self.target.scheme == "ssh"
+                       else "its TLS port (vmferry's relay)"))
         return (f"agent over {self.target.scheme}; disks and memory QEMU to QEMU over TCP"
                 + (" with TLS" if opts.tls else ""))
 
@@ -391,6 +428,9 @@ class RemoteDestination(Destination):
             self._tunnel_dir = getattr(self._ssh, "tunnel_dir", None)
             _end(self._ssh)
             self._ssh = None
+        if self._relay is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._relay.close)
+            self._relay = None
         if self._tunnel_dir:
             shutil.rmtree(self._tunnel_dir, ignore_errors=True)
             self._tunnel_dir = None
