@@ -383,7 +383,7 @@ vf_relay_stop (struct vf_relay *r)
 }
 
 void
-vf_relay_stats (struct vf_relay *r, struct vf_relay_stats *out)
+vf_relay_get_stats (struct vf_relay *r, struct vf_relay_stats *out)
 {
   pthread_mutex_lock (&r->lock);
   *out = r->stats;

@@ -212,7 +212,7 @@ int vf_relay_adopt(struct vf_relay *r, int fd, unsigned timeout_ms, struct vf_er
 /* Relays until vf_relay_stop(); 0, or -1 with *err set (never exits). */
 int vf_relay_run(struct vf_relay *r, struct vf_error *err);
 void vf_relay_stop(struct vf_relay *r);
-void vf_relay_stats(struct vf_relay *r, struct vf_relay_stats *out);
+void vf_relay_get_stats(struct vf_relay *r, struct vf_relay_stats *out);
 /* Closes every connection and socket.  Never while vf_relay_run(r) runs. */
 void vf_relay_free(struct vf_relay *r);
 

@@ -426,12 +426,12 @@ test_refused (const char *cert, const char *name, const char *token, struct vf_r
   struct running x;
   int fd;
 
-  vf_relay_stats (who, &before);
+  vf_relay_get_stats (who, &before);
   start (&x, client (cert, name, sock, token));
   fd = unix_connect (sock);
   CHECK (ends_within (fd, 5000), "%s: the connection was not closed", why);
   close (fd);
-  vf_relay_stats (who, &after);
+  vf_relay_get_stats (who, &after);
   CHECK (after.refused == before.refused + 1, "%s: refused %lu -> %lu", why,
          (unsigned long) before.refused, (unsigned long) after.refused);
   CHECK (strstr (after.last_error, why) != NULL, "expected '%s' in '%s'", why,
@@ -463,7 +463,7 @@ test_silence_and_cap (void)
   a = tcp_preface_only ();
   CHECK (ends_within (a, 3000), "a silent connection outlived its handshake deadline");
   close (a);
-  vf_relay_stats (server, &st);
+  vf_relay_get_stats (server, &st);
   CHECK (strstr (st.last_error, "no TLS handshake") != NULL, "%s", st.last_error);
 
   /* the server relay holds at most 2 connections still shaking hands */
@@ -475,7 +475,7 @@ test_silence_and_cap (void)
   c = tcp_preface_only ();
   CHECK (ends_within (a, 3000), "the oldest silent connection was not evicted");
   CHECK (!ends_within (c, 300), "the newest silent connection was dropped");
-  vf_relay_stats (server, &st);
+  vf_relay_get_stats (server, &st);
   CHECK (strstr (st.last_error, "waiting for their handshake") != NULL, "%s", st.last_error);
   close (a);
   close (b);
@@ -531,7 +531,7 @@ main (void)
   test_peer_closes_mid_stream (path ("tunnel.sock"), tlisten);
   test_both_ways (path ("tunnel.sock"), tlisten);
   test_both_ways (path ("tunnel.sock"), tlisten);      /* the relay outlives its streams */
-  vf_relay_stats (cl.r, &st);
+  vf_relay_get_stats (cl.r, &st);
   CHECK (st.bytes_up >= (16u << 20) + (1 << 20) && st.bytes_down == 6u << 20,
          "client counted %lu up, %lu down", (unsigned long) st.bytes_up,
          (unsigned long) st.bytes_down);
@@ -549,7 +549,7 @@ main (void)
     fd = unix_connect (path ("wrongname.sock"));
     CHECK (ends_within (fd, 5000), "a wrong server name was accepted");
     close (fd);
-    vf_relay_stats (x.r, &st);
+    vf_relay_get_stats (x.r, &st);
     CHECK (st.refused == 1 && strstr (st.last_error, "agent's certificate"),
            "client: %s", st.last_error);
     stop (&x);
