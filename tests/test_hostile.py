@@ -715,7 +715,7 @@ def _tls_agent(agents) -> TlsAgent:
 
 
 @pytest.mark.parametrize("flood", ["plain-tcp-idle", "plain-tcp-garbage", "tls-no-cert",
-                                   "tls-rogue-cert", "tls-cert-idle"])
+                                   "tls-rogue-cert", "tls-cert-idle", "tunnel-idle"])
 def test_floods_do_not_lock_a_real_client_out(agents, pki, rogue_pki, flood):
     agent = _tls_agent(agents)
     held: list = []
@@ -728,6 +728,15 @@ def test_floods_do_not_lock_a_real_client_out(agents, pki, rogue_pki, flood):
             for s in held:
                 try:
                     s.send(b"GET / HTTP/1.0\r\n\r\n")
+                except OSError:
+                    pass
+        elif flood == "tunnel-idle":
+            # past the listener's peek, each waits in the C relay for a handshake
+            held = _plain(agent.port, 200)
+            time.sleep(0.2)
+            for s in held:
+                try:
+                    s.send(b"VMFRELAY")
                 except OSError:
                     pass
         elif flood == "tls-no-cert":
@@ -747,6 +756,29 @@ def test_floods_do_not_lock_a_real_client_out(agents, pki, rogue_pki, flood):
             s.close()
     assert agent.proc.poll() is None
     assert "Traceback" not in agent.text()
+
+
+@pytest.mark.parametrize("who", ["token-unknown", "rogue-cert"])
+def test_a_tunnel_connection_needs_the_ca_and_a_prepared_token(agents, pki, rogue_pki, who):
+    """A --tunnelled stream's connection (the relay's preface, then TLS in the
+    C relay) is closed unless its certificate is the CA's and its token one
+    that a session's prepare made; the agent serves on."""
+    agent = _tls_agent(agents)
+    if who == "rogue-cert":
+        ctx = client_context(rogue_pki)
+        ctx.load_verify_locations(str(pki.ca_cert))
+    else:
+        ctx = client_context(pki)
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as raw:
+        raw.sendall(b"VMFRELAY")
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"VMFTUN1 " + b"0" * 64 + b"payload")
+                assert s.recv(10) == b""
+        except (ssl.SSLError, ConnectionError):
+            assert who == "rogue-cert"
+    _served_within(agent, 1.0)
+    assert agent.proc.poll() is None
 
 
 def test_idle_unauthenticated_connection_is_cut_after_the_handshake_deadline(agents):
