@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -130,6 +131,34 @@ def test_detached_migration_on_this_host(rlab):
     # and a migration that cannot start says why, as in the foreground
     line = rlab.one_error(rlab.migrate("--detach", "--disk-map", f"{src}={dst}"), code=2)
     assert "web1" in line, line
+
+
+def test_ctrl_c_of_a_follower_aborts_the_migration(rlab):
+    """`jobinfo --follow NAME` attached to a detached migration: its Ctrl-C
+    aborts the migration, as the foreground command's would; it ends with
+    the migration's last line, the source VM runs on."""
+    src = fill_image(rlab.root / "src.raw", 64)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    rlab.run_vm(spec)
+    started = rlab.start_migrate("--detach", "--disk-map", f"{src}={dst}", "--create-disks",
+                                 "--disk-bandwidth", "8")
+    rlab.wait_for("the migration to copy",
+                  lambda: rlab.job_file().get("phase") == "perform", 60, proc=started)
+    f = rlab.start("jobinfo", "web1", "--follow", "--progress=json")
+    assert f.stdout is not None
+
+    def following() -> bool:
+        return bool(select.select([f.stdout], [], [], 0)[0]) and bool(f.stdout.readline())
+    rlab.wait_for("the follower to show progress", following, 30, proc=f)
+    f.send_signal(signal.SIGINT)
+    line = rlab.one_error(rlab.finish(f, timeout=60), code=130, prefix="vmferry: ")
+    assert "source VM is running" in line, line
+    # the one that started it sees the same end
+    line = rlab.one_error(rlab.finish(started, timeout=60), code=130, prefix="vmferry: ")
+    assert "source VM is running" in line, line
+    assert rlab.jobinfo()["status"] == "cancelled"
+    rlab.assert_source_intact(serial=rlab.serial_of(spec), dest_disk=dst)
 
 
 @pytest.fixture(scope="module")
