@@ -369,9 +369,11 @@ class RemoteDestination(Destination):
 
     def transport(self, opts: MigrateOptions) -> str:
         if opts.tunnelled:
-            return (f"agent over {self.target.scheme}; disks and memory tunnelled through "
-                    + ("its ssh connection" if self.target.scheme == "ssh"
-                       else "its TLS port (vmferry's relay)"))
+            if self.target.scheme == "ssh":
+                return ("agent over ssh; disks and memory inside the ssh connection (Unix "
+                        "sockets there, no TCP port)")
+            return ("agent over tls; disks and memory through its TLS port, relayed by "
+                    "vmferry (Unix sockets there, no other TCP port)")
         return (f"agent over {self.target.scheme}; disks and memory QEMU to QEMU over TCP"
                 + (" with TLS" if opts.tls else ""))
 
