@@ -779,6 +779,12 @@ def test_a_tunnel_connection_needs_the_ca_and_a_prepared_token(agents, pki, rogu
             assert who == "rogue-cert"
     _served_within(agent, 1.0)
     assert agent.proc.poll() is None
+    why = "signed by the CA" if who == "rogue-cert" else "named no prepared migration"
+    deadline = time.monotonic() + 5
+    while why not in agent.text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any("tunnel connection(s): " in line and why in line
+               for line in agent.text().splitlines()), agent.text()
 
 
 def test_idle_unauthenticated_connection_is_cut_after_the_handshake_deadline(agents):

@@ -687,6 +687,8 @@ def test_tunnelled_to_a_tls_agent_through_a_firewall_that_passes_only_its_port(r
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
     assert images_identical(src, dst, "raw") == ""
     assert not list(Path(tempfile.gettempdir()).glob("vmferry-tunnel-*")), "tunnel left"
+    log = (rlab.root / "agent.log").read_text()
+    assert "tunnel connection" not in log and "Traceback" not in log, log
 
 
 def test_tunnelled_refuses_what_it_makes_needless(rlab):

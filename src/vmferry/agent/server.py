@@ -635,12 +635,32 @@ async def serve_tls(cfg: AgentConfig, host: str, port: int,
         _log(f"listening on {host}:{port} (mutual TLS, certificates in {cfg.pki.dir})")
         if ready:
             ready()
-        await _until_signal(listener.Listener(ctx, session, _log, protocol.MAX_FRAME + 8,
-                                              cap=cap, tunnel=tunnels.adopt).serve(socks))
+        await _until_signal(asyncio.gather(
+            listener.Listener(ctx, session, _log, protocol.MAX_FRAME + 8, cap=cap,
+                              tunnel=tunnels.adopt).serve(socks),
+            _log_refusals(tunnels)))
     finally:
         tunnels.close()
         for s in socks:
             s.close()
+
+
+async def _log_refusals(tunnels: relay.Relay, every: float = 1.0) -> None:
+    """The C relay only counts the tunnel connections it closes: the log says
+    so, at most a line per interval as for the listener's own refusals."""
+    say = listener.Throttle(_log)
+    seen = {"refused": 0, "failed": 0}
+    while True:
+        await asyncio.sleep(every)
+        st = tunnels.stats()
+        for kind, what in (("refused", "refused"), ("failed", "broke off")):
+            if st[kind] > seen[kind]:
+                # one line per interval and reason: a flood stays a line, and
+                # a real peer's different trouble is not held behind it
+                say(f"tunnel-{kind}: {st['last_error']}",
+                    f"{what} {st[kind] - seen[kind]} tunnel connection(s): "
+                    f"{st['last_error']}")
+                seen[kind] = st[kind]
 
 
 async def _until_signal(work: Awaitable[None]) -> None:

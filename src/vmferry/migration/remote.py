@@ -331,13 +331,6 @@ class RemoteDestination(Destination):
         for stream, local, _ in ends:
             self._relay.listen(local, tokens[stream])
 
-    def relay_trouble(self) -> str:
-        """Why the relay's last stream was refused or broke, if one was."""
-        if self._relay is None:
-            return ""
-        st = self._relay.stats()
-        return st["last_error"] if st["refused"] or st["failed"] else ""
-
     async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                     accel: Optional[str] = None,
                     presynced: frozenset[str] = frozenset()) -> DestinationCheck:
