@@ -817,6 +817,7 @@ int
 vf_relay_run (struct vf_relay *r, struct vf_error *err)
 {
   struct pollfd *fds = NULL;
+  struct listener **ls = NULL;  /* the listener behind fds[1 + i] */
   size_t cap = 0;
   int ret = 0;
 
@@ -868,19 +869,24 @@ vf_relay_run (struct vf_relay *r, struct vf_error *err)
     n += nl;
     if (n > cap) {
       struct pollfd *f = realloc (fds, n * sizeof *fds);
-      if (f == NULL) {
+      struct listener **lf = f ? realloc (ls, n * sizeof *ls) : NULL;
+      if (f)
+        fds = f;
+      if (lf == NULL) {
         ret = vf_set_error (err, VF_ERR_IO, ENOMEM, "TLS relay: out of memory");
         break;
       }
-      fds = f;
+      ls = lf;
       cap = n;
     }
 
     fds[0] = (struct pollfd) { .fd = r->wake, .events = POLLIN };
     n = 1;
     pthread_mutex_lock (&r->lock);
-    for (l = r->listeners, i = 0; l && i < nl; l = l->next, i++)
+    for (l = r->listeners, i = 0; l && i < nl; l = l->next, i++) {
+      ls[i] = l;
       fds[n++] = (struct pollfd) { .fd = l->fd, .events = POLLIN };
+    }
     pthread_mutex_unlock (&r->lock);
     nl = i;
     for (c = r->conns; c; c = c->next) {
@@ -909,15 +915,10 @@ vf_relay_run (struct vf_relay *r, struct vf_error *err)
       ssize_t got = read (r->wake, &count, sizeof count);
       (void) got;
     }
-    if (nl) {
-      /* the listener list only grows while the loop runs (free is after) */
-      pthread_mutex_lock (&r->lock);
-      l = r->listeners;
-      pthread_mutex_unlock (&r->lock);
-      for (i = 0; l && i < nl; l = l->next, i++)
-        if (fds[1 + i].revents)
-          client_accept (r, l);
-    }
+    /* listeners are only added while the loop runs (freed after it) */
+    for (i = 0; i < nl; i++)
+      if (fds[1 + i].revents)
+        client_accept (r, ls[i]);
     for (c = r->conns; c; c = c->next) {
       bool ready = c->busy
         || (c->net_idx >= 0 && fds[c->net_idx].revents)
@@ -932,6 +933,7 @@ vf_relay_run (struct vf_relay *r, struct vf_error *err)
     }
   }
   free (fds);
+  free (ls);
   return ret;
 }
 

@@ -535,9 +535,13 @@ main (void)
   CHECK (st.bytes_up >= (16u << 20) + (1 << 20) && st.bytes_down == 6u << 20,
          "client counted %lu up, %lu down", (unsigned long) st.bytes_up,
          (unsigned long) st.bytes_down);
-  CHECK (st.connections == 3 && st.failed >= 1, "client: %lu connections, %lu failed",
-         (unsigned long) st.connections, (unsigned long) st.failed);
+  CHECK (st.connections == 3, "client: %lu connections", (unsigned long) st.connections);
   stop (&cl);
+  /* the far side's close resets the server relay's Unix socket: a failure
+   * there; the client's end may see it as one too, or as an orderly end */
+  vf_relay_get_stats (server, &st);
+  CHECK (st.connections == 3 && st.failed == 1, "server: %lu connections, %lu failed",
+         (unsigned long) st.connections, (unsigned long) st.failed);
 
   test_refused ("client", "127.0.0.1", OTHER, server, "named no prepared migration");
   test_refused ("rogue", "127.0.0.1", TOKEN, server, "signed by the CA");
