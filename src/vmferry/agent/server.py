@@ -564,18 +564,9 @@ def check_stdio() -> None:
 
 
 async def serve_stdio(cfg: AgentConfig) -> None:
-    """One session on stdin/stdout (what ssh runs).  The protocol gets
-    private copies of the two descriptors; 0 and 1 themselves are pointed
-    away so that no child (QEMU, qemu-img) can write into the channel or
-    hold it open after we are gone."""
+    """One session on stdin/stdout (what ssh runs; transport.take_stdio)."""
     check_stdio()
-    rfd, wfd = os.dup(0), os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)
-    os.close(devnull)
-    reader, writer = await transport.pipe_streams(os.fdopen(rfd, "rb", buffering=0),
-                                                  os.fdopen(wfd, "wb", buffering=0),
+    reader, writer = await transport.pipe_streams(*transport.take_stdio(),
                                                   protocol.MAX_FRAME + 8)
     # ssh tells us which of our addresses the source dialled
     conn = os.environ.get("SSH_CONNECTION", "").split()

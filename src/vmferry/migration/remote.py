@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 from vmferry import __version__
 from vmferry.agent import protocol, transport, wire
@@ -45,10 +47,14 @@ class Channel:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  where: str, keepalive: float,
                  proc: Optional[subprocess.Popen] = None,
-                 stderr: Optional[asyncio.StreamReader] = None) -> None:
+                 stderr: Optional[asyncio.StreamReader] = None,
+                 relayed: bool = False) -> None:
         self.reader, self.writer, self.where = reader, writer, where
         self.keepalive = keepalive
         self.proc = proc
+        # through a management machine (migrate --direct, commands/direct.py):
+        # it may also say that the destination is lost, or pass on a Ctrl-C
+        self.relayed = relayed
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -64,7 +70,9 @@ class Channel:
         if self.lost.done():
             return
         tail = "; ".join(self.stderr_tail[-2:])
-        err = MigrationError(f"lost the destination agent at {self.where}: {why}"
+        whom = "the management machine relaying to" if self.relayed else \
+            "the destination agent at"
+        err = MigrationError(f"lost {whom} {self.where}: {why}"
                              + (f" ({tail})" if tail else ""))
         self.lost.set_exception(err)
         self.lost.exception()          # retrieved here: nobody has to wait on it
@@ -84,6 +92,16 @@ class Channel:
                     self._lose("the connection closed")
                     return
                 rid = frame.get("id") if isinstance(frame, dict) else None
+                if self.relayed and isinstance(frame, dict) and rid is None:
+                    if isinstance(frame.get("lost"), str):
+                        self._lose(frame["lost"][:500])
+                        return
+                    sig = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(
+                        frame.get("signal"))
+                    if sig is not None:
+                        # as the same key at our own terminal: the flow rolls back
+                        os.kill(os.getpid(), sig)
+                        continue
                 if isinstance(frame, dict) and "output" in frame and rid in self._streams:
                     self._streams[rid](str(frame["output"]), str(frame.get("data", "")))
                     continue
@@ -123,6 +141,17 @@ class Channel:
                    **args: Any) -> dict[str, Any]:
         """The reply to OP; ON_OUTPUT(stream, text) takes the output frames
         that come before it (the agent's "command")."""
+        reply = await self.call_raw(op, args, on_output=on_output)
+        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+            raise protocol.ProtocolError(f"the agent sent a malformed reply to {op}")
+        if not reply["ok"]:
+            protocol.raise_error(op, reply.get("error"))
+        result = reply.get("result")
+        return result if isinstance(result, dict) else {}
+
+    async def call_raw(self, op: str, args: dict[str, Any], *,
+                       on_output: Optional[Callable[[str, str], None]] = None) -> Any:
+        """The agent's reply frame to OP as it came (a relay passes it on)."""
         if self.lost.done():
             raise self.lost.exception()
         rid = next(self._ids)
@@ -136,18 +165,12 @@ class Channel:
                 await self.writer.drain()
             except (ConnectionError, OSError) as e:
                 self._lose(f"cannot send {op}: {e}")
-            reply = await fut
+            return await fut
         finally:
             self._pending.pop(rid, None)
             self._streams.pop(rid, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()           # retrieved, whoever stopped waiting
-        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
-            raise protocol.ProtocolError(f"the agent sent a malformed reply to {op}")
-        if not reply["ok"]:
-            protocol.raise_error(op, reply.get("error"))
-        result = reply.get("result")
-        return result if isinstance(result, dict) else {}
 
     async def _proc_exit(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -173,14 +196,17 @@ class Channel:
 
 
 class RemoteDestination(Destination):
-    def __init__(self, uri: str, ssh: Optional[subprocess.Popen] = None) -> None:
+    def __init__(self, uri: str, ssh: Optional[subprocess.Popen] = None,
+                 relay: Optional[tuple[IO[bytes], IO[bytes]]] = None) -> None:
         """SSH: an ssh process already started for URI (see transport.spawn_ssh),
-        which this destination then owns."""
+        which this destination then owns.  RELAY: (input, output) of a channel
+        that a management machine relays to URI's agent (migrate --direct)."""
         self.target: Target = transport.parse(uri)
         self.uri = uri
         self.host = self.target.host
         self.keepalive = self.target.keepalive
         self._ssh = ssh
+        self._relay = relay
         self.channel: Optional[Channel] = None
         self.info: dict[str, Any] = {}
         self._presync_tls: Optional[str] = None
@@ -198,7 +224,17 @@ class RemoteDestination(Destination):
             raise UsageError(f"--tunnelled needs an ssh:// destination, not {self}: "
                              f"a tls:// agent relays nothing yet")
         where = f"{self.host}"
-        if self.target.scheme == "ssh":
+        if self._relay is not None:
+            if opts.tunnelled:
+                raise UsageError("--tunnelled goes with --p2p (as with virsh): the "
+                                 "streams ride on the source's own connection to "
+                                 "the destination")
+            reader, writer = await transport.pipe_streams(*self._relay,
+                                                          protocol.MAX_FRAME + 8)
+            self._relay = None
+            self.channel = Channel(reader, writer, str(self), self.keepalive,
+                                   relayed=True)
+        elif self.target.scheme == "ssh":
             proc, self._ssh = self._ssh or transport.spawn_ssh(self.target,
                                                                tunnel=opts.tunnelled), None
             self._tunnel_dir = getattr(proc, "tunnel_dir", None)
