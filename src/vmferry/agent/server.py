@@ -104,6 +104,7 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.commands: set[asyncio.subprocess.Process] = set()   # op_command's
+        self.relayed: Optional[asyncio.subprocess.Process] = None  # the one with relay
 
     # -- the connection --------------------------------------------------
 
@@ -136,8 +137,17 @@ class Session:
                     # its keepalive must govern the very next wait, not the one after
                     await asyncio.gather(task, return_exceptions=True)
         finally:
+            for proc in self.commands:
+                if proc is self.relayed and proc.stdin is not None:
+                    # its channel closes: it rolls back, as with a lost destination
+                    proc.stdin.close()
+                    continue
+                # as a terminal's hang-up: a detached migration it follows goes on
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
             for task in list(self._tasks):
-                # let a phase in progress end before undoing it
+                # let a phase in progress end before undoing it (and a relayed
+                # migration its rollback)
                 await asyncio.gather(task, return_exceptions=True)
             if self.incoming is not None and not self.finished:
                 if await self.incoming.arrived():
@@ -151,10 +161,6 @@ class Session:
                     await self._abort({d.node: self.keep_generation
                                        for d in self.incoming.disks}
                                       if self.keep_generation else None)
-            for proc in self.commands:
-                # as a terminal's hang-up: a detached migration it follows goes on
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGHUP)
             if self.presync is not None:
                 _log(f"{why}: stopping an unfinished presync")
                 await self.presync.abort()
@@ -477,8 +483,15 @@ class Session:
                        a: Args) -> dict[str, Any]:
         """`vmferry --connect tls://...`: one vmferry command run against this
         agent's state directory, its output streamed back as it comes (frames
-        with this request's id and "output"), then its exit status."""
-        a.only("argv")
+        with this request's id and "output"), then its exit status.
+
+        RELAY (`migrate --direct`, commands/direct.py): the command speaks
+        the agent protocol on its stdin and stdout with the client, through
+        us: each frame it writes goes to the client as {"id": this request's,
+        "relay": FRAME}, and the client's "relay_input" requests are written
+        to its stdin.  One at a time per session."""
+        a.only("argv", "relay")
+        relay = a.get("relay", bool, False)
         if not self.cfg.allow_control:
             raise UsageError("this agent takes no commands: start it with --allow-control "
                              "(or allow_control = true in its agent.toml)")
@@ -489,22 +502,51 @@ class Session:
         if argv[0] not in COMMANDS:
             raise UsageError(f"'{argv[0][:40]}' does not run through --connect (these do: "
                              f"{', '.join(COMMANDS)})")
+        if relay and (argv[:2] != ["migrate", "--relayed"] or self.relayed is not None):
+            raise ProtocolError("command: only one 'migrate --relayed' relays at a time")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "vmferry", "--state-dir", str(self.cfg.state.path), *argv,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            stdin=asyncio.subprocess.PIPE if relay else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, limit=protocol.MAX_FRAME + 8)
         self.commands.add(proc)
+        if relay:
+            self.relayed = proc
 
         async def pump(stream: asyncio.StreamReader, name: str) -> None:
             while chunk := await stream.read(65536):
                 await self._send(writer, {"id": rid, "output": name,
                                           "data": chunk.decode(errors="replace")})
+
+        async def frames(stream: asyncio.StreamReader) -> None:
+            with contextlib.suppress(ProtocolError):
+                while (frame := await protocol.read_frame(stream, eof=_EOF)) is not _EOF:
+                    await self._send(writer, {"id": rid, "relay": frame})
+            while await stream.read(65536):
+                pass         # whatever a broken command still writes: never block it
         try:
             assert proc.stdout is not None and proc.stderr is not None
-            await asyncio.gather(pump(proc.stdout, "stdout"), pump(proc.stderr, "stderr"))
+            await asyncio.gather(frames(proc.stdout) if relay else pump(proc.stdout, "stdout"),
+                                 pump(proc.stderr, "stderr"))
             return {"rc": await proc.wait()}
         finally:
             self.commands.discard(proc)
+            if self.relayed is proc:
+                self.relayed = None
+
+    async def op_relay_input(self, a: Args) -> dict[str, Any]:
+        """A frame for the relayed command's stdin (see _command)."""
+        a.only("frame")
+        frame = a.get("frame", dict)
+        proc = self.relayed
+        if proc is None or proc.stdin is None:
+            raise UsageError("relay_input: no command relays here")
+        try:
+            proc.stdin.write(protocol.encode(frame))
+            await proc.stdin.drain()
+        except (ConnectionError, OSError):
+            raise UsageError("relay_input: the relayed command has ended") from None
+        return {}
 
     async def op_command_signal(self, a: Args) -> dict[str, Any]:
         """Ctrl-C at the client: to this session's commands (a migration it
@@ -531,7 +573,7 @@ class Session:
         "probe": op_probe,
         "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,
         "keep_partial": op_keep_partial, "command": op_command,
-        "command_signal": op_command_signal}
+        "command_signal": op_command_signal, "relay_input": op_relay_input}
 
 
 def _address(a: Args) -> Optional[str]:

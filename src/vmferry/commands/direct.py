@@ -28,12 +28,13 @@ import contextlib
 import json
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from vmferry.agent import protocol, transport
 from vmferry.agent.transport import Target
 from vmferry.errors import ConnectError, UsageError, VmferryError
 
+_EOF = object()
 # what the source's phases ask of the destination; nothing else is passed on
 RELAYED_OPS = frozenset({
     "hello", "ping", "prepare", "finish", "abort", "keep_partial", "check", "probe",
@@ -58,9 +59,6 @@ def run(args: argparse.Namespace, t: Target, argv: list[str]) -> int:
     if args.dry_run:
         raise UsageError("--dry-run goes with --p2p through --connect")
     dest = transport.parse(args.dest)      # an agent this machine reaches: ssh:// or tls://
-    if t.scheme != "ssh":
-        raise UsageError(f"--direct runs the source's phases over ssh: --connect "
-                         f"ssh://{t.host}/... (tls:// agents take --p2p migrations)")
     return asyncio.run(_drive(args, t, dest, source_argv(argv)))
 
 
@@ -73,73 +71,146 @@ async def _drive(args: argparse.Namespace, src: Target, dest: Target,
     destination = RemoteDestination(dest.uri)
     channel = await destination._connect(MigrateOptions())
     display = MigrationDisplay(args.progress)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *transport.ssh_argv(src, argv), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, limit=protocol.MAX_FRAME + 8)
-    except OSError as e:
-        await destination.close()
-        raise UsageError(f"cannot run ssh: {e.strerror or e}") from e
-    relay = _Relay(channel, proc)
+    lines = _Lines(display)
+    link: _Source = _OverSsh(src) if src.scheme == "ssh" else _OverTls(src)
+    relay = _Relay(channel, link)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, relay.interrupt)
     loop.add_signal_handler(signal.SIGTERM, relay.interrupt)
     try:
-        assert proc.stdout is not None and proc.stderr is not None
-        final, held = (await asyncio.gather(relay.serve(proc.stdout),
-                                            _source_lines(proc.stderr, display)))[1]
-        rc = await proc.wait()
+        rc = await link.run(argv, relay.feed, lines)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         display.close()
         relay.stop()
+        await link.close()
         await destination.close()
-    if rc == 255 and held:
-        raise ConnectError(f"cannot run vmferry on {src.host} over ssh: {held[-1]}")
-    if rc == 127:
+    if isinstance(link, _OverSsh) and rc == 255 and lines.held:
+        raise ConnectError(f"cannot run vmferry on {src.host} over ssh: {lines.held[-1]}")
+    if isinstance(link, _OverSsh) and rc == 127:
         raise ConnectError(f"{src.query.get('agent') or 'vmferry'} is not installed on "
                            f"{src.host} (or name it with ?agent=PATH)")
-    for line in held:
-        sys.stderr.write(line + "\n")
-    if rc == 0 and final is not None:
-        _print_done(final, args.progress)
+    lines.flush()
+    if rc == 0 and lines.final is not None:
+        _print_done(lines.final, args.progress)
     return rc
+
+
+class _Source:
+    """Where `migrate --relayed` runs: its frames to FEED, its stderr to LINES."""
+
+    async def run(self, argv: list[str], feed: Callable[[Any], None],
+                  lines: "_Lines") -> int:
+        raise NotImplementedError
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class _OverSsh(_Source):
+    """vmferry on the source through the system ssh: the frames on its stdin
+    and stdout, its lines on stderr."""
+
+    def __init__(self, t: Target) -> None:
+        self.t = t
+        self.proc: Optional[asyncio.subprocess.Process] = None
+        self._lock = asyncio.Lock()
+
+    async def run(self, argv: list[str], feed: Callable[[Any], None],
+                  lines: "_Lines") -> int:
+        try:
+            self.proc = proc = await asyncio.create_subprocess_exec(
+                *transport.ssh_argv(self.t, argv), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True, limit=protocol.MAX_FRAME + 8)
+        except OSError as e:
+            raise UsageError(f"cannot run ssh: {e.strerror or e}") from e
+        assert proc.stdout is not None and proc.stderr is not None
+
+        async def frames(stream: asyncio.StreamReader) -> None:
+            with contextlib.suppress(protocol.ProtocolError):   # it died mid-frame
+                while (frame := await protocol.read_frame(stream, eof=_EOF)) is not _EOF:
+                    feed(frame)
+
+        async def text(stream: asyncio.StreamReader) -> None:
+            while raw := await stream.readline():
+                lines.line(raw.decode(errors="replace").rstrip("\n"))
+        await asyncio.gather(frames(proc.stdout), text(proc.stderr))
+        return await proc.wait()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        stdin = self.proc.stdin if self.proc else None
+        if stdin is None:
+            return
+        async with self._lock:
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+                stdin.write(protocol.encode(frame))
+                await stdin.drain()
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.proc.stdin.close()
+
+
+class _OverTls(_Source):
+    """vmferry on the source through its agent (run with --allow-control):
+    the frames travel as the agent's "relay" frames and "relay_input"
+    requests, its lines as "output" frames."""
+
+    def __init__(self, t: Target) -> None:
+        from vmferry.migration.remote import RemoteDestination
+        self.agent = RemoteDestination(t.uri)
+        self.channel: Any = None
+
+    async def run(self, argv: list[str], feed: Callable[[Any], None],
+                  lines: "_Lines") -> int:
+        from vmferry.migration.options import MigrateOptions
+        self.channel = await self.agent._connect(MigrateOptions())
+        r = await self.channel.call("command", argv=argv, relay=True, on_relay=feed,
+                                    on_output=lambda _, data: lines.text(data))
+        return int(r.get("rc", 1))
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        if self.channel is None:
+            return
+        with contextlib.suppress(VmferryError):
+            await self.channel.call("relay_input", frame=frame)
+
+    async def close(self) -> None:
+        await self.agent.close()
 
 
 class _Relay:
     """The source's requests to the destination's agent, and the replies back."""
 
-    def __init__(self, channel: Any, proc: asyncio.subprocess.Process) -> None:
-        self.channel, self.proc = channel, proc
-        self._lock = asyncio.Lock()
+    def __init__(self, channel: Any, source: _Source) -> None:
+        self.channel, self.source = channel, source
         self._tasks: set[asyncio.Task] = set()
         self._watch = asyncio.ensure_future(self._watch_destination())
 
-    async def serve(self, reader: asyncio.StreamReader) -> None:
-        """Until the source closes its end (its migration is over)."""
-        while True:
-            try:
-                frame = await protocol.read_frame(reader)
-            except protocol.ProtocolError:
-                return                # the source's process died mid-frame
-            if frame is None:
-                return
-            if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
-                continue
-            task = asyncio.ensure_future(self._answer(frame))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def feed(self, frame: Any) -> None:
+        """A frame from the source: requests only, each answered in its turn."""
+        if isinstance(frame, dict) and isinstance(frame.get("op"), str):
+            self._spawn(self._answer(frame))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, frame: dict[str, Any]) -> None:
         rid, op = frame.get("id"), frame["op"]
         if op == "bye":
             # our own channel says its goodbye when we close it
-            await self._send({"id": rid, "ok": True, "result": {}})
+            await self.source.send({"id": rid, "ok": True, "result": {}})
             return
         if op not in RELAYED_OPS:
-            await self._send(protocol.error_reply(
+            await self.source.send(protocol.error_reply(
                 rid, protocol.PROTOCOL_ERROR, f"the management machine relays no {op!r}"))
             return
         args = frame.get("args", {})
@@ -149,61 +220,64 @@ class _Relay:
             return     # the destination is lost: _watch_destination said so
         if isinstance(reply, dict):
             reply["id"] = rid
-            await self._send(reply)
+            await self.source.send(reply)
 
     async def _watch_destination(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             try:
                 await asyncio.shield(self.channel.lost)
             except VmferryError as e:
-                await self._send({"lost": str(e)})
+                await self.source.send({"lost": str(e)})
 
     def interrupt(self) -> None:
         """Ctrl-C or SIGTERM here: the source aborts (and says so in its last line)."""
-        task = asyncio.ensure_future(self._send({"signal": "INT"}))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, frame: dict[str, Any]) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
-        async with self._lock:
-            with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-                stdin.write(protocol.encode(frame))
-                await stdin.drain()
+        self._spawn(self.source.send({"signal": "INT"}))
 
     def stop(self) -> None:
         self._watch.cancel()
         for task in self._tasks:
             task.cancel()
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.proc.stdin.close()
 
 
-async def _source_lines(stream: asyncio.StreamReader,
-                        display: Any) -> tuple[Optional[Any], list[str]]:
-    """The source's progress events into our display; its own lines pass at
-    once; anything else (ssh's, a shell's) is held, to be said should ssh fail.
-    Returns the last event's JobInfo ("done") and the held lines."""
-    from vmferry.migration.job import JobInfo
-    final, held = None, []
-    while raw := await stream.readline():
-        line = raw.decode(errors="replace").rstrip("\n")
+class _Lines:
+    """The source's stderr: its progress events into our display; its own
+    lines pass at once; anything else (ssh's, a shell's) is held, to be said
+    should ssh fail, else at the end."""
+
+    def __init__(self, display: Any) -> None:
+        self.display = display
+        self.final: Optional[Any] = None       # the "done" event's JobInfo
+        self.held: list[str] = []
+        self._partial = ""
+
+    def text(self, data: str) -> None:
+        *whole, self._partial = (self._partial + data).split("\n")
+        for line in whole:
+            self.line(line)
+
+    def line(self, line: str) -> None:
+        from vmferry.migration.job import JobInfo
         event = _event(line)
         if event is not None:
             info = JobInfo(**{k: v for k, v in event.items()
                               if k in JobInfo.__dataclass_fields__})
             if event.get("event") == "done":
-                final = info
+                self.final = info
             else:
-                display(info)
+                self.display(info)
         elif line.startswith("vmferry"):
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
         elif line.strip():
-            held.append(line)
-    return final, held
+            self.held.append(line)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.line(self._partial)
+            self._partial = ""
+        for line in self.held:
+            sys.stderr.write(line + "\n")
+        self.held = []
 
 
 def _event(line: str) -> Optional[dict[str, Any]]:

@@ -60,6 +60,8 @@ class Channel:
         self._pending: dict[int, asyncio.Future] = {}
         # request id -> where its output frames go (the agent's "command")
         self._streams: dict[int, Callable[[str, str], None]] = {}
+        # request id -> where a relayed command's frames go (migrate --direct)
+        self._relays: dict[int, Callable[[Any], None]] = {}
         self._tasks = [asyncio.ensure_future(self._read()),
                        asyncio.ensure_future(self._ping())]
         self.stderr_tail: list[str] = []
@@ -105,6 +107,9 @@ class Channel:
                 if isinstance(frame, dict) and "output" in frame and rid in self._streams:
                     self._streams[rid](str(frame["output"]), str(frame.get("data", "")))
                     continue
+                if isinstance(frame, dict) and "relay" in frame and rid in self._relays:
+                    self._relays[rid](frame["relay"])
+                    continue
                 fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
                 if fut is None:
                     # id null: the agent refuses the connection itself (a late
@@ -138,10 +143,12 @@ class Channel:
                 return
 
     async def call(self, op: str, *, on_output: Optional[Callable[[str, str], None]] = None,
+                   on_relay: Optional[Callable[[Any], None]] = None,
                    **args: Any) -> dict[str, Any]:
         """The reply to OP; ON_OUTPUT(stream, text) takes the output frames
-        that come before it (the agent's "command")."""
-        reply = await self.call_raw(op, args, on_output=on_output)
+        that come before it (the agent's "command"), ON_RELAY(frame) a relayed
+        command's frames."""
+        reply = await self.call_raw(op, args, on_output=on_output, on_relay=on_relay)
         if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
             raise protocol.ProtocolError(f"the agent sent a malformed reply to {op}")
         if not reply["ok"]:
@@ -150,7 +157,8 @@ class Channel:
         return result if isinstance(result, dict) else {}
 
     async def call_raw(self, op: str, args: dict[str, Any], *,
-                       on_output: Optional[Callable[[str, str], None]] = None) -> Any:
+                       on_output: Optional[Callable[[str, str], None]] = None,
+                       on_relay: Optional[Callable[[Any], None]] = None) -> Any:
         """The agent's reply frame to OP as it came (a relay passes it on)."""
         if self.lost.done():
             raise self.lost.exception()
@@ -159,6 +167,8 @@ class Channel:
         self._pending[rid] = fut
         if on_output is not None:
             self._streams[rid] = on_output
+        if on_relay is not None:
+            self._relays[rid] = on_relay
         try:
             try:
                 self.writer.write(protocol.encode({"id": rid, "op": op, "args": args}))
@@ -169,6 +179,7 @@ class Channel:
         finally:
             self._pending.pop(rid, None)
             self._streams.pop(rid, None)
+            self._relays.pop(rid, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()           # retrieved, whoever stopped waiting
 
