@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -132,6 +133,34 @@ def test_detached_migration_on_this_host(rlab):
     assert "web1" in line, line
 
 
+def test_ctrl_c_of_a_follower_aborts_the_migration(rlab):
+    """`jobinfo --follow NAME` attached to a detached migration: its Ctrl-C
+    aborts the migration, as the foreground command's would; it ends with
+    the migration's last line, the source VM runs on."""
+    src = fill_image(rlab.root / "src.raw", 64)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    rlab.run_vm(spec)
+    started = rlab.start_migrate("--detach", "--disk-map", f"{src}={dst}", "--create-disks",
+                                 "--disk-bandwidth", "8")
+    rlab.wait_for("the migration to copy",
+                  lambda: rlab.job_file().get("phase") == "perform", 60, proc=started)
+    f = rlab.start("jobinfo", "web1", "--follow", "--progress=json")
+    assert f.stdout is not None
+
+    def following() -> bool:
+        return bool(select.select([f.stdout], [], [], 0)[0]) and bool(f.stdout.readline())
+    rlab.wait_for("the follower to show progress", following, 30, proc=f)
+    f.send_signal(signal.SIGINT)
+    line = rlab.one_error(rlab.finish(f, timeout=60), code=130, prefix="vmferry: ")
+    assert "source VM is running" in line, line
+    # the one that started it sees the same end
+    line = rlab.one_error(rlab.finish(started, timeout=60), code=130, prefix="vmferry: ")
+    assert "source VM is running" in line, line
+    assert rlab.jobinfo()["status"] == "cancelled"
+    rlab.assert_source_intact(serial=rlab.serial_of(spec), dest_disk=dst)
+
+
 @pytest.fixture(scope="module")
 def far(netlab, tmp_path_factory):
     """A third host: its own namespace and sshd, cabled straight to the source's
@@ -210,3 +239,55 @@ def test_commands_through_a_tls_agent(rlab):
     assert rlab.status(state=rlab.B)["state"] == "running"
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
     assert images_identical(src, dst, "raw") == ""
+
+
+def _control_agent(rlab: RemoteLab) -> tuple[Path, str]:
+    """An agent on the other host that takes commands (--allow-control) for
+    its state directory S; (S, its tls:// URI)."""
+    from test_remote import TLS_PORT
+    S = rlab.root / "S"
+    S.mkdir()
+    (S / "agent.toml").write_text(f'storage_roots = ["{rlab.root}", "{rlab.kernel.parent}"]\n'
+                                  f'pki = "{rlab.pki.dir}"\nallow_extra_args = true\n')
+    log = rlab.root / "agent.log"
+    p = rlab.net.popen([AGENT, "--state-dir", str(S), "agent", "--listen",
+                        f"{rlab.net.dest_ip}:{TLS_PORT}", "--allow-control"],
+                       stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=rlab.env)
+    rlab.procs.append(p)
+    rlab.wait_for("the agent", lambda: b"listening on" in log.read_bytes(), 20, proc=p)
+    return S, f"tls://{rlab.net.dest_ip}:{TLS_PORT}?pki={quote(str(rlab.pki.dir))}"
+
+
+def test_ctrl_c_through_a_tls_agent_aborts_the_migration(rlab):
+    """Ctrl-C of `vmferry --connect tls://... migrate` is passed on to the
+    agent (command_signal): the migration there aborts, the guest runs on at
+    the source, nothing is left at the destination."""
+    S, uri = _control_agent(rlab)
+    src = fill_image(rlab.root / "src.raw", 64)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    rlab.ok(_on(rlab, uri, "run", spec))
+    p = subprocess.Popen(_cli("--connect", uri, "migrate", "web1", f"local://{rlab.B}",
+                              "--disk-map", f"{src}={dst}", "--create-disks",
+                              "--disk-bandwidth", "8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL, env=rlab.env)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+    rlab.wait_for("the migration to copy", lambda: job.exists() and
+                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
+    assert (rlab.B / "web1").exists()      # the destination VM is there, to be undone
+    p.send_signal(signal.SIGINT)           # Ctrl-C at the management machine
+    line = rlab.one_error(rlab.finish(p, timeout=60), code=130, prefix="vmferry: ")
+    assert "source VM is running" in line, line
+    info = json.loads(rlab.ok(_on(rlab, uri, "jobinfo", "web1", "--json")))
+    assert info["status"] == "cancelled", info
+    st = json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))
+    assert st["state"] == "running" and _in_namespace(st["pid"], rlab.net.ns), st
+    serial = rlab.serial_of(spec)
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)          # the guest goes on, memory intact
+    assert qemu_pids(rlab.B) == [] and not (rlab.B / "web1").exists()
+    assert not dst.exists() or \
+        Path(str(dst) + ".vmferry-presync.json").exists(), "a created disk was left"

@@ -116,6 +116,31 @@ def test_remote_presync_dry_run(rlab):
     assert not dst.parent.exists() and not Path(outside).parent.exists()
 
 
+def test_tunnelled_dry_run_needs_no_free_port(rlab):
+    """--tunnelled listens on Unix sockets there, never on the agent's TCP port
+    range: an agent whose only port is taken (by its host's sshd) passes a
+    tunnelled dry run, and fails the same one untunnelled."""
+    src = _vm(rlab)
+    conf = rlab.B / "agent.toml"
+    conf.write_text(conf.read_text() + f"port_range = [{rlab.sshd.port}, {rlab.sshd.port}]\n")
+    dest = ssh_uri(rlab)
+    dst = rlab.root / "dst" / "web1.qcow2"
+    before = snapshot(rlab)
+    args = ("--disk-map", f"{src}={dst}", "--create-disks", "--dry-run", "--json")
+    cp = rlab.remote(dest, *args, timeout=60)
+    assert cp.returncode == 1, (cp.stdout, cp.stderr)
+    plan = json.loads(cp.stdout)
+    assert plan["ok"] is False and len(plan["problems"]) == 2, plan      # disks, memory
+    assert all(f"no free port in {rlab.sshd.port}-{rlab.sshd.port}" in x
+               for x in plan["problems"]), plan
+    cp = rlab.remote(dest, "--tunnelled", *args, timeout=60)
+    plan = json.loads(rlab.ok(cp))
+    assert plan["ok"] is True and plan["problems"] == [], plan
+    assert plan["target"]["listen"] == {}, plan
+    assert "inside the ssh connection" in plan["transport"], plan
+    unchanged(rlab, before)
+
+
 def test_an_agent_from_before_dry_runs_is_named():
     """An older agent refuses the check by name: the problem says to update it."""
     import asyncio

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -170,21 +169,26 @@ def test_recover_refuses_when_there_is_nothing_or_it_still_runs(lab):
     lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
 
 
-def _presync_dirs() -> set[Path]:
-    """Local presyncs' private socket folders (LocalDestination.presync_open)."""
-    return set(Path(tempfile.gettempdir()).glob("vmferry-presync-*"))
+def _presync_dirs(tmp: Path) -> set[Path]:
+    """Local presyncs' private socket folders (LocalDestination.presync_open)
+    in TMP: this test's vmferry processes' TMPDIR, so another process's presync
+    on a shared machine (in /tmp) is never taken for one of ours."""
+    return set(tmp.glob("vmferry-presync-*"))
 
 
 def test_presync_killed_then_recovered(lab):
     """A presync's process dies mid-copy: recover removes the image it created,
     its exports, server and bitmap; the next presync copies in full."""
     src, h, dst, serial = _failing_setup(lab, 256)
-    before = _presync_dirs()
+    tmp = lab.root / "tmp"
+    tmp.mkdir()
+    lab.env["TMPDIR"] = str(tmp)
     p = lab.start("presync", "web1", f"local://{lab.B}", "--disk-map", f"{src}={dst}",
                   "--create-disks")
     lab.wait_for("the presync copy", lambda: any(
         e["id"].startswith(bitmap_pass.EXPORT) for e in lab.qmp("query-block-exports")),
         60, proc=p)
+    assert len(_presync_dirs(tmp)) == 1, "the presync's socket folder is not in its TMPDIR"
     _kill(p)
     assert "presync to" in lab.status()["migration"]
     _recover(lab, "rolled back: the presync of web1 was undone")
@@ -196,7 +200,7 @@ def test_presync_killed_then_recovered(lab):
     lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", "--disk-map",
                        f"{src}={dst}", "--create-disks"))
     assert images_identical(src, dst, "raw") == ""
-    assert _presync_dirs() <= before, "the killed presync's socket folder was left"
+    assert _presync_dirs(tmp) == set(), "a presync's socket folder was left"
 
 
 def test_recover_all_resolves_each(lab):

@@ -382,6 +382,9 @@ class RemoteDestination(Destination):
         return str(e)
 
     def transport(self, opts: MigrateOptions) -> str:
+        if opts.tunnelled:
+            return ("agent over ssh; disks and memory inside the ssh connection (Unix "
+                    "sockets there, no TCP port)")
         return (f"agent over {self.target.scheme}; disks and memory QEMU to QEMU over TCP"
                 + (" with TLS" if opts.tls else ""))
 
