@@ -17,7 +17,8 @@ from urllib.parse import quote
 import pytest
 
 from migrate_helpers import images_identical, qemu_pids
-from test_connect import _cli, _on, _uri, _vm, far  # noqa: F401
+from test_connect import _cli, _control_agent, _on, _uri, _vm, far  # noqa: F401
+from migrate_helpers import fill_image
 from test_remote import AGENT, RemoteLab, _in_namespace, kernel, rlab  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
@@ -189,3 +190,43 @@ def test_ctrl_c_at_the_management_machine_aborts(rlab, far):
     assert st["state"] == "running", st
     rlab.wait_for("the destination to tear down", lambda: _guests(far[0], D) == [], 30)
     rlab.ok(_on(rlab, uri, "stop", "web1", "--force"))
+
+
+def test_direct_from_a_tls_agent(rlab, far):
+    """The source reached through its agent (tls://, --allow-control): the
+    agent runs the source's side and passes its frames both ways; when this
+    machine dies mid-copy, the agent closes that side's channel and it rolls
+    back; the next direct migration then completes."""
+    S, uri = _control_agent(rlab)
+    src = fill_image(rlab.root / "src.raw", 64)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    serial = rlab.serial_of(spec)
+    rlab.ok(_on(rlab, uri, "run", spec))
+    D, dest = _dest(rlab, far)
+    args = ("migrate", "--direct", "web1", dest, "--disk-map", f"{src}={dst}",
+            "--create-disks")
+    p = subprocess.Popen(_cli("--connect", uri, *args, "--disk-bandwidth", "8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, env=rlab.env, start_new_session=True)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+    rlab.wait_for("the migration to copy", lambda: job.exists() and
+                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+    rlab.wait_for("the source to roll back", lambda: json.loads(job.read_text())["status"]
+                  != "running", 60)
+    info = json.loads(job.read_text())
+    assert info["status"] == "failed" and "lost the management machine" in info["error"], info
+    assert json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))["state"] \
+        == "running"
+    rlab.wait_for("the destination to tear down", lambda: _guests(far[0], D) == [], 30)
+    out = rlab.ok(_on(rlab, uri, *args, "--overwrite-disks"))
+    assert out.startswith("migrated web1 in "), out
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], far[0].ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
