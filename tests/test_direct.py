@@ -230,3 +230,45 @@ def test_direct_from_a_tls_agent(rlab, far):
     assert problems == [], problems
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
     assert images_identical(src, dst, "raw") == ""
+
+
+def test_destination_agent_lost_mid_copy(rlab, far):
+    """The destination's agent dies while the disks copy: this machine tells
+    the source at once, which rolls back and says so in one line here."""
+    S, uri, src, dst, serial = _vm(rlab, 64)
+    D, dest = _dest(rlab, far)
+    p = subprocess.Popen(_cli("--connect", uri, "migrate", "--direct", "web1", dest,
+                              "--disk-map", f"{src}={dst}", "--create-disks",
+                              "--disk-bandwidth", "8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL, env=rlab.env)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+    rlab.wait_for("the migration to copy", lambda: job.exists() and
+                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
+    agents = [pid for pid in _pids_with(f"{D}") if b"--stdio" in
+              Path(f"/proc/{pid}/cmdline").read_bytes() and _in_namespace(pid, far[0].ns)]
+    assert agents, "no destination agent found"
+    for pid in agents:
+        os.kill(pid, signal.SIGKILL)
+    line = rlab.one_error(rlab.finish(p))
+    assert "lost the destination agent" in line and "source VM is running" in line, line
+    assert json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))["state"] \
+        == "running"
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    rlab.ok(_on(rlab, uri, "stop", "web1", "--force"))
+
+
+def _pids_with(marker: str) -> list[int]:
+    """Processes whose command line mentions MARKER."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker.encode() in Path("/proc", entry, "cmdline").read_bytes():
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
