@@ -3,7 +3,9 @@ managed direct migration.  This process is the management machine, in its
 own namespace; the source (the netlab namespace) and the destination (a
 third namespace) each run a real sshd, and are cabled to each other for
 QEMU's streams.  This machine relays every request the source has for the
-destination's agent; should it die, each host sees its connection close."""
+destination's agent; should it die, each host sees its connection close.
+Also here, on the same three hosts: a p2p migration tunnelled through ssh to
+a destination whose firewall passes only ssh."""
 from __future__ import annotations
 
 import json
@@ -272,3 +274,30 @@ def _pids_with(marker: str) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def test_tunnelled_p2p_from_a_third_host_through_a_firewall(rlab, far):
+    """--connect ssh://SRC migrate --p2p --tunnelled: the source drives, and the
+    disks and memory ride on its ssh connection to a destination whose
+    firewall passes only ssh; without --tunnelled the same migration fails
+    in one line and the guest runs on at the source."""
+    import shutil
+    from test_remote import _firewall_all_but_ssh
+    if shutil.which("nft") is None:
+        pytest.skip("nftables is not installed")
+    S, uri, src, dst, serial = _vm(rlab, 32)
+    D, dest = _dest(rlab, far)
+    args = ("migrate", "--p2p", "web1", dest, "--disk-map", f"{src}={dst}", "--create-disks")
+    with _firewall_all_but_ssh(far[0], rlab.root):
+        line = rlab.one_error(_on(rlab, uri, *args))
+        assert "source VM is running" in line, line
+        out = rlab.ok(_on(rlab, uri, *args, "--tunnelled", "--overwrite-disks"))
+    assert out.startswith("migrated web1 in "), out
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], far[0].ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    assert qemu_pids(S) == []
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
