@@ -38,7 +38,9 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 
-AGENT = str(Path(sys.executable).parent / "vmferry")
+# the vmferry the other hosts run; VMFERRY_TEST_AGENT: another checkout's (a
+# wrapper setting PYTHONPATH), as ssh passes no environment
+AGENT = os.environ.get("VMFERRY_TEST_AGENT") or str(Path(sys.executable).parent / "vmferry")
 TLS_PORT = 16599
 
 

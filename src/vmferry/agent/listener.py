@@ -9,7 +9,7 @@ an attacker keeps open or opens in a burst.  When the process runs out of descri
 (EMFILE/ENFILE) the loop evicts, or else backs off, and says so once per
 interval: asyncio's own server would retry and log a traceback per attempt.
 
-A connection that opens with the relay's preface (relay.py) instead of a
+A connection that opens with the relay's preface (tunnel.py) instead of a
 TLS hello carries a --tunnelled stream: it is handed, preface read, to the
 C relay, which bounds the rest of its handshake the same way (the time
 left of HANDSHAKE_TIMEOUT, and at most `pending_cap()` still shaking hands,
@@ -25,7 +25,7 @@ import ssl
 import time
 from typing import Awaitable, Callable, Optional
 
-from vmferry.agent.relay import PREFACE
+from vmferry.agent.tunnel import PREFACE
 from vmferry.errors import VmferryError
 
 HANDSHAKE_TIMEOUT = 5.0           # seconds an unauthenticated peer may take

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from vmferry import __version__
-from vmferry.agent import listener, protocol, relay, transport, wire
+from vmferry.agent import listener, protocol, transport, tunnel, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.protocol import Args, ProtocolError
 from vmferry.agent.transport import DEFAULT_KEEPALIVE, KEEPALIVE_COUNT
@@ -91,11 +91,11 @@ class Session:
     """One controlling connection and the (at most one) migration it drives."""
 
     def __init__(self, cfg: AgentConfig, local_address: Optional[str],
-                 relay: Optional[Any] = None) -> None:
+                 tunnels: Optional[tunnel.TlsRelay] = None) -> None:
         self.cfg = cfg
-        # a tls:// agent's C relay (agent/relay.py): --tunnelled streams come
+        # a tls:// agent's C relay (agent/tunnel.py): --tunnelled streams come
         # through its port, each naming a route this session made
-        self.relay = relay
+        self.tunnels = tunnels
         self.routes: list[str] = []
         self.local_address = local_address      # where the source reached us
         self.incoming: Optional[Incoming] = None
@@ -109,6 +109,7 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.commands: set[asyncio.subprocess.Process] = set()   # op_command's
+        self.relayed: Optional[asyncio.subprocess.Process] = None  # the one with relay
 
     # -- the connection --------------------------------------------------
 
@@ -141,8 +142,17 @@ class Session:
                     # its keepalive must govern the very next wait, not the one after
                     await asyncio.gather(task, return_exceptions=True)
         finally:
+            for proc in self.commands:
+                if proc is self.relayed and proc.stdin is not None:
+                    # its channel closes: it rolls back, as with a lost destination
+                    proc.stdin.close()
+                    continue
+                # as a terminal's hang-up: a detached migration it follows goes on
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
             for task in list(self._tasks):
-                # let a phase in progress end before undoing it
+                # let a phase in progress end before undoing it (and a relayed
+                # migration its rollback)
                 await asyncio.gather(task, return_exceptions=True)
             if self.incoming is not None and not self.finished:
                 if await self.incoming.arrived():
@@ -156,10 +166,6 @@ class Session:
                     await self._abort({d.node: self.keep_generation
                                        for d in self.incoming.disks}
                                       if self.keep_generation else None)
-            for proc in self.commands:
-                # as a terminal's hang-up: a detached migration it follows goes on
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGHUP)
             self._unroute()
             if self.presync is not None:
                 _log(f"{why}: stopping an unfinished presync")
@@ -307,31 +313,31 @@ class Session:
                 await incoming.abort()
                 raise
             self.incoming = incoming
-            tunnel = self._route(prepared) if incoming.network.tunnel else None
+            tokens = self._route(prepared) if incoming.network.tunnel else None
         return {"nbd": prepared.nbd_server, "migrate_uri": prepared.migrate_uri,
                 "exports": prepared.exports, "dest_paths": prepared.dest_paths,
                 "fresh": sorted(prepared.fresh),
-                **({"tunnel": tunnel} if tunnel else {})}
+                **({"tunnel": tokens} if tokens else {})}
 
     def _route(self, prepared: Any) -> Optional[dict[str, str]]:
         """--tunnelled to this tls:// agent: a token per stream, which a
         tunnel connection must present to reach QEMU's Unix socket; valid
         while this session lasts.  Over ssh (no relay) ssh forwards instead."""
-        if self.relay is None:
+        if self.tunnels is None:
             return None
         ends = {"migrate": prepared.migrate_uri.removeprefix("unix:")}
         if prepared.nbd_server:
             ends["nbd"] = str(prepared.nbd_server["path"])
         tokens = {}
         for stream, path in ends.items():
-            tokens[stream] = relay.new_token()
-            self.relay.route(tokens[stream], path)
+            tokens[stream] = tunnel.new_token()
+            self.tunnels.route(tokens[stream], path)
             self.routes.append(tokens[stream])
         return tokens
 
     def _unroute(self) -> None:
         while self.routes:
-            self.relay.unroute(self.routes.pop())
+            self.tunnels.unroute(self.routes.pop())
 
     def _listen(self, a: Args) -> tuple[str, tuple[int, int]]:
         a.only("address", "port")
@@ -506,8 +512,15 @@ class Session:
                        a: Args) -> dict[str, Any]:
         """`vmferry --connect tls://...`: one vmferry command run against this
         agent's state directory, its output streamed back as it comes (frames
-        with this request's id and "output"), then its exit status."""
-        a.only("argv")
+        with this request's id and "output"), then its exit status.
+
+        RELAY (`migrate --direct`, commands/direct.py): the command speaks
+        the agent protocol on its stdin and stdout with the client, through
+        us: each frame it writes goes to the client as {"id": this request's,
+        "relay": FRAME}, and the client's "relay_input" requests are written
+        to its stdin.  One at a time per session."""
+        a.only("argv", "relay")
+        relay = a.get("relay", bool, False)
         if not self.cfg.allow_control:
             raise UsageError("this agent takes no commands: start it with --allow-control "
                              "(or allow_control = true in its agent.toml)")
@@ -518,22 +531,51 @@ class Session:
         if argv[0] not in COMMANDS:
             raise UsageError(f"'{argv[0][:40]}' does not run through --connect (these do: "
                              f"{', '.join(COMMANDS)})")
+        if relay and (argv[:2] != ["migrate", "--relayed"] or self.relayed is not None):
+            raise ProtocolError("command: only one 'migrate --relayed' relays at a time")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "vmferry", "--state-dir", str(self.cfg.state.path), *argv,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            stdin=asyncio.subprocess.PIPE if relay else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, limit=protocol.MAX_FRAME + 8)
         self.commands.add(proc)
+        if relay:
+            self.relayed = proc
 
         async def pump(stream: asyncio.StreamReader, name: str) -> None:
             while chunk := await stream.read(65536):
                 await self._send(writer, {"id": rid, "output": name,
                                           "data": chunk.decode(errors="replace")})
+
+        async def frames(stream: asyncio.StreamReader) -> None:
+            with contextlib.suppress(ProtocolError):
+                while (frame := await protocol.read_frame(stream, eof=_EOF)) is not _EOF:
+                    await self._send(writer, {"id": rid, "relay": frame})
+            while await stream.read(65536):
+                pass         # whatever a broken command still writes: never block it
         try:
             assert proc.stdout is not None and proc.stderr is not None
-            await asyncio.gather(pump(proc.stdout, "stdout"), pump(proc.stderr, "stderr"))
+            await asyncio.gather(frames(proc.stdout) if relay else pump(proc.stdout, "stdout"),
+                                 pump(proc.stderr, "stderr"))
             return {"rc": await proc.wait()}
         finally:
             self.commands.discard(proc)
+            if self.relayed is proc:
+                self.relayed = None
+
+    async def op_relay_input(self, a: Args) -> dict[str, Any]:
+        """A frame for the relayed command's stdin (see _command)."""
+        a.only("frame")
+        frame = a.get("frame", dict)
+        proc = self.relayed
+        if proc is None or proc.stdin is None:
+            raise UsageError("relay_input: no command relays here")
+        try:
+            proc.stdin.write(protocol.encode(frame))
+            await proc.stdin.drain()
+        except (ConnectionError, OSError):
+            raise UsageError("relay_input: the relayed command has ended") from None
+        return {}
 
     async def op_command_signal(self, a: Args) -> dict[str, Any]:
         """Ctrl-C at the client: to this session's commands (a migration it
@@ -560,7 +602,7 @@ class Session:
         "probe": op_probe,
         "finish_orphan": op_finish_orphan, "undo_orphan": op_undo_orphan,
         "keep_partial": op_keep_partial, "command": op_command,
-        "command_signal": op_command_signal}
+        "command_signal": op_command_signal, "relay_input": op_relay_input}
 
 
 def _address(a: Args) -> Optional[str]:
@@ -593,18 +635,9 @@ def check_stdio() -> None:
 
 
 async def serve_stdio(cfg: AgentConfig) -> None:
-    """One session on stdin/stdout (what ssh runs).  The protocol gets
-    private copies of the two descriptors; 0 and 1 themselves are pointed
-    away so that no child (QEMU, qemu-img) can write into the channel or
-    hold it open after we are gone."""
+    """One session on stdin/stdout (what ssh runs; transport.take_stdio)."""
     check_stdio()
-    rfd, wfd = os.dup(0), os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)
-    os.close(devnull)
-    reader, writer = await transport.pipe_streams(os.fdopen(rfd, "rb", buffering=0),
-                                                  os.fdopen(wfd, "wb", buffering=0),
+    reader, writer = await transport.pipe_streams(*transport.take_stdio(),
                                                   protocol.MAX_FRAME + 8)
     # ssh tells us which of our addresses the source dialled
     conn = os.environ.get("SSH_CONNECTION", "").split()
@@ -621,7 +654,7 @@ async def serve_tls(cfg: AgentConfig, host: str, port: int,
     socks = listener.listen(host, port)
     cap = listener.pending_cap()
     try:
-        tunnels = relay.server(cfg.pki, cap)
+        tunnels = tunnel.server(cfg.pki, cap)
     except BaseException:
         for s in socks:
             s.close()
@@ -645,7 +678,7 @@ async def serve_tls(cfg: AgentConfig, host: str, port: int,
             s.close()
 
 
-async def _log_refusals(tunnels: relay.Relay, every: float = 1.0) -> None:
+async def _log_refusals(tunnels: tunnel.TlsRelay, every: float = 1.0) -> None:
     """The C relay only counts the tunnel connections it closes: the log says
     so, at most a line per interval as for the listener's own refusals."""
     say = listener.Throttle(_log)

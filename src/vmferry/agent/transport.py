@@ -134,6 +134,21 @@ def forward(t: Target, folder: str, local: str, remote: str) -> None:
         raise UsageError(f"cannot add an ssh forward for --tunnelled: {why}")
 
 
+def take_stdio() -> tuple[IO[bytes], IO[bytes]]:
+    """Private copies of stdin and stdout for a protocol spoken over them (an
+    agent under ssh, a --relayed migration); 0 and 1 themselves are pointed
+    away, so that no child (QEMU, qemu-img) and no stray print can write
+    into the channel or hold it open after we are gone.  What would have gone
+    to stdout goes to stderr."""
+    import os
+    rfd, wfd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    os.close(devnull)
+    return os.fdopen(rfd, "rb", buffering=0), os.fdopen(wfd, "wb", buffering=0)
+
+
 async def pipe_streams(rfile: IO[bytes], wfile: IO[bytes], limit: int) -> tuple[Any, Any]:
     """asyncio (reader, writer) over two pipe ends."""
     import asyncio

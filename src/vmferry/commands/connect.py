@@ -11,10 +11,11 @@ status it has there.
                                         default /etc/pki)
 
 A migration started this way runs detached on that host (`migrate
---detach`): this command only follows it, so a dropped connection leaves it
+--detach`, p2p): this command only follows it, so a dropped connection leaves it
 running, `jobinfo --follow NAME` re-attaches from anywhere, and Ctrl-C on a
 terminal (which ssh passes on) aborts it.  Paths in the command are that
-host's.
+host's.  `migrate --direct` instead drives the migration from here
+(commands/direct.py).
 """
 from __future__ import annotations
 
@@ -46,10 +47,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"'{args.command}' does not run through --connect (these do: "
                          f"{', '.join(COMMANDS)})")
     argv = list(args.command_argv)
-    if args.command == "migrate" and "--detach" not in argv:
-        argv.insert(1, "--detach")
     from vmferry.agent import transport
     t = transport.parse(uri)
+    if args.command == "migrate" and args.direct:
+        from vmferry.commands import direct
+        return direct.run(args, t, argv)
+    if args.command == "migrate" and "--detach" not in argv:
+        argv.insert(1, "--detach")
     if t.scheme == "tls":
         return _over_tls(uri, argv)
     return _over_ssh(t, argv)

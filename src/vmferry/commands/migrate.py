@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -42,8 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--live", action="store_true",
                    help="a live migration (always; accepted for virsh compatibility)")
     p.add_argument("--p2p", action="store_true",
-                   help="the source host drives the destination (always; accepted for virsh "
-                        "compatibility)")
+                   help="the source host drives the destination (the default)")
+    p.add_argument("--direct", action="store_true",
+                   help="with --connect ssh://SOURCE: this machine drives each phase on "
+                        "both hosts (libvirt's managed direct migration; DEST as this "
+                        "machine reaches it); if it goes away, the migration rolls back")
+    # the source's side of --direct (commands/direct.py): the destination's
+    # agent is reached through this process's stdin and stdout
+    p.add_argument("--relayed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--persistent", action="store_true",
                    help="keep the spec on the destination (always done; accepted for "
                         "virsh compatibility)")
@@ -262,13 +269,14 @@ def run(args: argparse.Namespace) -> int:
         from vmferry.commands import detached
         return detached.start(StateDir(args.state_dir), args.name, args.command_argv,
                               args.progress)
+    if args.relayed:
+        return _relayed(args, opts)
     ssh = None
     if args.dest.startswith("ssh://"):
         # ssh's handshake and the remote agent's start-up take longer than
         # loading the rest of vmferry here: let them overlap.
         from vmferry.agent import transport
         ssh = transport.spawn_ssh(transport.parse(args.dest), tunnel=opts.tunnelled)
-    from vmferry.migration.api import migrate_vm   # asyncio, qemu.qmp: only here
     dest: Any = args.dest
     if ssh is not None:
         from vmferry.migration.remote import RemoteDestination
@@ -277,6 +285,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from vmferry.migration.api import dry_run_vm
         return print_dry_run(dry_run_vm(state, args.name, dest, opts), args.json)
+    return _migrate(state, args, dest, opts)
+
+
+def _migrate(state: StateDir, args: argparse.Namespace, dest: Any,
+             opts: MigrateOptions) -> int:
+    from vmferry.migration.api import migrate_vm
     display = MigrationDisplay(args.progress)
     try:
         info = migrate_vm(state, args.name, dest, opts, progress=display)
@@ -289,6 +303,40 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary(info), flush=True)
     return 0
+
+
+def _relayed(args: argparse.Namespace, opts: MigrateOptions) -> int:
+    """The source's side of --direct: this process's stdin and stdout are
+    its channel to the destination's agent, through the management machine;
+    what it prints goes to stderr, which may break with that machine gone
+    while the rollback still has work to do."""
+    from vmferry.agent import transport
+    from vmferry.migration.remote import RemoteDestination
+    streams = transport.take_stdio()
+    sys.stdout, sys.stderr = _Unbreakable(sys.stdout), _Unbreakable(sys.stderr)
+    dest = RemoteDestination(args.dest, relay=streams)
+    return _migrate(StateDir(args.state_dir), args, dest, opts)
+
+
+class _Unbreakable:
+    """A text stream whose writes cannot fail: a reader that went away is no
+    reason to stop a rollback half-way."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def jobinfo(args: argparse.Namespace) -> int:

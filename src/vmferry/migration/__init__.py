@@ -17,7 +17,9 @@ Which host runs what:
     offline.py       --offline: a stopped VM's disks and spec
     dryrun.py, probe.py   --dry-run's plan and its short probe
     local.py         a destination in another state directory of this host
-    remote.py        a destination on another host, through its agent
+    remote.py        a destination on another host, through its agent (or, for
+                     migrate --direct, relayed by a management machine:
+                     commands/direct.py)
 
   on the destination host: desthost/ (in the agent, vmferry/agent/, or in
   this process for a local:// destination)

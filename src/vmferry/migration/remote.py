@@ -6,7 +6,7 @@ over mutual TLS (`tls://host[:port]`, a long-running `vmferry agent
 and the memory stream go straight from QEMU to QEMU, or with --tunnelled
 through the control connection's route: ssh's own forwards of Unix sockets
 over ssh://, the C relay's TLS connections to the agent's one port over
-tls:// (agent/relay.py).
+tls:// (agent/tunnel.py).
 
 URI options (query string): keyfile, known_hosts, no_verify=1 and agent
 (the remote vmferry command) for ssh; keepalive=SECONDS for both.
@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 from vmferry import __version__
-from vmferry.agent import protocol, relay, transport, wire
+from vmferry.agent import protocol, transport, tunnel, wire
 from vmferry.agent.pki import Pki
 from vmferry.agent.transport import KEEPALIVE_COUNT, Target
 from vmferry.errors import MigrationError, UsageError, VmferryError
@@ -49,15 +51,21 @@ class Channel:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  where: str, keepalive: float,
                  proc: Optional[subprocess.Popen] = None,
-                 stderr: Optional[asyncio.StreamReader] = None) -> None:
+                 stderr: Optional[asyncio.StreamReader] = None,
+                 relayed: bool = False) -> None:
         self.reader, self.writer, self.where = reader, writer, where
         self.keepalive = keepalive
         self.proc = proc
+        # through a management machine (migrate --direct, commands/direct.py):
+        # it may also say that the destination is lost, or pass on a Ctrl-C
+        self.relayed = relayed
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         # request id -> where its output frames go (the agent's "command")
         self._streams: dict[int, Callable[[str, str], None]] = {}
+        # request id -> where a relayed command's frames go (migrate --direct)
+        self._relays: dict[int, Callable[[Any], None]] = {}
         self._tasks = [asyncio.ensure_future(self._read()),
                        asyncio.ensure_future(self._ping())]
         self.stderr_tail: list[str] = []
@@ -68,7 +76,9 @@ class Channel:
         if self.lost.done():
             return
         tail = "; ".join(self.stderr_tail[-2:])
-        err = MigrationError(f"lost the destination agent at {self.where}: {why}"
+        whom = "the management machine relaying to" if self.relayed else \
+            "the destination agent at"
+        err = MigrationError(f"lost {whom} {self.where}: {why}"
                              + (f" ({tail})" if tail else ""))
         self.lost.set_exception(err)
         self.lost.exception()          # retrieved here: nobody has to wait on it
@@ -88,8 +98,21 @@ class Channel:
                     self._lose("the connection closed")
                     return
                 rid = frame.get("id") if isinstance(frame, dict) else None
+                if self.relayed and isinstance(frame, dict) and rid is None:
+                    if isinstance(frame.get("lost"), str):
+                        self._lose(frame["lost"][:500])
+                        return
+                    sig = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(
+                        frame.get("signal"))
+                    if sig is not None:
+                        # as the same key at our own terminal: the flow rolls back
+                        os.kill(os.getpid(), sig)
+                        continue
                 if isinstance(frame, dict) and "output" in frame and rid in self._streams:
                     self._streams[rid](str(frame["output"]), str(frame.get("data", "")))
+                    continue
+                if isinstance(frame, dict) and "relay" in frame and rid in self._relays:
+                    self._relays[rid](frame["relay"])
                     continue
                 fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
                 if fut is None:
@@ -124,9 +147,23 @@ class Channel:
                 return
 
     async def call(self, op: str, *, on_output: Optional[Callable[[str, str], None]] = None,
+                   on_relay: Optional[Callable[[Any], None]] = None,
                    **args: Any) -> dict[str, Any]:
         """The reply to OP; ON_OUTPUT(stream, text) takes the output frames
-        that come before it (the agent's "command")."""
+        that come before it (the agent's "command"), ON_RELAY(frame) a relayed
+        command's frames."""
+        reply = await self.call_raw(op, args, on_output=on_output, on_relay=on_relay)
+        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+            raise protocol.ProtocolError(f"the agent sent a malformed reply to {op}")
+        if not reply["ok"]:
+            protocol.raise_error(op, reply.get("error"))
+        result = reply.get("result")
+        return result if isinstance(result, dict) else {}
+
+    async def call_raw(self, op: str, args: dict[str, Any], *,
+                       on_output: Optional[Callable[[str, str], None]] = None,
+                       on_relay: Optional[Callable[[Any], None]] = None) -> Any:
+        """The agent's reply frame to OP as it came (a relay passes it on)."""
         if self.lost.done():
             raise self.lost.exception()
         rid = next(self._ids)
@@ -134,24 +171,21 @@ class Channel:
         self._pending[rid] = fut
         if on_output is not None:
             self._streams[rid] = on_output
+        if on_relay is not None:
+            self._relays[rid] = on_relay
         try:
             try:
                 self.writer.write(protocol.encode({"id": rid, "op": op, "args": args}))
                 await self.writer.drain()
             except (ConnectionError, OSError) as e:
                 self._lose(f"cannot send {op}: {e}")
-            reply = await fut
+            return await fut
         finally:
             self._pending.pop(rid, None)
             self._streams.pop(rid, None)
+            self._relays.pop(rid, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()           # retrieved, whoever stopped waiting
-        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
-            raise protocol.ProtocolError(f"the agent sent a malformed reply to {op}")
-        if not reply["ok"]:
-            protocol.raise_error(op, reply.get("error"))
-        result = reply.get("result")
-        return result if isinstance(result, dict) else {}
 
     async def _proc_exit(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -177,20 +211,23 @@ class Channel:
 
 
 class RemoteDestination(Destination):
-    def __init__(self, uri: str, ssh: Optional[subprocess.Popen] = None) -> None:
+    def __init__(self, uri: str, ssh: Optional[subprocess.Popen] = None,
+                 relay: Optional[tuple[IO[bytes], IO[bytes]]] = None) -> None:
         """SSH: an ssh process already started for URI (see transport.spawn_ssh),
-        which this destination then owns."""
+        which this destination then owns.  RELAY: (input, output) of a channel
+        that a management machine relays to URI's agent (migrate --direct)."""
         self.target: Target = transport.parse(uri)
         self.uri = uri
         self.host = self.target.host
         self.keepalive = self.target.keepalive
         self._ssh = ssh
+        self._relay = relay
         self.channel: Optional[Channel] = None
         self.info: dict[str, Any] = {}
         self._presync_tls: Optional[str] = None
         self._tunnel_dir: Optional[str] = None    # --tunnelled: our forwards' sockets
         self._pki: Optional[Pki] = None           # tls://: the control channel's
-        self._relay: Optional[relay.Relay] = None  # --tunnelled over tls://
+        self._tunnel_relay: Optional[tunnel.TlsRelay] = None  # --tunnelled over tls://
 
     def __repr__(self) -> str:
         return str(self.target)
@@ -201,7 +238,17 @@ class RemoteDestination(Destination):
         if self.channel is not None:
             return self.channel
         where = f"{self.host}"
-        if self.target.scheme == "ssh":
+        if self._relay is not None:
+            if opts.tunnelled:
+                raise UsageError("--tunnelled goes with --p2p (as with virsh): the "
+                                 "streams ride on the source's own connection to "
+                                 "the destination")
+            reader, writer = await transport.pipe_streams(*self._relay,
+                                                          protocol.MAX_FRAME + 8)
+            self._relay = None
+            self.channel = Channel(reader, writer, str(self), self.keepalive,
+                                   relayed=True)
+        elif self.target.scheme == "ssh":
             proc, self._ssh = self._ssh or transport.spawn_ssh(self.target,
                                                                tunnel=opts.tunnelled), None
             self._tunnel_dir = getattr(proc, "tunnel_dir", None)
@@ -327,9 +374,9 @@ class RemoteDestination(Destination):
                                  phase="prepare")
         assert self.channel is not None and self._pki is not None
         peer = self.channel.writer.get_extra_info("peername")
-        self._relay = relay.client(self._pki, str(peer[0]), int(peer[1]), self.host)
+        self._tunnel_relay = tunnel.client(self._pki, str(peer[0]), int(peer[1]), self.host)
         for stream, local, _ in ends:
-            self._relay.listen(local, tokens[stream])
+            self._tunnel_relay.listen(local, tokens[stream])
 
     async def check(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,
                     accel: Optional[str] = None,
@@ -423,9 +470,9 @@ class RemoteDestination(Destination):
             self._tunnel_dir = getattr(self._ssh, "tunnel_dir", None)
             _end(self._ssh)
             self._ssh = None
-        if self._relay is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._relay.close)
-            self._relay = None
+        if self._tunnel_relay is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._tunnel_relay.close)
+            self._tunnel_relay = None
         if self._tunnel_dir:
             shutil.rmtree(self._tunnel_dir, ignore_errors=True)
             self._tunnel_dir = None

@@ -32,7 +32,7 @@ def new_token() -> str:
     return secrets.token_hex(_engine.RELAY_TOKEN_LEN // 2)
 
 
-class Relay:
+class TlsRelay:
     """A C relay and the thread its loop runs in, without the GIL."""
 
     def __init__(self, relay: Any) -> None:
@@ -70,17 +70,17 @@ class Relay:
         self._r.close()
 
 
-def client(pki: Pki, address: str, port: int, server_name: str) -> Relay:
+def client(pki: Pki, address: str, port: int, server_name: str) -> TlsRelay:
     """The source's half: the same client certificate as the control channel;
     ADDRESS is the agent's numeric IP (the one the control channel reached),
     SERVER_NAME what its certificate must name (the host dialled)."""
     pki.client_context()              # the files are there, or one line says which
-    return Relay(_engine.Relay("client", str(pki.cacert), str(pki.clientcert),
+    return TlsRelay(_engine.Relay("client", str(pki.cacert), str(pki.clientcert),
                                str(pki.clientkey), address=address, port=port,
                                server_name=server_name, handshake_ms=30000))
 
 
-def server(pki: Pki, pending_cap: int) -> Relay:
+def server(pki: Pki, pending_cap: int) -> TlsRelay:
     """The agent's half: its server certificate, clients must be the CA's."""
-    return Relay(_engine.Relay("server", str(pki.cacert), str(pki.servercert),
+    return TlsRelay(_engine.Relay("server", str(pki.cacert), str(pki.servercert),
                                str(pki.serverkey), pending_cap=pending_cap))

@@ -1,0 +1,303 @@
+"""`vmferry --connect ssh://SRC migrate --direct NAME ssh://DST`: libvirt's
+managed direct migration.  This process is the management machine, in its
+own namespace; the source (the netlab namespace) and the destination (a
+third namespace) each run a real sshd, and are cabled to each other for
+QEMU's streams.  This machine relays every request the source has for the
+destination's agent; should it die, each host sees its connection close.
+Also here, on the same three hosts: a p2p migration tunnelled through ssh to
+a destination whose firewall passes only ssh."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from migrate_helpers import images_identical, qemu_pids
+from test_connect import _cli, _control_agent, _on, _uri, _vm, far  # noqa: F401
+from migrate_helpers import fill_image
+from test_remote import AGENT, RemoteLab, _in_namespace, kernel, rlab  # noqa: F401
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def far_pki(far, netlab, tmp_path_factory):
+    """Certificates for QEMU's TLS between the source and the third host."""
+    from netlab import make_pki
+    return make_pki(tmp_path_factory.mktemp("far-pki"), [far[0].dest_ip, netlab.dest_ip])
+
+
+def _dest(rlab: RemoteLab, far, pki=None) -> tuple[Path, str]:
+    """The destination's state directory and its URI, as this machine reaches it."""
+    net, sshd = far
+    D = rlab.root / "D"
+    D.mkdir(exist_ok=True)
+    (D / "agent.toml").write_text(f'storage_roots = ["{rlab.root}", "{rlab.kernel.parent}"]\n'
+                                  f'allow_extra_args = true\n'
+                                  + (f'pki = "{pki.dir}"\n' if pki else ""))
+    q = (f"keyfile={quote(str(sshd.key))}&known_hosts={quote(str(sshd.known_hosts))}"
+         f"&agent={quote(AGENT)}")
+    return D, f"ssh://{sshd.user}@{sshd.host}:{sshd.port}{D}?{q}"
+
+
+def _holding(rlab: RemoteLab, uri: str, hold: str) -> str:
+    """URI whose vmferry waits at testhooks' HOLD (the source's process)."""
+    wrapper = rlab.root / "vmferry-holding"
+    wrapper.write_text(f"#!/bin/sh\nVMFERRY_TEST_HOLD={hold} exec {AGENT} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return uri.replace(quote(AGENT), quote(str(wrapper)))
+
+
+def _guests(net, D: Path) -> list[int]:
+    """QEMU processes of state directory D in a namespace."""
+    out = []
+    for pid in qemu_pids(D):
+        try:
+            if _in_namespace(pid, net.ns):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_direct_migration_driven_from_a_third_host(rlab, far, far_pki, tls):
+    """Every phase goes through this machine; the disks and the memory go
+    straight from the source to the destination over their own cable
+    (encrypted by QEMU with --tls)."""
+    S, uri, src, dst, serial = _vm(rlab, 64)
+    D, dest = _dest(rlab, far, far_pki if tls else None)
+    extra = ["--tls", "--pki", far_pki.dir] if tls else []
+    out = rlab.ok(_on(rlab, uri, "migrate", "--live", "--direct", "web1", dest,
+                      "--disk-map", f"{src}={dst}", "--create-disks", *extra))
+    assert out.startswith("migrated web1 in "), out
+    assert json.loads((S / "web1" / "job.json").read_text())["tls"] == tls
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], far[0].ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    assert qemu_pids(S) == []
+    # the source's own record of it says where it went
+    job = json.loads((S / "web1" / "job.json").read_text())
+    assert job["status"] == "completed" and job["destination"].startswith("ssh://"), job
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
+
+
+def test_direct_refuses_what_only_p2p_does(rlab, far):
+    uri = _uri(rlab, rlab.root / "S")
+    D, dest = _dest(rlab, far)
+    line = rlab.one_error(_on(rlab, uri, "migrate", "--direct", "--tunnelled", "web1", dest),
+                          code=2)
+    assert "--tunnelled goes with --p2p" in line, line
+    line = rlab.one_error(_on(rlab, uri, "migrate", "--direct", "web1",
+                              "ssh://nosuch.invalid/x"), code=1)
+    assert "nosuch.invalid" in line, line
+
+
+@pytest.mark.parametrize("moment", ["prepared", "copying"])
+def test_management_killed_mid_migration_rolls_back(rlab, far, moment):
+    """The management machine dies once the destination is prepared, or while
+    the disks copy: the source rolls back (its guest runs on, unpaused) and
+    the destination removes what Prepare made."""
+    S, uri, src, dst, serial = _vm(rlab, 64)
+    D, dest = _dest(rlab, far)
+    if moment == "prepared":
+        uri = _holding(rlab, uri, "perform:8")
+    p = subprocess.Popen(_cli("--connect", uri, "migrate", "--direct", "web1", dest,
+                              "--disk-map", f"{src}={dst}", "--create-disks",
+                              "--disk-bandwidth", "8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, env=rlab.env, start_new_session=True)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+
+    def there() -> bool:
+        info = json.loads(job.read_text()) if job.exists() else {}
+        if moment == "prepared":
+            return info.get("phase") == "prepare" and bool(_guests(far[0], D))
+        return info.get("phase") == "perform" and info.get("disk_processed", 0) > 0
+    rlab.wait_for(f"the migration to be {moment}", there, 60, proc=p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+    rlab.wait_for("the source to roll back", lambda: json.loads(job.read_text())["status"]
+                  != "running", 60)
+    info = json.loads(job.read_text())
+    assert info["status"] == "failed" and "lost the management machine" in info["error"], info
+    st = json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))
+    assert st["state"] == "running", st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)          # the guest runs, unpaused
+    rlab.wait_for("the destination to tear down", lambda: _guests(far[0], D) == [], 30)
+    assert not (D / "web1" / "qmp.sock").exists()
+    rlab.ok(_on(rlab, uri, "stop", "web1", "--force"))
+
+
+def test_management_killed_after_the_memory_arrived_is_recovered(rlab, far):
+    """Past the point of no return — the guest's memory is on the destination,
+    paused, the source paused too — the management machine dies: the source
+    records an interrupted migration and `recover` there finishes it."""
+    S, uri, src, dst, serial = _vm(rlab, 32)
+    D, dest = _dest(rlab, far)
+    held = _holding(rlab, uri, "finish:8")
+    p = subprocess.Popen(_cli("--connect", held, "migrate", "--direct", "web1", dest,
+                              "--disk-map", f"{src}={dst}", "--create-disks"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, env=rlab.env, start_new_session=True)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+    rlab.wait_for("the memory to arrive", lambda: job.exists() and
+                  rlab.qmp("query-status", state=S)["status"] == "postmigrate", 90, proc=p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+    rlab.wait_for("the source's process to end", lambda: json.loads(job.read_text())
+                  ["status"] != "running", 60)
+    error = json.loads(job.read_text())["error"]
+    assert "lost the management machine" in error and "vmferry recover web1" in error, error
+    out = rlab.ok(_on(rlab, uri, "recover", "web1"))
+    assert out.startswith("completed: web1 runs on ssh://"), out
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], far[0].ns), st
+    assert qemu_pids(S) == []
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
+
+
+def test_ctrl_c_at_the_management_machine_aborts(rlab, far):
+    """Ctrl-C here reaches the source, which rolls back as at its own terminal
+    and says so in the last line."""
+    S, uri, src, dst, serial = _vm(rlab, 64)
+    D, dest = _dest(rlab, far)
+    p = subprocess.Popen(_cli("--connect", uri, "migrate", "--direct", "web1", dest,
+                              "--disk-map", f"{src}={dst}", "--create-disks",
+                              "--disk-bandwidth", "8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL, env=rlab.env)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+    rlab.wait_for("the migration to copy", lambda: job.exists() and
+                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
+    p.send_signal(signal.SIGINT)
+    line = rlab.one_error(rlab.finish(p), code=130, prefix="vmferry: ")
+    assert "source VM is running" in line, line
+    st = json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))
+    assert st["state"] == "running", st
+    rlab.wait_for("the destination to tear down", lambda: _guests(far[0], D) == [], 30)
+    rlab.ok(_on(rlab, uri, "stop", "web1", "--force"))
+
+
+def test_direct_from_a_tls_agent(rlab, far):
+    """The source reached through its agent (tls://, --allow-control): the
+    agent runs the source's side and passes its frames both ways; when this
+    machine dies mid-copy, the agent closes that side's channel and it rolls
+    back; the next direct migration then completes."""
+    S, uri = _control_agent(rlab)
+    src = fill_image(rlab.root / "src.raw", 64)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    serial = rlab.serial_of(spec)
+    rlab.ok(_on(rlab, uri, "run", spec))
+    D, dest = _dest(rlab, far)
+    args = ("migrate", "--direct", "web1", dest, "--disk-map", f"{src}={dst}",
+            "--create-disks")
+    p = subprocess.Popen(_cli("--connect", uri, *args, "--disk-bandwidth", "8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, env=rlab.env, start_new_session=True)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+    rlab.wait_for("the migration to copy", lambda: job.exists() and
+                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+    rlab.wait_for("the source to roll back", lambda: json.loads(job.read_text())["status"]
+                  != "running", 60)
+    info = json.loads(job.read_text())
+    assert info["status"] == "failed" and "lost the management machine" in info["error"], info
+    assert json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))["state"] \
+        == "running"
+    rlab.wait_for("the destination to tear down", lambda: _guests(far[0], D) == [], 30)
+    out = rlab.ok(_on(rlab, uri, *args, "--overwrite-disks"))
+    assert out.startswith("migrated web1 in "), out
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], far[0].ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
+
+
+def test_destination_agent_lost_mid_copy(rlab, far):
+    """The destination's agent dies while the disks copy: this machine tells
+    the source at once, which rolls back and says so in one line here."""
+    S, uri, src, dst, serial = _vm(rlab, 64)
+    D, dest = _dest(rlab, far)
+    p = subprocess.Popen(_cli("--connect", uri, "migrate", "--direct", "web1", dest,
+                              "--disk-map", f"{src}={dst}", "--create-disks",
+                              "--disk-bandwidth", "8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL, env=rlab.env)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+    rlab.wait_for("the migration to copy", lambda: job.exists() and
+                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
+    agents = [pid for pid in _pids_with(f"{D}") if b"--stdio" in
+              Path(f"/proc/{pid}/cmdline").read_bytes() and _in_namespace(pid, far[0].ns)]
+    assert agents, "no destination agent found"
+    for pid in agents:
+        os.kill(pid, signal.SIGKILL)
+    line = rlab.one_error(rlab.finish(p))
+    assert "lost the destination agent" in line and "source VM is running" in line, line
+    assert json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))["state"] \
+        == "running"
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    rlab.ok(_on(rlab, uri, "stop", "web1", "--force"))
+
+
+def _pids_with(marker: str) -> list[int]:
+    """Processes whose command line mentions MARKER."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker.encode() in Path("/proc", entry, "cmdline").read_bytes():
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def test_tunnelled_p2p_from_a_third_host_through_a_firewall(rlab, far):
+    """--connect ssh://SRC migrate --p2p --tunnelled: the source drives, and the
+    disks and memory ride on its ssh connection to a destination whose
+    firewall passes only ssh; without --tunnelled the same migration fails
+    in one line and the guest runs on at the source."""
+    import shutil
+    from test_remote import _firewall_all_but_ssh
+    if shutil.which("nft") is None:
+        pytest.skip("nftables is not installed")
+    S, uri, src, dst, serial = _vm(rlab, 32)
+    D, dest = _dest(rlab, far)
+    args = ("migrate", "--p2p", "web1", dest, "--disk-map", f"{src}={dst}", "--create-disks")
+    with _firewall_all_but_ssh(far[0], rlab.root):
+        line = rlab.one_error(_on(rlab, uri, *args))
+        assert "source VM is running" in line, line
+        out = rlab.ok(_on(rlab, uri, *args, "--tunnelled", "--overwrite-disks"))
+    assert out.startswith("migrated web1 in "), out
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], far[0].ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    assert qemu_pids(S) == []
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
