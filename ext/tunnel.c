@@ -118,26 +118,26 @@ struct vf_relay {
 };
 
 static int64_t
-now_ns (void)
+now_ns(void)
 {
   struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
+  clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 static void
-wake (struct vf_relay *r)
+wake(struct vf_relay *r)
 {
   uint64_t one = 1;
-  ssize_t n = write (r->wake, &one, sizeof one);
+  ssize_t n = write(r->wake, &one, sizeof one);
   (void) n;                   /* a full counter wakes the loop all the same */
 }
 
 static bool
-valid_token (const char *t)
+valid_token(const char *t)
 {
   size_t i;
-  if (t == NULL || strlen (t) != VF_RELAY_TOKEN_LEN)
+  if (t == NULL || strlen(t) != VF_RELAY_TOKEN_LEN)
     return false;
   for (i = 0; i < VF_RELAY_TOKEN_LEN; i++)
     if (!((t[i] >= '0' && t[i] <= '9') || (t[i] >= 'a' && t[i] <= 'f')))
@@ -148,7 +148,7 @@ valid_token (const char *t)
 /* Every byte compared whatever differs first: the time a refusal takes says
  * nothing about how much of a guess was right. */
 static bool
-same_token (const char *a, const char *b)
+same_token(const char *a, const char *b)
 {
   unsigned char diff = 0;
   size_t i;
@@ -158,35 +158,35 @@ same_token (const char *a, const char *b)
 }
 
 static int
-tls_error (struct vf_error *err, const char *what, int rc)
+tls_error(struct vf_error *err, const char *what, int rc)
 {
-  return vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: %s: %s", what, gnutls_strerror (rc));
+  return vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: %s: %s", what, gnutls_strerror(rc));
 }
 
 struct vf_relay *
-vf_relay_new (const struct vf_relay_config *cfg, struct vf_error *err)
+vf_relay_new(const struct vf_relay_config *cfg, struct vf_error *err)
 {
   struct vf_relay *r;
   int rc;
 
   if (cfg->role != VF_RELAY_CLIENT && cfg->role != VF_RELAY_SERVER) {
-    vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: unknown role %d", cfg->role);
+    vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: unknown role %d", cfg->role);
     return NULL;
   }
   if (!cfg->ca_file || !cfg->cert_file || !cfg->key_file) {
-    vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: a CA, a certificate and a key are needed");
+    vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: a CA, a certificate and a key are needed");
     return NULL;
   }
-  r = calloc (1, sizeof *r);
+  r = calloc(1, sizeof *r);
   if (r == NULL) {
-    vf_set_error (err, VF_ERR_IO, errno, "TLS relay: out of memory");
+    vf_set_error(err, VF_ERR_IO, errno, "TLS relay: out of memory");
     return NULL;
   }
   r->role = cfg->role;
   r->wake = -1;
   r->handshake_ns = (int64_t) (cfg->handshake_ms ? cfg->handshake_ms : 5000) * 1000000;
   r->pending_cap = cfg->pending_cap ? cfg->pending_cap : 64;
-  pthread_mutex_init (&r->lock, NULL);
+  pthread_mutex_init(&r->lock, NULL);
 
   if (r->role == VF_RELAY_CLIENT) {
     struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST };
@@ -194,402 +194,402 @@ vf_relay_new (const struct vf_relay_config *cfg, struct vf_error *err)
     char port[16];
 
     if (!cfg->address || !cfg->server_name || !cfg->port || cfg->port > 65535
-        || strlen (cfg->server_name) >= sizeof r->server_name) {
-      vf_set_error (err, VF_ERR_USAGE, 0,
+        || strlen(cfg->server_name) >= sizeof r->server_name) {
+      vf_set_error(err, VF_ERR_USAGE, 0,
                     "TLS relay: a client needs the agent's address, port and name");
       goto fail;
     }
-    snprintf (port, sizeof port, "%u", cfg->port);
-    rc = getaddrinfo (cfg->address, port, &hints, &ai);
+    snprintf(port, sizeof port, "%u", cfg->port);
+    rc = getaddrinfo(cfg->address, port, &hints, &ai);
     if (rc != 0 || ai == NULL) {
-      vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: %s is not an IP address: %s",
-                    cfg->address, gai_strerror (rc));
+      vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: %s is not an IP address: %s",
+                    cfg->address, gai_strerror(rc));
       goto fail;
     }
-    memcpy (&r->addr, ai->ai_addr, ai->ai_addrlen);
+    memcpy(&r->addr, ai->ai_addr, ai->ai_addrlen);
     r->addrlen = ai->ai_addrlen;
-    freeaddrinfo (ai);
-    strcpy (r->server_name, cfg->server_name);
+    freeaddrinfo(ai);
+    strcpy(r->server_name, cfg->server_name);
     {
       /* SNI carries DNS names only (RFC 6066); an IP is checked all the same */
       struct addrinfo *n = NULL;
-      r->name_is_ip = getaddrinfo (cfg->server_name, NULL, &hints, &n) == 0;
+      r->name_is_ip = getaddrinfo(cfg->server_name, NULL, &hints, &n) == 0;
       if (n)
-        freeaddrinfo (n);
+        freeaddrinfo(n);
     }
   }
 
-  rc = gnutls_certificate_allocate_credentials (&r->cred);
+  rc = gnutls_certificate_allocate_credentials(&r->cred);
   if (rc < 0) {
-    tls_error (err, "credentials", rc);
+    tls_error(err, "credentials", rc);
     r->cred = NULL;
     goto fail;
   }
-  rc = gnutls_certificate_set_x509_trust_file (r->cred, cfg->ca_file, GNUTLS_X509_FMT_PEM);
+  rc = gnutls_certificate_set_x509_trust_file(r->cred, cfg->ca_file, GNUTLS_X509_FMT_PEM);
   if (rc <= 0) {
-    vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: no CA certificate in %s%s%s",
-                  cfg->ca_file, rc < 0 ? ": " : "", rc < 0 ? gnutls_strerror (rc) : "");
+    vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: no CA certificate in %s%s%s",
+                  cfg->ca_file, rc < 0 ? ": " : "", rc < 0 ? gnutls_strerror(rc) : "");
     goto fail;
   }
-  rc = gnutls_certificate_set_x509_key_file (r->cred, cfg->cert_file, cfg->key_file,
+  rc = gnutls_certificate_set_x509_key_file(r->cred, cfg->cert_file, cfg->key_file,
                                              GNUTLS_X509_FMT_PEM);
   if (rc < 0) {
-    vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: %s with %s: %s", cfg->cert_file,
-                  cfg->key_file, gnutls_strerror (rc));
+    vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: %s with %s: %s", cfg->cert_file,
+                  cfg->key_file, gnutls_strerror(rc));
     goto fail;
   }
-  rc = gnutls_priority_init (&r->prio, PRIORITIES, NULL);
+  rc = gnutls_priority_init(&r->prio, PRIORITIES, NULL);
   if (rc < 0) {
-    tls_error (err, "priorities", rc);
+    tls_error(err, "priorities", rc);
     r->prio = NULL;
     goto fail;
   }
-  r->wake = eventfd (0, EFD_NONBLOCK | EFD_CLOEXEC);
+  r->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (r->wake < 0) {
-    vf_set_error (err, VF_ERR_IO, errno, "TLS relay: eventfd: %s", strerror (errno));
+    vf_set_error(err, VF_ERR_IO, errno, "TLS relay: eventfd: %s", strerror(errno));
     goto fail;
   }
   return r;
 
 fail:
-  vf_relay_free (r);
+  vf_relay_free(r);
   return NULL;
 }
 
 int
-vf_relay_listen (struct vf_relay *r, const char *path, const char *token, struct vf_error *err)
+vf_relay_listen(struct vf_relay *r, const char *path, const char *token, struct vf_error *err)
 {
   struct sockaddr_un sa = { .sun_family = AF_UNIX };
   struct listener *l;
   int fd;
 
   if (r->role != VF_RELAY_CLIENT)
-    return vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: only a client listens");
-  if (!valid_token (token))
-    return vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: a token is %d hex digits",
+    return vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: only a client listens");
+  if (!valid_token(token))
+    return vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: a token is %d hex digits",
                          VF_RELAY_TOKEN_LEN);
-  if (strlen (path) >= sizeof sa.sun_path)
-    return vf_set_error (err, VF_ERR_USAGE, ENAMETOOLONG, "TLS relay: %s: path too long",
+  if (strlen(path) >= sizeof sa.sun_path)
+    return vf_set_error(err, VF_ERR_USAGE, ENAMETOOLONG, "TLS relay: %s: path too long",
                          path);
-  strcpy (sa.sun_path, path);
-  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  strcpy(sa.sun_path, path);
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0)
-    return vf_set_error (err, VF_ERR_IO, errno, "TLS relay: socket: %s", strerror (errno));
-  if (bind (fd, (struct sockaddr *) &sa, sizeof sa) < 0 || chmod (path, 0600) < 0
-      || listen (fd, 64) < 0) {
+    return vf_set_error(err, VF_ERR_IO, errno, "TLS relay: socket: %s", strerror(errno));
+  if (bind(fd, (struct sockaddr *) &sa, sizeof sa) < 0 || chmod(path, 0600) < 0
+      || listen(fd, 64) < 0) {
     int e = errno;
-    close (fd);
-    return vf_set_error (err, VF_ERR_IO, e, "TLS relay: cannot listen on %s: %s", path,
-                         strerror (e));
+    close(fd);
+    return vf_set_error(err, VF_ERR_IO, e, "TLS relay: cannot listen on %s: %s", path,
+                         strerror(e));
   }
-  l = calloc (1, sizeof *l);
+  l = calloc(1, sizeof *l);
   if (l == NULL) {
-    close (fd);
-    unlink (path);
-    return vf_set_error (err, VF_ERR_IO, ENOMEM, "TLS relay: out of memory");
+    close(fd);
+    unlink(path);
+    return vf_set_error(err, VF_ERR_IO, ENOMEM, "TLS relay: out of memory");
   }
   l->fd = fd;
-  strcpy (l->token, token);
-  strcpy (l->path, path);
-  pthread_mutex_lock (&r->lock);
+  strcpy(l->token, token);
+  strcpy(l->path, path);
+  pthread_mutex_lock(&r->lock);
   l->next = r->listeners;
   r->listeners = l;
-  pthread_mutex_unlock (&r->lock);
-  wake (r);
+  pthread_mutex_unlock(&r->lock);
+  wake(r);
   return 0;
 }
 
 int
-vf_relay_route (struct vf_relay *r, const char *token, const char *path, struct vf_error *err)
+vf_relay_route(struct vf_relay *r, const char *token, const char *path, struct vf_error *err)
 {
   struct route *rt;
 
   if (r->role != VF_RELAY_SERVER)
-    return vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: only a server routes");
-  if (!valid_token (token))
-    return vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: a token is %d hex digits",
+    return vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: only a server routes");
+  if (!valid_token(token))
+    return vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: a token is %d hex digits",
                          VF_RELAY_TOKEN_LEN);
-  if (strlen (path) >= sizeof rt->path)
-    return vf_set_error (err, VF_ERR_USAGE, ENAMETOOLONG, "TLS relay: %s: path too long",
+  if (strlen(path) >= sizeof rt->path)
+    return vf_set_error(err, VF_ERR_USAGE, ENAMETOOLONG, "TLS relay: %s: path too long",
                          path);
-  rt = calloc (1, sizeof *rt);
+  rt = calloc(1, sizeof *rt);
   if (rt == NULL)
-    return vf_set_error (err, VF_ERR_IO, ENOMEM, "TLS relay: out of memory");
-  strcpy (rt->token, token);
-  strcpy (rt->path, path);
-  pthread_mutex_lock (&r->lock);
+    return vf_set_error(err, VF_ERR_IO, ENOMEM, "TLS relay: out of memory");
+  strcpy(rt->token, token);
+  strcpy(rt->path, path);
+  pthread_mutex_lock(&r->lock);
   rt->next = r->routes;
   r->routes = rt;
-  pthread_mutex_unlock (&r->lock);
+  pthread_mutex_unlock(&r->lock);
   return 0;
 }
 
 void
-vf_relay_unroute (struct vf_relay *r, const char *token)
+vf_relay_unroute(struct vf_relay *r, const char *token)
 {
   struct route **p;
 
-  if (!valid_token (token))
+  if (!valid_token(token))
     return;
-  pthread_mutex_lock (&r->lock);
+  pthread_mutex_lock(&r->lock);
   for (p = &r->routes; *p;) {
-    if (same_token ((*p)->token, token)) {
+    if (same_token((*p)->token, token)) {
       struct route *gone = *p;
       *p = gone->next;
-      free (gone);
+      free(gone);
     }
     else
       p = &(*p)->next;
   }
-  pthread_mutex_unlock (&r->lock);
+  pthread_mutex_unlock(&r->lock);
 }
 
 int
-vf_relay_adopt (struct vf_relay *r, int fd, unsigned timeout_ms, struct vf_error *err)
+vf_relay_adopt(struct vf_relay *r, int fd, unsigned timeout_ms, struct vf_error *err)
 {
   struct adopted *a;
   int flags;
 
   if (r->role != VF_RELAY_SERVER) {
-    close (fd);
-    return vf_set_error (err, VF_ERR_USAGE, 0, "TLS relay: only a server adopts");
+    close(fd);
+    return vf_set_error(err, VF_ERR_USAGE, 0, "TLS relay: only a server adopts");
   }
-  a = calloc (1, sizeof *a);
-  flags = fcntl (fd, F_GETFL);
-  if (a == NULL || flags < 0 || fcntl (fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+  a = calloc(1, sizeof *a);
+  flags = fcntl(fd, F_GETFL);
+  if (a == NULL || flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
     int e = a ? errno : ENOMEM;
-    free (a);
-    close (fd);
-    return vf_set_error (err, VF_ERR_IO, e, "TLS relay: cannot take a connection: %s",
-                         strerror (e));
+    free(a);
+    close(fd);
+    return vf_set_error(err, VF_ERR_IO, e, "TLS relay: cannot take a connection: %s",
+                         strerror(e));
   }
   a->fd = fd;
-  a->deadline = now_ns () + (int64_t) timeout_ms * 1000000;
-  pthread_mutex_lock (&r->lock);
+  a->deadline = now_ns() + (int64_t) timeout_ms * 1000000;
+  pthread_mutex_lock(&r->lock);
   a->next = r->adopted;
   r->adopted = a;
-  pthread_mutex_unlock (&r->lock);
-  wake (r);
+  pthread_mutex_unlock(&r->lock);
+  wake(r);
   return 0;
 }
 
 void
-vf_relay_stop (struct vf_relay *r)
+vf_relay_stop(struct vf_relay *r)
 {
-  pthread_mutex_lock (&r->lock);
+  pthread_mutex_lock(&r->lock);
   r->stop = true;
-  pthread_mutex_unlock (&r->lock);
-  wake (r);
+  pthread_mutex_unlock(&r->lock);
+  wake(r);
 }
 
 void
-vf_relay_get_stats (struct vf_relay *r, struct vf_relay_stats *out)
+vf_relay_get_stats(struct vf_relay *r, struct vf_relay_stats *out)
 {
-  pthread_mutex_lock (&r->lock);
+  pthread_mutex_lock(&r->lock);
   *out = r->stats;
-  pthread_mutex_unlock (&r->lock);
+  pthread_mutex_unlock(&r->lock);
 }
 
 /* -- connections ----------------------------------------------------- */
 
 static struct conn *
-conn_new (struct vf_relay *r, int net, int local, enum state state, int64_t deadline)
+conn_new(struct vf_relay *r, int net, int local, enum state state, int64_t deadline)
 {
-  struct conn *c = calloc (1, sizeof *c);
+  struct conn *c = calloc(1, sizeof *c);
   if (c == NULL)
     return NULL;
-  c->up = malloc (BUF_SIZE);
-  c->down = malloc (BUF_SIZE);
+  c->up = malloc(BUF_SIZE);
+  c->down = malloc(BUF_SIZE);
   if (c->up == NULL || c->down == NULL) {
-    free (c->up);
-    free (c->down);
-    free (c);
+    free(c->up);
+    free(c->down);
+    free(c);
     return NULL;
   }
   c->net = net;
   c->local = local;
   c->state = state;
-  c->born = now_ns ();
+  c->born = now_ns();
   c->deadline = deadline;
   c->next = r->conns;
   r->conns = c;
   r->pending++;
-  pthread_mutex_lock (&r->lock);
+  pthread_mutex_lock(&r->lock);
   r->stats.active++;
-  pthread_mutex_unlock (&r->lock);
+  pthread_mutex_unlock(&r->lock);
   return c;
 }
 
 /* Closes C; WHY (printf-like) is kept as last_error, and counts C as
  * refused before it relayed, failed after; NULL: it ended as it should. */
-static void __attribute__ ((format (printf, 3, 4)))
-conn_end (struct vf_relay *r, struct conn *c, const char *why, ...)
+static void __attribute__((format(printf, 3, 4)))
+conn_end(struct vf_relay *r, struct conn *c, const char *why, ...)
 {
   if (c->dead)
     return;
   c->dead = true;
-  pthread_mutex_lock (&r->lock);
+  pthread_mutex_lock(&r->lock);
   r->stats.active--;
   if (why) {
     va_list ap;
-    va_start (ap, why);
-    vsnprintf (r->stats.last_error, sizeof r->stats.last_error, why, ap);
-    va_end (ap);
+    va_start(ap, why);
+    vsnprintf(r->stats.last_error, sizeof r->stats.last_error, why, ap);
+    va_end(ap);
     if (c->state == S_RELAY)
       r->stats.failed++;
     else
       r->stats.refused++;
   }
-  pthread_mutex_unlock (&r->lock);
+  pthread_mutex_unlock(&r->lock);
   if (c->state != S_RELAY)
     r->pending--;
   if (c->has_tls)
-    gnutls_deinit (c->tls);
+    gnutls_deinit(c->tls);
   c->has_tls = false;
   if (c->net >= 0)
-    close (c->net);
+    close(c->net);
   if (c->local >= 0)
-    close (c->local);
+    close(c->local);
   c->net = c->local = -1;
 }
 
 static void
-conn_free (struct conn *c)
+conn_free(struct conn *c)
 {
-  free (c->up);
-  free (c->down);
-  free (c);
+  free(c->up);
+  free(c->down);
+  free(c);
 }
 
 static void
-relaying (struct vf_relay *r, struct conn *c)
+relaying(struct vf_relay *r, struct conn *c)
 {
   c->state = S_RELAY;
   r->pending--;
-  pthread_mutex_lock (&r->lock);
+  pthread_mutex_lock(&r->lock);
   r->stats.connections++;
-  pthread_mutex_unlock (&r->lock);
+  pthread_mutex_unlock(&r->lock);
 }
 
 static int
-start_tls (struct vf_relay *r, struct conn *c)
+start_tls(struct vf_relay *r, struct conn *c)
 {
-  int rc = gnutls_init (&c->tls, (r->role == VF_RELAY_CLIENT ? GNUTLS_CLIENT : GNUTLS_SERVER)
+  int rc = gnutls_init(&c->tls, (r->role == VF_RELAY_CLIENT ? GNUTLS_CLIENT : GNUTLS_SERVER)
                         | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
   if (rc < 0)
     return rc;
   c->has_tls = true;
-  if ((rc = gnutls_priority_set (c->tls, r->prio)) < 0
-      || (rc = gnutls_credentials_set (c->tls, GNUTLS_CRD_CERTIFICATE, r->cred)) < 0)
+  if ((rc = gnutls_priority_set(c->tls, r->prio)) < 0
+      || (rc = gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, r->cred)) < 0)
     return rc;
   if (r->role == VF_RELAY_SERVER) {
     /* no certificate signed by the CA, no handshake */
-    gnutls_certificate_server_set_request (c->tls, GNUTLS_CERT_REQUIRE);
-    gnutls_session_set_verify_cert (c->tls, NULL, 0);
+    gnutls_certificate_server_set_request(c->tls, GNUTLS_CERT_REQUIRE);
+    gnutls_session_set_verify_cert(c->tls, NULL, 0);
   }
   else {
     if (!r->name_is_ip
-        && (rc = gnutls_server_name_set (c->tls, GNUTLS_NAME_DNS, r->server_name,
-                                         strlen (r->server_name))) < 0)
+        && (rc = gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, r->server_name,
+                                         strlen(r->server_name))) < 0)
       return rc;
-    gnutls_session_set_verify_cert (c->tls, r->server_name, 0);
+    gnutls_session_set_verify_cert(c->tls, r->server_name, 0);
   }
-  gnutls_transport_set_int (c->tls, c->net);
+  gnutls_transport_set_int(c->tls, c->net);
   c->state = S_HANDSHAKE;
   return 0;
 }
 
 /* Client: a connection accepted on a listener goes to the agent. */
 static void
-client_accept (struct vf_relay *r, struct listener *l)
+client_accept(struct vf_relay *r, struct listener *l)
 {
   for (;;) {
     struct conn *c;
     int one = 1;
-    int local = accept4 (l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int local = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     int net;
 
     if (local < 0)
       return;                 /* EAGAIN, or the peer gave up: nothing to do */
-    net = socket (r->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    net = socket(r->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (net < 0) {
-      pthread_mutex_lock (&r->lock);
-      snprintf (r->stats.last_error, sizeof r->stats.last_error, "socket: %s",
-                strerror (errno));
+      pthread_mutex_lock(&r->lock);
+      snprintf(r->stats.last_error, sizeof r->stats.last_error, "socket: %s",
+                strerror(errno));
       r->stats.refused++;
-      pthread_mutex_unlock (&r->lock);
-      close (local);
+      pthread_mutex_unlock(&r->lock);
+      close(local);
       continue;
     }
-    setsockopt (net, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    c = conn_new (r, net, local, S_CONNECT, now_ns () + r->handshake_ns);
+    setsockopt(net, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c = conn_new(r, net, local, S_CONNECT, now_ns() + r->handshake_ns);
     if (c == NULL) {
-      close (net);
-      close (local);
+      close(net);
+      close(local);
       continue;
     }
     /* the route's header goes first, ahead of anything QEMU sends */
-    memcpy (c->up, HEADER_MAGIC, HEADER_MAGIC_LEN);
-    memcpy (c->up + HEADER_MAGIC_LEN, l->token, VF_RELAY_TOKEN_LEN);
+    memcpy(c->up, HEADER_MAGIC, HEADER_MAGIC_LEN);
+    memcpy(c->up + HEADER_MAGIC_LEN, l->token, VF_RELAY_TOKEN_LEN);
     c->up_len = HEADER_LEN;
-    if (connect (net, (struct sockaddr *) &r->addr, r->addrlen) < 0 && errno != EINPROGRESS)
-      conn_end (r, c, "cannot connect to the agent: %s", strerror (errno));
+    if (connect(net, (struct sockaddr *) &r->addr, r->addrlen) < 0 && errno != EINPROGRESS)
+      conn_end(r, c, "cannot connect to the agent: %s", strerror(errno));
   }
 }
 
 /* Server: the header names a route; the connection then reaches its socket. */
 static void
-server_route (struct vf_relay *r, struct conn *c)
+server_route(struct vf_relay *r, struct conn *c)
 {
   struct sockaddr_un sa = { .sun_family = AF_UNIX };
   struct route *rt;
   bool found = false;
   int fd;
 
-  if (memcmp (c->down, HEADER_MAGIC, HEADER_MAGIC_LEN) != 0) {
-    conn_end (r, c, "a tunnel connection sent no vmferry header");
+  if (memcmp(c->down, HEADER_MAGIC, HEADER_MAGIC_LEN) != 0) {
+    conn_end(r, c, "a tunnel connection sent no vmferry header");
     return;
   }
-  pthread_mutex_lock (&r->lock);
+  pthread_mutex_lock(&r->lock);
   for (rt = r->routes; rt; rt = rt->next)
-    if (same_token (rt->token, c->down + HEADER_MAGIC_LEN)) {
-      strcpy (sa.sun_path, rt->path);
+    if (same_token(rt->token, c->down + HEADER_MAGIC_LEN)) {
+      strcpy(sa.sun_path, rt->path);
       found = true;
     }
-  pthread_mutex_unlock (&r->lock);
+  pthread_mutex_unlock(&r->lock);
   if (!found) {
-    conn_end (r, c, "a tunnel connection named no prepared migration");
+    conn_end(r, c, "a tunnel connection named no prepared migration");
     return;
   }
   /* QEMU listens already; a full backlog is an error, never a wait */
-  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0 || connect (fd, (struct sockaddr *) &sa, sizeof sa) < 0) {
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0 || connect(fd, (struct sockaddr *) &sa, sizeof sa) < 0) {
     int e = errno;
     if (fd >= 0)
-      close (fd);
-    conn_end (r, c, "cannot connect to %s: %s", sa.sun_path, strerror (e));
+      close(fd);
+    conn_end(r, c, "cannot connect to %s: %s", sa.sun_path, strerror(e));
     return;
   }
   c->local = fd;
   c->down_off = HEADER_LEN;   /* what came after the header is payload */
-  relaying (r, c);
+  relaying(r, c);
 }
 
 static bool
-again (int rc)
+again(int rc)
 {
   return rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED;
 }
 
 static bool
-would_block (void)
+would_block(void)
 {
   return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
 }
 
 /* Moves C along as far as it goes without blocking. */
 static void
-step (struct vf_relay *r, struct conn *c)
+step(struct vf_relay *r, struct conn *c)
 {
   int rounds;
   ssize_t n;
@@ -601,31 +601,31 @@ step (struct vf_relay *r, struct conn *c)
     socklen_t len = sizeof e;
     struct pollfd p = { .fd = c->net, .events = POLLOUT };
 
-    if (poll (&p, 1, 0) <= 0)
+    if (poll(&p, 1, 0) <= 0)
       return;
-    if (getsockopt (c->net, SOL_SOCKET, SO_ERROR, &e, &len) < 0)
+    if (getsockopt(c->net, SOL_SOCKET, SO_ERROR, &e, &len) < 0)
       e = errno;
     if (e) {
-      conn_end (r, c, "cannot connect to the agent: %s", strerror (e));
+      conn_end(r, c, "cannot connect to the agent: %s", strerror(e));
       return;
     }
     /* a fresh connection's send buffer takes these 8 bytes whole */
-    if (send (c->net, VF_RELAY_PREFACE, VF_RELAY_PREFACE_LEN, MSG_NOSIGNAL)
+    if (send(c->net, VF_RELAY_PREFACE, VF_RELAY_PREFACE_LEN, MSG_NOSIGNAL)
         != VF_RELAY_PREFACE_LEN) {
-      conn_end (r, c, "cannot write to the agent: %s", strerror (errno));
+      conn_end(r, c, "cannot write to the agent: %s", strerror(errno));
       return;
     }
-    if ((rc = start_tls (r, c)) < 0) {
-      conn_end (r, c, "TLS: %s", gnutls_strerror (rc));
+    if ((rc = start_tls(r, c)) < 0) {
+      conn_end(r, c, "TLS: %s", gnutls_strerror(rc));
       return;
     }
   }
   if (c->state == S_HANDSHAKE) {
-    rc = gnutls_handshake (c->tls);
-    if (again (rc))
+    rc = gnutls_handshake(c->tls);
+    if (again(rc))
       return;
     if (rc < 0) {
-      const char *why = gnutls_strerror (rc);
+      const char *why = gnutls_strerror(rc);
       if (rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR)
         why = r->role == VF_RELAY_SERVER ? "the peer's certificate is not signed by the CA"
                                          : "the agent's certificate is not signed by the CA "
@@ -635,28 +635,28 @@ step (struct vf_relay *r, struct conn *c)
         /* a client whose certificate is another CA's sends none at all */
         why = "the peer sent no certificate signed by the CA";
       else if (rc == GNUTLS_E_WARNING_ALERT_RECEIVED || rc == GNUTLS_E_FATAL_ALERT_RECEIVED)
-        why = gnutls_alert_get_name (gnutls_alert_get (c->tls));
-      conn_end (r, c, "TLS handshake: %s", why);
+        why = gnutls_alert_get_name(gnutls_alert_get(c->tls));
+      conn_end(r, c, "TLS handshake: %s", why);
       return;
     }
     if (r->role == VF_RELAY_SERVER)
       c->state = S_HEADER;
     else
-      relaying (r, c);
+      relaying(r, c);
   }
   if (c->state == S_HEADER) {
     while (c->down_len < HEADER_LEN) {
-      rc = gnutls_record_recv (c->tls, c->down + c->down_len, BUF_SIZE - c->down_len);
-      if (again (rc))
+      rc = gnutls_record_recv(c->tls, c->down + c->down_len, BUF_SIZE - c->down_len);
+      if (again(rc))
         return;
       if (rc <= 0) {
-        conn_end (r, c, "a tunnel connection ended before its header%s%s",
-                  rc < 0 ? ": " : "", rc < 0 ? gnutls_strerror (rc) : "");
+        conn_end(r, c, "a tunnel connection ended before its header%s%s",
+                  rc < 0 ? ": " : "", rc < 0 ? gnutls_strerror(rc) : "");
         return;
       }
       c->down_len += rc;
     }
-    server_route (r, c);
+    server_route(r, c);
     if (c->dead)
       return;
   }
@@ -666,7 +666,7 @@ step (struct vf_relay *r, struct conn *c)
 
     /* up: Unix -> TLS */
     if (c->up_off == c->up_len && !c->up_eof) {
-      n = recv (c->local, c->up, BUF_SIZE, 0);
+      n = recv(c->local, c->up, BUF_SIZE, 0);
       if (n > 0) {
         c->up_off = 0;
         c->up_len = n;
@@ -676,33 +676,33 @@ step (struct vf_relay *r, struct conn *c)
         c->up_eof = true;
         progress = true;
       }
-      else if (!would_block ()) {
-        conn_end (r, c, "reading the local socket: %s", strerror (errno));
+      else if (!would_block()) {
+        conn_end(r, c, "reading the local socket: %s", strerror(errno));
         return;
       }
     }
     if (c->up_off < c->up_len) {
       /* the same arguments again after GNUTLS_E_AGAIN, as GnuTLS requires */
-      rc = gnutls_record_send (c->tls, c->up + c->up_off, c->up_len - c->up_off);
+      rc = gnutls_record_send(c->tls, c->up + c->up_off, c->up_len - c->up_off);
       if (rc > 0) {
         c->up_off += rc;
-        __atomic_fetch_add (&r->stats.bytes_up, (uint64_t) rc, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&r->stats.bytes_up, (uint64_t) rc, __ATOMIC_RELAXED);
         progress = true;
       }
-      else if (!again (rc)) {
-        conn_end (r, c, "TLS send: %s", gnutls_strerror (rc));
+      else if (!again(rc)) {
+        conn_end(r, c, "TLS send: %s", gnutls_strerror(rc));
         return;
       }
     }
     else if (c->up_eof && !c->up_done) {
       /* close_notify: the peer's reader sees the end, its writer goes on */
-      rc = gnutls_bye (c->tls, GNUTLS_SHUT_WR);
+      rc = gnutls_bye(c->tls, GNUTLS_SHUT_WR);
       if (rc == 0) {
         c->up_done = true;
         progress = true;
       }
-      else if (!again (rc)) {
-        conn_end (r, c, "TLS close: %s", gnutls_strerror (rc));
+      else if (!again(rc)) {
+        conn_end(r, c, "TLS close: %s", gnutls_strerror(rc));
         return;
       }
     }
@@ -711,7 +711,7 @@ step (struct vf_relay *r, struct conn *c)
     if (c->down_off == c->down_len)
       c->down_off = c->down_len = 0;
     if (!c->down_eof && c->down_len < BUF_SIZE) {
-      rc = gnutls_record_recv (c->tls, c->down + c->down_len, BUF_SIZE - c->down_len);
+      rc = gnutls_record_recv(c->tls, c->down + c->down_len, BUF_SIZE - c->down_len);
       if (rc > 0) {
         c->down_len += rc;
         progress = true;
@@ -720,33 +720,33 @@ step (struct vf_relay *r, struct conn *c)
         c->down_eof = true;
         progress = true;
       }
-      else if (!again (rc)) {
-        conn_end (r, c, "TLS receive: %s",
+      else if (!again(rc)) {
+        conn_end(r, c, "TLS receive: %s",
                   rc == GNUTLS_E_PREMATURE_TERMINATION ? "the other side went away"
-                                                       : gnutls_strerror (rc));
+                                                       : gnutls_strerror(rc));
         return;
       }
     }
     if (c->down_off < c->down_len) {
-      n = send (c->local, c->down + c->down_off, c->down_len - c->down_off, MSG_NOSIGNAL);
+      n = send(c->local, c->down + c->down_off, c->down_len - c->down_off, MSG_NOSIGNAL);
       if (n > 0) {
         c->down_off += n;
-        __atomic_fetch_add (&r->stats.bytes_down, (uint64_t) n, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&r->stats.bytes_down, (uint64_t) n, __ATOMIC_RELAXED);
         progress = true;
       }
-      else if (n < 0 && !would_block ()) {
-        conn_end (r, c, "writing the local socket: %s", strerror (errno));
+      else if (n < 0 && !would_block()) {
+        conn_end(r, c, "writing the local socket: %s", strerror(errno));
         return;
       }
     }
     else if (c->down_eof && !c->down_done) {
-      shutdown (c->local, SHUT_WR);
+      shutdown(c->local, SHUT_WR);
       c->down_done = true;
       progress = true;
     }
 
     if (c->up_done && c->down_done) {
-      conn_end (r, c, NULL);
+      conn_end(r, c, NULL);
       return;
     }
     if (!progress)
@@ -757,7 +757,7 @@ step (struct vf_relay *r, struct conn *c)
 
 /* What C waits for, as poll events on each side. */
 static void
-wants (struct conn *c, short *net, short *local)
+wants(struct conn *c, short *net, short *local)
 {
   *net = *local = 0;
   switch (c->state) {
@@ -766,7 +766,7 @@ wants (struct conn *c, short *net, short *local)
     return;
   case S_HANDSHAKE:
   case S_HEADER:
-    *net = gnutls_record_get_direction (c->tls) ? POLLOUT : POLLIN;
+    *net = gnutls_record_get_direction(c->tls) ? POLLOUT : POLLIN;
     return;
   case S_RELAY:
     break;
@@ -786,7 +786,7 @@ wants (struct conn *c, short *net, short *local)
 /* Server: adopted connections join the loop, oldest unauthenticated ones
  * leaving when there are too many. */
 static void
-take_adopted (struct vf_relay *r, struct adopted *a)
+take_adopted(struct vf_relay *r, struct adopted *a)
 {
   while (a) {
     struct adopted *next = a->next;
@@ -800,21 +800,21 @@ take_adopted (struct vf_relay *r, struct adopted *a)
           oldest = i;
       if (!oldest)
         break;
-      conn_end (r, oldest, "%u tunnel connections were waiting for their handshake: "
+      conn_end(r, oldest, "%u tunnel connections were waiting for their handshake: "
                 "dropped the oldest", r->pending_cap);
     }
-    c = conn_new (r, a->fd, -1, S_HANDSHAKE, a->deadline);
+    c = conn_new(r, a->fd, -1, S_HANDSHAKE, a->deadline);
     if (c == NULL)
-      close (a->fd);
-    else if ((rc = start_tls (r, c)) < 0)
-      conn_end (r, c, "TLS: %s", gnutls_strerror (rc));
-    free (a);
+      close(a->fd);
+    else if ((rc = start_tls(r, c)) < 0)
+      conn_end(r, c, "TLS: %s", gnutls_strerror(rc));
+    free(a);
     a = next;
   }
 }
 
 int
-vf_relay_run (struct vf_relay *r, struct vf_error *err)
+vf_relay_run(struct vf_relay *r, struct vf_error *err)
 {
   struct pollfd *fds = NULL;
   struct listener **ls = NULL;  /* the listener behind fds[1 + i] */
@@ -831,33 +831,33 @@ vf_relay_run (struct vf_relay *r, struct vf_error *err)
     bool stop, busy = false;
     struct timespec cpu;
 
-    pthread_mutex_lock (&r->lock);
+    pthread_mutex_lock(&r->lock);
     stop = r->stop;
     adopted = r->adopted;
     r->adopted = NULL;
     for (l = r->listeners; l; l = l->next)
       nl++;
-    pthread_mutex_unlock (&r->lock);
+    pthread_mutex_unlock(&r->lock);
     if (stop) {
       while (adopted) {
         struct adopted *a = adopted;
         adopted = a->next;
-        close (a->fd);
-        free (a);
+        close(a->fd);
+        free(a);
       }
       break;
     }
-    take_adopted (r, adopted);
+    take_adopted(r, adopted);
 
     /* deadlines, and the dead swept out */
-    now = now_ns ();
+    now = now_ns();
     for (cp = &r->conns; (c = *cp);) {
       if (!c->dead && c->state != S_RELAY && now >= c->deadline)
-        conn_end (r, c, "no TLS handshake and tunnel header within %g s",
+        conn_end(r, c, "no TLS handshake and tunnel header within %g s",
                   r->handshake_ns / 1e9);
       if (c->dead) {
         *cp = c->next;
-        conn_free (c);
+        conn_free(c);
         continue;
       }
       if (c->state != S_RELAY && (next < 0 || c->deadline < next))
@@ -868,12 +868,12 @@ vf_relay_run (struct vf_relay *r, struct vf_error *err)
     }
     n += nl;
     if (n > cap) {
-      struct pollfd *f = realloc (fds, n * sizeof *fds);
-      struct listener **lf = f ? realloc (ls, n * sizeof *ls) : NULL;
+      struct pollfd *f = realloc(fds, n * sizeof *fds);
+      struct listener **lf = f ? realloc(ls, n * sizeof *ls) : NULL;
       if (f)
         fds = f;
       if (lf == NULL) {
-        ret = vf_set_error (err, VF_ERR_IO, ENOMEM, "TLS relay: out of memory");
+        ret = vf_set_error(err, VF_ERR_IO, ENOMEM, "TLS relay: out of memory");
         break;
       }
       ls = lf;
@@ -882,16 +882,16 @@ vf_relay_run (struct vf_relay *r, struct vf_error *err)
 
     fds[0] = (struct pollfd) { .fd = r->wake, .events = POLLIN };
     n = 1;
-    pthread_mutex_lock (&r->lock);
+    pthread_mutex_lock(&r->lock);
     for (l = r->listeners, i = 0; l && i < nl; l = l->next, i++) {
       ls[i] = l;
       fds[n++] = (struct pollfd) { .fd = l->fd, .events = POLLIN };
     }
-    pthread_mutex_unlock (&r->lock);
+    pthread_mutex_unlock(&r->lock);
     nl = i;
     for (c = r->conns; c; c = c->next) {
       short ne, le;
-      wants (c, &ne, &le);
+      wants(c, &ne, &le);
       c->net_idx = c->local_idx = -1;
       if (ne) {
         c->net_idx = n;
@@ -906,39 +906,39 @@ vf_relay_run (struct vf_relay *r, struct vf_error *err)
       timeout = 0;
     else if (next >= 0)
       timeout = (int) ((next - now + 999999) / 1000000);
-    if (poll (fds, n, timeout) < 0 && errno != EINTR) {
-      ret = vf_set_error (err, VF_ERR_IO, errno, "TLS relay: poll: %s", strerror (errno));
+    if (poll(fds, n, timeout) < 0 && errno != EINTR) {
+      ret = vf_set_error(err, VF_ERR_IO, errno, "TLS relay: poll: %s", strerror(errno));
       break;
     }
     if (fds[0].revents) {
       uint64_t count;
-      ssize_t got = read (r->wake, &count, sizeof count);
+      ssize_t got = read(r->wake, &count, sizeof count);
       (void) got;
     }
     /* listeners are only added while the loop runs (freed after it) */
     for (i = 0; i < nl; i++)
       if (fds[1 + i].revents)
-        client_accept (r, ls[i]);
+        client_accept(r, ls[i]);
     for (c = r->conns; c; c = c->next) {
       bool ready = c->busy
         || (c->net_idx >= 0 && fds[c->net_idx].revents)
         || (c->local_idx >= 0 && fds[c->local_idx].revents);
       if (ready && !c->dead)
-        step (r, c);
+        step(r, c);
     }
-    if (clock_gettime (CLOCK_THREAD_CPUTIME_ID, &cpu) == 0) {
-      pthread_mutex_lock (&r->lock);
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu) == 0) {
+      pthread_mutex_lock(&r->lock);
       r->stats.cpu_ns = (uint64_t) cpu.tv_sec * 1000000000 + cpu.tv_nsec;
-      pthread_mutex_unlock (&r->lock);
+      pthread_mutex_unlock(&r->lock);
     }
   }
-  free (fds);
-  free (ls);
+  free(fds);
+  free(ls);
   return ret;
 }
 
 void
-vf_relay_free (struct vf_relay *r)
+vf_relay_free(struct vf_relay *r)
 {
   struct conn *c;
 
@@ -946,33 +946,33 @@ vf_relay_free (struct vf_relay *r)
     return;
   while ((c = r->conns)) {
     r->conns = c->next;
-    conn_end (r, c, NULL);
-    conn_free (c);
+    conn_end(r, c, NULL);
+    conn_free(c);
   }
   while (r->listeners) {
     struct listener *l = r->listeners;
     r->listeners = l->next;
-    close (l->fd);
-    unlink (l->path);
-    free (l);
+    close(l->fd);
+    unlink(l->path);
+    free(l);
   }
   while (r->routes) {
     struct route *rt = r->routes;
     r->routes = rt->next;
-    free (rt);
+    free(rt);
   }
   while (r->adopted) {
     struct adopted *a = r->adopted;
     r->adopted = a->next;
-    close (a->fd);
-    free (a);
+    close(a->fd);
+    free(a);
   }
   if (r->prio)
-    gnutls_priority_deinit (r->prio);
+    gnutls_priority_deinit(r->prio);
   if (r->cred)
-    gnutls_certificate_free_credentials (r->cred);
+    gnutls_certificate_free_credentials(r->cred);
   if (r->wake >= 0)
-    close (r->wake);
-  pthread_mutex_destroy (&r->lock);
-  free (r);
+    close(r->wake);
+  pthread_mutex_destroy(&r->lock);
+  free(r);
 }
