@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Union
 from vmferry.aio import in_thread, uncancellable
 from vmferry.copying import copy_async
 from vmferry.errors import Cancelled, MigrationError, UsageError, VmferryError
-from vmferry.migration import bitmap_pass, journal, probe, spans
+from vmferry.migration import bitmap_pass, journal, probe, spans, testhooks
 from vmferry.migration.destination import destination_spec
 from vmferry.migration.dryrun import DiskMove, DryRun, PROBE_SECONDS, options_in_effect
 from vmferry.migration.journal import refuse_if_interrupted
@@ -445,7 +445,7 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
             moved += r.bytes_written + r.bytes_zeroed
         r = await copy_async(src, dst, bitmap=bitmap_pass.FROZEN if incremental else None,
                              destination_is_zero=target["created"], flush=True,
-                             zero_copy="off",   # until issue 12 item 3 measures it here
+                             zero_copy=testhooks.native_tuning().get("zero_copy", "auto"),
                              force_multi_conn=True, progress=progress, rate=rate or None)
     except BaseException:
         if incremental:   # nothing may be forgotten, cancelled or not
