@@ -743,7 +743,7 @@ def test_presync_then_migrate_moves_only_what_changed(lab):
     lab.run_vm(lab.spec(disk=src, memory="64M", mem="8M", dirty="idle", hb=200))
     dmap = ("--disk-map", f"{src}={dst}")
     out = lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", *dmap, "--create-disks"))
-    assert out.startswith("presynced web1 (full)"), out
+    assert out.startswith("presynced web1 (full)") and out.endswith("(zero-copy)\n"), out
 
     _hmp_write(lab, 3 * MiB, 2 * MiB, 0x3c)                 # 2 MiB rewritten
     out = lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", *dmap))

@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         reporter.close()
     n = len(result.disks)
+    lanes = [path for path, moved in sorted(result.lanes.items()) if moved]
     print(f"presynced {args.name} ({result.kind}): {format_size(result.bytes_moved)} moved "
-          f"for {n} disk{'s' if n != 1 else ''}", flush=True)
+          f"for {n} disk{'s' if n != 1 else ''}"
+          + (f" ({', '.join(lanes)})" if lanes else ""), flush=True)
     return 0

@@ -60,6 +60,8 @@ class PresyncResult:
     disks: dict[str, int] = dataclasses.field(default_factory=dict)   # node -> bytes
     incremental: list[str] = dataclasses.field(default_factory=list)  # nodes: delta only
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # the engine's lanes that carried the bytes ("zero-copy", "libnbd") -> bytes
+    lanes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -310,7 +312,7 @@ async def presync(state: Any, name: str, dest: Any, opts: MigrateOptions, *,
             moved = await _copy_disk(mon, p, p.node in good, targets[p.node], src_sock,
                                      dest.presync_uri, progress, opts.disk_rate(),
                                      missing(good[p.node], p.size) or []
-                                     if p.node in good else [])
+                                     if p.node in good else [], stats.lanes)
             stats.bytes_moved += moved
             stats.disks[p.node] = moved
             if p.node in good:
@@ -418,10 +420,18 @@ async def check(state: Any, name: str, dest: Any, opts: MigrateOptions) -> DryRu
 async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[str, Any],
                      src_sock: Path, uri_of: Callable[[dict], str],
                      progress: Optional[Callable[[Any], None]], rate: int = 0,
-                     lacking: Optional[list[Span]] = None) -> int:
+                     lacking: Optional[list[Span]] = None,
+                     lanes: Optional[dict[str, int]] = None) -> int:
     """One disk: all of it (recording from before the copy starts), or only
     what the bitmap marked since the last presync, and in full the spans an
-    earlier copy was LACKING."""
+    earlier copy was LACKING.  LANES: bytes counted by the lanes that
+    carried them."""
+    lanes = {} if lanes is None else lanes
+
+    def count(r: Any) -> int:
+        n = r.bytes_written + r.bytes_zeroed
+        lanes[r.path] = lanes.get(r.path, 0) + n
+        return n
     maps = (await _bitmaps(mon)).get(p.node, {})
     if not incremental:
         # Start recording before the full copy: every write from now on is
@@ -440,9 +450,8 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
         for span in (lacking or []) if incremental else []:
             # the rest of an interrupted copy, read now: what the guest writes
             # meanwhile is in the fresh bitmap
-            r = await copy_async(src, dst, span=span, force_multi_conn=True,
-                                 progress=progress, rate=rate or None)
-            moved += r.bytes_written + r.bytes_zeroed
+            moved += count(await copy_async(src, dst, span=span, force_multi_conn=True,
+                                            progress=progress, rate=rate or None))
         r = await copy_async(src, dst, bitmap=bitmap_pass.FROZEN if incremental else None,
                              destination_is_zero=target["created"], flush=True,
                              zero_copy=testhooks.native_tuning().get("zero_copy", "auto"),
@@ -455,4 +464,4 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
         await bitmap_pass.unexport(mon, p.node, wait=incremental)
         if incremental:
             await bitmap_pass.drop(mon, p.node)
-    return moved + r.bytes_written + r.bytes_zeroed
+    return moved + count(r)
