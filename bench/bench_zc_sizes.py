@@ -1,12 +1,15 @@
-"""Request size and depth for the zero-copy lanes, by measurement (issue 12, item 2).
+"""Request size, depth and connections for the zero-copy lanes, by measurement (issue 12,
+item 2).
 
-qemu-nbd (or a file) -> qemu-nbd over Unix sockets, 1 GiB of random data on tmpfs, through
-`vmferry copy --zero-copy=on --request-size S --requests D`; rounds interleaved over
+qemu-nbd (or a file) -> qemu-nbd over Unix sockets or TCP, 1 GiB of random data on tmpfs,
+through `vmferry copy --zero-copy=on --request-size S --requests D --connections N`;
+rounds interleaved over
 the settings.  Prints and writes (bench/results/zc_sizes.{md,json}) the wall time, the
 client's CPU seconds per GiB and both servers' together: the servers' cost per request
 is what falls with request size, and with zero-copy lanes nothing of the client's
 grows with it (no buffers).  VF_ZC_REQUEST_SIZE, VF_ZC_FILE_REQUEST_SIZE and
-VF_ZC_REQUESTS in ext/vmferry.h come from this table.
+VF_ZC_REQUESTS in ext/vmferry.h, and the zero-copy lanes' default connection count
+(copy.c), come from this table.
 
     PYTHONPATH=src python bench/bench_zc_sizes.py      # or as part of `make bench`
 
@@ -30,13 +33,17 @@ import zc_harness as zh  # noqa: E402
 ROUNDS = bc._env_int("VMFERRY_BENCH_SWEEP_ROUNDS", 3, minimum=1)
 SIZE = bc._scaled(zh.GiB)
 KiB = 1024
-# (source, request size, depth): NBD -> NBD across sizes and depths, file -> NBD
-# (where the source side costs nothing per request) across sizes.
-SETTINGS = [("qemu-nbd", 64 * KiB, 16), ("qemu-nbd", 256 * KiB, 16),
-            ("qemu-nbd", 1024 * KiB, 16), ("qemu-nbd", 4096 * KiB, 16),
-            ("qemu-nbd", 1024 * KiB, 4), ("qemu-nbd", 1024 * KiB, 64),
-            ("qemu-nbd", 256 * KiB, 64),
-            ("file", 256 * KiB, 16), ("file", 1024 * KiB, 16), ("file", 4096 * KiB, 16)]
+# (source, transport, request size, depth, connections): NBD -> NBD across sizes,
+# depths and connection counts, file -> NBD (where the source side costs nothing per
+# request) across sizes and connection counts, over Unix sockets and TCP.
+SETTINGS = [("qemu-nbd", "unix", 256 * KiB, 16, 4), ("qemu-nbd", "unix", 256 * KiB, 64, 4),
+            ("qemu-nbd", "unix", 256 * KiB, 16, 1), ("qemu-nbd", "unix", 512 * KiB, 16, 4),
+            ("qemu-nbd", "unix", 512 * KiB, 16, 2), ("qemu-nbd", "unix", 512 * KiB, 16, 1),
+            ("qemu-nbd", "unix", 1024 * KiB, 16, 1), ("qemu-nbd", "unix", 1024 * KiB, 4, 4),
+            ("file", "unix", 1024 * KiB, 16, 4), ("file", "unix", 1024 * KiB, 16, 1),
+            ("file", "tcp", 1024 * KiB, 16, 4), ("file", "tcp", 1024 * KiB, 16, 2),
+            ("file", "tcp", 1024 * KiB, 16, 1), ("file", "tcp", 4096 * KiB, 16, 1),
+            ("file", "tcp", 512 * KiB, 16, 1)]
 
 
 def _label(n: int) -> str:
@@ -44,8 +51,9 @@ def _label(n: int) -> str:
 
 
 def _report() -> rpt.Report:
-    cols = [rpt.Column("source", "source"),
+    cols = [rpt.Column("source", "source"), rpt.Column("transport", "to qemu-nbd over"),
             rpt.Column("request", "request size"), rpt.Column("depth", "requests", align="right"),
+            rpt.Column("connections", "connections", align="right"),
             *rpt.spread_columns("median s", 2),
             rpt.Column("client_cpu_per_gib", "client CPU s/GiB", rpt.fmt_num(3), "right"),
             rpt.Column("server_cpu_per_gib", "servers CPU s/GiB", rpt.fmt_num(3), "right"),
@@ -53,8 +61,8 @@ def _report() -> rpt.Report:
     rep = rpt.Report(name="zc_sizes", title="Zero-copy lanes: request size and depth",
                      columns=cols, out_dir=bc.OUT_DIR)
     rep.meta["machine"] = rpt.machine_info({"qemu-nbd": ["qemu-nbd", "--version"]})
-    rep.meta["config"] = {"copy": f"qemu-nbd or a file -> qemu-nbd, Unix sockets, "
-                                  f"{SIZE / zh.GiB:.2f} GiB random on tmpfs",
+    rep.meta["config"] = {"copy": f"qemu-nbd or a file -> qemu-nbd, Unix sockets or TCP "
+                                  f"to 127.0.0.1, {SIZE / zh.GiB:.2f} GiB random on tmpfs",
                           "rounds (median of, interleaved)": ROUNDS,
                           "load average at start": bc._loadavg()}
     rep.notes.append("CPU s/GiB = median CPU seconds over the rounds / GiB copied; "
@@ -69,20 +77,23 @@ def test_zc_sizes() -> None:
     try:
         bc.require_memory(2 * SIZE + 256 * zh.MiB, 2 * SIZE + 512 * zh.MiB, "the sweep")
         image = zh.random_image(work, SIZE)
-        runs: dict[tuple[str, int, int], list[zh.Measured]] = {s: [] for s in SETTINGS}
+        runs: dict[tuple[str, str, int, int, int], list[zh.Measured]] = \
+            {s: [] for s in SETTINGS}
         for rnd in range(ROUNDS + 1):                   # round 0 warms up
             k = rnd % len(SETTINGS)
-            for src, size, depth in SETTINGS[k:] + SETTINGS[:k]:
-                setup = zh.Setup(src, "qemu-nbd", "unix", SIZE)
+            for src, transport, size, depth, conns in SETTINGS[k:] + SETTINGS[:k]:
+                setup = zh.Setup(src, "qemu-nbd", transport, SIZE)
                 m = zh.run(setup, zh.vmferry_argv("--zero-copy=on", "--request-size",
-                                                  str(size), "--requests", str(depth)),
+                                                  str(size), "--requests", str(depth),
+                                                  "--connections", str(conns)),
                            work, image, verify=rnd == 0)
                 if rnd:
-                    runs[(src, size, depth)].append(m)
+                    runs[(src, transport, size, depth, conns)].append(m)
         gib = SIZE / zh.GiB
-        for (src, size, depth), ms in runs.items():
+        for (src, transport, size, depth, conns), ms in runs.items():
             t = [m.seconds for m in ms]
-            rep.add({"source": src, "request": _label(size), "depth": depth,
+            rep.add({"source": src, "transport": transport, "request": _label(size),
+                     "depth": depth, "connections": conns,
                      "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
                      "client_cpu_per_gib": statistics.median(m.client_cpu for m in ms) / gib,
                      "server_cpu_per_gib": statistics.median(m.server_cpu for m in ms) / gib,

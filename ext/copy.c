@@ -1038,7 +1038,17 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
    * they see each other's writes (multi-conn); nbdcopy falls back the
    * same way. */
   bool multi = (src0->multi_conn && dst0->multi_conn) || cfg->force_multi_conn;
-  c->nlanes = cfg->connections ? cfg->connections : VF_DEFAULT_CONNECTIONS;
+  long cpus = online_cpus();
+  /* Zero-copy lanes cost this process next to nothing, so the servers set
+   * the pace, and a server's connections share its one event loop: more of
+   * them only add switching.  Half the CPUs, at most the libnbd lanes'
+   * default: on 2 cores one connection was 5-30% faster than four in every
+   * case of bench/results/zc_sizes.md. */
+  unsigned conns = !c->zc ? VF_DEFAULT_CONNECTIONS
+                   : cpus / 2 < 1 ? 1
+                   : cpus / 2 > VF_DEFAULT_CONNECTIONS ? VF_DEFAULT_CONNECTIONS
+                   : (unsigned)(cpus / 2);
+  c->nlanes = cfg->connections ? cfg->connections : conns;
   if (!multi)
     c->nlanes = 1;
   /* Between two NBD servers, half the CPUs: the servers usually share the
@@ -1046,7 +1056,6 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
    * thread beat two by 5-15%).  With a file or null: at one end, this
    * process does that end's work itself, so it gets every CPU. */
   bool two_servers = src0->ops->served && dst0->ops->served;
-  long cpus = online_cpus();
   unsigned threads = cfg->threads ? cfg->threads
                      : (unsigned)(two_servers && cpus > 1 ? cpus / 2 : cpus);
   c->nworkers = threads < c->nlanes ? threads : c->nlanes;

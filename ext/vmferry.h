@@ -39,21 +39,22 @@ struct vf_error {
  * what keeps peak RSS flat whatever the disk size. */
 #define VF_DEFAULT_BUFFER_BYTES  (16 * 1024 * 1024)
 /* Zero-copy lanes, chosen by bench/bench_zc_sizes.py (bench/results/
- * zc_sizes.md: 1 GiB over Unix sockets into qemu-nbd, medians of 3
- * interleaved rounds on the shared 2-core machine; wall s, client CPU s/GiB,
- * both servers' CPU s/GiB):
- *   from qemu-nbd  64K x16: 1.36 0.39 1.67   256K x16: 1.30 0.32 1.61
- *                  1M x16:  1.69 0.31 2.07   4M x16:   1.78 0.31 2.21
- *                  1M x4:   1.49 0.29 1.82   1M x64:   1.64 0.31 1.99
- *                  256K x64: 1.27 0.31 1.52
- *   from a file    256K x16: 1.01 0.25 1.07  1M x16: 0.94 0.22 0.88
- *                  4M x16:   0.99 0.22 0.91
- * From an NBD source, larger requests barely lower the client's cost (it
- * fills no buffers) and raise the servers' (not explained yet; fresh
- * large buffers in qemu-nbd are the suspect): 256 KiB; depth changes
- * little there, and 16 keeps less in flight.  From a file the source side costs nothing per
- * request and the destination server's cost falls with size: 1 MiB. */
-#define VF_ZC_REQUEST_SIZE       (256 * 1024)
+ * zc_sizes.md: 1 GiB into qemu-nbd, medians of 5 interleaved rounds on the
+ * 2-core machine; wall s, client CPU s/GiB, both servers' CPU s/GiB; xN:
+ * requests in flight, cN: connections):
+ *   qemu-nbd, Unix  256K x16 c4: 1.13 0.30 1.50   256K x16 c1: 1.08 0.32 1.49
+ *                   512K x16 c4: 1.23 0.28 1.67   512K x16 c1: 1.01 0.29 1.35
+ *                   1M x16 c1:   1.44 0.35 2.04   1M x4 c4:    1.47 0.30 2.20
+ *   file, Unix      1M x16 c4:   0.98 0.22 1.09   1M x16 c1:   0.84 0.21 0.86
+ *   file, TCP       1M x16 c4:   1.43 0.25 1.06   1M x16 c2:   1.24 0.25 1.05
+ *                   4M x16 c1:   1.14 0.25 1.05   512K x16 c1: 1.22 0.24 1.13
+ * From an NBD source the servers' cost is lowest at 512 KiB and climbs
+ * steeply from 1 MiB (not explained yet: the 1 MiB pipe, which such a
+ * request fills, is the suspect); depth changes little, and 16 keeps
+ * less in flight.  From a file the source side costs nothing per request
+ * and the destination server's cost falls with size: 1 MiB.  The default
+ * connection count on these lanes is in copy.c (half the CPUs). */
+#define VF_ZC_REQUEST_SIZE       (512 * 1024)
 #define VF_ZC_REQUESTS           16
 #define VF_ZC_FILE_REQUEST_SIZE  (1024 * 1024)
 
