@@ -81,6 +81,11 @@ def ssh_argv(t: Target, command: Sequence[str] = ("agent", "--stdio"),
     if control:
         argv += ["-o", "ControlMaster=yes", "-o", f"ControlPath={control}",
                  "-o", "StreamLocalBindUnlink=yes"]
+        if _aes_in_hardware():
+            # the disks and memory ride on this connection: AES-GCM, which the
+            # CPU does in hardware, costs ssh 40% less CPU than its default
+            # ChaCha20 (2 GiB through ssh on this host: 2.8 s against 4.6 s)
+            argv += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
     if t.port:
         argv += ["-p", str(t.port)]
     if t.user:
@@ -96,6 +101,16 @@ def ssh_argv(t: Target, command: Sequence[str] = ("agent", "--stdio"),
         remote += ["--state-dir", t.state_dir]
     remote += list(command)
     return argv + [t.host, "--", shlex.join(remote)]
+
+
+def _aes_in_hardware() -> bool:
+    """The CPU has AES instructions (x86's and arm64's flag are both "aes")."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith(("flags", "Features")) and " aes" in line
+                       for line in f)
+    except OSError:
+        return False
 
 
 def spawn_ssh(t: Target, tunnel: bool = False) -> subprocess.Popen:
