@@ -167,20 +167,10 @@ class NativeStorage:
     async def _copy_once(self, d: DiskPlan, bitmap: Optional[str], fresh: bool,
                          final: bool, span: Optional[tuple[int, int]],
                          progress: Callable[[CopyResult], None]) -> CopyResult:
-        # A raw image is read from its file on this host, not through the
-        # source QEMU: that saves QEMU a read and a socket copy per byte (its
-        # NBD server is one main-loop thread).  Only the dirty bitmap comes
-        # from QEMU's export, as block status.  Reading around QEMU is safe
-        # because the bitmap, not the read, guarantees consistency: a bitmap
-        # records before its pass reads, so a block the guest writes during
-        # the read is dirty in the next one and copied again.
-        # (A file this process may not read, e.g. of a QEMU running as another
-        # user, is read through QEMU; so is one whose size is not a multiple of
-        # 512, which QEMU rounds up: its export is then not the file's size.)
+        # A raw image is read from its file, only the bitmap through QEMU
+        # (bitmap_pass.read_file says when, and why that is safe).
         tune = testhooks.native_tuning()
-        raw_file = (d.fmt == "raw" and tune.get("direct", 1) != 0
-                    and os.path.isfile(d.path) and os.access(d.path, os.R_OK)
-                    and os.path.getsize(d.path) == d.size)
+        raw_file = bitmap_pass.read_file(d.path, d.fmt, d.size)
         direct = bitmap is None and raw_file
         if not direct:
             await bitmap_pass.export(self.mon, d.node, bitmap)

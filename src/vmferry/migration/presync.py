@@ -443,8 +443,15 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
                       persistent=p.fmt == "qcow2")
     else:
         await bitmap_pass.freeze(mon, [p.node], BITMAP)
-    await bitmap_pass.export(mon, p.node, bitmap_pass.FROZEN if incremental else None)
-    src, dst = bitmap_pass.export_uri(p.node, src_sock), uri_of(target["server"])
+    # a raw image is read from its file, its dirty extents from QEMU's export
+    # (bitmap_pass.read_file): the full copy needs no export at all
+    from_file = bitmap_pass.read_file(p.path, p.fmt, p.size)
+    exported = incremental or not from_file
+    if exported:
+        await bitmap_pass.export(mon, p.node, bitmap_pass.FROZEN if incremental else None)
+    export = bitmap_pass.export_uri(p.node, src_sock)
+    src, dst = (p.path if from_file else export), uri_of(target["server"])
+    extents = export if from_file and incremental else None
     try:
         moved = 0
         for span in (lacking or []) if incremental else []:
@@ -453,6 +460,7 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
             moved += count(await copy_async(src, dst, span=span, force_multi_conn=True,
                                             progress=progress, rate=rate or None))
         r = await copy_async(src, dst, bitmap=bitmap_pass.FROZEN if incremental else None,
+                             extents_from=extents,
                              destination_is_zero=target["created"], flush=True,
                              zero_copy=testhooks.native_tuning().get("zero_copy", "auto"),
                              force_multi_conn=True, progress=progress, rate=rate or None)
@@ -461,7 +469,8 @@ async def _copy_disk(mon: Monitor, p: DiskPlan, incremental: bool, target: dict[
             await bitmap_pass.give_back(mon, p.node, BITMAP)
         raise
     finally:
-        await bitmap_pass.unexport(mon, p.node, wait=incremental)
+        if exported:
+            await bitmap_pass.unexport(mon, p.node, wait=incremental)
         if incremental:
             await bitmap_pass.drop(mon, p.node)
     return moved + count(r)
