@@ -329,12 +329,12 @@ class RemoteBench(Bench):
         ssh alone, ssh + the agent's hello (vmferry's exact ssh command), the
         agent's hello without ssh, each side's Python imports.  Also warms the
         agent's bytecode cache before the measured runs."""
+        from vmferry import __version__
         from vmferry.agent import protocol, transport
-        from vmferry.migration.remote import _version
         b = self.state_b(StateDir(self.root / "Bprobe"))
         ssh = transport.ssh_argv(transport.parse(self.ssh_uri(b)))
         frames = (protocol.encode({"id": 1, "op": "hello", "args": {
-            "protocol": protocol.PROTOCOL, "version": _version(), "keepalive": 5}})
+            "protocol": protocol.PROTOCOL, "version": __version__, "keepalive": 5}})
             + protocol.encode({"id": 2, "op": "bye", "args": {}}))
         agent = [AGENT, "--state-dir", str(b.path), "agent", "--stdio"]
         cases = {
