@@ -53,6 +53,21 @@ def _on(lab: RemoteLab, uri: str, *args: object, timeout: float = 120
                           stdin=subprocess.DEVNULL, env=lab.env, timeout=timeout)
 
 
+def _copying(rlab: RemoteLab, S: Path, uri: str, *args: object,
+             session: bool = False) -> subprocess.Popen:
+    """`vmferry --connect URI migrate ARGS`, slowed to 8 MiB/s per disk, once
+    the source's job (in state directory S) copies; SESSION: in a session of
+    its own, to kill it whole as a dying management machine."""
+    p = subprocess.Popen(_cli("--connect", uri, "migrate", *args, "--disk-bandwidth", "8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL, env=rlab.env, start_new_session=session)
+    rlab.procs.append(p)
+    job = S / "web1" / "job.json"
+    rlab.wait_for("the migration to copy", lambda: job.exists() and
+                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
+    return p
+
+
 def test_commands_run_on_the_other_host(rlab):
     S, uri, src, dst, serial = _vm(rlab)
     st = json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))
@@ -80,15 +95,9 @@ def test_commands_run_on_the_other_host(rlab):
 
 def test_a_dropped_connection_leaves_the_migration_running(rlab):
     S, uri, src, dst, serial = _vm(rlab, 64)
-    p = subprocess.Popen(_cli("--connect", uri, "migrate", "web1", f"local://{rlab.B}",
-                              "--disk-map", f"{src}={dst}", "--create-disks",
-                              "--disk-bandwidth", "8"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         stdin=subprocess.DEVNULL, env=rlab.env, start_new_session=True)
-    rlab.procs.append(p)
+    p = _copying(rlab, S, uri, "web1", f"local://{rlab.B}",
+                 "--disk-map", f"{src}={dst}", "--create-disks", session=True)
     job = S / "web1" / "job.json"
-    rlab.wait_for("the migration to copy", lambda: job.exists() and
-                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
     os.killpg(p.pid, signal.SIGKILL)          # the management machine is gone
     p.wait(10)
     time.sleep(1)
@@ -103,15 +112,9 @@ def test_a_dropped_connection_leaves_the_migration_running(rlab):
 
 def test_abort_through_connect(rlab):
     S, uri, src, dst, serial = _vm(rlab, 64)
-    p = subprocess.Popen(_cli("--connect", uri, "migrate", "web1", f"local://{rlab.B}",
-                              "--disk-map", f"{src}={dst}", "--create-disks",
-                              "--disk-bandwidth", "8"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         stdin=subprocess.DEVNULL, env=rlab.env)
-    rlab.procs.append(p)
+    p = _copying(rlab, S, uri, "web1", f"local://{rlab.B}",
+                 "--disk-map", f"{src}={dst}", "--create-disks")
     job = S / "web1" / "job.json"
-    rlab.wait_for("the migration to copy", lambda: job.exists() and
-                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
     out = rlab.ok(_on(rlab, uri, "abort", "web1"))
     assert out.startswith("aborted the migration of web1"), out
     line = rlab.one_error(rlab.finish(p), code=130, prefix="vmferry: ")
@@ -267,15 +270,9 @@ def test_ctrl_c_through_a_tls_agent_aborts_the_migration(rlab):
     dst = rlab.root / "dst.raw"
     spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
     rlab.ok(_on(rlab, uri, "run", spec))
-    p = subprocess.Popen(_cli("--connect", uri, "migrate", "web1", f"local://{rlab.B}",
-                              "--disk-map", f"{src}={dst}", "--create-disks",
-                              "--disk-bandwidth", "8"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         stdin=subprocess.DEVNULL, env=rlab.env)
-    rlab.procs.append(p)
+    p = _copying(rlab, S, uri, "web1", f"local://{rlab.B}",
+                 "--disk-map", f"{src}={dst}", "--create-disks")
     job = S / "web1" / "job.json"
-    rlab.wait_for("the migration to copy", lambda: job.exists() and
-                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
     assert (rlab.B / "web1").exists()      # the destination VM is there, to be undone
     p.send_signal(signal.SIGINT)           # Ctrl-C at the management machine
     line = rlab.one_error(rlab.finish(p, timeout=60), code=130, prefix="vmferry: ")

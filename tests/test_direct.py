@@ -12,14 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from migrate_helpers import images_identical, qemu_pids
-from test_connect import _cli, _control_agent, _on, _uri, _vm, far  # noqa: F401
+from test_connect import _cli, _control_agent, _copying, _on, _uri, _vm, far  # noqa: F401
 from migrate_helpers import fill_image
 from test_remote import AGENT, RemoteLab, _in_namespace, kernel, rlab  # noqa: F401
 
@@ -176,15 +175,9 @@ def test_ctrl_c_at_the_management_machine_aborts(rlab, far):
     and says so in the last line."""
     S, uri, src, dst, serial = _vm(rlab, 64)
     D, dest = _dest(rlab, far)
-    p = subprocess.Popen(_cli("--connect", uri, "migrate", "--direct", "web1", dest,
-                              "--disk-map", f"{src}={dst}", "--create-disks",
-                              "--disk-bandwidth", "8"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         stdin=subprocess.DEVNULL, env=rlab.env)
-    rlab.procs.append(p)
+    p = _copying(rlab, S, uri, "--direct", "web1", dest,
+                 "--disk-map", f"{src}={dst}", "--create-disks")
     job = S / "web1" / "job.json"
-    rlab.wait_for("the migration to copy", lambda: job.exists() and
-                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
     p.send_signal(signal.SIGINT)
     line = rlab.one_error(rlab.finish(p), code=130, prefix="vmferry: ")
     assert "source VM is running" in line, line
@@ -208,13 +201,8 @@ def test_direct_from_a_tls_agent(rlab, far):
     D, dest = _dest(rlab, far)
     args = ("migrate", "--direct", "web1", dest, "--disk-map", f"{src}={dst}",
             "--create-disks")
-    p = subprocess.Popen(_cli("--connect", uri, *args, "--disk-bandwidth", "8"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         stdin=subprocess.DEVNULL, env=rlab.env, start_new_session=True)
-    rlab.procs.append(p)
+    p = _copying(rlab, S, uri, *args[1:], session=True)
     job = S / "web1" / "job.json"
-    rlab.wait_for("the migration to copy", lambda: job.exists() and
-                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(10)
     rlab.wait_for("the source to roll back", lambda: json.loads(job.read_text())["status"]
@@ -239,15 +227,9 @@ def test_destination_agent_lost_mid_copy(rlab, far):
     the source at once, which rolls back and says so in one line here."""
     S, uri, src, dst, serial = _vm(rlab, 64)
     D, dest = _dest(rlab, far)
-    p = subprocess.Popen(_cli("--connect", uri, "migrate", "--direct", "web1", dest,
-                              "--disk-map", f"{src}={dst}", "--create-disks",
-                              "--disk-bandwidth", "8"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         stdin=subprocess.DEVNULL, env=rlab.env)
-    rlab.procs.append(p)
+    p = _copying(rlab, S, uri, "--direct", "web1", dest,
+                 "--disk-map", f"{src}={dst}", "--create-disks")
     job = S / "web1" / "job.json"
-    rlab.wait_for("the migration to copy", lambda: job.exists() and
-                  json.loads(job.read_text()).get("phase") == "perform", 60, proc=p)
     agents = [pid for pid in _pids_with(f"{D}") if b"--stdio" in
               Path(f"/proc/{pid}/cmdline").read_bytes() and _in_namespace(pid, far[0].ns)]
     assert agents, "no destination agent found"
@@ -299,5 +281,23 @@ def test_tunnelled_p2p_from_a_third_host_through_a_firewall(rlab, far):
     assert problems == [], problems
     rlab.wait_progress(serial, at + 2, 30)
     assert qemu_pids(S) == []
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
+
+
+def test_p2p_with_tls_from_a_third_host(rlab, far, far_pki):
+    """--connect ssh://SRC migrate --p2p --tls: the source drives, QEMU
+    encrypts the disks and the memory between the two other hosts."""
+    S, uri, src, dst, serial = _vm(rlab, 32)
+    D, dest = _dest(rlab, far, far_pki)
+    out = rlab.ok(_on(rlab, uri, "migrate", "--p2p", "--tls", "--pki", far_pki.dir, "web1",
+                      dest, "--disk-map", f"{src}={dst}", "--create-disks"))
+    assert out.startswith("migrated web1 in "), out
+    assert json.loads((S / "web1" / "job.json").read_text())["tls"] is True
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], far[0].ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
     assert images_identical(src, dst, "raw") == ""

@@ -87,9 +87,8 @@ def follow(state: StateDir, name: str, mode: Optional[str],
     """Show NAME's migration as the foreground command would until it ends;
     the same last line and exit status.  Ctrl-C aborts it; a hang-up leaves
     it running."""
-    from vmferry.commands.migrate import MigrationDisplay, job_file, summary
+    from vmferry.commands.migrate import MigrationDisplay, job_file, print_done
     from vmferry.migration.job import JobInfo
-    from vmferry.progress import JsonReporter
     path = job_file(state, name)
     if not path.exists():
         raise UsageError(f"{name} has no migration job to follow")
@@ -133,12 +132,7 @@ def follow(state: StateDir, name: str, mode: Optional[str],
         return 1
     code = child.returncode if child is not None else _EXIT.get(info.status, 1)
     if info.status == "completed":
-        if mode == "json":
-            d = info.as_dict()
-            d["event"] = "done"
-            JsonReporter().update(d)
-        else:
-            print(summary(info), flush=True)
+        print_done(info, mode)
         return code
     fallback = ("vmferry: " if info.status == "cancelled" else "vmferry: error: ") + \
         (info.error or info.status)

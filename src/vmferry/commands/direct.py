@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, t: Target, argv: list[str]) -> int:
 
 async def _drive(args: argparse.Namespace, src: Target, dest: Target,
                  argv: list[str]) -> int:
-    from vmferry.commands.migrate import MigrationDisplay
+    from vmferry.commands.migrate import MigrationDisplay, print_done
     from vmferry.migration.options import MigrateOptions
     from vmferry.migration.remote import RemoteDestination
     # the destination first: an unreachable one fails here, the source untouched
@@ -93,7 +93,7 @@ async def _drive(args: argparse.Namespace, src: Target, dest: Target,
                            f"{src.host} (or name it with ?agent=PATH)")
     lines.flush()
     if rc == 0 and lines.final is not None:
-        _print_done(lines.final, args.progress)
+        print_done(lines.final, args.progress)
     return rc
 
 
@@ -289,14 +289,3 @@ def _event(line: str) -> Optional[dict[str, Any]]:
         return None
     return event if isinstance(event, dict) and event.get("event") in ("progress", "done") \
         else None
-
-
-def _print_done(info: Any, mode: Optional[str]) -> None:
-    from vmferry.commands.migrate import summary
-    from vmferry.progress import JsonReporter
-    if mode == "json":
-        d = info.as_dict()
-        d["event"] = "done"
-        JsonReporter().update(d)
-    else:
-        print(summary(info), flush=True)

@@ -251,6 +251,16 @@ class MigrationDisplay:
         self.bar.close()
 
 
+def print_done(info: JobInfo, mode: str | None) -> None:
+    """A completed migration's last word: the JSON "done" event, or one line."""
+    if mode == "json":
+        d = info.as_dict()
+        d["event"] = "done"
+        JsonReporter().update(d)
+    else:
+        print(summary(info), flush=True)
+
+
 def summary(info: JobInfo) -> str:
     down = f"{info.downtime_ms} ms downtime" if info.downtime_ms is not None else "offline"
     return (f"migrated {info.name} in {info.elapsed_ms / 1000:.2f} s: "
@@ -296,12 +306,7 @@ def _migrate(state: StateDir, args: argparse.Namespace, dest: Any,
         info = migrate_vm(state, args.name, dest, opts, progress=display)
     finally:
         display.close()
-    if args.progress == "json":
-        d = info.as_dict()
-        d["event"] = "done"
-        JsonReporter().update(d)
-    else:
-        print(summary(info), flush=True)
+    print_done(info, args.progress)
     return 0
 
 
