@@ -41,9 +41,10 @@ SETTINGS = [("qemu-nbd", "unix", 256 * KiB, 16, 4), ("qemu-nbd", "unix", 256 * K
             ("qemu-nbd", "unix", 512 * KiB, 16, 2), ("qemu-nbd", "unix", 512 * KiB, 16, 1),
             ("qemu-nbd", "unix", 1024 * KiB, 16, 1), ("qemu-nbd", "unix", 1024 * KiB, 4, 4),
             ("file", "unix", 1024 * KiB, 16, 4), ("file", "unix", 1024 * KiB, 16, 1),
+            ("file", "unix", 2048 * KiB, 16, 1), ("file", "unix", 4096 * KiB, 16, 1),
             ("file", "tcp", 1024 * KiB, 16, 4), ("file", "tcp", 1024 * KiB, 16, 2),
-            ("file", "tcp", 1024 * KiB, 16, 1), ("file", "tcp", 4096 * KiB, 16, 1),
-            ("file", "tcp", 512 * KiB, 16, 1)]
+            ("file", "tcp", 1024 * KiB, 16, 1), ("file", "tcp", 2048 * KiB, 16, 1),
+            ("file", "tcp", 4096 * KiB, 16, 1), ("file", "tcp", 512 * KiB, 16, 1)]
 
 
 def _label(n: int) -> str:

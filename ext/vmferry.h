@@ -42,21 +42,23 @@ struct vf_error {
  * zc_sizes.md: 1 GiB into qemu-nbd, medians of 5 interleaved rounds on the
  * 2-core machine; wall s, client CPU s/GiB, both servers' CPU s/GiB; xN:
  * requests in flight, cN: connections):
- *   qemu-nbd, Unix  256K x16 c4: 1.13 0.30 1.50   256K x16 c1: 1.08 0.32 1.49
- *                   512K x16 c4: 1.23 0.28 1.67   512K x16 c1: 1.01 0.29 1.35
- *                   1M x16 c1:   1.44 0.35 2.04   1M x4 c4:    1.47 0.30 2.20
- *   file, Unix      1M x16 c4:   0.98 0.22 1.09   1M x16 c1:   0.84 0.21 0.86
- *   file, TCP       1M x16 c4:   1.43 0.25 1.06   1M x16 c2:   1.24 0.25 1.05
- *                   4M x16 c1:   1.14 0.25 1.05   512K x16 c1: 1.22 0.24 1.13
+ *   qemu-nbd, Unix  256K x16 c4: 1.02 0.25 1.39   256K x16 c1: 1.00 0.29 1.42
+ *                   512K x16 c4: 1.14 0.25 1.59   512K x16 c1: 0.96 0.26 1.28
+ *                   1M x16 c1:   1.27 0.28 1.85   1M x4 c4:    1.31 0.25 1.92
+ *   file, Unix      1M x16 c4:   0.81 0.18 0.83   1M x16 c1:   0.76 0.18 0.81
+ *                   2M x16 c1:   0.75 0.17 0.79   4M x16 c1:   0.77 0.17 0.81
+ *   file, TCP       1M x16 c4:   1.34 0.21 0.99   1M x16 c1:   1.08 0.20 0.98
+ *                   2M x16 c1:   1.02 0.20 0.94   4M x16 c1:   1.01 0.22 0.90
  * From an NBD source the servers' cost is lowest at 512 KiB and climbs
  * steeply from 1 MiB (not explained yet: the 1 MiB pipe, which such a
- * request fills, is the suspect); depth changes little, and 16 keeps
- * less in flight.  From a file the source side costs nothing per request
- * and the destination server's cost falls with size: 1 MiB.  The default
- * connection count on these lanes is in copy.c (half the CPUs). */
+ * request fills, is the suspect); depth changes little, and 16 keeps less in
+ * flight.  From a file the source side costs nothing per request and the
+ * destination server's cost falls with size: 2 MiB (over TCP 1 MiB was 6%
+ * slower, 4 MiB no faster).  The default connection count on these lanes is
+ * in copy.c (half the CPUs). */
 #define VF_ZC_REQUEST_SIZE       (512 * 1024)
 #define VF_ZC_REQUESTS           16
-#define VF_ZC_FILE_REQUEST_SIZE  (1024 * 1024)
+#define VF_ZC_FILE_REQUEST_SIZE  (2 * 1024 * 1024)
 
 /* Which lanes carry the data (vf_copy_config.zero_copy). */
 enum vf_zero_copy {
