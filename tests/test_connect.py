@@ -68,6 +68,20 @@ def _copying(rlab: RemoteLab, S: Path, uri: str, *args: object,
     return p
 
 
+def _moved_there(rlab: RemoteLab, ns: str, S: Path, D: Path, serial: Path, src: Path,
+                 dst: Path) -> None:
+    """The guest runs on at the destination (state directory D, in network
+    namespace NS), none at the source (S); the disk arrived byte for byte."""
+    st = rlab.status(state=D)
+    assert st["state"] == "running" and _in_namespace(st["pid"], ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)
+    assert qemu_pids(S) == []
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
+    assert images_identical(src, dst, "raw") == ""
+
+
 def test_commands_run_on_the_other_host(rlab):
     S, uri, src, dst, serial = _vm(rlab)
     st = json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))
@@ -192,14 +206,7 @@ def test_p2p_migration_driven_from_a_third_host(rlab, far):
     out = rlab.ok(_on(rlab, uri, "migrate", "--live", "--p2p", "web1", dest,
                       "--disk-map", f"{src}={dst}", "--create-disks"))
     assert out.startswith("migrated web1 in "), out
-    st = rlab.status(state=D)
-    assert st["state"] == "running" and _in_namespace(st["pid"], net.ns), st
-    at, problems, _ = rlab.progress(serial)
-    assert problems == [], problems
-    rlab.wait_progress(serial, at + 2, 30)
-    assert qemu_pids(S) == []
-    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=D))
-    assert images_identical(src, dst, "raw") == ""
+    _moved_there(rlab, net.ns, S, D, serial, src, dst)
 
 
 def test_commands_through_a_tls_agent(rlab):
