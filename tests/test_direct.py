@@ -67,6 +67,17 @@ def _guests(net, D: Path) -> list[int]:
     return out
 
 
+def _kill_management(rlab: RemoteLab, p: subprocess.Popen, job: Path) -> None:
+    """The management machine (P, in a session of its own) dies at once; the
+    source's migration (its job file JOB) ends, failed, having seen why."""
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+    rlab.wait_for("the source to roll back", lambda: json.loads(job.read_text())["status"]
+                  != "running", 60)
+    info = json.loads(job.read_text())
+    assert info["status"] == "failed" and "lost the management machine" in info["error"], info
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_direct_migration_driven_from_a_third_host(rlab, far, far_pki, tls):
     """Every phase goes through this machine; the disks and the memory go
@@ -119,12 +130,7 @@ def test_management_killed_mid_migration_rolls_back(rlab, far, moment):
             return info.get("phase") == "prepare" and bool(_guests(far[0], D))
         return info.get("phase") == "perform" and info.get("disk_processed", 0) > 0
     rlab.wait_for(f"the migration to be {moment}", there, 60, proc=p)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(10)
-    rlab.wait_for("the source to roll back", lambda: json.loads(job.read_text())["status"]
-                  != "running", 60)
-    info = json.loads(job.read_text())
-    assert info["status"] == "failed" and "lost the management machine" in info["error"], info
+    _kill_management(rlab, p, job)
     st = json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))
     assert st["state"] == "running", st
     at, problems, _ = rlab.progress(serial)
@@ -194,12 +200,7 @@ def test_direct_from_a_tls_agent(rlab, far):
             "--create-disks")
     p = _copying(rlab, S, uri, *args[1:], session=True)
     job = S / "web1" / "job.json"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(10)
-    rlab.wait_for("the source to roll back", lambda: json.loads(job.read_text())["status"]
-                  != "running", 60)
-    info = json.loads(job.read_text())
-    assert info["status"] == "failed" and "lost the management machine" in info["error"], info
+    _kill_management(rlab, p, job)
     assert json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))["state"] \
         == "running"
     rlab.wait_for("the destination to tear down", lambda: _guests(far[0], D) == [], 30)

@@ -620,28 +620,35 @@ def test_tunnelled_through_a_firewall_that_passes_only_ssh(rlab, engine):
     if shutil.which("nft") is None:
         pytest.skip("nftables is not installed")
     with _firewall_all_but_ssh(rlab.net, rlab.root):
-        _tunnelled_migration(rlab, engine)
+        _tunnelled_migration(rlab, rlab.ssh_uri(), {22}, "--storage-engine", engine)
 
 
-def _tunnelled_migration(rlab, engine: str) -> None:
+def _tunnelled_migration(rlab, uri: str, listening: set[int], *extra: str) -> None:
+    """A migration to URI fails through the firewall in one line, leaving
+    nothing; with --tunnelled it arrives byte for byte while the destination
+    listens on LISTENING alone, and leaves no tunnel folder (its vmferry gets
+    a TMPDIR of the lab's, so another process's tunnel is not counted)."""
+    tmp = rlab.root / "tmp"
+    tmp.mkdir(exist_ok=True)
+    rlab.env["TMPDIR"] = str(tmp)
     src = make_image(rlab.root / "src.raw", 64 * MiB, fmt="raw")
     dst = rlab.root / "dst.raw"
     spec = rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow")
     serial = rlab.serial_of(spec)
     rlab.run_vm(spec)
-    dmap = ("--disk-map", f"{src}={dst}", "--create-disks", "--storage-engine", engine)
-    line = rlab.one_error(rlab.remote(rlab.ssh_uri(), *dmap))
+    dmap = ("--disk-map", f"{src}={dst}", "--create-disks", *extra)
+    line = rlab.one_error(rlab.remote(uri, *dmap))
     assert "source VM is running" in line, line
     assert rlab.status()["state"] == "running"
     rlab.assert_destination_empty()
     rlab.env["VMFERRY_TEST_HOLD"] = "finish:4"     # a moment to look around, then on
-    p = rlab.start("migrate", "web1", rlab.ssh_uri(), "--pki", rlab.pki.dir, *dmap,
-                   "--tunnelled")
+    p = rlab.start("migrate", "web1", uri, "--pki", rlab.pki.dir, *dmap, "--tunnelled")
     rlab.wait_for("everything to arrive",
                   lambda: rlab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
     rlab.env.pop("VMFERRY_TEST_HOLD")
-    assert _listening(rlab.net) == {22}, _listening(rlab.net)
+    assert _listening(rlab.net) == listening, _listening(rlab.net)
     out = rlab.ok(rlab.finish(p))
+    rlab.env.pop("TMPDIR")
     assert out.startswith("migrated web1 in "), out
     st = rlab.status(state=rlab.B)
     assert st["state"] == "running" and _in_namespace(st["pid"], rlab.net.ns), st
@@ -650,7 +657,7 @@ def _tunnelled_migration(rlab, engine: str) -> None:
     rlab.wait_progress(serial, at + 2, 30)
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
     assert images_identical(src, dst, "raw") == ""
-    assert not list(Path(tempfile.gettempdir()).glob("vmferry-tunnel-*")), "tunnel left"
+    assert not list(tmp.glob("vmferry-tunnel-*")), "tunnel left"
 
 
 def test_tunnelled_to_a_tls_agent_through_a_firewall_that_passes_only_its_port(rlab):
@@ -663,34 +670,8 @@ def test_tunnelled_to_a_tls_agent_through_a_firewall_that_passes_only_its_port(r
     rlab.start_tls_agent()
     listening = _listening(rlab.net)
     assert TLS_PORT in listening, listening
-    src = make_image(rlab.root / "src.raw", 32 * MiB, fmt="raw")
-    dst = rlab.root / "dst.raw"
-    spec = rlab.spec(disk=src, fmt="raw", memory="64M", mem="8M", dirty="slow")
-    serial = rlab.serial_of(spec)
-    rlab.run_vm(spec)
-    dmap = ("--disk-map", f"{src}={dst}", "--create-disks")
     with _firewall_all_but_ssh(rlab.net, rlab.root, TLS_PORT):
-        line = rlab.one_error(rlab.remote(rlab.tls_uri(), *dmap))
-        assert "source VM is running" in line, line
-        assert rlab.status()["state"] == "running"
-        rlab.assert_destination_empty()
-        rlab.env["VMFERRY_TEST_HOLD"] = "finish:4"     # a moment to look around, then on
-        p = rlab.start("migrate", "web1", rlab.tls_uri(), "--pki", rlab.pki.dir, *dmap,
-                       "--tunnelled")
-        rlab.wait_for("everything to arrive",
-                      lambda: rlab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
-        rlab.env.pop("VMFERRY_TEST_HOLD")
-        assert _listening(rlab.net) == listening, _listening(rlab.net)
-        out = rlab.ok(rlab.finish(p))
-    assert out.startswith("migrated web1 in "), out
-    st = rlab.status(state=rlab.B)
-    assert st["state"] == "running" and _in_namespace(st["pid"], rlab.net.ns), st
-    at, problems, _ = rlab.progress(serial)
-    assert problems == [], problems
-    rlab.wait_progress(serial, at + 2, 30)
-    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
-    assert images_identical(src, dst, "raw") == ""
-    assert not list(Path(tempfile.gettempdir()).glob("vmferry-tunnel-*")), "tunnel left"
+        _tunnelled_migration(rlab, rlab.tls_uri(), listening)
     log = (rlab.root / "agent.log").read_text()
     assert "tunnel connection" not in log and "Traceback" not in log, log
 
