@@ -8,8 +8,10 @@ Also here, on the same three hosts: a p2p migration tunnelled through ssh to
 a destination whose firewall passes only ssh."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -141,10 +143,34 @@ def test_management_killed_mid_migration_rolls_back(rlab, far, moment):
     rlab.ok(_on(rlab, uri, "stop", "web1", "--force"))
 
 
+@contextlib.contextmanager
+def _source_cut_off(rlab: RemoteLab, far):
+    """The destination's firewall refuses the source's ssh connections (the
+    management machine's still pass), removed on the way out."""
+    net, sshd = far
+    rules = rlab.root / "cut-off.nft"
+    rules.write_text("table inet vmferry_cut {\n  chain input {\n"
+                     "    type filter hook input priority 0; policy accept;\n"
+                     f"    ip saddr {rlab.net.dest_ip} tcp dport {sshd.port} "
+                     "reject with tcp reset\n  }\n}\n")
+    out = net.run(["nft", "-f", str(rules)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    try:
+        yield
+    finally:
+        net.run(["nft", "delete", "table", "inet", "vmferry_cut"])
+
+
 def test_management_killed_after_the_memory_arrived_is_recovered(rlab, far):
     """Past the point of no return — the guest's memory is on the destination,
     paused, the source paused too — the management machine dies: the source
-    records an interrupted migration and `recover` there finishes it."""
+    records an interrupted migration, and `recover` finishes it from the
+    management machine, through which alone the source's firewalled-off
+    destination is reached (as the migration reached it).  On the source
+    alone, or through another destination than the migration's, recover
+    changes nothing and says why."""
+    if shutil.which("nft") is None:
+        pytest.skip("nftables is not installed")
     S, uri, src, dst, serial = _vm(rlab, 32)
     D, dest = _dest(rlab, far)
     held = _holding(rlab, uri, "finish:8")
@@ -162,7 +188,19 @@ def test_management_killed_after_the_memory_arrived_is_recovered(rlab, far):
                   ["status"] != "running", 60)
     error = json.loads(job.read_text())["error"]
     assert "lost the management machine" in error and "vmferry recover web1" in error, error
-    out = rlab.ok(_on(rlab, uri, "recover", "web1"))
+    other = rlab.root / "D-other"
+    other.mkdir(exist_ok=True)
+    with _source_cut_off(rlab, far):
+        line = rlab.one_error(_on(rlab, uri, "recover", "web1", "--direct",
+                                  dest.replace(str(D), str(other))), code=2)
+        assert "went to ssh://" in line and "name that destination" in line, line
+        assert rlab.qmp("query-status", state=S)["status"] == "postmigrate"
+        # the source alone cannot ask the destination: nothing changes, and
+        # the line says where to recover from
+        line = rlab.one_error(_on(rlab, uri, "recover", "web1"), code=1)
+        assert "stays paused" in line and "recover web1 --direct ssh://" in line, line
+        assert rlab.qmp("query-status", state=S)["status"] == "postmigrate"
+        out = rlab.ok(_on(rlab, uri, "recover", "web1", "--direct", dest))
     assert out.startswith("completed: web1 runs on ssh://"), out
     _moved_there(rlab, far[0].ns, S, D, serial, src, dst)
 

@@ -531,8 +531,10 @@ class Session:
         if argv[0] not in COMMANDS:
             raise UsageError(f"'{argv[0][:40]}' does not run through --connect (these do: "
                              f"{', '.join(COMMANDS)})")
-        if relay and (argv[:2] != ["migrate", "--relayed"] or self.relayed is not None):
-            raise ProtocolError("command: only one 'migrate --relayed' relays at a time")
+        if relay and (argv[1:2] != ["--relayed"] or argv[0] not in ("migrate", "recover")
+                      or self.relayed is not None):
+            raise ProtocolError("command: only one 'migrate --relayed' or 'recover "
+                                "--relayed' relays at a time")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "vmferry", "--state-dir", str(self.cfg.state.path), *argv,
             stdin=asyncio.subprocess.PIPE if relay else asyncio.subprocess.DEVNULL,

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     argv = list(args.command_argv)
     from vmferry.agent import transport
     t = transport.parse(uri)
-    if args.command == "migrate" and args.direct:
+    if args.command in ("migrate", "recover") and args.direct:
         from vmferry.commands import direct
         return direct.run(args, t, argv)
     if args.command == "migrate" and "--detach" not in argv:

@@ -50,6 +50,11 @@ def source_argv(argv: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace, t: Target, argv: list[str]) -> int:
+    if args.command == "recover":
+        # a --direct migration that the source could not finish alone: its
+        # destination through this machine again
+        return asyncio.run(_drive(None, t, transport.parse(args.direct),
+                                  ["recover", "--relayed", *argv[1:]]))
     if args.tunnelled:
         raise UsageError("--tunnelled goes with --p2p (as with virsh): the streams ride "
                          "on the source's own connection to the destination")
@@ -59,18 +64,20 @@ def run(args: argparse.Namespace, t: Target, argv: list[str]) -> int:
     if args.dry_run:
         raise UsageError("--dry-run goes with --p2p through --connect")
     dest = transport.parse(args.dest)      # an agent this machine reaches: ssh:// or tls://
-    return asyncio.run(_drive(args, t, dest, source_argv(argv)))
+    return asyncio.run(_drive(args.progress, t, dest, source_argv(argv)))
 
 
-async def _drive(args: argparse.Namespace, src: Target, dest: Target,
+async def _drive(progress: Optional[str], src: Target, dest: Target,
                  argv: list[str]) -> int:
+    """Run ARGV (`migrate --relayed`, or `recover --relayed` with PROGRESS
+    None) on SRC, relaying DEST's agent to it."""
     from vmferry.commands.migrate import MigrationDisplay, print_done
     from vmferry.migration.options import MigrateOptions
     from vmferry.migration.remote import RemoteDestination
     # the destination first: an unreachable one fails here, the source untouched
     destination = RemoteDestination(dest.uri)
     channel = await destination._connect(MigrateOptions())
-    display = MigrationDisplay(args.progress)
+    display = MigrationDisplay(progress)
     lines = _Lines(display)
     link: _Source = _OverSsh(src) if src.scheme == "ssh" else _OverTls(src)
     relay = _Relay(channel, link)
@@ -93,7 +100,9 @@ async def _drive(args: argparse.Namespace, src: Target, dest: Target,
                            f"{src.host} (or name it with ?agent=PATH)")
     lines.flush()
     if rc == 0 and lines.final is not None:
-        print_done(lines.final, args.progress)
+        print_done(lines.final, progress)
+    if rc == 0 and lines.recovered:
+        print(lines.recovered, flush=True)
     return rc
 
 
@@ -247,6 +256,7 @@ class _Lines:
     def __init__(self, display: Any) -> None:
         self.display = display
         self.final: Optional[Any] = None       # the "done" event's JobInfo
+        self.recovered = ""                    # the "recovered" event's line
         self.held: list[str] = []
         self._partial = ""
 
@@ -258,7 +268,9 @@ class _Lines:
     def line(self, line: str) -> None:
         from vmferry.migration.job import JobInfo
         event = _event(line)
-        if event is not None:
+        if event is not None and event.get("event") == "recovered":
+            self.recovered = str(event.get("line", ""))
+        elif event is not None:
             info = JobInfo(**{k: v for k, v in event.items()
                               if k in JobInfo.__dataclass_fields__})
             if event.get("event") == "done":
@@ -287,5 +299,5 @@ def _event(line: str) -> Optional[dict[str, Any]]:
         event = json.loads(line)
     except ValueError:
         return None
-    return event if isinstance(event, dict) and event.get("event") in ("progress", "done") \
-        else None
+    return event if isinstance(event, dict) and event.get("event") in (
+        "progress", "done", "recovered") else None

@@ -318,12 +318,12 @@ def _relayed(args: argparse.Namespace, opts: MigrateOptions) -> int:
     from vmferry.agent import transport
     from vmferry.migration.remote import RemoteDestination
     streams = transport.take_stdio()
-    sys.stdout, sys.stderr = _Unbreakable(sys.stdout), _Unbreakable(sys.stderr)
+    sys.stdout, sys.stderr = Unbreakable(sys.stdout), Unbreakable(sys.stderr)
     dest = RemoteDestination(args.dest, relay=streams)
     return _migrate(StateDir(args.state_dir), args, dest, opts)
 
 
-class _Unbreakable:
+class Unbreakable:
     """A text stream whose writes cannot fail: a reader that went away is no
     reason to stop a rollback half-way."""
 

@@ -22,6 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume-source", action="store_true",
                    help="you checked that the destination does not run the guest: roll "
                         "back and resume it here")
+    p.add_argument("--direct", metavar="DEST",
+                   help="with --connect: the migration was --direct, and DEST (as it "
+                        "was named then) is reached through this machine, as it was")
+    p.add_argument("--relayed", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -30,9 +34,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("recover takes a VM NAME or --all")
     if args.all and args.resume_source:
         raise UsageError("--resume-source is for one VM: name it")
+    if args.direct and not args.relayed:
+        raise UsageError("--direct goes with --connect: 'vmferry --connect SOURCE-URI "
+                         "recover NAME --direct DEST', on the machine that drove it")
+    if args.relayed and not (args.direct and args.name):
+        raise UsageError("--relayed is the management machine's (recover NAME --direct DEST)")
     from vmferry.migration import recover as rec   # asyncio, qemu.qmp: only here
     from vmferry.vm.qmp import run_sync
     state = StateDir(args.state_dir)
+    if args.relayed:
+        return _relayed(args, state)
     if args.all:
         results = run_sync(rec.recover_all(state))
         for name, line, ok in results:
@@ -44,4 +55,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(run_sync(rec.recover(state, args.name, resume_source=args.resume_source)),
           flush=True)
+    return 0
+
+
+def _relayed(args: argparse.Namespace, state: StateDir) -> int:
+    """The source's side of `--connect SRC recover NAME --direct DEST`: stdin
+    and stdout are the channel to DEST's agent through the management
+    machine (commands/direct.py), which shows the outcome this sends."""
+    import json
+    import sys
+    from vmferry.agent import transport
+    from vmferry.commands.migrate import Unbreakable
+    from vmferry.migration import recover as rec
+    from vmferry.vm.qmp import run_sync
+    relay = transport.take_stdio()
+    sys.stdout, sys.stderr = Unbreakable(sys.stdout), Unbreakable(sys.stderr)
+    line = run_sync(rec.recover(state, args.name, resume_source=args.resume_source,
+                                relay=relay, relayed_dest=args.direct))
+    print(json.dumps({"event": "recovered", "line": line}), file=sys.stderr, flush=True)
     return 0

@@ -88,7 +88,8 @@ async def _migrate(state: StateDir, name: str, destination: Destination,
     m = Migration(name, rec.qmp_socket, rec.spec, destination, opts,
                   job_file=job_file(state, name), progress=progress,
                   stop_source=retire_source, presync_state=state, warn=warn,
-                  journal=journal.start(state, "migrate", name, destination.uri, opts))
+                  journal=journal.start(state, "migrate", name, destination.uri, opts,
+                                        direct=destination.relayed))
     return await m.run()
 
 

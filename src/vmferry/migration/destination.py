@@ -91,6 +91,9 @@ class Destination(abc.ABC):
     presync_ok = False
     # Whether its images are files of this host.
     same_host = False
+    # Whether a management machine relays it (migrate --direct): only from
+    # there may it be reachable, for recover too
+    relayed = False
 
     @abc.abstractmethod
     async def prepare(self, spec: Any, disks: list[DiskPlan], opts: MigrateOptions, *,

@@ -56,7 +56,7 @@ class Journal:
     boot_id: str = ""
     started: float = 0.0
     disks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    # what recover needs of the options: suspend, undefine_source, pki_dir
+    # what recover needs of the options: suspend, undefine_source, pki_dir, direct
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     resources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # node -> how far the destination image is a copy (the native engine's
@@ -241,13 +241,14 @@ def problem(state: StateDir, name: str) -> str:
 
 
 def start(state: StateDir, kind: str, name: str, dest_uri: str,
-          opts: MigrateOptions) -> Journal:
+          opts: MigrateOptions, *, direct: bool = False) -> Journal:
     """Start NAME's journal, unless another migration or presync of it is under
-    way, or one was interrupted and must be recovered first."""
+    way, or one was interrupted and must be recovered first.  DIRECT: a
+    management machine relays the destination (recover may need it too)."""
     with state.lock():
         why = problem(state, name)
         if why:
             raise UsageError(why)
         return Journal.open(state, kind, name, dest_uri, {
             "suspend": opts.suspend, "undefine_source": opts.undefine_source,
-            "pki_dir": str(opts.pki_dir)})
+            "pki_dir": str(opts.pki_dir), "direct": direct})

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Callable, Optional
+from typing import IO, Callable, Optional
 
 from vmferry.errors import MigrationError, UsageError, VmferryError
 from vmferry.migration import bitmap_pass, journal as journal_mod, presync, source, spans
@@ -48,6 +48,7 @@ from vmferry.migration.monitor import Monitor
 from vmferry.migration.native import NativeStorage
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.plan import DiskPlan
+from vmferry.migration.remote import RemoteDestination
 from vmferry.vm.process import stop_vm_async
 from vmferry.vm.state import StateDir
 
@@ -75,15 +76,26 @@ def _claim(state: StateDir, name: str) -> Journal:
 
 
 async def recover(state: StateDir, name: str, *, resume_source: bool = False,
-                  warn: Optional[Callable[[str], None]] = None) -> str:
+                  warn: Optional[Callable[[str], None]] = None,
+                  relay: Optional[tuple[IO[bytes], IO[bytes]]] = None,
+                  relayed_dest: str = "") -> str:
     """Resolve NAME's interrupted migration or presync; returns the one line
     that says where the guest runs now.  UsageError when there is nothing
     to recover or its process still runs; MigrationError (the guest left
     paused) when the destination cannot tell whether it resumed the guest.
-    RESUME_SOURCE: the user checked that the destination does not run it."""
+    RESUME_SOURCE: the user checked that the destination does not run it.
+    RELAY: the channel through which a management machine relays
+    RELAYED_DEST's agent (`--connect SRC recover NAME --direct DEST`), for a
+    destination only that machine reaches."""
     j = _claim(state, name)
     try:
-        dest = parse_destination(j.dest)
+        if relay is not None and relayed_dest != j.dest:
+            # another agent would answer "absent" for a guest it never had,
+            # and the source would resume while the real destination runs it
+            raise UsageError(f"the migration of {name} went to {j.dest}, not "
+                             f"{relayed_dest}: name that destination after --direct")
+        dest = (RemoteDestination(j.dest, relay=relay) if relay is not None
+                else parse_destination(j.dest))
         try:
             if j.kind == "presync":
                 return await _presync(state, j, dest)
@@ -163,14 +175,24 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
                    else "cannot say whether it resumed the guest")
             raise MigrationError(
                 f"{j.dest} {why}: {j.name} stays paused here; check {j.dest}, then run "
-                f"'vmferry recover {j.name}' again, or 'vmferry recover {j.name} "
-                f"--resume-source' if it surely does not run {j.name} there")
+                f"'vmferry recover {j.name}' again{_direct_hint(j)}, or 'vmferry recover "
+                f"{j.name} --resume-source' if it surely does not run {j.name} there")
         # only a destination known never to have run the guest keeps its copy
         return await _roll_back(state, j, mon, dest,
                                 keep_copy=where in ("absent", "incoming", "completed"))
     finally:
         if mon is not None:
             await mon.close()
+
+
+def _direct_hint(j: Journal) -> str:
+    """Where a management machine relayed the destination, it may be the
+    only one that reaches it: say how to recover from there."""
+    if not j.options.get("direct"):
+        return ""
+    return (f" (a --direct migration: where only the management machine reaches "
+            f"the destination, run there 'vmferry --connect URI-OF-THIS-HOST recover "
+            f"{j.name} --direct {j.dest}')")
 
 
 async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],

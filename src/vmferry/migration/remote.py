@@ -222,6 +222,7 @@ class RemoteDestination(Destination):
         self.keepalive = self.target.keepalive
         self._ssh = ssh
         self._relay = relay
+        self.relayed = relay is not None
         self.channel: Optional[Channel] = None
         self.info: dict[str, Any] = {}
         self._presync_tls: Optional[str] = None
