@@ -11,6 +11,8 @@ copy must say it ran on the lanes asked for; the few things zero-copy lanes cann
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -460,6 +462,24 @@ def test_summary_line(workdir):
     for word in ("written", "zeroed", "skipped"):
         assert word in lines[0], lines[0]
     assert cp.stderr.strip() == "", f"stderr on success: {cp.stderr!r}"
+
+
+def test_copy_starts_without_the_other_commands_code(workdir):
+    """`vmferry copy` is timed against nbdcopy, which starts in milliseconds:
+    its start-up loads the copy's code alone, not the migration package or
+    QMP that other commands' parsers would bring (they were half of it)."""
+    src = make_image(workdir / "src.raw", 1 * MiB, "random")
+    code = ("import sys, vmferry.cli as c; rc = c.main(sys.argv[1:]); "
+            "print(' '.join(sorted(sys.modules))); sys.exit(rc)")
+    cp = subprocess.run([sys.executable, "-c", code, "copy", str(src), str(workdir / "d.raw")],
+                        capture_output=True, text=True, env=cli.env(), timeout=60)
+    assert cp.returncode == 0 and cp.stdout.startswith("copied "), (cp.stdout, cp.stderr)
+    loaded = set(cp.stdout.splitlines()[-1].split())
+    assert "vmferry.copying" in loaded, loaded
+    for heavy in ("vmferry.migration", "vmferry.commands.migrate", "vmferry.vm.process",
+                  "qemu.qmp", "asyncio"):
+        assert heavy not in loaded, f"{heavy} loaded by a copy's start-up"
+    assert_same(src, workdir / "d.raw")
 
 
 def test_size_suffixes_equivalent(workdir, nbdkit):
