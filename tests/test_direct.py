@@ -247,6 +247,55 @@ def test_direct_from_a_tls_agent(rlab, far):
     _moved_there(rlab, far[0].ns, S, D, serial, src, dst)
 
 
+def _destination_agents(net, D: Path) -> list[int]:
+    """The destination's `agent --stdio` processes (ssh's) for state directory D."""
+    out = []
+    for pid in _pids_with(f"{D}"):
+        try:
+            if b"--stdio" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
+                    _in_namespace(pid, net.ns):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_ctrl_c_at_the_management_machine_aborts_through_a_tls_agent(rlab, far):
+    """Ctrl-C here with the source reached through its agent (tls://,
+    --allow-control): no ssh carries the key, so the "signal" frame rides on
+    the agent's relay_input to the source's command, which rolls back as at
+    its own terminal and says so in the one last line; the guest runs on at
+    the source, nothing is left at the destination."""
+    S, uri = _control_agent(rlab)
+    src = fill_image(rlab.root / "src.raw", 64)
+    dst = rlab.root / "dst.raw"
+    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    serial = rlab.serial_of(spec)
+    rlab.ok(_on(rlab, uri, "run", spec))
+    D, dest = _dest(rlab, far)
+    p = _copying(rlab, S, uri, "--direct", "web1", dest,
+                 "--disk-map", f"{src}={dst}", "--create-disks")
+    assert _guests(far[0], D), "the destination's QEMU is not there to be undone"
+    p.send_signal(signal.SIGINT)           # Ctrl-C at the management machine
+    line = rlab.one_error(rlab.finish(p, timeout=60), code=130, prefix="vmferry: ")
+    assert "cancelled" in line and "source VM is running" in line, line
+    # the source's own record says it was the user, not a failure
+    info = json.loads((S / "web1" / "job.json").read_text())
+    assert info["status"] == "cancelled", info
+    st = json.loads(rlab.ok(_on(rlab, uri, "status", "web1", "--json")))
+    assert st["state"] == "running" and _in_namespace(st["pid"], rlab.net.ns), st
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems
+    rlab.wait_progress(serial, at + 2, 30)          # the guest goes on, memory intact
+    # the destination undid its Prepare, and its agent went with this machine
+    rlab.wait_for("the destination to tear down", lambda: _guests(far[0], D) == [] and
+                  not (D / "web1").exists() and _destination_agents(far[0], D) == [], 30)
+    assert not dst.exists() or \
+        Path(str(dst) + ".vmferry-presync.json").exists(), "a created disk was left"
+    assert "Traceback" not in (rlab.root / "agent.log").read_text(errors="replace")
+    rlab.ok(_on(rlab, uri, "stop", "web1", "--force"))
+
+
 def test_destination_agent_lost_mid_copy(rlab, far):
     """The destination's agent dies while the disks copy: this machine tells
     the source at once, which rolls back and says so in one line here."""

@@ -884,3 +884,26 @@ def test_refused_prepare_leaves_the_connection_free(host):
         assert rc == 0 and "None" not in err and "Traceback" not in err, err
     finally:
         a.kill()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_relay_input_with_no_command_relaying_is_refused(host, pki, tmp_path, transport):
+    """An agent that takes commands (--allow-control), none of them relaying:
+    a relay_input's frame — Ctrl-C's "signal" of `migrate --direct`, or a
+    reply the management machine passes on — has no stdin to go to, and is
+    refused in one line (never written anywhere, never a crash); the session
+    goes on."""
+    tls = TlsAgent(host.state, pki, tmp_path / "agent.log", "--allow-control") \
+        if transport == "tls" else None
+    peer: Peer = tls.connect() if tls else Agent(host.state, "--allow-control")
+    try:
+        peer.hello()
+        for frame in ({"signal": "INT"}, {"id": 1, "ok": True, "result": {}}):
+            refused(peer.call("relay_input", frame=frame), "no command relays here")
+            serves(peer)
+    finally:
+        peer.kill() if isinstance(peer, Agent) else peer.close()
+        if tls:
+            tls.stop()
+    if tls:
+        assert "Traceback" not in tls.text(), tls.text()
