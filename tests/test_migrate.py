@@ -276,6 +276,39 @@ def test_progress_is_one_bar_whose_eta_only_counts_down(lab, engine):
     assert "Progress:" in text and "100.0%" in text, text
 
 
+def test_dname_renames_the_vm_on_the_destination(lab):
+    """virsh --dname: the guest goes on at the destination as web2, its NIC
+    keeping the MAC it had (derived from web1), and the one-line summary says
+    both names; a name the destination cannot hold is refused up front."""
+    src = fill_image(lab.root / "src.raw", 16)
+    dst = lab.root / "dst.raw"
+    spec = lab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
+    spec.write_text(spec.read_text() + '\n[[nics]]\ntype = "user"\n')
+    serial = lab.serial_of(spec)
+    lab.run_vm(spec)
+    mac = load_spec(lab.A / "web1" / "spec.toml").nic_mac(0)
+    line = lab.one_error(lab.migrate("--dname", "no/such", "--disk-map", f"{src}={dst}"),
+                         code=2)
+    assert "--dname 'no/such'" in line, line
+    assert lab.status()["state"] == "running"
+
+    out = lab.ok(lab.migrate("--dname", "web2", "--disk-map", f"{src}={dst}",
+                             "--create-disks"))
+    assert out.startswith("migrated web1 as web2 in "), out
+    assert lab.status()["state"] == "stopped" and qemu_pids(lab.A) == []
+    st = lab.status("web2", state=lab.B)
+    assert st["state"] == "running", st
+    assert not (lab.B / "web1").exists()
+    moved = load_spec(lab.B / "web2" / "spec.toml")
+    assert moved.name == "web2" and moved.nics[0].mac == mac, moved
+    assert lab.qmp("query-rx-filter", name="web2", state=lab.B)[0]["main-mac"] == mac
+    at, problems, _ = lab.progress(serial)
+    assert problems == [], problems
+    lab.wait_progress(serial, at + 2, 30)
+    lab.ok(lab.vmferry("stop", "web2", "--force", state=lab.B))
+    assert images_identical(src, dst, "raw") == ""
+
+
 def test_offline_migration_of_a_stopped_vm(lab):
     src = fill_image(lab.root / "src.raw", 64)
     dst = lab.root / "dst.raw"

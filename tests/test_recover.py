@@ -120,6 +120,38 @@ def test_killed_before_finish_completes_on_the_destination(lab, engine):
     lab.wait_progress(serial, last + 2, 30)          # the guest goes on, over there
 
 
+def test_killed_before_finish_with_dname_completes_under_that_name(lab):
+    """--dname: the destination's records are under the new name, which
+    recover finds through the journal; the guest goes on there as web2."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "finish:60"
+    p = lab.start_migrate("--dname", "web2", "--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the memory to arrive",
+                 lambda: lab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+    _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    _recover(lab, f"completed: web1 runs on local://{lab.B} as web2")
+    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
+    assert lab.qmp("query-status", name="web2", state=lab.B)["status"] == "running"
+    assert not (lab.B / "web2" / "incoming.json").exists()
+    assert images_identical(src, dst, "raw") == "" and sha256(src) == h
+    last, problems, _ = lab.progress(serial)
+    assert problems == [], problems
+    lab.wait_progress(serial, last + 2, 30)
+
+
+def test_killed_mid_copy_with_dname_rolls_back(lab):
+    src, h, dst, serial = _failing_setup(lab, 256)
+    p = lab.start_migrate("--storage-engine", "native", "--dname", "web2",
+                          "--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the copy", lambda: _native_copying(lab), 60, proc=p)
+    _kill(p)
+    _recover(lab, "rolled back: web1 runs on this host")
+    assert not (lab.B / "web2").exists(), list((lab.B / "web2").iterdir())
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst,
+                             migration=(None, "none", "failed", "cancelled"))
+
+
 def _killed_after_the_destination_resumed(lab: Lab):
     """The migrating process dies just after the destination resumed the guest."""
     src, h, dst, serial = _failing_setup(lab)

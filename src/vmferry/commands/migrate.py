@@ -51,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # the source's side of --direct (commands/direct.py): the destination's
     # agent is reached through this process's stdin and stdout
     p.add_argument("--relayed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dname", metavar="NEWNAME",
+                   help="the VM's name on the destination (its NICs keep their MACs)")
     p.add_argument("--persistent", action="store_true",
                    help="keep the spec on the destination (always done; accepted for "
                         "virsh compatibility)")
@@ -205,7 +207,8 @@ def parse_disk_map(items: list[str]) -> dict[str, str]:
 def options_from(args: argparse.Namespace) -> MigrateOptions:
     return MigrateOptions(
         **common_options(args), copy_storage=args.copy_storage,
-        undefine_source=args.undefinesource, suspend=args.suspend, offline=args.offline,
+        dname=args.dname, undefine_source=args.undefinesource, suspend=args.suspend,
+        offline=args.offline,
         timeout=args.timeout, timeout_action=args.timeout_action, bandwidth=args.bandwidth,
         max_downtime=args.max_downtime, escalate_downtime=not args.no_escalate,
         auto_converge=args.auto_converge, parallel_connections=args.parallel_connections,
@@ -263,7 +266,8 @@ def print_done(info: JobInfo, mode: str | None) -> None:
 
 def summary(info: JobInfo) -> str:
     down = f"{info.downtime_ms} ms downtime" if info.downtime_ms is not None else "offline"
-    return (f"migrated {info.name} in {info.elapsed_ms / 1000:.2f} s: "
+    renamed = f" as {info.dest_name}" if info.dest_name else ""
+    return (f"migrated {info.name}{renamed} in {info.elapsed_ms / 1000:.2f} s: "
             f"{format_size(info.disk_processed)} of disk, "
             f"{format_size(info.memory_processed)} of memory, {down}"
             + (f" ({info.action})" if info.action else ""))

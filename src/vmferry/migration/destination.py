@@ -73,15 +73,18 @@ class DestinationCheck:
 
 def destination_spec(spec: Any, opts: MigrateOptions) -> Any:
     """The VM's spec as the destination runs it: disk paths and serial log
-    remapped by --disk-map or a destination spec file (virsh's --xml)."""
+    remapped by --disk-map or a destination spec file (virsh's --xml), under
+    --dname's name."""
     if opts.dest_spec:
         other = load_spec(opts.dest_spec)
         if len(other.disks) != len(spec.disks):
             raise UsageError(f"destination spec {opts.dest_spec} has {len(other.disks)} "
                              f"disks, the VM has {len(spec.disks)}: they must match")
         dmap = {f"disk{i}": d.path for i, d in enumerate(other.disks)}
-        return spec.remap(dmap, serial=other.serial if spec.serial else None)
-    return spec.remap(opts.disk_map)
+        out = spec.remap(dmap, serial=other.serial if spec.serial else None)
+    else:
+        out = spec.remap(opts.disk_map)
+    return out.renamed(opts.dname) if opts.dname and opts.dname != spec.name else out
 
 
 class Destination(abc.ABC):

@@ -80,7 +80,8 @@ class Migration:
         self.stop_source = stop_source
         self.phase = Phase.BEGIN
         self.info = JobInfo(name=name, pid=os.getpid(), started=time.time(),
-                            status="running")
+                            status="running",
+                            dest_name=opts.dname if opts.dname != name and opts.dname else "")
         # until memory migration starts, the guest's RAM is the work it will be
         self._estimator = Estimator(memory_expected=spec.memory)
         self.mon: Optional[Monitor] = None

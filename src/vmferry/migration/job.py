@@ -16,6 +16,7 @@ from vmferry.eta import Estimator, Sample
 @dataclasses.dataclass
 class JobInfo:
     name: str = ""
+    dest_name: str = ""             # the name on the destination, if --dname renames it
     phase: str = "begin"
     status: str = "none"            # running, completed, failed, cancelled
     pid: int = 0                    # the vmferry process running the job

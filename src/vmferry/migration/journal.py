@@ -56,7 +56,8 @@ class Journal:
     boot_id: str = ""
     started: float = 0.0
     disks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    # what recover needs of the options: suspend, undefine_source, pki_dir, direct
+    # what recover needs of the options: suspend, undefine_source, pki_dir,
+    # direct, dname
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     resources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # node -> how far the destination image is a copy (the native engine's
@@ -77,6 +78,11 @@ class Journal:
                 started=time.time(), path=state.vm_dir(name) / FILE)
         j.save()
         return j
+
+    @property
+    def dest_name(self) -> str:
+        """The VM's name on the destination (--dname), which its records there use."""
+        return str(self.options.get("dname") or self.name)
 
     # -- writing -----------------------------------------------------------
 
@@ -251,4 +257,5 @@ def start(state: StateDir, kind: str, name: str, dest_uri: str,
             raise UsageError(why)
         return Journal.open(state, kind, name, dest_uri, {
             "suspend": opts.suspend, "undefine_source": opts.undefine_source,
-            "pki_dir": str(opts.pki_dir), "direct": direct})
+            "pki_dir": str(opts.pki_dir), "direct": direct,
+            **({"dname": opts.dname} if opts.dname and opts.dname != name else {})})

@@ -26,7 +26,8 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
                          f"without --offline")
     if not isinstance(dest, LocalDestination):
         raise UsageError("--offline needs a local:// destination for now")
-    info = JobInfo(name=rec.name, phase="perform", status="running", started=time.time())
+    info = JobInfo(name=rec.name, phase="perform", status="running", started=time.time(),
+                   dest_name=opts.dname if opts.dname and opts.dname != rec.name else "")
     est = Estimator()
     spec = rec.spec
     dspec = destination_spec(spec, opts)

@@ -7,6 +7,7 @@ from typing import Optional
 
 from vmferry.errors import UsageError
 from vmferry.units import mib_per_second
+from vmferry.vm.spec import NAME_RE
 
 
 @dataclasses.dataclass
@@ -20,6 +21,8 @@ class MigrateOptions:
     # a destination spec file (virsh --xml)
     dest_spec: Optional[Path] = None
     create_disks: bool = False
+    # --dname: the VM's name on the destination (None: the same)
+    dname: Optional[str] = None
     # --persistent / --undefinesource: where the spec lives afterwards
     persistent: bool = True
     undefine_source: bool = False
@@ -68,6 +71,9 @@ class MigrateOptions:
     tunnelled: bool = False
 
     def validate(self) -> None:
+        if self.dname is not None and not NAME_RE.fullmatch(self.dname):
+            raise UsageError(f"--dname {self.dname!r}: a VM name is 1 to 64 letters, digits, "
+                             f"'.', '_' or '-', starting with a letter or digit")
         if self.storage_engine not in ("auto", "mirror", "native"):
             raise UsageError(f"--storage-engine must be auto, mirror or native, not "
                              f"{self.storage_engine!r}")

@@ -139,7 +139,7 @@ async def _probe(dest: Destination, j: Journal) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SETTLE_TIMEOUT
     while True:
-        where = await dest.probe(j.name, j.token, _opts(j))
+        where = await dest.probe(j.dest_name, j.token, _opts(j))
         if where != "busy" or loop.time() > deadline:
             return "unknown" if where == "busy" else where
         await asyncio.sleep(0.5)
@@ -153,7 +153,7 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
         where = await _probe(dest, j) if j.past("prepare") else "absent"
         if resume_source:
             if where == "running":
-                raise UsageError(f"{j.dest} says it runs {j.name}: --resume-source would "
+                raise UsageError(f"{j.dest} says it runs {j.dest_name}: --resume-source would "
                                  f"run it twice; run 'vmferry recover {j.name}' instead")
             # it may have run the guest, and written its disks: nothing is kept
             return await _roll_back(state, j, mon, dest, keep_copy=False)
@@ -162,27 +162,31 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
                    or (j.past("switchover") and where == "completed"
                        and src_mig in ("completed", None)))
         if forward and where == "completed":
-            if await dest.finish_orphan(j.name, j.token, resume=resume) is None:
+            if await dest.finish_orphan(j.dest_name, j.token, resume=resume) is None:
                 forward = False    # only its agent could, and it undoes it instead
         if forward:
             await _retire_source(state, j, mon, dest)
             j.close()
             if j.was_running and not resume:
-                return f"completed: {j.name} is on {j.dest}, paused as --suspend asked"
-            return f"completed: {j.name} runs on {j.dest}"
+                return f"completed: {j.name} is on {j.dest}{_as(j)}, paused as --suspend asked"
+            return f"completed: {j.name} runs on {j.dest}{_as(j)}"
         if j.past("finish") and where in ("unknown", "resumed-gone", "busy"):
             why = ("resumed the guest, and its QEMU has died since" if where == "resumed-gone"
                    else "cannot say whether it resumed the guest")
             raise MigrationError(
                 f"{j.dest} {why}: {j.name} stays paused here; check {j.dest}, then run "
                 f"'vmferry recover {j.name}' again{_direct_hint(j)}, or 'vmferry recover "
-                f"{j.name} --resume-source' if it surely does not run {j.name} there")
+                f"{j.name} --resume-source' if it surely does not run {j.dest_name} there")
         # only a destination known never to have run the guest keeps its copy
         return await _roll_back(state, j, mon, dest,
                                 keep_copy=where in ("absent", "incoming", "completed"))
     finally:
         if mon is not None:
             await mon.close()
+
+
+def _as(j: Journal) -> str:
+    return f" as {j.dest_name}" if j.dest_name != j.name else ""
 
 
 def _direct_hint(j: Journal) -> str:
@@ -208,7 +212,7 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
     generation = (told or presync.next_generation(state, j.name)) if keep else 0
     paths = next((r["paths"] for r in j.has("destination")), {})
     fmts = {d["node"]: d["fmt"] for d in j.disks}
-    kept = await dest.undo_orphan(j.name, j.token, {paths[n]: (n, generation, fmts[n])
+    kept = await dest.undo_orphan(j.dest_name, j.token, {paths[n]: (n, generation, fmts[n])
                                                     for n in keep} if keep else None)
     # an agent kept them when the source went away, as it was told, if it
     # could: the next migration checks its records before trusting them

@@ -108,6 +108,13 @@ class VMSpec:
         h = hashlib.sha256(f"{self.name}/{index}".encode()).digest()
         return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
 
+    def renamed(self, name: str) -> "VMSpec":
+        """The same VM under NAME (virsh --dname).  MACs derived from the old
+        name are written down, so the guest's NICs keep their addresses."""
+        nics = tuple(dataclasses.replace(n, mac=self.nic_mac(i))
+                     for i, n in enumerate(self.nics))
+        return dataclasses.replace(self, name=name, nics=nics)
+
     def remap(self, disk_map: Mapping[str, str], serial: Optional[str] = None) -> "VMSpec":
         """The destination's spec: disk paths replaced through DISK_MAP, whose keys are
         source paths or node names ("disk0"); disks not named keep their path.  SERIAL
