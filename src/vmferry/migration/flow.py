@@ -50,6 +50,20 @@ class Phase(enum.Enum):
 Progress = Callable[[JobInfo], None]
 
 
+# A destination that dies breaks QEMU's data streams a moment before its
+# control channel (or the management machine relaying it) says it is gone:
+# a failed Perform waits this long for that, to name the cause rather than
+# the broken pipe it made.
+LOSS_GRACE_S = 1.0
+
+
+async def _soon(lost: "asyncio.Future[None]") -> bool:
+    """Whether LOST (the destination's loss) is known within LOSS_GRACE_S."""
+    if not lost.done():
+        await asyncio.wait({lost}, timeout=LOSS_GRACE_S)
+    return lost.done()
+
+
 def _honour_cancel() -> None:
     """A Ctrl-C (or SIGTERM) that an await lost still stops the migration
     before its next phase: Python 3.11's asyncio.wait_for swallows a
@@ -285,10 +299,13 @@ class Migration:
             await asyncio.gather(task, return_exceptions=True)
             raise
         if task.done():
-            task.result()
-            return
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+            if (task.cancelled() or task.exception() is None or self.phase != Phase.PERFORM
+                    or not await _soon(lost)):
+                task.result()
+                return
+        else:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         if lost.cancelled():
             raise MigrationError("the connection to the destination was closed",
                                  phase=self.phase.value)
