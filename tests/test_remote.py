@@ -109,16 +109,17 @@ def rlab(kernel, netlab, sshd, pki):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _migrate_and_check(lab: RemoteLab, dest: str, *extra: str) -> dict:
+def _migrate_and_check(lab: RemoteLab, dest: str, *extra: str, dname: str = "") -> dict:
     src = make_image(lab.root / "src.qcow2", 64 * MiB, "sparse", fmt="qcow2")
     dst = lab.root / "dst.qcow2"
     spec = lab.spec(disk=src, fmt="qcow2", memory="128M", mem="64M")
     serial = lab.serial_of(spec)
     lab.run_vm(spec, wait_pass=2)
-    out = lab.ok(lab.remote(dest, "--disk-map", f"{src}={dst}", "--create-disks", *extra))
-    assert out.startswith("migrated web1 in "), out
+    out = lab.ok(lab.remote(dest, "--disk-map", f"{src}={dst}", "--create-disks", *extra,
+                            *(("--dname", dname) if dname else ())))
+    assert out.startswith(f"migrated web1{' as ' + dname if dname else ''} in "), out
     # the guest runs on in the destination host's QEMU, memory intact
-    st = lab.status(state=lab.B)
+    st = lab.status(dname or "web1", state=lab.B)
     assert st["state"] == "running", st
     assert _in_namespace(st["pid"], lab.net.ns), "the destination QEMU runs on this host"
     at, problems, _ = lab.progress(serial)
@@ -126,7 +127,7 @@ def _migrate_and_check(lab: RemoteLab, dest: str, *extra: str) -> dict:
     lab.wait_progress(serial, at + 2, 30)
     assert lab.progress(serial)[1] == []
     assert qemu_pids(lab.A) == []
-    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    lab.ok(lab.vmferry("stop", dname or "web1", "--force", state=lab.B))
     assert images_identical(src, dst, "qcow2") == ""
     return lab.jobinfo()
 
@@ -151,6 +152,13 @@ def test_migration_to_tls_agent(rlab, tls):
     info = _migrate_and_check(rlab, rlab.tls_uri(), *extra)
     assert info["status"] == "completed", info
     assert agent.poll() is None, "the long-running agent exited after one migration"
+
+
+def test_dname_to_another_host(rlab):
+    """--dname through an agent: the other host runs the guest as web2."""
+    info = _migrate_and_check(rlab, rlab.ssh_uri(), dname="web2")
+    assert info["status"] == "completed" and info["dest_name"] == "web2", info
+    assert not (rlab.B / "web1").exists()
 
 
 @pytest.mark.parametrize("tls,engine", [(False, "auto"), (True, "native"), (True, "auto")],
