@@ -4,6 +4,7 @@ interrupted, and `vmferry recover` leaves exactly one running guest with its
 disk intact and nothing else behind, after which a new migration succeeds."""
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from test_migrate import (  # noqa: F401  (fixtures)
     _failing_setup, _mirror_copying, _native_bitmaps, _native_copying, kernel, lab, qboot,
 )
 from vmferry.errors import VmferryError
+from vmferry.migration.desthost.incoming import reap_orphans
+from vmferry.vm.state import StateDir
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -169,6 +172,86 @@ def test_killed_after_the_destination_resumed_completes(lab):
     _recover(lab, "completed: web1 runs on")
     assert qemu_pids(lab.A) == []
     assert _dest_state(lab) == "running"
+    _assert_destination_settled(lab)
+
+
+def _assert_destination_settled(lab: Lab) -> None:
+    """The destination's incoming record is gone with the migration: one left
+    behind would have the next agent or recover there stop the guest it runs
+    and delete its disk as an unfinished migration's."""
+    assert not (lab.B / "web1" / "incoming.json").exists()
+    assert asyncio.run(reap_orphans(StateDir(lab.B), None)) == []
+    assert _dest_state(lab) in ("running", "paused")
+
+
+@pytest.mark.parametrize("suspend", [False, True], ids=["resume", "suspend"])
+def test_killed_between_the_hand_over_mark_and_the_end_of_finish(lab, suspend):
+    """The destination marked the guest its own (durably, before resuming it),
+    then the migrating process died: recover goes forward, resuming the guest
+    there unless --suspend, and ends the destination's record."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "handed-over:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks",
+                          *(["--suspend"] if suspend else []))
+    lab.wait_for("the hand-over mark", lambda: (lab.B / "web1" / "resumed").exists(), 60,
+                 proc=p)
+    _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    _recover(lab, f"paused as --suspend asked" if suspend else
+             f"completed: web1 runs on local://{lab.B}")
+    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
+    assert _dest_state(lab) == ("paused" if suspend else "running")
+    _assert_destination_settled(lab)
+    assert images_identical(src, dst, "raw") == ""
+    if not suspend:
+        last, problems, _ = lab.progress(serial)
+        assert problems == [], problems
+        lab.wait_progress(serial, last + 2, 30)
+
+
+def test_killed_after_a_suspended_finish_completes_paused(lab):
+    """--suspend, killed after Finish ended on the destination (its record
+    gone, the guest paused there) and before Confirm: the hand-over mark says
+    the destination has the guest, so recover retires the source rather than
+    resume it beside that paused copy."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "confirm:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks", "--suspend")
+    lab.wait_for("Finish to end there",
+                 lambda: not (lab.B / "web1" / "incoming.json").exists()
+                 and _dest_state(lab) == "paused", 60, proc=p)
+    _kill(p)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    _recover(lab, f"completed: web1 is on local://{lab.B}, paused as --suspend asked")
+    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
+    _assert_destination_settled(lab)
+    assert _dest_state(lab) == "paused"
+
+
+def test_a_recover_killed_after_it_resumed_the_destination_is_completed(lab):
+    """recover decided to complete, resumed the guest on the destination and
+    was killed before retiring the source: the next recover must go on
+    forward (the journal says so, and the mark does) — rolling back would run
+    the guest on both hosts."""
+    src, h, dst, serial = _failing_setup(lab)
+    lab.env["VMFERRY_TEST_HOLD"] = "finish:60"
+    p = lab.start_migrate("--disk-map", f"{src}={dst}", "--create-disks")
+    lab.wait_for("the memory to arrive",
+                 lambda: lab.qmp("query-status")["status"] == "postmigrate", 60, proc=p)
+    _kill(p)
+    lab.env["VMFERRY_TEST_HOLD"] = "resumed:60"
+    r = lab.start("recover", "web1")
+    lab.wait_for("recover to resume it there", lambda: _dest_state(lab) == "running", 60,
+                 proc=r)
+    _kill(r)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    _recover(lab, f"completed: web1 runs on local://{lab.B}")
+    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
+    _assert_destination_settled(lab)
+    assert _dest_state(lab) == "running"
+    last, problems, _ = lab.progress(serial)
+    assert problems == [], problems
+    lab.wait_progress(serial, last + 2, 30)
 
 
 def test_abort_of_an_interrupted_migration_rolls_it_back(lab):

@@ -34,8 +34,8 @@ from vmferry.errors import UsageError, VmferryError
 from vmferry.migration.desthost import presync_target
 from vmferry.migration.desthost.check import check_incoming, check_presync_target
 from vmferry.migration.desthost.incoming import (
-    DEFAULT_PORTS, IMAGES, Incoming, Network, Policy, finish_orphan, kept_record, probe,
-    undo_kept,
+    DEFAULT_PORTS, IMAGES, Incoming, Network, Policy, finish_orphan, handed_over,
+    kept_record, probe, undo_kept,
 )
 from vmferry.migration.options import MigrateOptions
 from vmferry.migration.plan import DiskPlan
@@ -490,10 +490,12 @@ class Session:
 
     async def op_finish_orphan(self, a: Args) -> dict[str, Any]:
         """recover on the source completes a migration that arrived here and
-        whose source went away (keep_for_recover)."""
+        whose source went away (keep_for_recover), or settles one handed over
+        here whose Finish was cut short (resumes it if asked, drops its record)."""
         a.only("name", "token", "resume")
         name, token = a.get("name", str), _token(a.get("token", str))
-        kept_record(self.cfg.state, name, token)
+        if not handed_over(self.cfg.state, name, token):
+            kept_record(self.cfg.state, name, token)
         return {"state": await finish_orphan(self.cfg.state, name, token,
                                              resume=a.get("resume", bool))}
 

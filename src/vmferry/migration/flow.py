@@ -114,6 +114,7 @@ class Migration:
         self._deadline: Optional[float] = None
         self._undo_failed: list[str] = []      # undo steps that raised
         self._unresolved = False       # where the guest runs is not known
+        self._postcopy_left = False    # failed in post-copy: recover completes it
         self._kept = ""                # what the rollback kept of the disk copy
         self._keep_generation = 0      # see _arm_keep
         self._mirror_bitmaps = False   # the mirror's resumable bitmaps were added
@@ -157,6 +158,14 @@ class Migration:
         self._undo.append((what, fn))
 
     async def _rollback(self) -> None:
+        if await self._in_postcopy():
+            # nothing can be undone now (source.POSTCOPY): the journal goes
+            # to recover, which waits for QEMU to complete it and goes on
+            self._undo.clear()
+            self._unresolved = self._postcopy_left = True
+            self.was_running = False
+            self._settle_journal()
+            return
         # Shielded from further cancellation: a second Ctrl-C must not leave
         # half the cleanup undone.
         while self._undo:
@@ -174,6 +183,15 @@ class Migration:
                 self._undo_failed.append(what)
         self._settle_journal()
 
+    async def _in_postcopy(self) -> bool:
+        if not self.info.postcopy or self.mon is None:
+            return False
+        try:
+            info = await asyncio.shield(self.mon.try_cmd("query-migrate")) or {}
+        except (VmferryError, OSError, asyncio.CancelledError):
+            return True       # cannot tell: cancelling it could lose the guest
+        return info.get("status") in source.POSTCOPY
+
     def _settle_journal(self) -> None:
         """After a rollback: a clean one ends the journal; one with a failed
         step hands it to 'vmferry recover', which redoes every step by name."""
@@ -186,6 +204,9 @@ class Migration:
 
     def _outcome(self) -> str:
         """What a failed migration's message ends with."""
+        if self._postcopy_left:
+            return (f"post-copy was under way, which nothing can undo: run 'vmferry "
+                    f"recover {self.name}', which completes it on the destination")
         if self._undo_failed:
             return (f"the rollback did not finish ({', '.join(self._undo_failed)}): run "
                     f"'vmferry recover {self.name}'")
@@ -246,6 +267,7 @@ class Migration:
             raise MigrationError(f"internal error in {self.phase.value}: {e!r}; "
                                  f"{self._outcome()}", phase=self.phase.value) from e
         try:
+            await _test_hold("confirm")
             await self.confirm()
         finally:
             await self.dest.close()

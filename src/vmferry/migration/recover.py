@@ -6,21 +6,28 @@ What the journal says was reached decides which way is safe; the two QEMUs
 
   journal reached        the destination says        recover
   ---------------------  --------------------------  ---------------------------
-  begin .. perform       anything                    roll back
+  any                    running (this migration's   complete (resume it there if
+                         hand-over mark: written     that was cut short, end its
+                         before the guest may run    record, retire the source)
+                         there, or Finish ends)
+                         it had the guest, and its   change nothing: the guest
+                         QEMU died since             stays paused, one line says
+                                                     what to check
+  any, the source in     (post-copy: the guest's     wait for QEMU to complete
+  post-copy              memory is on both hosts)    it, then as below
+  begin .. perform       anything else               roll back
   switchover             completed, source complete  complete (resume it there)
   (migrate-continue      anything else               roll back: it was never
    may have been sent)                               asked to run the guest
-  finish (asked to       running                     complete (retire the source)
-  resume the guest)      completed                   complete (resume it there)
-                         absent, incoming            roll back (it keeps a
-                                                     durable mark before it
-                                                     resumes: none means never)
+  finish (asked to       completed                   complete (resume it there)
+  resume the guest)      absent, incoming            roll back (no mark: never)
                          busy (its agent still       wait, up to SETTLE_TIMEOUT
                          works on it)
-                         cannot be asked, or it      change nothing: the guest
-                         resumed the guest and its   stays paused, one line says
-                         QEMU died since             what to check
+                         cannot be asked             change nothing, as above
   confirm                (runs it)                   complete
+
+A recover that decides to complete writes "finish" into the journal first, so
+that one killed on the way goes on forward the next time.
 
 Between hosts the agent undoes an unfinished incoming migration as soon as
 the channel from its source drops, unless everything had arrived: it keeps
@@ -150,6 +157,10 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
     mon = await _source(state, j.name)
     try:
         src_mig = (await mon.cmd("query-migrate")).get("status") if mon else None
+        if src_mig in source.POSTCOPY:
+            # the guest's state is split between the hosts: the only way is
+            # on, and QEMU goes on without vmferry
+            src_mig = await _postcopy_done(mon, j)
         where = await _probe(dest, j) if j.past("prepare") else "absent"
         if resume_source:
             if where == "running":
@@ -158,11 +169,17 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
             # it may have run the guest, and written its disks: nothing is kept
             return await _roll_back(state, j, mon, dest, keep_copy=False)
         resume = bool(j.was_running) and not j.options.get("suspend")
-        forward = (j.past("confirm") or (j.past("finish") and where == "running")
+        # "running": this migration handed the guest over there (a durable
+        # mark, written before it may run there): never anything but forward
+        forward = (j.past("confirm") or where == "running"
                    or (j.past("switchover") and where == "completed"
                        and src_mig in ("completed", None)))
-        if forward and where == "completed":
-            if await dest.finish_orphan(j.dest_name, j.token, resume=resume) is None:
+        if forward and where in ("completed", "running"):
+            # decided: a recover killed from here on goes on forward too
+            j.enter("finish")
+            # resumes it there if that was cut short, and ends its record
+            if await dest.finish_orphan(j.dest_name, j.token, resume=resume) is None and \
+                    where == "completed":
                 forward = False    # only its agent could, and it undoes it instead
         if forward:
             await _retire_source(state, j, mon, dest)
@@ -170,7 +187,7 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
             if j.was_running and not resume:
                 return f"completed: {j.name} is on {j.dest}{_as(j)}, paused as --suspend asked"
             return f"completed: {j.name} runs on {j.dest}{_as(j)}"
-        if j.past("finish") and where in ("unknown", "resumed-gone", "busy"):
+        if where == "resumed-gone" or (j.past("finish") and where in ("unknown", "busy")):
             why = ("resumed the guest, and its QEMU has died since" if where == "resumed-gone"
                    else "cannot say whether it resumed the guest")
             raise MigrationError(
@@ -183,6 +200,24 @@ async def _migration(state: StateDir, j: Journal, dest: Destination,
     finally:
         if mon is not None:
             await mon.close()
+
+
+async def _postcopy_done(mon: Monitor, j: Journal) -> str:
+    """Wait for a post-copy migration to complete (the source pushes the
+    pages the destination lacks by itself); one that stalled says so."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT
+    while True:
+        status = (await mon.cmd("query-migrate")).get("status")
+        if status not in source.POSTCOPY:
+            return status
+        if status != "postcopy-active" or loop.time() > deadline:
+            raise MigrationError(
+                f"the post-copy migration of {j.name} to {j.dest} is {status}: neither host "
+                f"holds the whole guest, so it can only go on; once the link is back, "
+                f"'migrate-recover' on the destination's QEMU and 'migrate' with "
+                f"resume=true on this one, then run 'vmferry recover {j.name}' again")
+        await asyncio.sleep(0.2)
 
 
 def _as(j: Journal) -> str:

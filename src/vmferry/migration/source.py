@@ -21,6 +21,10 @@ PREFIX = "vmferry-mirror-"
 UNLIMITED_BANDWIDTH = 1 << 40
 DEFAULT_DOWNTIME_MS = 300
 TLS_ID = "vmferry-tls"
+# past migrate-start-postcopy the guest runs on the destination's side, its
+# memory still partly here: no cancel can bring it back (QEMU refuses to
+# resume it), only completing the migration can
+POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover")
 
 
 async def describe(mon: Monitor) -> dict[str, Any]:

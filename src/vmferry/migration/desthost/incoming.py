@@ -35,7 +35,10 @@ from vmferry.vm.state import StateDir, owner_alive, owner_record
 
 INCOMING_TIMEOUT = 120.0
 RECORD = "incoming.json"
-RESUMED = "resumed"           # the token of the migration that resumed the guest here
+# the token of the migration that handed the guest over to this side: written
+# before it is resumed here (or, with --suspend, before Finish ends), so that
+# from then on nothing but this side may ever run it
+RESUMED = "resumed"
 TLS_ID = "vmferry-tls"
 EXPORT_ID = "vmferry-export-"
 # libvirt's migration_port_min/max
@@ -530,9 +533,10 @@ class Incoming:
             await mon.cmd("nbd-server-stop")
         self.exports.clear()
         await testhooks.hold("finishing")
+        if self.token:
+            _write_durably(self.state.vm_dir(self.name) / RESUMED, self.token)
+        await testhooks.hold("handed-over")
         if resume:
-            if self.token:
-                _write_durably(self.state.vm_dir(self.name) / RESUMED, self.token)
             await mon.cmd("cont")
             # From here the guest has run on this side: the source must never
             # resume it too, so abort() no longer removes anything.
@@ -731,6 +735,8 @@ async def reap_orphans(state: StateDir, roots: Optional[list[str]],
         if rec.get("completed") is True:
             continue        # the only complete state, perhaps: recover decides
         vm = rec_path.parent.name
+        if handed_over(state, vm, rec.get("token")):
+            continue        # it is this side's guest now: recover finishes the record
         clean = False
         if state.read_pid(vm) is not None:
             clean = (await stop_vm_async(state, vm, force=True, timeout=5)).how in CLEAN_STOPS
@@ -740,6 +746,15 @@ async def reap_orphans(state: StateDir, roots: Optional[list[str]],
         if kept or not keep:
             done.append(vm)
     return done
+
+
+def handed_over(state: StateDir, name: str, token: Any) -> bool:
+    """Whether migration TOKEN handed NAME's guest over to this side (RESUMED)."""
+    try:
+        return isinstance(token, str) and bool(token) and \
+            (state.vm_dir(name) / RESUMED).read_text() == token
+    except OSError:
+        return False
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -765,10 +780,7 @@ async def probe(state: StateDir, name: str, token: str) -> str:
       "absent"        nothing of it here (never prepared, or undone)
       "unknown"       its QEMU runs but does not answer"""
     vm_dir = state.vm_dir(name)
-    try:
-        resumed = bool(token) and (vm_dir / RESUMED).read_text() == token
-    except OSError:
-        resumed = False
+    resumed = handed_over(state, name, token)
     alive = state.read_pid(name) is not None
     if resumed:
         return "running" if alive else "resumed-gone"
@@ -803,6 +815,8 @@ async def undo_kept(state: StateDir, roots: Optional[list[str]], name: str,
                     token: str) -> None:
     """Undo an incoming migration keep_for_recover left (the source rolls back)."""
     rec = kept_record(state, name, token)
+    if handed_over(state, name, token):
+        raise UsageError(f"{name} was handed over to this host: it is not undone")
     if state.read_pid(name) is not None:
         await stop_vm_async(state, name, force=True, timeout=5)
     _remove(state, name, rec.get("ids", {}), rec.get("dirs", []),
