@@ -4,7 +4,8 @@
  * it, all over TCP on 127.0.0.1 with certificates made here.
  *
  * Streams both ways through tiny socket buffers (partial writes on every
- * side), half-closes, a peer closing mid-stream, strangers (wrong token,
+ * side), both ways at once through the usual ones (whole buffers of
+ * records), half-closes, a peer closing mid-stream, strangers (wrong token,
  * another CA's certificate, a wrong server name, silence) and the cap on
  * connections still shaking hands.  Run under ASan/UBSan by ctest.
  */
@@ -247,17 +248,24 @@ tiny(int fd)
 }
 
 static int
-unix_connect(const char *p)
+unix_connect_sized(const char *p, bool small)
 {
   struct sockaddr_un sa = { .sun_family = AF_UNIX };
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   strcpy(sa.sun_path, p);
-  tiny(fd);
+  if (small)
+    tiny(fd);
   if (connect(fd, (struct sockaddr *) &sa, sizeof sa) < 0) {
     perror(p);
     exit(1);
   }
   return fd;
+}
+
+static int
+unix_connect(const char *p)
+{
+  return unix_connect_sized(p, true);
 }
 
 static unsigned char
@@ -330,6 +338,7 @@ struct target {
   struct stream in;           /* what arrives through the tunnel */
   struct stream out;          /* what goes back */
   uint64_t close_after;       /* >0: close once this much arrived */
+  bool duplex;                /* write back while reading, usual buffers */
 };
 
 static void *
@@ -337,8 +346,17 @@ target(void *arg)
 {
   struct target *t = arg;
   int fd = accept(t->listen, NULL, NULL);
-  tiny(fd);
+  if (!t->duplex)
+    tiny(fd);
   t->in.fd = t->out.fd = fd;
+  if (t->duplex) {
+    pthread_t wt;
+    pthread_create(&wt, NULL, writer, &t->out);
+    reader(&t->in);
+    pthread_join(wt, NULL);
+    close(fd);
+    return NULL;
+  }
   if (t->close_after) {
     t->in.bytes = t->close_after - 1;
     reader(&t->in);          /* stops just past close_after */
@@ -392,6 +410,38 @@ test_both_ways(const char *sock, int tlisten)
          "the far side read %lu bytes, eof %d, bad %d", (unsigned long) t.in.done, t.in.eof,
          t.in.bad);
   CHECK(down.eof && down.done == 3 << 20 && !down.bad,
+         "read back %lu bytes, eof %d, bad %d", (unsigned long) down.done, down.eof, down.bad);
+}
+
+/* Both directions at once through the sockets' usual buffers: whole
+ * buffers of records back to back each way, the two directions' reads and
+ * writes interleaved in the same steps of the loop. */
+static void
+test_full_duplex(const char *sock, int tlisten)
+{
+  struct target t = {
+    .listen = tlisten, .duplex = true,
+    .in = { .bytes = 48 << 20, .seed = 4, .chunk = 1 << 20 },
+    .out = { .bytes = 40 << 20, .seed = 5, .chunk = 200000 },
+  };
+  struct stream up = { .bytes = 48 << 20, .seed = 4, .chunk = 300000, .half_close = true };
+  struct stream down = { .bytes = 40 << 20, .seed = 5, .chunk = 1 << 20 };
+  pthread_t tt, wt;
+
+  pthread_create(&tt, NULL, target, &t);
+  up.fd = down.fd = unix_connect_sized(sock, false);
+  pthread_create(&wt, NULL, writer, &up);
+  reader(&down);
+  pthread_join(wt, NULL);
+  pthread_join(tt, NULL);
+  close(up.fd);
+  CHECK(!up.error && up.done == 48 << 20, "wrote %lu", (unsigned long) up.done);
+  CHECK(t.in.eof && t.in.done == 48 << 20 && !t.in.bad,
+         "the far side read %lu bytes, eof %d, bad %d", (unsigned long) t.in.done, t.in.eof,
+         t.in.bad);
+  CHECK(!t.out.error && t.out.done == 40 << 20, "the far side wrote %lu",
+         (unsigned long) t.out.done);
+  CHECK(down.eof && down.done == 40 << 20 && !down.bad,
          "read back %lu bytes, eof %d, bad %d", (unsigned long) down.done, down.eof, down.bad);
 }
 
@@ -542,6 +592,15 @@ main(void)
   vf_relay_get_stats(server, &st);
   CHECK(st.connections == 3 && st.failed == 1, "server: %lu connections, %lu failed",
          (unsigned long) st.connections, (unsigned long) st.failed);
+
+  start(&cl, client("client", "127.0.0.1", path("duplex.sock"), TOKEN));
+  test_full_duplex(path("duplex.sock"), tlisten);
+  vf_relay_get_stats(cl.r, &st);
+  /* up: the payload and the route's header (magic and token) before it */
+  CHECK(st.bytes_up == (48u << 20) + 8 + VF_RELAY_TOKEN_LEN && st.bytes_down == 40u << 20 && st.failed == 0,
+         "client counted %lu up, %lu down, %lu failed", (unsigned long) st.bytes_up,
+         (unsigned long) st.bytes_down, (unsigned long) st.failed);
+  stop(&cl);
 
   test_refused("client", "127.0.0.1", OTHER, server, "named no prepared migration");
   test_refused("rogue", "127.0.0.1", TOKEN, server, "signed by the CA");
