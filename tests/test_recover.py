@@ -14,7 +14,7 @@ import pytest
 
 import os
 
-from migrate_helpers import Lab, images_identical, qemu_pids, sha256
+from migrate_helpers import MiB, Lab, images_identical, qemu_pids, sha256
 from test_migrate import (  # noqa: F401  (fixtures)
     _failing_setup, _mirror_copying, _native_bitmaps, _native_copying, kernel, lab, qboot,
 )
@@ -226,6 +226,37 @@ def test_killed_after_a_suspended_finish_completes_paused(lab):
     assert qemu_pids(lab.A) == [], "the source QEMU still runs"
     _assert_destination_settled(lab)
     assert _dest_state(lab) == "paused"
+
+
+@pytest.mark.parametrize("how", ["kill", "sigint"])
+def test_interrupted_in_post_copy_is_completed_forward(lab, how):
+    """Killed (or Ctrl-C) while post-copy runs: the guest's memory is split
+    between the hosts and no cancel brings it back (QEMU may refuse to resume
+    the source after one), so a Ctrl-C leaves it to recover, saying so;
+    recover waits for QEMU to complete it, then resumes the guest at the
+    destination, its memory intact."""
+    spec = lab.spec(memory="256M", mem="160M", dirty="fast")
+    serial = lab.serial_of(spec)
+    lab.run_vm(spec, wait_pass=2)
+    # post-copy's own transfer slow enough (a few seconds) to be killed in
+    lab.qmp("migrate-set-parameters", {"max-postcopy-bandwidth": 48 * MiB})
+    p = lab.start_migrate("--postcopy", "--timeout", "1", "--timeout-postcopy",
+                          "--bandwidth", "16", "--no-escalate")
+    lab.wait_for("post-copy", lambda: lab.qmp("query-migrate").get("status") ==
+                 "postcopy-active", 60, proc=p)
+    if how == "kill":
+        _kill(p)
+    else:
+        p.send_signal(signal.SIGINT)
+        line = lab.one_error(lab.finish(p), prefix="vmferry: ")
+        assert "post-copy was under way" in line and "vmferry recover web1" in line, line
+    _recover(lab, f"completed: web1 runs on local://{lab.B}")
+    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
+    assert _dest_state(lab) == "running"
+    _assert_destination_settled(lab)
+    last, problems, _ = lab.progress(serial)
+    assert problems == [], problems
+    lab.wait_progress(serial, last + 2, 30)
 
 
 def test_a_recover_killed_after_it_resumed_the_destination_is_completed(lab):
