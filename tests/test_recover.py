@@ -14,6 +14,7 @@ import pytest
 
 import os
 
+from disk_data import make_image
 from migrate_helpers import MiB, Lab, images_identical, qemu_pids, sha256
 from test_migrate import (  # noqa: F401  (fixtures)
     _failing_setup, _mirror_copying, _native_bitmaps, _native_copying, kernel, lab, qboot,
@@ -257,6 +258,30 @@ def test_interrupted_in_post_copy_is_completed_forward(lab, how):
     last, problems, _ = lab.progress(serial)
     assert problems == [], problems
     lab.wait_progress(serial, last + 2, 30)
+
+
+def test_killed_in_memory_migration_after_a_presync_keeps_it(lab):
+    """qcow2, presynced, then --copy-storage-inc killed while memory moves:
+    recover stops the destination before it cancels the source's migration
+    (a destination whose incoming migration is cancelled exits by itself,
+    and an image not closed cleanly is not kept), so the presync survives
+    and the next --copy-storage-inc moves only what changed."""
+    src = make_image(lab.root / "src.qcow2", 32 * MiB, "random", fmt="qcow2")
+    dst = lab.root / "dst.qcow2"
+    lab.run_vm(lab.spec(disk=src, fmt="qcow2", memory="128M", mem="64M", dirty="slow"))
+    dmap = ("--disk-map", f"{src}={dst}")
+    lab.ok(lab.vmferry("presync", "web1", f"local://{lab.B}", *dmap, "--create-disks"))
+    p = lab.start_migrate("--copy-storage-inc", *dmap, "--bandwidth", "8", "--no-escalate")
+    lab.wait_for("memory to move",
+                 lambda: lab.qmp("query-migrate").get("status") == "active", 60, proc=p)
+    _kill(p)
+    _recover(lab, "rolled back: web1 runs on this host")
+    assert qemu_pids(lab.B) == []
+    out = lab.ok(lab.migrate("--copy-storage-inc", *dmap))
+    assert "migrated web1" in out, out
+    assert lab.jobinfo()["disk_processed"] < 8 * MiB, lab.jobinfo()
+    lab.ok(lab.vmferry("stop", "web1", "--force", state=lab.B))
+    assert images_identical(src, dst, "qcow2") == ""
 
 
 def test_a_recover_killed_after_it_resumed_the_destination_is_completed(lab):

@@ -239,16 +239,23 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
     # The destination first: it never ran the guest, and must not hold it
     # when the source resumes.  What the disk copy got stays there as a
     # partial copy where it can (as the live rollback keeps it, flow.py); a
-    # mirror still writing into it is stopped before that.
+    # mirror still writing into it is stopped before that, and the source's
+    # migration is cancelled only after: a destination QEMU whose incoming
+    # migration is cancelled exits by itself, and an image it did not close
+    # cleanly is not kept.
     keep = _partial_copies(j) if mon is not None and keep_copy else {}
     if mon is not None:
-        await source.rollback(mon, resume=False)
+        await source.cancel_jobs(mon)
+        if keep and not await _bitmaps_there(mon, keep):
+            keep = {}       # recorded before it was added: nothing tracks the writes
     told = next((r["generation"] for r in j.has("keep")), 0)
     generation = (told or presync.next_generation(state, j.name)) if keep else 0
     paths = next((r["paths"] for r in j.has("destination")), {})
     fmts = {d["node"]: d["fmt"] for d in j.disks}
     kept = await dest.undo_orphan(j.dest_name, j.token, {paths[n]: (n, generation, fmts[n])
                                                     for n in keep} if keep else None)
+    if mon is not None:
+        await source.rollback(mon, resume=False)
     # an agent kept them when the source went away, as it was told, if it
     # could: the next migration checks its records before trusting them
     kept = kept or bool(keep and told and not dest.same_host)
@@ -269,6 +276,13 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
 
 def _disks(j: Journal) -> list[DiskPlan]:
     return [DiskPlan(**d) for d in j.disks]
+
+
+async def _bitmaps_there(mon: Monitor, nodes: dict) -> bool:
+    """Whether each of NODES carries presync's bitmap of the writes since."""
+    found = {n.get("node-name") for n in await mon.cmd("query-named-block-nodes", flat=True)
+             if any(b.get("name") == presync.BITMAP for b in n.get("dirty-bitmaps", []))}
+    return all(node in found for node in nodes)
 
 
 def _partial_copies(j: Journal) -> dict[str, "presync.Missing"]:

@@ -267,17 +267,9 @@ async def yank(mon: Monitor) -> None:
         await mon.try_cmd("yank", instances=[inst])
 
 
-async def rollback(mon: Monitor, resume: bool) -> None:
-    """Confirm after a failure: cancel whatever is running, remove every
-    vmferry node and job, and resume the guest if it was running."""
-    await mon.try_cmd("migrate_cancel")
-    # migrate_cancel is asynchronous; wait for the state to settle.
-    for _ in range(200):
-        mig = await mon.try_cmd("query-migrate") or {}
-        if mig.get("status") not in ("cancelling", "active", "setup", "pre-switchover",
-                                     "device"):
-            break
-        await asyncio.sleep(0.05)
+async def cancel_jobs(mon: Monitor) -> None:
+    """Cancel and dismiss vmferry's mirror jobs: nothing writes to the
+    destination's images any more."""
     jobs = await mon.try_cmd("query-jobs") or []
     for j in jobs:
         if j["id"].startswith(PREFIX) and j["status"] not in ("concluded", "null"):
@@ -291,6 +283,20 @@ async def rollback(mon: Monitor, resume: bool) -> None:
         if not jobs:
             break
         await asyncio.sleep(0.05)
+
+
+async def rollback(mon: Monitor, resume: bool) -> None:
+    """Confirm after a failure: cancel whatever is running, remove every
+    vmferry node and job, and resume the guest if it was running."""
+    await mon.try_cmd("migrate_cancel")
+    # migrate_cancel is asynchronous; wait for the state to settle.
+    for _ in range(200):
+        mig = await mon.try_cmd("query-migrate") or {}
+        if mig.get("status") not in ("cancelling", "active", "setup", "pre-switchover",
+                                     "device"):
+            break
+        await asyncio.sleep(0.05)
+    await cancel_jobs(mon)
     nodes = await mon.try_cmd("query-named-block-nodes", flat=True) or []
     for n in nodes:
         if n["node-name"].startswith(PREFIX):
