@@ -284,6 +284,44 @@ def test_killed_in_memory_migration_after_a_presync_keeps_it(lab):
     assert images_identical(src, dst, "qcow2") == ""
 
 
+def _copied_some(lab: Lab) -> bool:
+    """The journal says the native engine's copy got somewhere (a partial
+    copy worth keeping)."""
+    try:
+        j = json.loads((lab.A / "web1" / "journal.json").read_text())
+    except (OSError, ValueError):
+        return False
+    missing = j.get("missing", {}).get("disk0")
+    return bool(missing) and sum(b - a for a, b in missing) < j["disks"][0]["size"]
+
+
+def test_a_recover_killed_after_the_destination_kept_the_copy_keeps_it(lab):
+    """recover rolling back keeps what the native engine copied; killed just
+    after the destination kept it (its VM folder gone, the images' records
+    written), the next recover finds it by those records rather than leave
+    an image nothing on the source points at; the next migration moves only
+    the rest."""
+    src, h, dst, serial = _failing_setup(lab, 256)
+    p = lab.start_migrate("--storage-engine", "native", "--disk-map", f"{src}={dst}",
+                          "--create-disks", "--disk-bandwidth", "64")
+    lab.wait_for("the journal to record some of the copy", lambda: _copied_some(lab), 60,
+                 proc=p)
+    _kill(p)
+    lab.env["VMFERRY_TEST_HOLD"] = "kept:60"
+    r = lab.start("recover", "web1")
+    lab.wait_for("the destination to keep the copy",
+                 lambda: not (lab.B / "web1").exists()
+                 and Path(str(dst) + ".vmferry-presync.json").exists(), 60, proc=r)
+    _kill(r)
+    lab.env.pop("VMFERRY_TEST_HOLD")
+    out = _recover(lab, "rolled back: web1 runs on this host")
+    assert "is kept" in out, out
+    assert lab.kept_copy(), "the source has no record of the copy the destination kept"
+    lab.assert_source_intact(serial=serial, disk=src, disk_hash=h, dest_disk=dst)
+    _migrate_again(lab, src, dst)
+    assert lab.jobinfo()["disk_processed"] < 256 * MiB, lab.jobinfo()
+
+
 def test_a_recover_killed_after_it_resumed_the_destination_is_completed(lab):
     """recover decided to complete, resumed the guest on the destination and
     was killed before retiring the source: the next recover must go on

@@ -115,6 +115,11 @@ class LocalDestination(Destination):
         # a same-host destination: the user's own files, no storage roots
         done = await incoming_mod.reap_orphans(self.state, None, name=name, keep=keep)
         presync_target.reap_orphans(self.state.path, None)
+        if keep and not done:
+            # nothing left to undo: a recover killed after this kept them
+            # finds them by their records, of the generation it asks for
+            return all(presync_target.check(path, generation) == ""
+                       for path, (_, generation, _) in keep.items())
         return bool(keep) and done == [name]
 
     async def finish_orphan(self, name: str, token: str, *, resume: bool) -> Optional[str]:

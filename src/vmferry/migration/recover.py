@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import IO, Callable, Optional
 
 from vmferry.errors import MigrationError, UsageError, VmferryError
-from vmferry.migration import bitmap_pass, journal as journal_mod, presync, source, spans
+from vmferry.migration import bitmap_pass, journal as journal_mod, presync, source, spans, testhooks
 from vmferry.migration.api import parse_destination
 from vmferry.migration.destination import Destination
 from vmferry.migration.journal import BadJournal, Journal
@@ -250,10 +250,15 @@ async def _roll_back(state: StateDir, j: Journal, mon: Optional[Monitor],
             keep = {}       # recorded before it was added: nothing tracks the writes
     told = next((r["generation"] for r in j.has("keep")), 0)
     generation = (told or presync.next_generation(state, j.name)) if keep else 0
+    if keep and not told:
+        # before the destination keeps them: a recover killed after that
+        # asks for the same generation, which the images' records then show
+        j.add("keep", generation=generation)
     paths = next((r["paths"] for r in j.has("destination")), {})
     fmts = {d["node"]: d["fmt"] for d in j.disks}
     kept = await dest.undo_orphan(j.dest_name, j.token, {paths[n]: (n, generation, fmts[n])
                                                     for n in keep} if keep else None)
+    await testhooks.hold("kept")
     if mon is not None:
         await source.rollback(mon, resume=False)
     # an agent kept them when the source went away, as it was told, if it
