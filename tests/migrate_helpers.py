@@ -262,6 +262,13 @@ class Lab:
                                      f"{timeout * SLOW:g} s (at {last}); tail: {text[-300:]!r}")
             time.sleep(0.05)
 
+    def assert_goes_on(self, serial: Path, passes: int = 2) -> None:
+        """The guest logging to SERIAL runs on, its memory intact: no problem
+        in its log so far, and PASSES more passes within 30 s."""
+        last, problems, _ = self.progress(serial)
+        assert problems == [], problems
+        self.wait_progress(serial, last + passes, 30)
+
     # ---------------------------------------------------------------- checks
 
     def assert_source_intact(self, name: str = "web1", *, serial: Path,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 from urllib.parse import quote
 
 import pytest
@@ -30,10 +31,10 @@ def _uri(lab: RemoteLab, state: Path) -> str:
     return f"ssh://{s.user}@{s.host}:{s.port}{state}?{q}"
 
 
-def _vm(lab: RemoteLab, size_mib: int = 32):
-    """A VM started on the other host through --connect; (S, uri, src, dst, serial)."""
-    S = lab.root / "S"
-    uri = _uri(lab, S)
+def _vm(lab: RemoteLab, size_mib: int = 32, via: Optional[tuple[Path, str]] = None):
+    """A VM started on the other host through --connect (ssh://, or VIA: a
+    state directory and the URI that reaches it); (S, uri, src, dst, serial)."""
+    S, uri = via or (lab.root / "S", _uri(lab, lab.root / "S"))
     src = fill_image(lab.root / "src.raw", size_mib)
     dst = lab.root / "dst.raw"
     spec = lab.spec(disk=src, memory="64M", mem="8M", dirty="slow")

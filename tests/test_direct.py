@@ -23,7 +23,6 @@ from migrate_helpers import qemu_pids
 from test_connect import (  # noqa: F401
     _cli, _control_agent, _copying, _moved_there, _on, _uri, _vm, far,
 )
-from migrate_helpers import fill_image
 from test_remote import AGENT, RemoteLab, _in_namespace, kernel, rlab  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
@@ -227,12 +226,7 @@ def test_direct_from_a_tls_agent(rlab, far):
     agent runs the source's side and passes its frames both ways; when this
     machine dies mid-copy, the agent closes that side's channel and it rolls
     back; the next direct migration then completes."""
-    S, uri = _control_agent(rlab)
-    src = fill_image(rlab.root / "src.raw", 64)
-    dst = rlab.root / "dst.raw"
-    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
-    serial = rlab.serial_of(spec)
-    rlab.ok(_on(rlab, uri, "run", spec))
+    S, uri, src, dst, serial = _vm(rlab, 64, via=_control_agent(rlab))
     D, dest = _dest(rlab, far)
     args = ("migrate", "--direct", "web1", dest, "--disk-map", f"{src}={dst}",
             "--create-disks")
@@ -266,12 +260,7 @@ def test_ctrl_c_at_the_management_machine_aborts_through_a_tls_agent(rlab, far):
     the agent's relay_input to the source's command, which rolls back as at
     its own terminal and says so in the one last line; the guest runs on at
     the source, nothing is left at the destination."""
-    S, uri = _control_agent(rlab)
-    src = fill_image(rlab.root / "src.raw", 64)
-    dst = rlab.root / "dst.raw"
-    spec = rlab.spec(disk=src, memory="64M", mem="8M", dirty="slow")
-    serial = rlab.serial_of(spec)
-    rlab.ok(_on(rlab, uri, "run", spec))
+    S, uri, src, dst, serial = _vm(rlab, 64, via=_control_agent(rlab))
     D, dest = _dest(rlab, far)
     p = _copying(rlab, S, uri, "--direct", "web1", dest,
                  "--disk-map", f"{src}={dst}", "--create-disks")
@@ -304,8 +293,7 @@ def test_destination_agent_lost_mid_copy(rlab, far):
     p = _copying(rlab, S, uri, "--direct", "web1", dest,
                  "--disk-map", f"{src}={dst}", "--create-disks")
     job = S / "web1" / "job.json"
-    agents = [pid for pid in _pids_with(f"{D}") if b"--stdio" in
-              Path(f"/proc/{pid}/cmdline").read_bytes() and _in_namespace(pid, far[0].ns)]
+    agents = _destination_agents(far[0], D)
     assert agents, "no destination agent found"
     for pid in agents:
         os.kill(pid, signal.SIGKILL)

@@ -84,7 +84,7 @@ def destination_spec(spec: Any, opts: MigrateOptions) -> Any:
         out = spec.remap(dmap, serial=other.serial if spec.serial else None)
     else:
         out = spec.remap(opts.disk_map)
-    return out.renamed(opts.dname) if opts.dname and opts.dname != spec.name else out
+    return out.renamed(opts.new_name(spec.name)) if opts.new_name(spec.name) else out
 
 
 class Destination(abc.ABC):

@@ -95,7 +95,7 @@ class Migration:
         self.phase = Phase.BEGIN
         self.info = JobInfo(name=name, pid=os.getpid(), started=time.time(),
                             status="running",
-                            dest_name=opts.dname if opts.dname != name and opts.dname else "")
+                            dest_name=opts.new_name(name))
         # until memory migration starts, the guest's RAM is the work it will be
         self._estimator = Estimator(memory_expected=spec.memory)
         self.mon: Optional[Monitor] = None

@@ -258,4 +258,4 @@ def start(state: StateDir, kind: str, name: str, dest_uri: str,
         return Journal.open(state, kind, name, dest_uri, {
             "suspend": opts.suspend, "undefine_source": opts.undefine_source,
             "pki_dir": str(opts.pki_dir), "direct": direct,
-            **({"dname": opts.dname} if opts.dname and opts.dname != name else {})})
+            **({"dname": opts.new_name(name)} if opts.new_name(name) else {})})

@@ -27,7 +27,7 @@ async def migrate_offline(state: StateDir, rec: Any, dest: Destination,
     if not isinstance(dest, LocalDestination):
         raise UsageError("--offline needs a local:// destination for now")
     info = JobInfo(name=rec.name, phase="perform", status="running", started=time.time(),
-                   dest_name=opts.dname if opts.dname and opts.dname != rec.name else "")
+                   dest_name=opts.new_name(rec.name))
     est = Estimator()
     spec = rec.spec
     dspec = destination_spec(spec, opts)

@@ -107,6 +107,10 @@ class MigrateOptions:
             raise UsageError("--bandwidth must not be negative")
         self.disk_rate()
 
+    def new_name(self, name: str) -> str:
+        """What --dname renames NAME to on the destination; "" if it does not."""
+        return self.dname if self.dname and self.dname != name else ""
+
     def disk_rate(self) -> int:
         """--disk-bandwidth in bytes per second per disk; 0: unlimited."""
         return mib_per_second(self.disk_bandwidth, "--disk-bandwidth")
