@@ -98,6 +98,10 @@ struct rw_ops {
 
   int (*flush)(struct rw *rw, struct vf_error *err);
 
+  /* Once per copy and endpoint, before the first data command: readies a
+   * server for the requests to come (nbd_ops.c says why).  NULL: nothing. */
+  void (*warm)(struct rw *rw);
+
   /* Synchronous I/O for vf_endpoint_* callers. */
   int (*pread)(struct rw *rw, void *buf, size_t count, uint64_t offset,
                struct vf_error *err);
@@ -162,6 +166,8 @@ struct nbd_handle *nbd_connect_checked(const char *uri, bool writable,
                                        struct vf_error *err);
 void nbd_names_free(struct nbd_names *names);
 void nbd_describe(struct nbd_handle *h, struct rw *rw);
+uint64_t nbd_warm_length(struct nbd_handle *h, const struct rw *rw, bool source);
+void nbd_warm_server(struct nbd_handle *h, const struct rw *rw, bool source);
 int nbd_handle_extents(struct nbd_handle *h, const struct nbd_names *names,
                        uint64_t offset, uint64_t count,
                        struct extent_list *out, struct vf_error *err);
