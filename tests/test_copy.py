@@ -187,6 +187,41 @@ def test_request_size_is_respected(workdir, nbdkit):
     assert max(r.count for r in writes) <= 64 * KiB, max(r.count for r in writes)
 
 
+WARM = 31 * MiB   # ext/nbd_ops.c's WARM_BYTES
+
+
+def test_servers_get_one_large_read_before_the_copy(workdir, nbdkit):
+    """Each server on this host is first asked for one 31 MiB read (it keeps qemu-nbd's
+    later request buffers in its heap, which halved a copy's time); the copy is the
+    same for it."""
+    size = 40 * MiB + 4096
+    src_file = make_image(workdir / "src.raw", size, "random", seed=5)
+    slog, dlog = workdir / "src.log", workdir / "dst.log"
+    src = nbdkit("file", str(src_file), f"logfile={slog}", filters=["log"], readonly=True)
+    dst = nbdkit("memory", f"size={size}", f"logfile={dlog}", filters=["log"])
+    copy_ok(src.uri, dst.uri)
+    assert_same(src_file, dst.uri)
+    for log in (slog, dlog):
+        _, reqs = read_nbdkit_log(log)
+        warm = [i for i, r in enumerate(reqs) if r.op == "Read" and r.count == WARM]
+        writes = [i for i, r in enumerate(reqs) if r.op == "Write"]
+        assert len(warm) == 1, [(r.op, r.offset, r.count) for r in reqs[:5]]
+        assert not writes or warm[0] < writes[0]
+
+
+def test_destination_that_fails_reads_still_takes_the_copy(workdir, nbdkit):
+    """That read is a courtesy: a destination that fails every read gets the copy."""
+    size = 40 * MiB
+    src_file = make_image(workdir / "src.raw", size, "random", seed=6)
+    dst_file = workdir / "dst.raw"
+    with open(dst_file, "wb") as f:
+        f.truncate(size)
+    dst = nbdkit("file", str(dst_file), "error-pread=EIO", "error-pread-rate=100%",
+                 filters=["error"])
+    copy_ok(str(src_file), dst.uri)
+    assert_same(src_file, dst_file)
+
+
 # --------------------------------------------------------------------------- nbdkit sources
 
 def test_sparse_random_to_memory(nbdkit):
