@@ -705,6 +705,13 @@ def _system_busy_cpu() -> float:
     return (sum(v[:8]) - v[3] - v[4]) / _CLK_TCK
 
 
+def _system_softirq_cpu() -> float:
+    """CPU seconds all CPUs spent in softirqs since boot (/proc/stat): on loopback
+    TCP, the receiving socket's network work, done in whichever process sends."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[7]) / _CLK_TCK
+
+
 def _process_cpu(pid: int) -> float:
     """utime+stime of a live process, all threads (/proc/PID/stat)."""
     try:

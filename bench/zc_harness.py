@@ -38,6 +38,7 @@ class Measured:
     other_cpu: float
     maxrss_kib: int
     stdout: str
+    softirq_cpu: float = 0.0   # the machine's, during the run; inside the CPU above
 
 
 def _free_port() -> int:
@@ -105,14 +106,16 @@ def run(setup: Setup, argv_of, workdir: Path, src_image: Path | None,
         logdir = workdir / "logs"
         logdir.mkdir(exist_ok=True)
         busy0, srv0 = bc._system_busy_cpu(), sum(bc._process_cpu(p) for p in pids)
+        soft0 = bc._system_softirq_cpu()
         res = bc.run_tool(argv, logdir)                     # <- the timed part
+        soft1 = bc._system_softirq_cpu()
         busy1, srv1 = bc._system_busy_cpu(), sum(bc._process_cpu(p) for p in pids)
         if res.returncode != 0:
             raise bc.ToolError(f"{shlex.join(argv)} exited {res.returncode}: {res.stderr_tail}")
         client = res.utime + res.stime
         out = Measured(res.seconds, client, srv1 - srv0,
                        max(0.0, busy1 - busy0 - (srv1 - srv0) - client), res.maxrss_kib,
-                       (logdir / "tool.stdout").read_text(errors="replace"))
+                       (logdir / "tool.stdout").read_text(errors="replace"), soft1 - soft0)
         if verify:
             if setup.dst == "qemu-nbd":
                 servers.stop(d)

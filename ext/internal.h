@@ -167,7 +167,10 @@ struct nbd_handle *nbd_connect_checked(const char *uri, bool writable,
 void nbd_names_free(struct nbd_names *names);
 void nbd_describe(struct nbd_handle *h, struct rw *rw);
 uint64_t nbd_warm_length(struct nbd_handle *h, const struct rw *rw, bool source);
-void nbd_warm_server(struct nbd_handle *h, const struct rw *rw, bool source);
+uint64_t nbd_warm_offset(struct nbd_handle *h, const struct nbd_names *names,
+                         const struct rw *rw, uint64_t n, bool source);
+void nbd_warm_server(struct nbd_handle *h, const struct nbd_names *names,
+                     const struct rw *rw, bool source);
 int nbd_handle_extents(struct nbd_handle *h, const struct nbd_names *names,
                        uint64_t offset, uint64_t count,
                        struct extent_list *out, struct vf_error *err);

@@ -201,32 +201,72 @@ socket_is_local(int fd)
   return false;
 }
 
-/* How much that read asks for; 0: none.  A destination's answer flows
- * against the copy, on the half of a link the copy leaves idle, and mostly
- * as holes; a source's flows with it, so a remote source is not asked. */
+/* How much that read asks for; 0: none.  Only a server that says it takes
+ * requests that large is asked (QEMU's say 32 MiB; nbdkit says nothing, and
+ * behind its rate or delay filters such a read would cost seconds).  A
+ * destination's answer flows against the copy, on the half of a link the
+ * copy leaves idle, and from a hole (nbd_warm_offset); a source's flows with
+ * it, so a remote source is not asked. */
 uint64_t
 nbd_warm_length(struct nbd_handle *h, const struct rw *rw, bool source)
 {
+  if (rw->max_request < WARM_BYTES)
+    return 0;
   if (source && !socket_is_local(nbd_aio_get_fd(h)))
     return 0;
   uint64_t n = WARM_BYTES;
-  if (rw->max_request && n > rw->max_request)
-    n = rw->max_request;
   if ((uint64_t)rw->size < n)
     n = (uint64_t)rw->size & ~(uint64_t)4095;
   return n < WARM_MIN ? 0 : n;
 }
 
+/* Where that read of N bytes goes: on a destination, its first hole that
+ * long, whose answer is one chunk of a few bytes however slow the link
+ * (a presynced disk keeps data at its start); else the start. */
+uint64_t
+nbd_warm_offset(struct nbd_handle *h, const struct nbd_names *names,
+                const struct rw *rw, uint64_t n, bool source)
+{
+  struct extent_list l = { 0 };
+  struct vf_error e = { 0 };
+  uint64_t size = (uint64_t)rw->size, off = 0, run_start = 0, run = 0, found = 0;
+
+  if (source || names->context == NULL || names->bitmap != NULL)
+    return 0;
+  for (int asks = 0; off < size && asks < 16 && found == 0; asks++) {
+    l.len = 0;
+    if (nbd_handle_extents(h, names, off, size - off, &l, &e) == -1 || l.len == 0)
+      break;
+    for (size_t i = 0; i < l.len && found == 0; i++) {
+      const struct extent *x = &l.v[i];
+      if (x->type != EXT_ZERO) {
+        run = 0;
+        continue;
+      }
+      if (run == 0)
+        run_start = x->offset;
+      run += x->length;
+      if (run >= n && run_start + n <= size)
+        found = run_start + 1;          /* +1: offset 0 is a find too */
+    }
+    off = l.v[l.len - 1].offset + l.v[l.len - 1].length;
+  }
+  free(l.v);
+  return found ? found - 1 : 0;
+}
+
 void
-nbd_warm_server(struct nbd_handle *h, const struct rw *rw, bool source)
+nbd_warm_server(struct nbd_handle *h, const struct nbd_names *names,
+                const struct rw *rw, bool source)
 {
   uint64_t n = nbd_warm_length(h, rw, source);
   if (n == 0)
     return;
+  uint64_t at = nbd_warm_offset(h, names, rw, n, source);
   void *buf = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (buf == MAP_FAILED)
     return;
-  (void)nbd_pread(h, buf, n, 0, 0);
+  (void)nbd_pread(h, buf, n, at, 0);
   munmap(buf, n);
 }
 
@@ -234,7 +274,7 @@ static void
 nbd_warm(struct rw *rw)
 {
   struct nbd_rw *n = (struct nbd_rw *)rw;
-  nbd_warm_server(n->h, rw, !n->writable);
+  nbd_warm_server(n->h, &n->names, rw, !n->writable);
 }
 
 static struct rw *

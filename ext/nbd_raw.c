@@ -953,12 +953,13 @@ raw_warm(struct rw *rw)
   if (devnull == -1)
     goto out;
 
+  uint64_t at = nbd_warm_offset(r->h, &r->names, rw, len, !r->writable);
   bool df = r->structured && nbd_can_df(r->h) == 1;
   put32(head, REQUEST_MAGIC);
   put16(head + 4, df ? FLAG_DF : 0);
   put16(head + 6, NBD_READ);
   put64(head + 8, WARM_COOKIE);
-  put64(head + 16, 0);
+  put64(head + 16, at);
   put32(head + 24, (uint32_t)len);
   if (warm_io(r, head, REQUEST_SIZE, true) == -1)
     goto out;
