@@ -51,6 +51,9 @@ struct behaviour {
   bool tiny_rcvbuf;           /* reads writes through a 4 KiB socket buffer */
   int64_t fail_at;            /* this offset's request gets EIO; -1: none */
   int64_t hang_up_at;         /* close half-way through this read's payload */
+  bool takes_32m;             /* advertises a 32 MiB maximum request, as QEMU does */
+  bool expect_warm;           /* the first request must be one read of over 1 MiB */
+  bool fail_first;            /* that first request gets EIO */
 };
 
 static bool
@@ -138,6 +141,14 @@ handshake(int fd, const struct behaviour *b, bool writable)
       put64(info + 2, SIZE);
       put16(info + 10, flags);
       option_reply(fd, opt, 3, info, sizeof info);
+      if (b->takes_32m) {
+        unsigned char bs[14];
+        put16(bs, 3);                              /* NBD_INFO_BLOCK_SIZE */
+        put32(bs + 2, 1);
+        put32(bs + 6, 4096);
+        put32(bs + 10, 32u << 20);
+        option_reply(fd, opt, 3, bs, sizeof bs);
+      }
       option_reply(fd, opt, 1, NULL, 0);
       if (opt == 7)
         return true;
@@ -204,6 +215,7 @@ serve(int lfd, const struct behaviour *b, bool writable, const char *out)
   unsigned char *image = calloc(1, SIZE);
   struct request pending[256];
   int npending = 0;
+  unsigned nrequests = 0;
 
   if (fd < 0 || image == NULL)
     _exit(1);
@@ -247,13 +259,18 @@ serve(int lfd, const struct behaviour *b, bool writable, const char *out)
       }
       if (b->structured && q.type == 0 && !(q.flags & (1 << 2)))
         _exit(5);                           /* a zero-copy read must ask for DF */
+      if (b->expect_warm && nrequests == 0 && (q.type != 0 || q.length <= (1u << 20)))
+        _exit(6);
+      if (b->fail_first && nrequests == 0)
+        q.flags |= 1 << 15;                 /* marks it for EIO below */
+      nrequests++;
       pending[npending++] = q;
       if (b->reorder)
         continue;
     }
     while (npending > 0) {
       struct request q = pending[--npending];
-      uint32_t err = (int64_t)q.offset == b->fail_at ? 5 : 0;   /* EIO */
+      uint32_t err = (int64_t)q.offset == b->fail_at || (q.flags & (1 << 15)) ? 5 : 0;
       reply(fd, b, &q, err, image);
     }
   }
@@ -528,6 +545,38 @@ test_full_socket_buffers(void)
   image_size = SMALL_SIZE;
 }
 
+/* A server that takes 32 MiB requests gets one large read before anything
+ * else, its answer (dribbled, simple or in chunks) thrown away whole so the
+ * stream stays in step; one that fails it still takes the copy.  Requests
+ * of the default size: an explicit one leaves the read out. */
+static void
+test_first_large_read(bool structured)
+{
+  struct vf_error err;
+  int zc = 0;
+  for (int fail = 0; fail < 2; fail++) {
+    struct behaviour b = { .structured = structured, .reorder = true, .dribble = true,
+                           .fail_at = -1, .hang_up_at = -1, .takes_32m = true,
+                           .expect_warm = true, .fail_first = fail };
+    pid_t d = start_server(path("d.sock"), &b, true, path("d.img"));
+    int r = copy_with(path("src"), uri_of(path("d.sock")), 8, 0, &err, &zc);
+    CHECK(r == 0 && zc, "file -> nbd after a large read (structured %d, failed %d): %s",
+          structured, fail, err.msg);
+    CHECK(wait_server(d) == 0, "the fake destination saw no large read first "
+          "(structured %d, failed %d)", structured, fail);
+    CHECK(holds_pattern(path("d.img")), "file -> nbd after a large read: the "
+          "destination differs");
+
+    pid_t s = start_server(path("s.sock"), &b, false, NULL);
+    unlink(path("out"));
+    r = copy_with(uri_of(path("s.sock")), path("out"), 8, 0, &err, &zc);
+    CHECK(r == 0 && zc, "nbd -> file after a large read (structured %d, failed %d): %s",
+          structured, fail, err.msg);
+    CHECK(wait_server(s) == 0, "the fake source saw no large read first");
+    CHECK(holds_pattern(path("out")), "nbd -> file after a large read: the file differs");
+  }
+}
+
 /* A real server (nbdkit, from ctest): zero-copy both ways, and off. */
 static void
 test_real_server(const char *uri)
@@ -568,6 +617,7 @@ main(int argc, char **argv)
       test_nbd_to_file_and_nbd(structured);
       test_error_replies(structured);
       test_hang_up_mid_payload(structured);
+      test_first_large_read(structured);
     }
     test_full_socket_buffers();
   }
