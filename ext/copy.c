@@ -1022,9 +1022,10 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
   /* One large read each before the copy's requests (nbd_ops.c says why);
    * not when the user bounded the requests' size or the rate, which that
    * read would break. */
-  if (!cfg->request_size && !cfg->rate && src0->ops->warm)
+  bool warm = !cfg->no_warm && !cfg->request_size && !cfg->rate;
+  if (warm && src0->ops->warm)
     src0->ops->warm(src0);
-  if (!cfg->request_size && !cfg->rate && dst0->ops->warm)
+  if (warm && dst0->ops->warm)
     dst0->ops->warm(dst0);
 
   c->request_size = cfg->request_size ? cfg->request_size

@@ -99,6 +99,10 @@ struct vf_copy_config {
   int zero_copy;              /* enum vf_zero_copy.  Zero-copy lanes plan
                                  from extents only: the bytes never pass
                                  through this process to be scanned. */
+  int no_warm;                /* no first large read of each server (see
+                                 nbd_ops.c): for servers an earlier copy
+                                 already sent one, and where its time counts
+                                 (a migration's paused final pass) */
 };
 
 /* Live counters; readable at any time from another thread. */

@@ -265,6 +265,25 @@ def test_copy_async_result(vmferry, workdir, nbdkit):
     assert_same(src_file, dst.uri)
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_copy_async_warm_servers(vmferry, workdir, nbdkit, warm):
+    """warm_servers=False (a migration's later passes) leaves out the one 31 MiB read a
+    server that takes 32 MiB requests gets first; the copy is the same either way."""
+    size = 40 * MiB
+    src_file = make_image(workdir / "src.raw", size, "random", seed=36)
+    log = workdir / "dst.log"
+    dst = nbdkit("memory", f"size={size}", "blocksize-maximum=32M", f"logfile={log}",
+                 filters=["log", "blocksize-policy"])
+    async def main():
+        return await vmferry.copy_async(str(src_file), dst.uri, warm_servers=warm)
+
+    run_async(main)
+    assert_same(src_file, dst.uri)
+    _, reqs = read_nbdkit_log(log)
+    big = [r for r in reqs if r.op == "Read" and r.count == 31 * MiB]
+    assert len(big) == (1 if warm else 0), [(r.op, r.count) for r in reqs[:4]]
+
+
 def test_copy_async_does_not_block_the_loop(vmferry, nbdkit):
     """While the copy runs, other coroutines keep running (the engine is off the loop)."""
     size = 8 * MiB

@@ -47,6 +47,7 @@ cdef extern from "vmferry.h" nogil:
         uint64_t range_start
         uint64_t range_end
         int zero_copy
+        int no_warm
 
     struct vf_counters:
         uint64_t total

@@ -109,7 +109,8 @@ cdef class Copier(_InUse):
                   bint destination_is_zero=False, bint flush=False,
                   bint zero_detect=True, bint force_multi_conn=False,
                   unsigned long long rate=0, unsigned long long range_start=0,
-                  unsigned long long range_end=0, str zero_copy="auto"):
+                  unsigned long long range_end=0, str zero_copy="auto",
+                  bint warm_servers=True):
         cdef vf_copy_config cfg
         cdef vf_error err
         memset(&cfg, 0, sizeof(cfg))
@@ -136,6 +137,7 @@ cdef class Copier(_InUse):
         cfg.rate = rate
         cfg.range_start = range_start
         cfg.range_end = range_end
+        cfg.no_warm = not warm_servers
         if zero_copy not in _ZERO_COPY:
             raise errors.UsageError(f"zero_copy must be auto, on or off, not {zero_copy!r}")
         cfg.zero_copy = _ZERO_COPY[zero_copy]

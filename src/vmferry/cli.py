@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 from vmferry.errors import Cancelled, VmferryError
-from vmferry.vm.state import default_state_dir
+from vmferry.vm.default_dir import default_state_dir
 
 # Each command and the module of vmferry.commands that defines it, in --help's
 # order.  A run imports only its own command's module: `vmferry copy` need not

@@ -87,7 +87,7 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
           extents_from: Optional[str] = None,
           rate: Optional[int | str] = None,
           span: Optional[tuple[int, int]] = None,
-          zero_copy: ZeroCopy = "auto") -> "_engine.Copier":
+          zero_copy: ZeroCopy = "auto", warm_servers: bool = True) -> "_engine.Copier":
     for name, value in (("connections", connections), ("requests", requests),
                         ("threads", threads)):
         if value is not None and value < 1:
@@ -111,7 +111,7 @@ def _open(src: str, dst: str, connections: Optional[int], requests: Optional[int
         flush=flush, zero_detect=zero_detect is not False,
         force_multi_conn=force_multi_conn, rate=bps,
         range_start=span[0] if span else 0, range_end=span[1] if span else 0,
-        zero_copy=zero_copy)
+        zero_copy=zero_copy, warm_servers=warm_servers)
 
 
 def _wait_uninterrupted(event: threading.Event) -> None:
@@ -241,7 +241,8 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
                      extents_from: Optional[str] = None,
                      rate: Optional[int | str] = None,
                      span: Optional[tuple[int, int]] = None,
-                     zero_copy: ZeroCopy = "auto") -> CopyResult:
+                     zero_copy: ZeroCopy = "auto",
+                     warm_servers: bool = True) -> CopyResult:
     """copy() for asyncio: never blocks the loop; cancelling the task
     cancels the copy and waits for in-flight requests to drain.
     force_multi_conn: open several connections even where a server does not
@@ -251,6 +252,9 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
     copy, while the data is read from SRC (e.g. a raw image file that the
     QEMU exporting the bitmap has open).
     span: (start, end) bytes of the source to copy, end 0 for its end.
+    warm_servers=False leaves out the one 31 MiB read that keeps a QEMU NBD
+    server's request buffers in its heap (ext/nbd_ops.c): for servers an
+    earlier copy already sent it, and where its time counts.
     A copy that fails or is cancelled leaves its last counters (CopyResult,
     with done_below) on the exception as .partial."""
     import asyncio   # here, not at the top: it costs the CLI 50 ms of start-up
@@ -261,7 +265,7 @@ async def copy_async(src: str, dst: str, *, connections: Optional[int] = None,
     copier = await loop.run_in_executor(
         None, _open, src, dst, connections, requests, request_size, bitmap, allocated,
         destination_is_zero, flush, threads, zero_detect, force_multi_conn, extents_from, rate,
-        span, zero_copy)
+        span, zero_copy, warm_servers)
     try:
         await _in_thread(loop.run_in_executor(None, copier.run), copier.cancel,
                          (lambda: progress(_snapshot(copier, start))) if progress else None)

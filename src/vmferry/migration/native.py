@@ -205,6 +205,10 @@ class NativeStorage:
                                     requests=tune.get("requests"),
                                     request_size=tune.get("request_size"),
                                     rate=self.rate or None, span=span,
+                                    # the first pass readies the QEMUs' NBD
+                                    # servers for good; later ones, the
+                                    # paused last above all, need no more
+                                    warm_servers=bitmap is None and not final,
                                     progress=progress)
         except VmferryError as e:
             raise MigrationError(f"native copy of {d.node} failed: {e}",

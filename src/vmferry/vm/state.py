@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from vmferry.errors import UsageError, VmferryError
+from vmferry.vm.default_dir import default_state_dir
 from vmferry.vm.spec import NAME_RE, VMSpec, load_spec
 
 # event loop -> state directory -> asyncio.Lock (see StateDir.alock)
@@ -44,16 +45,6 @@ CLI_SOCKET = "qmp-cli.sock"
 PIDFILE = "qemu.pid"
 LOG = "qemu.log"
 SPEC = "spec.toml"
-
-
-def default_state_dir() -> Path:
-    env = os.environ.get("VMFERRY_STATE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/vmferry")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base, "vmferry")
 
 
 def process_start(pid: int) -> Optional[int]:
