@@ -7,7 +7,7 @@ rounds interleaved over
 the settings.  Prints and writes (bench/results/zc_sizes.{md,json}) the wall time, the
 client's CPU seconds per GiB and both servers' together: the servers' cost per request
 is what falls with request size, and with zero-copy lanes nothing of the client's
-grows with it (no buffers).  VF_ZC_REQUEST_SIZE, VF_ZC_FILE_REQUEST_SIZE and
+grows with it (no buffers).  VF_ZC_REQUEST_SIZE and
 VF_ZC_REQUESTS in ext/vmferry.h, and the zero-copy lanes' default connection count
 (copy.c), come from this table.
 
@@ -40,7 +40,9 @@ SETTINGS = [("qemu-nbd", "unix", 256 * KiB, 16, 4), ("qemu-nbd", "unix", 256 * K
             ("qemu-nbd", "unix", 256 * KiB, 16, 1), ("qemu-nbd", "unix", 512 * KiB, 16, 4),
             ("qemu-nbd", "unix", 512 * KiB, 16, 2), ("qemu-nbd", "unix", 512 * KiB, 16, 1),
             ("qemu-nbd", "unix", 1024 * KiB, 16, 1), ("qemu-nbd", "unix", 1024 * KiB, 4, 4),
+            ("qemu-nbd", "unix", 2048 * KiB, 16, 1), ("qemu-nbd", "unix", 2048 * KiB, 8, 1),
             ("file", "unix", 1024 * KiB, 16, 4), ("file", "unix", 1024 * KiB, 16, 1),
+            ("file", "unix", 512 * KiB, 16, 1),
             ("file", "unix", 2048 * KiB, 16, 1), ("file", "unix", 4096 * KiB, 16, 1),
             ("file", "tcp", 1024 * KiB, 16, 4), ("file", "tcp", 1024 * KiB, 16, 2),
             ("file", "tcp", 1024 * KiB, 16, 1), ("file", "tcp", 2048 * KiB, 16, 1),

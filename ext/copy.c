@@ -1029,8 +1029,7 @@ vf_copy_open(const struct vf_copy_config *cfg, struct vf_error *err)
     dst0->ops->warm(dst0);
 
   c->request_size = cfg->request_size ? cfg->request_size
-                    : !c->zc ? VF_DEFAULT_REQUEST_SIZE
-                    : src0->splice_fd >= 0 ? VF_ZC_FILE_REQUEST_SIZE : VF_ZC_REQUEST_SIZE;
+                    : c->zc ? VF_ZC_REQUEST_SIZE : VF_DEFAULT_REQUEST_SIZE;
   /* A paced copy's requests cost at most the time it may run ahead, or
    * the first of the large zero-copy ones alone would break the limit. */
   while (!cfg->request_size && cfg->rate && c->request_size > 64 * 1024 &&

@@ -39,26 +39,25 @@ struct vf_error {
  * what keeps peak RSS flat whatever the disk size. */
 #define VF_DEFAULT_BUFFER_BYTES  (16 * 1024 * 1024)
 /* Zero-copy lanes, chosen by bench/bench_zc_sizes.py (bench/results/
- * zc_sizes.md: 1 GiB into qemu-nbd, medians of 5 interleaved rounds on the
- * 2-core machine; wall s, client CPU s/GiB, both servers' CPU s/GiB; xN:
- * requests in flight, cN: connections):
- *   qemu-nbd, Unix  256K x16 c4: 1.02 0.25 1.39   256K x16 c1: 1.00 0.29 1.42
- *                   512K x16 c4: 1.14 0.25 1.59   512K x16 c1: 0.96 0.26 1.28
- *                   1M x16 c1:   1.27 0.28 1.85   1M x4 c4:    1.31 0.25 1.92
- *   file, Unix      1M x16 c4:   0.81 0.18 0.83   1M x16 c1:   0.76 0.18 0.81
- *                   2M x16 c1:   0.75 0.17 0.79   4M x16 c1:   0.77 0.17 0.81
- *   file, TCP       1M x16 c4:   1.34 0.21 0.99   1M x16 c1:   1.08 0.20 0.98
- *                   2M x16 c1:   1.02 0.20 0.94   4M x16 c1:   1.01 0.22 0.90
- * From an NBD source the servers' cost is lowest at 512 KiB and climbs
- * steeply from 1 MiB (not explained yet: the 1 MiB pipe, which such a
- * request fills, is the suspect); depth changes little, and 16 keeps less in
- * flight.  From a file the source side costs nothing per request and the
- * destination server's cost falls with size: 2 MiB (over TCP 1 MiB was 6%
- * slower, 4 MiB no faster).  The default connection count on these lanes is
- * in copy.c (half the CPUs). */
+ * zc_sizes.md: 1 GiB into qemu-nbd, each server first sent the one large
+ * read a default copy sends (nbd_ops.c), medians of 5 interleaved rounds on
+ * the 2-core machine; wall s, client CPU s/GiB, both servers' CPU s/GiB;
+ * xN: requests in flight, cN: connections):
+ *   qemu-nbd, Unix  256K x16 c1: 0.44 0.18 0.54   512K x16 c1: 0.47 0.18 0.60
+ *                   512K x16 c2: 0.43 0.17 0.58   1M x16 c1:   0.51 0.17 0.66
+ *                   2M x16 c1:   0.62 0.19 0.75   2M x8 c1:    0.51 0.19 0.61
+ *   file, Unix      512K x16 c1: 0.28 0.15 0.27   1M x16 c1:   0.27 0.15 0.25
+ *                   2M x16 c1:   0.29 0.14 0.28   4M x16 c1:   0.60 0.15 0.60
+ *   file, TCP       512K x16 c1: 0.54 0.31 0.34   1M x16 c1:   0.65 0.32 0.37
+ *                   2M x16 c1:   0.75 0.44 0.44   1M x16 c4:   0.98 0.21 0.53
+ * With the servers' buffers kept in their heap, what grows with size is the
+ * data in flight: past a few MiB it no longer stays in the cache between the
+ * socket read and the file write.  512 KiB is the cheapest or within noise
+ * of it everywhere (before that read, a file source did best at 2 MiB, as
+ * the destination's cost per request then dominated).  The default
+ * connection count on these lanes is in copy.c (half the CPUs). */
 #define VF_ZC_REQUEST_SIZE       (512 * 1024)
 #define VF_ZC_REQUESTS           16
-#define VF_ZC_FILE_REQUEST_SIZE  (2 * 1024 * 1024)
 
 /* Which lanes carry the data (vf_copy_config.zero_copy). */
 enum vf_zero_copy {

@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, metavar="N",
                    help="requests in flight per connection (default 64; 16 on zero-copy lanes)")
     p.add_argument("--request-size", metavar="SIZE",
-                   help="bytes per data request, a power of two, e.g. 256K (default), 2M "
-                        "(the default on zero-copy lanes from a file)")
+                   help="bytes per data request, a power of two, e.g. 256K (default), 512K "
+                        "(the default on zero-copy lanes)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="worker threads, each driving several connections (default: half "
                         "the CPUs between two NBD servers, else all; at most one per "
