@@ -207,6 +207,13 @@ vf_endpoint_flush(struct vf_endpoint *ep, struct vf_error *err)
 }
 
 void
+vf_endpoint_warm(struct vf_endpoint *ep)
+{
+  if (ep->rw->ops->warm)
+    ep->rw->ops->warm(ep->rw);
+}
+
+void
 vf_endpoint_close(struct vf_endpoint *ep)
 {
   if (ep == NULL)

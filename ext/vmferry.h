@@ -148,6 +148,10 @@ int vf_endpoint_pwrite(struct vf_endpoint *ep, const void *buf, size_t count,
 int vf_endpoint_zero(struct vf_endpoint *ep, uint64_t count, uint64_t offset,
                      struct vf_error *err);
 int vf_endpoint_flush(struct vf_endpoint *ep, struct vf_error *err);
+/* The one large read a copy sends a server first (ext/nbd_ops.c says why),
+ * for a caller whose copy another program makes (QEMU's mirror); best
+ * effort, so it returns nothing.  Nothing for files. */
+void vf_endpoint_warm(struct vf_endpoint *ep);
 void vf_endpoint_close(struct vf_endpoint *ep);
 
 /* The version of the libnbd this engine runs with ("1.14.2"), or "unknown". */

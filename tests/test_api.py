@@ -472,6 +472,26 @@ def test_copier_close_from_another_thread_during_run(vmferry, nbdkit):
     c.close()                               # a second close is harmless
 
 
+def test_endpoint_warm_reads_a_hole_once(vmferry, workdir, nbdkit):
+    """Endpoint.warm() (sent to the destination before QEMU's mirror writes into it):
+    one 31 MiB read, into the export's first hole that long, and nothing else; on a
+    server that does not take 32 MiB requests, nothing at all."""
+    size = 80 * MiB
+    image = make_image(workdir / "dst.raw", 8 * MiB, "random", seed=37)
+    with open(image, "r+b") as f:
+        f.truncate(size)                       # data in the first 8 MiB, then a hole
+    log, log2 = workdir / "dst.log", workdir / "plain.log"
+    big = nbdkit("file", str(image), "blocksize-maximum=32M", f"logfile={log}",
+                 filters=["log", "blocksize-policy"])
+    plain = nbdkit("memory", f"size={size}", f"logfile={log2}", filters=["log"])
+    for server in (big, plain):
+        with vmferry.Endpoint(server.uri, writable=True) as ep:
+            ep.warm()
+    reads = [r for r in read_nbdkit_log(log)[1] if r.op in ("Read", "Write")]
+    assert [(r.op, r.offset, r.count) for r in reads] == [("Read", 8 * MiB, 31 * MiB)]
+    assert [r for r in read_nbdkit_log(log2)[1] if r.op in ("Read", "Write")] == []
+
+
 def test_endpoint_close_during_a_read(vmferry, nbdkit):
     """Closing an Endpoint while another thread reads lets the read finish first."""
     src = nbdkit("pattern", "size=1M", "rdelay=500ms", filters=["delay"])

@@ -80,6 +80,7 @@ cdef extern from "vmferry.h" nogil:
                            uint64_t offset, vf_error *err)
     int vf_endpoint_zero(vf_endpoint *ep, uint64_t count, uint64_t offset, vf_error *err)
     int vf_endpoint_flush(vf_endpoint *ep, vf_error *err)
+    void vf_endpoint_warm(vf_endpoint *ep)
     void vf_endpoint_close(vf_endpoint *ep)
     const char *vf_libnbd_version()
 

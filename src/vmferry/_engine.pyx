@@ -310,6 +310,19 @@ cdef class Endpoint(_InUse):
         if r == -1:
             _raise(&err)
 
+    def warm(self):
+        """Send the server the one large read a copy sends first, which keeps a
+        QEMU NBD server's request buffers in its heap for good (ext/nbd_ops.c):
+        for a copy another program makes, such as QEMU's mirror.  Best effort:
+        a server that fails it or does not take large requests is left as it
+        was.  On a writable endpoint the read goes to a hole."""
+        self._enter()
+        try:
+            with nogil:
+                vf_endpoint_warm(self._ep)
+        finally:
+            self._leave()
+
     def __enter__(self):
         return self
 

@@ -35,6 +35,17 @@ class Prepared:
     # the destination images are files of this host (local:// destinations)
     same_host: bool = False
 
+    def export_uri(self, node: str) -> str:
+        """The NBD URI of NODE's destination export, as this host reaches it."""
+        srv, export = self.nbd_server, self.exports[node]
+        if srv.get("type") == "unix":
+            return f"nbd+unix:///{export}?socket={srv['path']}"
+        host = f"[{srv['host']}]" if ":" in srv["host"] else srv["host"]
+        if self.tls_dir:
+            # libnbd checks the certificate against the host in the URI
+            return f"nbds://{host}:{srv['port']}/{export}?tls-certificates={self.tls_dir}"
+        return f"nbd://{host}:{srv['port']}/{export}"
+
 
 @dataclasses.dataclass
 class DestinationCheck:

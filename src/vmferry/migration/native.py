@@ -119,18 +119,7 @@ class NativeStorage:
         return None
 
     def _dst_uri(self, d: DiskPlan) -> str:
-        direct = self._dst_file(d)
-        if direct:
-            return direct
-        srv, export = self.prepared.nbd_server, self.prepared.exports[d.node]
-        if srv.get("type") == "unix":
-            return f"nbd+unix:///{export}?socket={srv['path']}"
-        host = f"[{srv['host']}]" if ":" in srv["host"] else srv["host"]
-        if self.prepared.tls_dir:
-            # libnbd checks the certificate against the host in the URI
-            return (f"nbds://{host}:{srv['port']}/{export}"
-                    f"?tls-certificates={self.prepared.tls_dir}")
-        return f"nbd://{host}:{srv['port']}/{export}"
+        return self._dst_file(d) or self.prepared.export_uri(d.node)
 
     def _advance(self, d: DiskPlan, end: int, done_below: int) -> None:
         left = spans.trimmed(self.missing[d.node], end, done_below)

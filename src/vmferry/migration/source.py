@@ -11,7 +11,7 @@ import dataclasses
 import time
 from typing import Any, Callable, Optional
 
-from vmferry.errors import MigrationError, UsageError
+from vmferry.errors import MigrationError, UsageError, VmferryError
 from vmferry.migration.monitor import Monitor
 from vmferry.migration.plan import DiskPlan, file_id
 from vmferry.migration.options import MigrateOptions
@@ -110,10 +110,37 @@ async def add_tls(mon: Monitor, tls_dir: str) -> None:
                                    "dir": tls_dir, "endpoint": "client"})
 
 
+# How long the destination's first large read may take before the mirrors
+# start without it (it is a courtesy; Prepare has just reached that server).
+WARM_WAIT_S = 5.0
+
+
+async def warm_destination(prepared: Any, disks: list[DiskPlan]) -> None:
+    """The one large read vmferry's engine sends a server first, which keeps a
+    QEMU NBD server's request buffers in its heap for good (ext/nbd_ops.c):
+    the mirrors write through the destination QEMU's, which otherwise faults
+    in and zeroes every request's buffer afresh.  One export readies the
+    whole QEMU; the read goes to a hole, so its answer is a few bytes."""
+    if not disks:
+        return
+    from vmferry._engine import Endpoint    # the engine loads only when used
+
+    uri = prepared.export_uri(disks[0].node)
+    def warm() -> None:
+        with Endpoint(uri, writable=True) as ep:
+            ep.warm()
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, warm),
+                               WARM_WAIT_S)
+    except (VmferryError, asyncio.TimeoutError):
+        pass                    # the mirrors' own connections say what is wrong
+
+
 async def start_mirrors(mon: Monitor, disks: list[DiskPlan], prepared: Any,
                         sync: str, undo: list, speed: int = 0) -> None:
     """Perform, step 1: an NBD client node per disk and a mirror into it.
     speed: bytes per second for each mirror (libvirt's per-disk cap); 0: none."""
+    await warm_destination(prepared, disks)
     for d in disks:
         node = PREFIX + d.node
         args: dict[str, Any] = {"driver": "nbd", "node-name": node,
