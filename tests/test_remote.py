@@ -557,6 +557,49 @@ def test_migrating_process_killed_then_recovered(rlab, transport, point):
     rlab.wait_progress(serial, at + 2, 30)
 
 
+def test_killed_after_the_hand_over_mark_between_hosts_completes(rlab, suspend=False):
+    """tls://: the agent marked the guest its own (before resuming it), then the
+    migrating process died and the channel dropped mid-Finish, which goes on in
+    the agent: it must not undo a guest it may already run, and recover, asking
+    it, waits for that Finish instead of failing on the monitor it holds, then
+    goes forward — the guest on that host only, its record there ended.  (The
+    --suspend variant of this path is test_recover.py's, on one host.)"""
+    src = make_image(rlab.root / "src.qcow2", 32 * MiB, "sparse", fmt="qcow2")
+    dst = rlab.root / "dst.qcow2"
+    spec = rlab.spec(disk=src, fmt="qcow2", memory="64M", mem="8M", dirty="slow")
+    serial = rlab.serial_of(spec)
+    rlab.run_vm(spec)
+    # the agent's Finish waits there, still holding the QEMU's monitor when recover
+    # comes, a little longer than a monitor's greeting may take (10 s)
+    rlab.env["VMFERRY_TEST_HOLD"] = "handed-over:11"
+    rlab.start_tls_agent()
+    rlab.env.pop("VMFERRY_TEST_HOLD")
+    dest = rlab.tls_uri()
+    p = rlab.start("migrate", "web1", dest, "--pki", rlab.pki.dir, "--disk-map",
+                   f"{src}={dst}", "--create-disks", *(["--suspend"] if suspend else []))
+    rlab.wait_for("the hand-over mark", lambda: (rlab.B / "web1" / "resumed").exists(), 60,
+                  proc=p)
+    at, _, _ = rlab.progress(serial)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    out = rlab.ok(rlab.vmferry("recover", "web1"))
+    if suspend:
+        assert out.startswith("completed: web1") and dest in out \
+            and "paused as --suspend asked" in out, out
+    else:
+        assert out.strip() == f"completed: web1 runs on {dest}", out
+    assert qemu_pids(rlab.A) == [], "the source QEMU still runs"
+    st = rlab.status(state=rlab.B)
+    assert st["state"] == ("paused" if suspend else "running"), st
+    assert _in_namespace(st["pid"], rlab.net.ns), st
+    rlab.wait_for("the agent to end the record",
+                  lambda: not (rlab.B / "web1" / "incoming.json").exists(), 30)
+    if not suspend:
+        rlab.wait_progress(serial, at + 2, 30)          # the guest goes on over there
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
+    assert images_identical(src, dst, "qcow2") == ""
+
+
 @pytest.mark.parametrize("how,engine", [("kill", "native"), ("sigint", "native"),
                                         ("kill", "mirror")])
 def test_partial_copy_to_another_host_is_kept(rlab, how, engine):

@@ -34,6 +34,9 @@ from vmferry.vm.spec import NAME_RE
 from vmferry.vm.state import StateDir, owner_alive, owner_record
 
 INCOMING_TIMEOUT = 120.0
+# How long a recover here waits for this migration's own Finish, still under
+# way when its source died, to end before it settles the guest itself.
+FINISHING_WAIT_S = 30.0
 RECORD = "incoming.json"
 # the token of the migration that handed the guest over to this side: written
 # before it is resumed here (or, with --suspend, before Finish ends), so that
@@ -797,6 +800,21 @@ async def probe(state: StateDir, name: str, token: str) -> str:
     return "completed" if info.get("status") == "completed" else "incoming"
 
 
+async def _wait_for_finish_under_way(state: StateDir, name: str) -> None:
+    """The source may have died in the middle of this host's Finish (after
+    the hand-over mark, say), which then goes on here and holds the QEMU's
+    monitor: wait for it to end rather than fail on the monitor, and then
+    settle what it left (nothing, or a guest still to resume)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FINISHING_WAIT_S
+    while (str(state.path), name) in _CLAIMED or _claimed_elsewhere(state, name):
+        if loop.time() > deadline:
+            raise MigrationError(f"the destination is still finishing the migration of "
+                                 f"{name}: run 'vmferry recover {name}' again in a minute",
+                                 phase="finish")
+        await asyncio.sleep(0.05)
+
+
 def kept_record(state: StateDir, name: str, token: str) -> dict:
     """The record of NAME's incoming migration TOKEN that keep_for_recover
     left; UsageError when there is none (another migration's, or none)."""
@@ -827,6 +845,7 @@ async def undo_kept(state: StateDir, roots: Optional[list[str]], name: str,
 async def finish_orphan(state: StateDir, name: str, token: str, *, resume: bool) -> str:
     """Finish an incoming migration whose source process died after the
     memory arrived: what Incoming.finish does, from the record alone."""
+    await _wait_for_finish_under_way(state, name)
     inc = Incoming(state)
     inc.name = name
     inc.token = token
