@@ -600,6 +600,38 @@ def test_killed_after_the_hand_over_mark_between_hosts_completes(rlab, suspend=F
     assert images_identical(src, dst, "qcow2") == ""
 
 
+def test_killed_in_post_copy_between_hosts_is_completed_forward(rlab):
+    """tls://: killed while post-copy runs, the guest's memory split between the
+    hosts: nothing may cancel it (QEMU may refuse to resume the source after
+    one), and recover, asking the agent, waits for QEMU to complete it, then
+    resumes the guest over there, its memory intact."""
+    spec = rlab.spec(memory="256M", mem="160M", dirty="fast")
+    serial = rlab.serial_of(spec)
+    rlab.run_vm(spec, wait_pass=2)
+    # post-copy's own transfer slow enough (a few seconds) to be killed in
+    rlab.qmp("migrate-set-parameters", {"max-postcopy-bandwidth": 48 * MiB})
+    rlab.start_tls_agent()
+    dest = rlab.tls_uri()
+    p = rlab.start("migrate", "web1", dest, "--pki", rlab.pki.dir, "--postcopy",
+                   "--timeout", "1", "--timeout-postcopy", "--bandwidth", "16",
+                   "--no-escalate")
+    rlab.wait_for("post-copy", lambda: rlab.qmp("query-migrate").get("status") ==
+                  "postcopy-active", 60, proc=p)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    out = rlab.ok(rlab.vmferry("recover", "web1"))
+    assert out.strip() == f"completed: web1 runs on {dest}", out
+    assert qemu_pids(rlab.A) == [], "the source QEMU still runs"
+    st = rlab.status(state=rlab.B)
+    assert st["state"] == "running" and _in_namespace(st["pid"], rlab.net.ns), st
+    rlab.wait_for("the agent to end the record",
+                  lambda: not (rlab.B / "web1" / "incoming.json").exists(), 30)
+    at, problems, _ = rlab.progress(serial)
+    assert problems == [], problems                   # its memory arrived intact
+    rlab.wait_progress(serial, at + 2, 30)
+    rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
+
+
 @pytest.mark.parametrize("how,engine", [("kill", "native"), ("sigint", "native"),
                                         ("kill", "mirror")])
 def test_partial_copy_to_another_host_is_kept(rlab, how, engine):

@@ -156,8 +156,13 @@ class Session:
                 await asyncio.gather(task, return_exceptions=True)
             if self.incoming is not None and not self.finished:
                 if await self.incoming.arrived():
-                    _log(f"{why} after the whole migration arrived: keeping the incoming "
-                         f"VM {self.incoming.name} paused for its source's 'vmferry recover'")
+                    # in post-copy this side runs the guest, and no other has all of it
+                    _log(f"{why} during post-copy: keeping the incoming VM "
+                         f"{self.incoming.name}, which runs the guest now, for its "
+                         f"source's 'vmferry recover'" if await self.incoming.in_postcopy()
+                         else f"{why} after the whole migration arrived: keeping the "
+                         f"incoming VM {self.incoming.name} paused for its source's "
+                         f"'vmferry recover'")
                     await self.incoming.keep_for_recover()
                 else:
                     _log(f"{why}: removing the incoming VM {self.incoming.name}"

@@ -34,6 +34,8 @@ from vmferry.vm.spec import NAME_RE
 from vmferry.vm.state import StateDir, owner_alive, owner_record
 
 INCOMING_TIMEOUT = 120.0
+# The destination's migration states in which it runs the guest already.
+POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover")
 # How long a recover here waits for this migration's own Finish, still under
 # way when its source died, to end before it settles the guest itself.
 FINISHING_WAIT_S = 30.0
@@ -264,11 +266,19 @@ class Incoming:
         os.replace(tmp, path)
 
     async def arrived(self) -> bool:
-        """Whether the whole migration arrived here (the guest not resumed)."""
+        """Whether the migration went so far that removing this VM could lose
+        the guest: all of it arrived (paused, not resumed), or post-copy has
+        started, which runs the guest here while its memory still comes."""
         if self.mon is None or self.handed_over or self.aborted:
             return False
         info = await self.mon.try_cmd("query-migrate") or {}
-        return info.get("status") == "completed"
+        return info.get("status") == "completed" or info.get("status") in POSTCOPY
+
+    async def in_postcopy(self) -> bool:
+        if self.mon is None:
+            return False
+        info = await self.mon.try_cmd("query-migrate") or {}
+        return info.get("status") in POSTCOPY
 
     async def keep_for_recover(self) -> None:
         """The source went away after everything arrived: this paused VM may
