@@ -600,8 +600,9 @@ def test_killed_after_the_hand_over_mark_between_hosts_completes(rlab, suspend=F
     assert images_identical(src, dst, "qcow2") == ""
 
 
-def test_killed_in_post_copy_between_hosts_is_completed_forward(rlab):
-    """tls://: killed while post-copy runs, the guest's memory split between the
+@pytest.mark.parametrize("transport", ["ssh", "tls"])
+def test_killed_in_post_copy_between_hosts_is_completed_forward(rlab, transport):
+    """Killed while post-copy runs, the guest's memory split between the
     hosts: nothing may cancel it (QEMU may refuse to resume the source after
     one), and recover, asking the agent, waits for QEMU to complete it, then
     resumes the guest over there, its memory intact."""
@@ -610,8 +611,9 @@ def test_killed_in_post_copy_between_hosts_is_completed_forward(rlab):
     rlab.run_vm(spec, wait_pass=2)
     # post-copy's own transfer slow enough (a few seconds) to be killed in
     rlab.qmp("migrate-set-parameters", {"max-postcopy-bandwidth": 48 * MiB})
-    rlab.start_tls_agent()
-    dest = rlab.tls_uri()
+    if transport == "tls":
+        rlab.start_tls_agent()
+    dest = rlab.ssh_uri() if transport == "ssh" else rlab.tls_uri()
     p = rlab.start("migrate", "web1", dest, "--pki", rlab.pki.dir, "--postcopy",
                    "--timeout", "1", "--timeout-postcopy", "--bandwidth", "16",
                    "--no-escalate")
