@@ -634,6 +634,36 @@ def test_killed_in_post_copy_between_hosts_is_completed_forward(rlab, transport)
     rlab.ok(rlab.vmferry("stop", "web1", "--force", state=rlab.B))
 
 
+def test_link_cut_in_post_copy_keeps_both_halves(rlab):
+    """The cable is pulled during post-copy: QEMU pauses it (postcopy-paused) and
+    neither host holds the whole guest, so nothing may stop either QEMU.  The
+    migration says so in one line and leaves it to recover, the agent keeps its VM
+    when its channel times out, and recover, while the link is down, says what to
+    do once it is back (exit 1), the journal kept for the next recover."""
+    spec = rlab.spec(memory="256M", mem="160M", dirty="fast")
+    rlab.run_vm(spec, wait_pass=2)
+    rlab.qmp("migrate-set-parameters", {"max-postcopy-bandwidth": 48 * MiB})
+    rlab.start_tls_agent()
+    p = rlab.start("migrate", "web1", rlab.tls_uri(keepalive=1), "--pki", rlab.pki.dir,
+                   "--postcopy", "--timeout", "1", "--timeout-postcopy", "--bandwidth", "16",
+                   "--no-escalate")
+    rlab.wait_for("post-copy", lambda: rlab.qmp("query-migrate").get("status") ==
+                  "postcopy-active", 60, proc=p)
+    rlab.net.link_down()
+    try:
+        line = rlab.one_error(rlab.finish(p, timeout=90))
+        assert "post-copy" in line and "vmferry recover web1" in line, line
+        rlab.wait_for("the agent to give up on its channel",
+                      lambda: b"during post-copy: keeping" in
+                      (rlab.root / "agent.log").read_bytes(), 30)
+        line = rlab.one_error(rlab.vmferry("recover", "web1"))
+        assert "postcopy-paused" in line and "migrate-recover" in line, line
+        assert qemu_pids(rlab.A) and qemu_pids(rlab.B), "a half of the guest was stopped"
+        assert (rlab.A / "web1" / "journal.json").exists()
+    finally:
+        rlab.net.link_up()
+
+
 @pytest.mark.parametrize("how,engine", [("kill", "native"), ("sigint", "native"),
                                         ("kill", "mirror")])
 def test_partial_copy_to_another_host_is_kept(rlab, how, engine):
