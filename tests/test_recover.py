@@ -174,6 +174,14 @@ def test_killed_after_the_destination_resumed_completes(lab):
     _assert_destination_settled(lab)
 
 
+def _assert_completed_there(lab: Lab, state: str) -> None:
+    """recover went forward: the source QEMU gone, the guest STATE on the
+    destination, whose record ended with the migration."""
+    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
+    assert _dest_state(lab) == state
+    _assert_destination_settled(lab)
+
+
 def _assert_destination_settled(lab: Lab) -> None:
     """The destination's incoming record is gone with the migration: one left
     behind would have the next agent or recover there stop the guest it runs
@@ -220,9 +228,7 @@ def test_killed_after_a_suspended_finish_completes_paused(lab):
     _kill(p)
     lab.env.pop("VMFERRY_TEST_HOLD")
     _recover(lab, f"completed: web1 is on local://{lab.B}, paused as --suspend asked")
-    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
-    _assert_destination_settled(lab)
-    assert _dest_state(lab) == "paused"
+    _assert_completed_there(lab, "paused")
 
 
 @pytest.mark.parametrize("how", ["kill", "sigint"])
@@ -248,9 +254,7 @@ def test_interrupted_in_post_copy_is_completed_forward(lab, how):
         line = lab.one_error(lab.finish(p), prefix="vmferry: ")
         assert "post-copy was under way" in line and "vmferry recover web1" in line, line
     _recover(lab, f"completed: web1 runs on local://{lab.B}")
-    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
-    assert _dest_state(lab) == "running"
-    _assert_destination_settled(lab)
+    _assert_completed_there(lab, "running")
     lab.assert_goes_on(serial)
 
 
@@ -334,9 +338,7 @@ def test_a_recover_killed_after_it_resumed_the_destination_is_completed(lab):
     _kill(r)
     lab.env.pop("VMFERRY_TEST_HOLD")
     _recover(lab, f"completed: web1 runs on local://{lab.B}")
-    assert qemu_pids(lab.A) == [], "the source QEMU still runs"
-    _assert_destination_settled(lab)
-    assert _dest_state(lab) == "running"
+    _assert_completed_there(lab, "running")
     lab.assert_goes_on(serial)
 
 

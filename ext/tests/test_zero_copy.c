@@ -575,6 +575,18 @@ test_first_large_read(bool structured)
     CHECK(wait_server(s) == 0, "the fake source saw no large read first");
     CHECK(holds_pattern(path("out")), "nbd -> file after a large read: the file differs");
   }
+
+  /* A server that hangs up in the middle of that read's answer: the copy
+   * fails at once saying so, rather than taking the stream as in step. */
+  struct behaviour gone = { .structured = structured, .dribble = true, .fail_at = -1,
+                            .hang_up_at = 0, .takes_32m = true };
+  pid_t d = start_server(path("d.sock"), &gone, true, NULL);
+  double t0 = now();
+  int r = copy_with(path("src"), uri_of(path("d.sock")), 8, 0, &err, &zc);
+  CHECK(r == -1 && err.kind == VF_ERR_IO && strstr(err.msg, "closed the connection"),
+        "a hang-up in the first read (structured %d): %s", structured, err.msg);
+  CHECK(now() - t0 < 5, "a hang-up in the first read took %.1f s", now() - t0);
+  CHECK(wait_server(d) == 0, "the fake destination failed");
 }
 
 /* A real server (nbdkit, from ctest): zero-copy both ways, and off. */

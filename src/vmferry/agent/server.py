@@ -155,11 +155,12 @@ class Session:
                 # migration its rollback)
                 await asyncio.gather(task, return_exceptions=True)
             if self.incoming is not None and not self.finished:
-                if await self.incoming.arrived():
+                arrived = await self.incoming.arrived()
+                if arrived:
                     # in post-copy this side runs the guest, and no other has all of it
                     _log(f"{why} during post-copy: keeping the incoming VM "
                          f"{self.incoming.name}, which runs the guest now, for its "
-                         f"source's 'vmferry recover'" if await self.incoming.in_postcopy()
+                         f"source's 'vmferry recover'" if arrived == "postcopy"
                          else f"{why} after the whole migration arrived: keeping the "
                          f"incoming VM {self.incoming.name} paused for its source's "
                          f"'vmferry recover'")

@@ -265,20 +265,16 @@ class Incoming:
                                    "completed": self.kept}))
         os.replace(tmp, path)
 
-    async def arrived(self) -> bool:
+    async def arrived(self) -> Optional[str]:
         """Whether the migration went so far that removing this VM could lose
-        the guest: all of it arrived (paused, not resumed), or post-copy has
-        started, which runs the guest here while its memory still comes."""
+        the guest: "completed" when all of it arrived (paused, not resumed),
+        "postcopy" once post-copy runs the guest here while its memory still
+        comes; None when it did not."""
         if self.mon is None or self.handed_over or self.aborted:
-            return False
-        info = await self.mon.try_cmd("query-migrate") or {}
-        return info.get("status") == "completed" or info.get("status") in POSTCOPY
-
-    async def in_postcopy(self) -> bool:
-        if self.mon is None:
-            return False
-        info = await self.mon.try_cmd("query-migrate") or {}
-        return info.get("status") in POSTCOPY
+            return None
+        status = (await self.mon.try_cmd("query-migrate") or {}).get("status")
+        return ("completed" if status == "completed" else
+                "postcopy" if status in POSTCOPY else None)
 
     async def keep_for_recover(self) -> None:
         """The source went away after everything arrived: this paused VM may
